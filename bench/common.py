@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmark scripts: peak memory, a measured matmul peak, model FLOPs."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from translate.config import ModelConfig
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Dense-matmul FLOP/s this machine reaches with torch (the MFU denominator)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def forward_flops(cfg: ModelConfig, vocab: int, src_tokens: int, tgt_tokens: int, pairs: int) -> float:
+    """Matmul FLOPs of one teacher-forced forward pass (padding excluded; elementwise ops ignored).
+
+    ``pairs`` is the summed product src_len x tgt_len over sentences (attention scores, context).
+    """
+    gates = 4 if cfg.cell == "lstm" else 3
+    dirs = 2 if cfg.bidirectional else 1
+    enc_h = cfg.hidden_dim // 2 if cfg.bidirectional else cfg.hidden_dim
+    enc_out = enc_h * dirs
+    dec_h = cfg.hidden_dim
+    out_dim = cfg.embed_dim if cfg.tie_embeddings else dec_h
+    flops = 0.0
+    for layer in range(cfg.layers):
+        enc_in = cfg.embed_dim if layer == 0 else enc_out
+        flops += src_tokens * dirs * 2 * gates * enc_h * (enc_in + enc_h)
+        dec_in = (cfg.embed_dim + (out_dim if cfg.input_feeding else 0)) if layer == 0 else dec_h
+        flops += tgt_tokens * 2 * gates * dec_h * (dec_in + dec_h)
+    if cfg.attention == "bahdanau":
+        flops += src_tokens * 2 * enc_out * dec_h + tgt_tokens * 2 * dec_h * dec_h + pairs * 2 * dec_h
+    elif cfg.attention == "luong-general":
+        flops += src_tokens * 2 * enc_out * dec_h + pairs * 2 * dec_h
+    else:
+        flops += pairs * 2 * dec_h
+    flops += pairs * 2 * enc_out  # context vectors
+    flops += tgt_tokens * 2 * (dec_h + enc_out) * out_dim  # attentional vector
+    flops += tgt_tokens * 2 * out_dim * vocab  # output layer
+    return flops

@@ -1,0 +1,73 @@
+"""Decoding speed and quality on the bundled test split: greedy and beam 5, at batch sizes 1
+and 64 sentences. Prints sentences/s, target tokens/s, peak RSS and the BLEU reached.
+
+    python bench/decode_speed.py checkpoints/default
+    python bench/decode_speed.py checkpoints/default --limit 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mb  # noqa: E402
+
+from translate.checkpoint import load_model  # noqa: E402
+from translate.config import BUNDLED_DATA  # noqa: E402
+from translate.data import read_parallel  # noqa: E402
+from translate.evaluate import score  # noqa: E402
+from translate.search import translate_lines  # noqa: E402
+from translate.training import select_device  # noqa: E402
+
+
+def run(model, tokenizer, sources, beam: int, batch: int) -> tuple[list[str], float, int]:
+    """Translates in batches of ``batch`` sentences taken in length order (as toolkits do)."""
+    order = np.argsort([len(s) for s in sources], kind="stable")
+    hyps: list[str] = [""] * len(sources)
+    tokens = 0
+    start = time.perf_counter()
+    for i in range(0, len(order), batch):
+        chunk = order[i: i + batch].tolist()
+        out = translate_lines(model, tokenizer, [sources[j] for j in chunk], beam=beam, batch_tokens=10 ** 9)
+        for j, t in zip(chunk, out):
+            hyps[j] = t[0].text
+            tokens += len(t[0].tokens) + 1
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return hyps, time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/default")
+    parser.add_argument("--test", default=str(BUNDLED_DATA / "test.tsv"))
+    parser.add_argument("--limit", type=int, default=0, help="only the first N test sentences")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--beams", default="1,5")
+    args = parser.parse_args()
+
+    model, tokenizer, config, _ = load_model(args.checkpoint, select_device("auto"))
+    test = read_parallel(args.test, config.data.src_lang, config.data.tgt_lang, "test")
+    sources, refs = test.src, test.tgt
+    if args.limit:
+        sources, refs = sources[: args.limit], refs[: args.limit]
+    print(f"{len(sources)} sentences from {args.test}; device {next(model.parameters()).device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'search':<8} {'batch':>5} {'sent/s':>9} {'tok/s':>9} {'BLEU':>6} {'peak RSS':>10}")
+    for beam in (int(b) for b in args.beams.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            hyps, seconds, tokens = run(model, tokenizer, sources, beam, batch)
+            bleu = score(hyps, refs)["bleu"]
+            name = "greedy" if beam == 1 else f"beam {beam}"
+            print(f"{name:<8} {batch:>5} {len(sources) / seconds:>9.1f} {tokens / seconds:>9.0f} {bleu:>6.2f} "
+                  f"{peak_rss_mb():>7.0f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Training speed of the default model (or ``--set`` overrides) on the bundled data.
+
+Prints target tokens/s, sentences/s, ms/step, padding fraction, peak RSS and MFU (the model's
+matmul FLOPs per second over a dense-matmul peak measured here, in the training precision).
+
+    python bench/train_speed.py --steps 40
+    python bench/train_speed.py --ratio 0.75 --set train.scheduled_sampling=sequential
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import forward_flops, matmul_peak_flops, peak_rss_mb  # noqa: E402
+
+from translate.config import load_config, parse_overrides  # noqa: E402
+from translate.data import collate, padding_fraction  # noqa: E402
+from translate.training import Trainer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--tokenizer", default="checkpoints/default/src.model",
+                        help="an existing SentencePiece model (trained afresh when missing)")
+    parser.add_argument("--ratio", type=float, default=1.0,
+                        help="teacher-forcing ratio of the timed steps (1.0: pure teacher forcing; "
+                             "below 1 times scheduled sampling)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    overrides = {"train.max_minutes": 0, **parse_overrides(args.overrides)}
+    if Path(args.tokenizer).is_file():
+        overrides["tokenizer.model"] = args.tokenizer
+    config = load_config(overrides=overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir, log=lambda line: print(line, file=sys.stderr), progress_bar=False)
+        batches = trainer.data.epoch_batches(0)
+        ratio = args.ratio
+        tgt_tokens = src_tokens = sentences = pairs = 0
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                start = time.perf_counter()
+            batch = collate(trainer.data.src, trainer.data.tgt, batches[i % len(batches)])
+            trainer.progress.tf_ratio = ratio
+            trainer.train_step(batch)
+            if i >= args.warmup:
+                real_src = batch.src_lengths
+                real_tgt = (batch.tgt_out != 0).sum(1)
+                tgt_tokens += int(real_tgt.sum())
+                src_tokens += int(real_src.sum())
+                sentences += batch.size
+                pairs += int((real_src * real_tgt).sum())
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        passes = 3.0 + (1.0 if config.train.scheduled_sampling == "parallel" and ratio < 1 else 0.0)
+        flops = forward_flops(config.model, trainer.tokenizer.tgt_vocab_size, src_tokens, tgt_tokens, pairs) * passes
+        dtype = trainer.amp_dtype or torch.float32
+        peak = matmul_peak_flops(dtype) if trainer.device.type == "cpu" else float("nan")
+        rows = [
+            ("device", f"{trainer.device} ({str(dtype).split('.')[-1]}, {torch.get_num_threads()} threads)"),
+            ("teacher forcing", f"{config.train.scheduled_sampling}, ratio {ratio:.2f}"),
+            ("target tokens/s", f"{tgt_tokens / seconds:,.0f}"),
+            ("sentences/s", f"{sentences / seconds:,.1f}"),
+            ("ms/step", f"{1000 * seconds / args.steps:,.1f}"),
+            ("padding fraction", f"{padding_fraction(trainer.data.lengths, batches):.1%}"),
+            ("peak RSS", f"{peak_rss_mb():,.0f} MB"),
+            ("model GFLOP/s", f"{flops / seconds / 1e9:,.1f}"),
+            ("matmul peak GFLOP/s", f"{peak / 1e9:,.1f}"),
+            ("MFU", f"{flops / seconds / peak:.1%}" if peak == peak else "n/a"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Shared fixtures: a small generated corpus, a tiny tokenizer, config and model."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from translate.config import Config, load_config
+from translate.model import build_model
+from translate.tokenizer import Tokenizer
+
+WORDS = {
+    "el": "the", "gato": "cat", "perro": "dog", "come": "eats", "bebe": "drinks", "agua": "water",
+    "pan": "bread", "rojo": "red", "grande": "big", "casa": "house", "ve": "sees", "niño": "child",
+    "libro": "book", "lee": "reads", "y": "and", "pequeño": "small", "mira": "watches", "sol": "sun",
+}
+
+
+def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Word-for-word pairs: easy enough for a tiny model to learn in a few hundred steps."""
+    rng = random.Random(seed)
+    spanish = sorted(WORDS)
+    pairs = []
+    for _ in range(n):
+        words = [rng.choice(spanish) for _ in range(rng.randint(2, 6))]
+        pairs.append((" ".join(words).capitalize() + ".", " ".join(WORDS[w] for w in words).capitalize() + "."))
+    return pairs
+
+
+def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    path.write_text("spa\teng\n" + "".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("corpus")
+    return {
+        "train": write_tsv(root / "train.tsv", make_pairs(600, seed=1)),
+        "dev": write_tsv(root / "dev.tsv", make_pairs(40, seed=2)),
+        "test": write_tsv(root / "test.tsv", make_pairs(30, seed=3)),
+    }
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus) -> Tokenizer:
+    pairs = make_pairs(600, seed=1)
+    return Tokenizer.train([s for s, _ in pairs], [t for _, t in pairs], vocab_size=80)
+
+
+def tiny_overrides(corpus: dict[str, Path]) -> dict[str, object]:
+    return {
+        "data.train": str(corpus["train"]), "data.dev": str(corpus["dev"]), "data.test": str(corpus["test"]),
+        "tokenizer.vocab_size": 80, "model.embed_dim": 16, "model.hidden_dim": 32, "train.batch_tokens": 400,
+        "train.eval_every": 10, "train.max_minutes": 0, "train.max_steps": 20, "train.tf_warmup": 5,
+        "train.tf_k": 10, "train.lr": 0.01, "train.threads": 1,
+    }
+
+
+@pytest.fixture()
+def tiny_config(corpus) -> Config:
+    return load_config(overrides=tiny_overrides(corpus))
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = load_config(overrides={"model.embed_dim": 16, "model.hidden_dim": 32, "model.dropout": 0.0})
+    return build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()

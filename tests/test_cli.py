@@ -1,0 +1,143 @@
+"""End to end through the command line: train a tiny model, then eval, decode and the repl."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from translate.checkpoint import load_model
+from translate.cli import main
+
+from .conftest import tiny_overrides
+
+
+def sets(corpus, **extra):
+    args = []
+    for key, value in {**tiny_overrides(corpus), **extra}.items():
+        if key not in ("data.train", "data.dev"):
+            args += ["--set", f"{key}={value}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    result = CliRunner().invoke(main, ["train", "--train", str(corpus["train"]), "--dev", str(corpus["dev"]),
+                                       "--max-steps", "150", "--run-dir", str(run_dir),
+                                       *sets(corpus, **{"train.eval_every": 50, "train.max_steps": 150})])
+    assert result.exit_code == 0, result.output
+    return run_dir, result
+
+
+def test_train_writes_run(trained):
+    run_dir, result = trained
+    for name in ("best.pt", "last.pt", "src.model", "tgt.model", "metrics.jsonl"):
+        assert (run_dir / name).is_file()
+    assert "best dev BLEU" in result.output and "tok/s" in result.output
+
+
+def test_eval_json_and_text(trained, corpus):
+    run_dir, _ = trained
+    runner = CliRunner()
+    result = runner.invoke(main, ["eval", str(run_dir), "--test", str(corpus["test"]), "--json", "--beam", "3"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert {"bleu", "chrf", "ter", "signature"} <= set(scores)
+    assert scores["bleu"] > 5 and "tok:13a" in scores["signature"]
+    text = runner.invoke(main, ["eval", str(run_dir / "best.pt"), "--test", str(corpus["test"])])
+    assert text.exit_code == 0 and "BLEU" in text.output and "chrF" in text.output and "TER" in text.output
+
+
+def test_eval_greedy_matches_validation(trained):
+    run_dir, _ = trained
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best = max((r for r in records if r["kind"] == "dev"), key=lambda r: r["dev_bleu"])
+    _, _, config, _ = load_model(run_dir)  # the dev set's path is in the checkpoint
+    dev = CliRunner().invoke(main, ["eval", str(run_dir), "--test", config.data.dev, "--beam", "1", "--json"])
+    assert json.loads(dev.output)["bleu"] == pytest.approx(best["dev_bleu"], abs=0.01)
+
+
+def test_decode_file_and_n_best(trained, tmp_path):
+    run_dir, _ = trained
+    src = tmp_path / "in.txt"
+    src.write_text("El gato come pan.\n\nEl perro bebe agua.\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    runner = CliRunner()
+    result = runner.invoke(main, ["decode", str(run_dir), "-i", str(src), "-o", str(out), "--beam", "4"])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+    assert "cat" in lines[0].lower()
+    nbest = runner.invoke(main, ["decode", str(run_dir), "--beam", "3", "--n-best", "3"], input="El sol.\n")
+    rows = [line.split("\t") for line in nbest.output.strip().split("\n")]
+    assert len(rows) == 3 and all(r[0] == "0" for r in rows)
+    assert [float(r[1]) for r in rows] == sorted((float(r[1]) for r in rows), reverse=True)
+    stdin = runner.invoke(main, ["decode", str(run_dir), "--beam", "1"], input="El gato.\nEl perro.\n")
+    assert stdin.exit_code == 0 and len(stdin.output.strip().split("\n")) == 2
+
+
+def test_repl_through_stdin(trained):
+    run_dir, _ = trained
+    session = "El gato come pan.\n:beam 1\nEl perro.\n:attn\n:help\n\n:bogus\n:quit\nnot reached\n"
+    result = CliRunner().invoke(main, ["repl", str(run_dir)], input=session)
+    assert result.exit_code == 0, result.output
+    out = result.output.split("\n")
+    assert "cat" in out[0].lower()
+    assert out[1] == "beam 1"
+    assert "</s>" in result.output and "| " in result.output  # the attention table
+    assert ":beam N" in result.output and "unknown command :bogus" in result.output
+    assert "not reached" not in result.output
+
+
+def test_resume_continues_a_run(trained, corpus, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained[0], run_dir)
+    result = CliRunner().invoke(main, ["train", "--run-dir", str(run_dir), "--resume", "--max-steps", "160"])
+    assert result.exit_code == 0, result.output
+    assert "resumed" in result.output and "at step 160" in result.output
+
+
+BAD = [
+    (["train", "--set", "model.hiden_dim=3"], "unknown config key 'model.hiden_dim'; valid keys:"),
+    (["train", "--set", "model.layers=two"], "model.layers must be of type int"),
+    (["train", "--train", "/nonexistent/train.tsv"], "file not found"),
+    (["eval", "/nonexistent/run"], "checkpoint not found"),
+    (["decode", "/nonexistent/model.pt"], "checkpoint not found"),
+    (["repl", "/nonexistent/model.pt"], "checkpoint not found"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
+    result = CliRunner().invoke(main, [*args, *(["--run-dir", str(tmp_path / "r")] if args[0] == "train" else [])])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+
+
+def test_bad_files_for_eval_and_decode(trained, tmp_path):
+    run_dir, _ = trained
+    runner = CliRunner()
+    (tmp_path / "a.txt").write_text("uno\ndos\n")
+    (tmp_path / "b.txt").write_text("one\n")
+    result = runner.invoke(main, ["eval", str(run_dir), "--src", str(tmp_path / "a.txt"), "--ref",
+                                  str(tmp_path / "b.txt")])
+    assert result.exit_code == 2 and "has 2 lines but" in result.output
+    (tmp_path / "latin1.txt").write_bytes("añb\n".encode("latin-1"))
+    result = runner.invoke(main, ["decode", str(run_dir), "-i", str(tmp_path / "latin1.txt")])
+    assert result.exit_code == 2 and "line 1: not valid UTF-8" in result.output
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    result = runner.invoke(main, ["decode", str(tmp_path / "junk.pt")], input="hola\n")
+    assert result.exit_code == 2 and "not a readable checkpoint" in result.output
+
+
+def test_odd_lines_decode(trained):
+    run_dir, _ = trained
+    lines = ["", "   ", "🙂🙂", "猫が好きです", "el gato " * 1250]
+    result = CliRunner().invoke(main, ["decode", str(run_dir), "--beam", "2"], input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("\n") >= len(lines)
+    assert "truncated" in result.output

@@ -1,0 +1,75 @@
+import dataclasses
+
+import pytest
+
+from translate.config import Config, ConfigError, load_config, parse_overrides, valid_keys
+
+REQUIRED_KEYS = ["model.cell", "model.embed_dim", "model.hidden_dim", "model.layers", "model.bidirectional",
+                 "model.attention", "model.input_feeding", "model.dropout", "model.tie_embeddings",
+                 "tokenizer.vocab_size", "train.batch_tokens", "train.lr", "train.max_steps",
+                 "train.teacher_forcing", "train.eval_every", "train.seed", "train.scheduled_sampling"]
+
+
+def test_required_keys_exist():
+    assert set(REQUIRED_KEYS) <= set(valid_keys())
+
+
+def test_overrides_are_typed():
+    config = load_config(overrides=parse_overrides(["model.hidden_dim=256", "train.lr=1e-3",
+                                                    "model.bidirectional=false", "model.cell=gru"]))
+    assert config.model.hidden_dim == 256 and config.train.lr == 1e-3
+    assert config.model.bidirectional is False and config.model.cell == "gru"
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().model.hidden_dim = 3
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.hiden_dim'; valid keys: .*model\.hidden_dim"):
+        load_config(overrides={"model.hiden_dim": "3"})
+    with pytest.raises(ConfigError, match="unknown config key 'nosuch'"):
+        load_config(overrides={"nosuch": "3"})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.layers", "two", "model.layers must be of type int"),
+    ("model.cell", "rnn", "model.cell must be one of lstm, gru"),
+    ("model.bidirectional", "maybe", "model.bidirectional must be of type bool"),
+    ("train.lr", "-1", "train.lr must be positive"),
+    ("model.dropout", "1.5", r"model.dropout must be in \[0, 1\)"),
+    ("model.hidden_dim", "33", "must be even"),
+])
+def test_ill_typed_values(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={key: value})
+
+
+def test_yaml_file_and_override_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_dim: 128\n  cell: gru\ntrain:\n  lr: 0.005\n")
+    config = load_config(path, {"train.lr": "0.001"})
+    assert (config.model.hidden_dim, config.model.cell, config.train.lr) == (128, "gru", 0.001)
+
+
+def test_yaml_unknown_key_and_bad_files(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hiden: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.hiden'"):
+        load_config(path)
+    path.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_bad_set_syntax():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["model.hidden_dim"])
+
+
+def test_round_trip_through_dict():
+    config = load_config(overrides={"model.attention": "luong-general", "train.seed": "7"})
+    assert Config.from_dict(config.to_dict()) == config

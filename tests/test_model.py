@@ -1,0 +1,87 @@
+import itertools
+
+import pytest
+import torch
+
+from translate.attention import BahdanauAttention, LuongAttention
+from translate.config import load_config
+from translate.encoder import Encoder
+from translate.model import build_model
+
+
+def padded_batch(lengths, vocab=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (len(lengths), max(lengths)), generator=gen)
+    for row, n in enumerate(lengths):
+        src[row, n:] = 0
+    lengths = torch.tensor(lengths)
+    return src, lengths, src != 0
+
+
+@pytest.mark.parametrize("cell,bidirectional,layers", [("lstm", True, 1), ("gru", True, 2), ("lstm", False, 2)])
+def test_packed_equals_unpacked(cell, bidirectional, layers):
+    torch.manual_seed(0)
+    encoder = Encoder(30, 8, 12, layers, bidirectional, cell).eval()
+    src, lengths, _ = padded_batch([5, 2, 4])
+    outputs, finals = encoder(src, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        alone, alone_finals = encoder(src[row: row + 1, :n], lengths[row: row + 1])
+        torch.testing.assert_close(outputs[row, :n], alone[0], atol=1e-6, rtol=1e-5)
+        assert outputs[row, n:].abs().max() == 0 if n < src.size(1) else True
+        for full, single in zip(finals, alone_finals):
+            torch.testing.assert_close(full[:, row], single[:, 0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention,query_dim", [(BahdanauAttention(16, 12, 10), 16),
+                                                 (LuongAttention(16, 12, general=True), 16),
+                                                 (LuongAttention(12, 12, general=False), 12)])
+def test_attention_sums_to_one_over_real_tokens(attention, query_dim):
+    query = torch.randn(3, 4, query_dim)  # (batch, tgt_len, query_dim)
+    memory = torch.randn(3, 6, 12)  # (batch, src_len, enc_dim)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    context, weights = attention(query, attention.project_keys(memory), memory, mask)
+    assert weights.shape == (3, 4, 6) and context.shape == (3, 4, 12)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4))
+    assert (weights.masked_select(~mask.unsqueeze(1).expand_as(weights)) == 0).all()
+
+
+def test_dot_attention_needs_equal_sizes():
+    with pytest.raises(ValueError, match="equal query and key sizes"):
+        LuongAttention(16, 12, general=False)
+
+
+CONFIGS = list(itertools.product(["lstm", "gru"], ["bahdanau", "luong-general", "luong-dot"], [False, True],
+                                 [True, False]))
+
+
+@pytest.mark.parametrize("cell,attention,input_feeding,tie", CONFIGS)
+def test_sequence_pass_equals_step_by_step(cell, attention, input_feeding, tie):
+    overrides = {"model.cell": cell, "model.attention": attention, "model.input_feeding": str(input_feeding),
+                 "model.tie_embeddings": str(tie), "model.embed_dim": "8", "model.hidden_dim": "16",
+                 "model.layers": "2"}
+    torch.manual_seed(0)
+    model = build_model(load_config(overrides=overrides).model, 30, 25).eval()
+    src, lengths, mask = padded_batch([6, 3, 5])
+    tgt = torch.randint(4, 25, (3, 4))
+    logits = model(src, lengths, mask, tgt)  # (batch, tgt_len, vocab)
+    memory, state = model.encode(src, lengths, mask)
+    steps = []
+    for t in range(tgt.size(1)):
+        step_logits, state, weights = model.decode_step(tgt[:, t], memory, state)
+        steps.append(step_logits)
+        assert (weights[1, 3:] == 0).all()
+    torch.testing.assert_close(torch.stack(steps, 1), logits, atol=1e-5, rtol=1e-4)
+    if tie:
+        assert model.decoder.output.weight is model.decoder.embed.weight
+
+
+def test_decode_step_is_pure():
+    torch.manual_seed(0)
+    model = build_model(load_config(overrides={"model.hidden_dim": "16", "model.embed_dim": "8"}).model, 30, 30)
+    model.eval()
+    src, lengths, mask = padded_batch([4, 2])
+    memory, state = model.encode(src, lengths, mask)
+    prev = torch.tensor([5, 6])
+    first = model.decode_step(prev, memory, state)[0]
+    second = model.decode_step(prev, memory, state)[0]
+    assert torch.equal(first, second)

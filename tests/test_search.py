@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from translate.config import load_config
+from translate.model import build_model
+from translate.search import beam_search, greedy, max_lengths, translate_lines
+
+SENTENCES = ["El gato come pan.", "Y.", "El niño grande lee el libro rojo y mira el sol.", "Perro.",
+             "El perro pequeño bebe agua."]
+
+
+def encode(model, tokenizer, sentences):
+    from translate.data import Encoded, collate
+
+    batch = collate(Encoded(tokenizer.encode_src(sentences)), None, list(range(len(sentences))))
+    memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    return memory, state, max_lengths(batch.src_lengths, 1.5)
+
+
+@pytest.fixture(params=["lstm-bahdanau", "gru-luong-general-feed"])
+def model(request, tokenizer):
+    cell, _, attention = request.param.partition("-")
+    feed = attention.endswith("-feed")
+    attention = attention.removesuffix("-feed")
+    torch.manual_seed(3)
+    config = load_config(overrides={"model.cell": cell, "model.attention": attention, "model.input_feeding": feed,
+                                    "model.embed_dim": 16, "model.hidden_dim": 32, "model.dropout": 0.0})
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
+    # sharpen the output so that search makes real choices: a random model is nearly uniform
+    with torch.no_grad():
+        model.decoder.output.bias.normal_(0, 2)
+    return model
+
+
+def test_beam_one_equals_greedy(model, tokenizer):
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    by_greedy = greedy(model, memory, state, limits, return_attention=True)
+    by_beam = beam_search(model, memory, state, 1, limits, return_attention=True)
+    for g, b in zip(by_greedy, by_beam):
+        assert g[0].tokens == b[0].tokens
+        torch.testing.assert_close(g[0].attention, b[0].attention)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_batch_equals_one_by_one(model, tokenizer, beam):
+    batched = translate_lines(model, tokenizer, SENTENCES, beam=beam, n_best=min(beam, 3))
+    for sentence, together in zip(SENTENCES, batched):
+        alone = translate_lines(model, tokenizer, [sentence], beam=beam, n_best=min(beam, 3))[0]
+        assert [t.tokens for t in alone] == [t.tokens for t in together]
+        assert [t.score for t in alone] == pytest.approx([t.score for t in together], abs=1e-4)
+
+
+def test_n_best_sorted_and_distinct(model, tokenizer):
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    results = beam_search(model, memory, state, 5, limits, n_best=5)
+    for hyps in results:
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True) and len(hyps) >= 1
+        assert len({tuple(h.tokens) for h in hyps}) == len(hyps)
+
+
+def test_lengths_respect_limits(model, tokenizer):
+    memory, state, _ = encode(model, tokenizer, SENTENCES)
+    limits = torch.full((len(SENTENCES),), 3)
+    for hyps in greedy(model, memory, state, limits) + beam_search(model, memory, state, 3, limits, n_best=3):
+        assert all(len(h.tokens) <= 2 for h in hyps)  # 3 counting EOS
+
+
+def test_beam_not_worse_than_greedy_in_model_score(model, tokenizer):
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    greedy_hyps = greedy(model, memory, state, limits)
+    beam_hyps = beam_search(model, memory, state, 8, limits, alpha=0.0)
+    for g, b in zip(greedy_hyps, beam_hyps):
+        assert b[0].score >= g[0].score - 1e-4
+
+
+def test_empty_and_odd_lines(model, tokenizer):
+    lines = ["", "   ", "猫 🐈 ✓", "el gato " * 1250]  # the last: 10,000 characters
+    truncated = []
+    out = translate_lines(model, tokenizer, lines, beam=2, on_truncate=truncated.append)
+    assert out[0][0].text == "" and out[1][0].text == ""
+    assert all(isinstance(t[0].text, str) for t in out)
+    assert truncated == [1]
+
+
+def test_n_best_cannot_exceed_beam(model, tokenizer):
+    memory, state, limits = encode(model, tokenizer, SENTENCES[:1])
+    with pytest.raises(ValueError, match="cannot exceed"):
+        beam_search(model, memory, state, 2, limits, n_best=3)

@@ -1,0 +1,216 @@
+import math
+import os
+
+import pytest
+import torch
+
+from translate import training
+from translate.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from translate.config import load_config
+from translate.training import Trainer, gold_mask, scheduled_logits, teacher_forcing_ratio, train
+
+from .conftest import tiny_overrides
+
+
+def schedule(name, **extra):
+    values = {"train.teacher_forcing": name, "train.tf_warmup": 10, "train.tf_floor": 0.2, **extra}
+    return load_config(overrides=values).train
+
+
+def test_warmup_is_pure_teacher_forcing():
+    for name in ("constant", "linear", "exponential", "inverse_sigmoid"):
+        cfg = schedule(name, **{"train.tf_k": 0.9 if name == "exponential" else 50, "train.tf_start": 0.8})
+        assert all(teacher_forcing_ratio(cfg, s) == 1.0 for s in range(10))
+
+
+def test_constant_schedule():
+    cfg = schedule("constant", **{"train.tf_start": 0.6})
+    assert {teacher_forcing_ratio(cfg, s) for s in range(10, 500, 7)} == {0.6}
+
+
+def test_linear_schedule_falls_then_floors():
+    cfg = schedule("linear", **{"train.tf_start": 1.0, "train.tf_k": 100})
+    assert teacher_forcing_ratio(cfg, 10) == 1.0
+    assert teacher_forcing_ratio(cfg, 60) == pytest.approx(0.5)
+    assert teacher_forcing_ratio(cfg, 1000) == 0.2
+
+
+def test_exponential_schedule():
+    cfg = schedule("exponential", **{"train.tf_k": 0.99})
+    assert teacher_forcing_ratio(cfg, 20) == pytest.approx(0.99 ** 10)
+    assert teacher_forcing_ratio(cfg, 10_000) == 0.2
+
+
+def test_inverse_sigmoid_schedule():
+    cfg = schedule("inverse_sigmoid", **{"train.tf_k": 100})
+    ratios = [teacher_forcing_ratio(cfg, s) for s in range(10, 3000, 10)]
+    assert ratios == sorted(ratios, reverse=True)
+    assert teacher_forcing_ratio(cfg, 110) == pytest.approx(100 / (100 + math.e))
+    assert ratios[-1] == 0.2 and ratios[0] == pytest.approx(100 / 101)
+
+
+def test_gold_mask_granularity():
+    torch.manual_seed(0)
+    token = gold_mask((400, 30), 0.7, "token", torch.device("cpu"))
+    assert token[:, 0].all() and abs(token[:, 1:].float().mean().item() - 0.7) < 0.02
+    sentence = gold_mask((400, 30), 0.7, "sentence", torch.device("cpu"))
+    rows = sentence[:, 1:]
+    assert ((rows.all(1)) | (~rows).all(1)).all()  # one decision per sentence
+    assert abs(rows[:, 0].float().mean().item() - 0.7) < 0.08
+
+
+def tiny_batch(tokenizer):
+    from translate.data import Encoded, collate
+
+    src = Encoded(tokenizer.encode_src(["El gato come pan.", "Y el perro."]))
+    tgt = Encoded(tokenizer.encode_tgt(["The cat eats bread.", "And the dog."]))
+    return collate(src, tgt, [0, 1])
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_scheduled_sampling_at_ratio_one_is_teacher_forcing(tiny_model, tokenizer, mode):
+    batch = tiny_batch(tokenizer)
+    cfg = load_config(overrides={"train.scheduled_sampling": mode}).train
+    forced = tiny_model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
+    torch.testing.assert_close(scheduled_logits(tiny_model, batch, 1.0, cfg), forced)
+    # ratio just under 1: every input is still gold with overwhelming probability, through the mixing path
+    torch.testing.assert_close(scheduled_logits(tiny_model, batch, 1.0 - 1e-9, cfg), forced, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_scheduled_sampling_at_ratio_zero_feeds_predictions(tiny_model, tokenizer, mode):
+    batch = tiny_batch(tokenizer)
+    cfg = load_config(overrides={"train.scheduled_sampling": mode, "train.tf_floor": 0.0}).train
+    logits = scheduled_logits(tiny_model, batch, 0.0, cfg)
+    memory, state = tiny_model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    prev, steps = batch.tgt_in[:, 0], []
+    for t in range(batch.tgt_in.size(1)):  # free-running greedy decoding
+        step, state, _ = tiny_model.decode_step(prev, memory, state)
+        steps.append(step)
+        prev = step.argmax(-1)
+    free = torch.stack(steps, 1)
+    if mode == "sequential":
+        torch.testing.assert_close(logits, free, atol=1e-5, rtol=1e-4)
+    else:  # two passes: the second sees the first pass's predictions, which match free-running at t = 1
+        torch.testing.assert_close(logits[:, :2], free[:, :2], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture()
+def tiny_tokenizer_file(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    return str(tmp_path / "src.model")
+
+
+def tiny(corpus, tokenizer_file, **extra):
+    return load_config(overrides={**tiny_overrides(corpus), "tokenizer.model": tokenizer_file, **extra})
+
+
+def params(run_dir):
+    return load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 20, "train.eval_every": 5})
+    train(config, tmp_path / "whole", log=lambda s: None)
+
+    original = Trainer.train_step
+
+    def stop_after_ten(self, batch):
+        result = original(self, batch)
+        if self.progress.step + 1 >= 10:
+            self.stop_signal = "SIGTERM"
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_ten)
+    first = train(config, tmp_path / "split", log=lambda s: None)
+    assert first.progress.step == 10 and first.stop_reason == "stopped by SIGTERM"
+    monkeypatch.setattr(Trainer, "train_step", original)
+    second = train(config, tmp_path / "split", resume=True, log=lambda s: None)
+    assert second.progress.step == 20
+    whole, split = params(tmp_path / "whole"), params(tmp_path / "split")
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)
+
+
+def test_refuses_to_overwrite_a_run(corpus, tiny_tokenizer_file, tmp_path):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
+    train(config, tmp_path / "run", log=lambda s: None)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        train(config, tmp_path / "run", log=lambda s: None)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(config, tmp_path / "empty", resume=True, log=lambda s: None)
+
+
+def test_checkpoint_carries_config_tokenizer_and_ratio(corpus, tiny_tokenizer_file, tmp_path):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 12, "train.eval_every": 6})
+    result = train(config, tmp_path / "run", log=lambda s: None)
+    model, tokenizer, saved, payload = load_model(tmp_path / "run")
+    assert saved == config and payload["progress"]["step"] == 12
+    assert payload["progress"]["tf_ratio"] == pytest.approx(teacher_forcing_ratio(config.train, 11))
+    assert payload["progress"]["tf_ratio"] < 1.0 and result.progress.best_bleu >= 0
+    assert tokenizer.fingerprint == payload["tokenizer_fingerprint"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert any('"kind": "dev"' in line for line in lines) and any('"tf_ratio"' in line for line in lines)
+
+
+def test_non_finite_steps_are_skipped_then_stop(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 30})
+    trainer = Trainer(config, tmp_path / "run", log=lambda s: None)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    monkeypatch.setattr(training, "sequence_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(training.TrainingError, match="non-finite steps in a row"):
+        trainer.run()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "config": {}})
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "config": {}})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "translate-checkpoint", "version": 1, "model": Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    save_checkpoint(tmp_path / "good.pt", {"model": {"w": torch.ones(1000)}, "config": {}})
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a translate checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no best.pt or last.pt"):
+        load_checkpoint(tmp_path)

@@ -1,0 +1,71 @@
+"""Attention over encoder states: additive (Bahdanau et al., 2015) and multiplicative
+(Luong et al., 2015, "dot" and "general").
+
+Keys are projected once per source by ``project_keys`` (called from ``model.encode``) and passed
+in on every call; the modules keep no state between calls. Queries may cover many target
+positions at once, so a teacher-forced decoder attends for the whole sentence in one call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+        # query: (batch, tgt_len, query_dim); keys: (batch, src_len, key_dim) projected;
+        # values: (batch, src_len, value_dim); mask: (batch, src_len), True on real tokens
+        scores = self.score(query, keys)  # (batch, tgt_len, src_len)
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        weights = scores.softmax(dim=-1)  # (batch, tgt_len, src_len)
+        context = weights.bmm(values)  # (batch, tgt_len, value_dim)
+        return context, weights
+
+
+class BahdanauAttention(Attention):
+    """Additive attention (Bahdanau et al., 2015): score = v . tanh(W_q q + W_k k)."""
+
+    def __init__(self, query_dim: int, key_dim: int, attn_dim: int):
+        super().__init__()
+        self.key_layer = nn.Linear(key_dim, attn_dim, bias=False)
+        self.query_layer = nn.Linear(query_dim, attn_dim, bias=False)
+        self.v = nn.Linear(attn_dim, 1, bias=False)
+
+    def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.key_layer(memory)  # (batch, src_len, attn_dim)
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        q = self.query_layer(query).unsqueeze(2)  # (batch, tgt_len, 1, attn_dim)
+        return self.v(torch.tanh(q + keys.unsqueeze(1))).squeeze(-1)  # (batch, tgt_len, src_len)
+
+
+class LuongAttention(Attention):
+    """Multiplicative attention (Luong et al., 2015): "dot" q.k, or "general" q.W k."""
+
+    def __init__(self, query_dim: int, key_dim: int, general: bool = True):
+        super().__init__()
+        if not general and query_dim != key_dim:
+            raise ValueError(f"dot attention needs equal query and key sizes, got {query_dim} and {key_dim}; "
+                             f"use luong-general or bahdanau")
+        self.key_layer = nn.Linear(key_dim, query_dim, bias=False) if general else None
+
+    def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
+        return memory if self.key_layer is None else self.key_layer(memory)  # (batch, src_len, query_dim)
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return query.bmm(keys.transpose(1, 2))  # (batch, tgt_len, src_len)
+
+
+def make_attention(kind: str, query_dim: int, key_dim: int) -> Attention:
+    if kind == "bahdanau":
+        return BahdanauAttention(query_dim, key_dim, query_dim)
+    if kind in ("luong-dot", "luong-general"):
+        return LuongAttention(query_dim, key_dim, general=kind == "luong-general")
+    raise ValueError(f"unknown attention {kind!r}; use bahdanau, luong-dot or luong-general")

@@ -1,0 +1,117 @@
+"""Checkpoints: one file with weights, the resolved config, the tokenizer models, optimizer,
+LR schedule, teacher-forcing state, RNG states and the data position.
+
+Written atomically (temporary file in the same directory, fsync, ``os.replace``), so a run
+killed at any moment leaves the previous file whole. Loaded with ``weights_only=True``, so a
+checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError
+from .model import Seq2Seq, build_model
+from .tokenizer import Tokenizer, TokenizerError
+
+FORMAT = "translate-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message says why and what to do."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` to ``path`` atomically; on failure the old file is untouched."""
+    path = Path(path)
+    tmp_name = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False) as tmp:
+            tmp_name = tmp.name
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; free disk space or "
+                              f"choose a writable --run-dir (the previous checkpoint is intact)") from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def resolve(path: str | Path) -> Path:
+    """A .pt file, or a run directory (its best.pt, else last.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: no best.pt or last.pt in this run directory; train one with "
+                              f"`translate train --run-dir {path}`")
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found; give a .pt file or a run directory")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = resolve(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: the file holds objects other than weights and plain data "
+                              f"(possibly code); only load checkpoints written by translate") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        reason = "truncated or corrupt" if path.stat().st_size else "empty"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}: {str(exc).splitlines()[0][:80]}); "
+                              f"use another checkpoint, e.g. last.pt or best.pt of the run") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a translate checkpoint; give a file written by `translate train`")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')} is not supported "
+                              f"(this translate reads version {VERSION})")
+    return payload
+
+
+def restore(payload: dict[str, Any], device: torch.device | str = "cpu") -> tuple[Seq2Seq, Tokenizer, Config]:
+    """Rebuilds the model and tokenizer from a checkpoint alone."""
+    try:
+        config = Config.from_dict(payload["config"])
+        tokenizer = Tokenizer(bytes(payload["tokenizer"]["src"]), bytes(payload["tokenizer"]["tgt"]))
+    except (KeyError, TypeError, ConfigError, TokenizerError) as exc:
+        raise CheckpointError(f"checkpoint is incomplete or damaged ({exc}); use another checkpoint") from None
+    if payload.get("tokenizer_fingerprint", tokenizer.fingerprint) != tokenizer.fingerprint:
+        raise CheckpointError("checkpoint's tokenizer does not match its recorded fingerprint; the file is damaged")
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not fit its config and vocabulary "
+                              f"({str(exc).splitlines()[0][:100]}); the file is damaged") from None
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Seq2Seq, Tokenizer, Config, dict]:
+    payload = load_checkpoint(path)
+    model, tokenizer, config = restore(payload, device)
+    return model, tokenizer, config, payload

@@ -1,0 +1,190 @@
+"""The ``translate`` command line: parses options and calls library functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .checkpoint import CheckpointError
+from .config import BUNDLED_DATA, ConfigError, load_config, parse_overrides
+from .data import DataError, read_lines, read_parallel
+from .tokenizer import TokenizerError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+
+
+class Command(click.Command):
+    """Turns the project's input errors into one-line messages with exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            raise click.UsageError(str(exc)) from None
+        except _training_error() as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+
+
+def _training_error():
+    from .training import TrainingError
+
+    return TrainingError
+
+
+class Group(click.Group):
+    command_class = Command
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="translate")
+def main():
+    """Neural machine translation: train, evaluate and use RNN attention models."""
+
+
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--train", "train_path", help="Training data: TSV/CSV/JSON-lines file or PATH prefix of PATH.<lang>.")
+@click.option("--dev", "dev_path", help="Dev data, in the same forms as --train.")
+@click.option("--src-lang", help="Source column or file suffix (default spa).")
+@click.option("--tgt-lang", help="Target column or file suffix (default eng).")
+@click.option("--max-steps", type=int, help="Stop after this many updates.")
+@click.option("--run-dir", default="checkpoints/default", show_default=True, type=click.Path(file_okay=False))
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pt.")
+def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_steps, run_dir, resume):
+    """Train a model (defaults: the bundled Spanish-English data, into checkpoints/default)."""
+    from .training import train as run_training
+
+    pairs = parse_overrides(overrides)
+    for key, value in (("data.train", train_path), ("data.dev", dev_path), ("data.src_lang", src_lang),
+                       ("data.tgt_lang", tgt_lang), ("train.max_steps", max_steps)):
+        if value is not None:
+            pairs[key] = value
+    if max_steps is not None and "train.max_minutes" not in pairs:
+        pairs["train.max_minutes"] = 0
+    config = load_config(config_file, pairs)
+    result = run_training(config, run_dir, resume=resume, log=_echo_err)
+    if result.stop_reason.startswith("stopped by"):
+        sys.exit(130)
+
+
+def _load(checkpoint: str):
+    from .checkpoint import load_model
+    from .training import select_device
+
+    model, tokenizer, config, payload = load_model(checkpoint, select_device("auto"))
+    return model, tokenizer, config, payload
+
+
+@main.command(name="eval")
+@click.argument("checkpoint")
+@click.option("--src", "src_file", type=click.Path(dir_okay=False), help="Source sentences, one a line.")
+@click.option("--ref", "ref_file", type=click.Path(dir_okay=False), help="Reference translations, one a line.")
+@click.option("--test", "test_path", help="A TSV/CSV/JSON-lines test set (default: the bundled test split).")
+@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64), help="Beam size; 1 is greedy.")
+@click.option("--alpha", default=1.0, show_default=True, help="Length penalty exponent.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output, as_json):
+    """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
+    from .evaluate import evaluate
+
+    model, tokenizer, config, _ = _load(checkpoint)
+    if (src_file is None) != (ref_file is None):
+        raise click.UsageError("give both --src and --ref, or neither")
+    if src_file:
+        sources, references = read_lines(src_file), read_lines(ref_file)
+        if len(sources) != len(references):
+            raise DataError(f"{src_file} has {len(sources)} lines but {ref_file} has {len(references)}; "
+                            f"they must match line for line")
+        origin = src_file
+    else:
+        spec = test_path or config.data.test
+        if not test_path and not Path(spec).exists():
+            spec = str(BUNDLED_DATA / "test.tsv")
+        test = read_parallel(spec, config.data.src_lang, config.data.tgt_lang, "test")
+        sources, references, origin = test.src, test.tgt, test.origin
+    scores, hyps = evaluate(model, tokenizer, sources, references, beam=beam, alpha=alpha)
+    if output:
+        Path(output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    if as_json:
+        click.echo(json.dumps({**scores, "beam": beam, "sentences": len(sources), "test": origin}))
+    else:
+        click.echo(f"{origin}: {len(sources)} sentences, beam {beam}")
+        click.echo(f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | TER {scores['ter']:.2f}")
+        click.echo(scores["signature"])
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("-i", "--input", "input_file", type=click.Path(dir_okay=False), help="Input file (default stdin).")
+@click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
+@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64), help="Beam size; 1 is greedy.")
+@click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Print the K best translations with their scores, tab-separated.")
+@click.option("--max-len-ratio", default=2.0, show_default=True, type=click.FloatRange(0.1, 100),
+              help="Longest output as a multiple of the source length (plus 10).")
+@click.option("--alpha", default=1.0, show_default=True, help="Length penalty exponent.")
+def decode(checkpoint, input_file, output_file, beam, n_best, max_len_ratio, alpha):
+    """Translate lines from stdin or -i FILE to stdout or -o FILE."""
+    from .search import translate_lines
+
+    if n_best > beam:
+        raise click.UsageError(f"--n-best ({n_best}) cannot exceed --beam ({beam})")
+    model, tokenizer, _, _ = _load(checkpoint)
+    lines = read_lines(input_file)
+    translations = translate_lines(
+        model, tokenizer, lines, beam=beam, n_best=n_best, max_len_ratio=max_len_ratio, alpha=alpha,
+        on_truncate=lambda n: _echo_err(f"warning: {n} input line(s) longer than the model reads were truncated"))
+    out_lines = []
+    for index, nbest in enumerate(translations):
+        if n_best == 1:
+            out_lines.append(nbest[0].text)
+        else:
+            out_lines.extend(f"{index}\t{t.score:.4f}\t{t.text}" for t in nbest)
+    text = "".join(line + "\n" for line in out_lines)
+    if output_file:
+        Path(output_file).write_text(text, encoding="utf-8")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64))
+def repl(checkpoint, beam):
+    """Translate lines as you type them (:help for commands)."""
+    from .repl import Repl
+
+    model, tokenizer, _, _ = _load(checkpoint)
+    Repl(model, tokenizer, beam=beam).run(sys.stdin, sys.stdout)
+
+
+@main.command(name="split-data")
+@click.option("--input", "input_file", default=str(BUNDLED_DATA.parent.parent / "shared" / "data" /
+                                                   "tatoeba-spa-eng.tsv"), show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--out-dir", default=str(BUNDLED_DATA), show_default=True, type=click.Path(file_okay=False))
+@click.option("--key", default="eng", show_default=True, help="Column whose sentences never cross splits.")
+@click.option("--dev-size", default=1000, show_default=True)
+@click.option("--test-size", default=2000, show_default=True)
+@click.option("--seed", default=20261125, show_default=True)
+def split_data(input_file, out_dir, key, dev_size, test_size, seed):
+    """Make the deterministic train/dev/test split of a TSV corpus (how data/ was made)."""
+    from .data import split_corpus
+
+    sizes = split_corpus(input_file, out_dir, key, dev_size, test_size, seed)
+    click.echo(", ".join(f"{name} {n:,} pairs" for name, n in sizes.items()) + f" in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Typed configuration: frozen dataclasses built from YAML and ``--set key=value`` overrides.
+
+An unknown or ill-typed key is an error that names the valid keys, never silently ignored.
+The resolved config is stored inside every checkpoint (``Config.to_dict``), so a checkpoint
+alone can rebuild its model and tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_DATA = PACKAGE_DIR.parent / "data"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and what is allowed."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = str(BUNDLED_DATA / "train.tsv")
+    dev: str = str(BUNDLED_DATA / "dev.tsv")
+    test: str = str(BUNDLED_DATA / "test.tsv")
+    src_lang: str = "spa"
+    tgt_lang: str = "eng"
+    max_len: int = 80  # training pairs with more pieces on either side are dropped
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    type: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = 8000
+    joint: bool = True
+    character_coverage: float = 1.0
+    model: Optional[str] = None  # an existing SentencePiece .model (joint) to use instead of training
+    max_sentences: int = 400_000  # sentences sampled to train it
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: Literal["lstm", "gru"] = "lstm"
+    embed_dim: int = 256
+    hidden_dim: int = 512  # decoder size; a bidirectional encoder uses hidden_dim // 2 per direction
+    layers: int = 1
+    bidirectional: bool = True
+    attention: Literal["bahdanau", "luong-dot", "luong-general"] = "bahdanau"
+    input_feeding: bool = False
+    dropout: float = 0.2
+    tie_embeddings: bool = True
+    bridge: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_tokens: int = 1500
+    lr: float = 2e-3
+    lr_schedule: Literal["linear", "plateau", "warmup-decay", "constant"] = "linear"
+    lr_warmup: int = 500
+    lr_decay: float = 0.5
+    lr_patience: int = 2
+    min_lr: float = 1e-5
+    clip_norm: float = 1.0
+    label_smoothing: float = 0.1
+    max_steps: int = 0  # 0: no limit
+    max_epochs: int = 0  # 0: no limit
+    max_minutes: float = 25.0  # 0: no limit
+    eval_every: int = 500
+    eval_beam: int = 1
+    patience: int = 8  # validations without a better dev BLEU before stopping; 0: never
+    seed: int = 1234
+    teacher_forcing: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "inverse_sigmoid"
+    tf_start: float = 1.0  # constant ratio, and the start of the linear schedule
+    tf_floor: float = 0.75  # no schedule goes below this
+    tf_k: float = 300.0  # steps per unit fall (linear), base (exponential) or steepness (inverse sigmoid)
+    tf_warmup: int = 1000  # steps of pure teacher forcing before the schedule starts
+    tf_granularity: Literal["token", "sentence"] = "token"
+    tf_feed: Literal["argmax", "sample"] = "argmax"
+    scheduled_sampling: Literal["sequential", "parallel"] = "parallel"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16
+    threads: int = 0  # CPU threads; 0: torch's default
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        return _build(cls, raw, "")
+
+    def override(self, pairs: dict[str, Any]) -> "Config":
+        """Returns a copy with dotted keys (``model.hidden_dim``) replaced, type-checked."""
+        raw = self.to_dict()
+        for key, value in pairs.items():
+            section, _, name = key.partition(".")
+            if section not in raw or not name:
+                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            if name not in raw[section]:
+                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            raw[section][name] = value
+        config = Config.from_dict(raw)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        m, t = self.model, self.train
+        positive = {
+            "model.embed_dim": m.embed_dim, "model.hidden_dim": m.hidden_dim, "model.layers": m.layers,
+            "tokenizer.vocab_size": self.tokenizer.vocab_size, "train.batch_tokens": t.batch_tokens,
+            "train.eval_every": t.eval_every, "train.eval_beam": t.eval_beam, "data.max_len": self.data.max_len,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if m.bidirectional and m.hidden_dim % 2:
+            raise ConfigError(f"model.hidden_dim must be even for a bidirectional encoder, got {m.hidden_dim}")
+        if not 0 <= m.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if not 0 <= t.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+        if not 0 <= t.tf_floor <= 1 or not 0 <= t.tf_start <= 1:
+            raise ConfigError("train.tf_start and train.tf_floor must be probabilities in [0, 1]")
+        if t.teacher_forcing == "exponential" and not 0 < t.tf_k <= 1:
+            raise ConfigError(f"train.tf_k must be in (0, 1] for the exponential schedule, got {t.tf_k}")
+        if t.teacher_forcing == "inverse_sigmoid" and t.tf_k < 1:
+            raise ConfigError(f"train.tf_k must be >= 1 for the inverse_sigmoid schedule, got {t.tf_k}")
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {t.lr}")
+
+
+SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def valid_keys() -> list[str]:
+    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {prefix or 'top level'!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if isinstance(value, str) and hint in (int, float):
+        try:
+            value = float(value) if hint is float else int(value)
+        except ValueError:
+            pass
+    elif isinstance(value, str) and hint is bool:
+        value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+            value.strip().lower(), value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}")
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Parses ``KEY=VALUE`` strings from ``--set``; values are typed later against the field."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (for example model.hidden_dim=256), got {item!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then a YAML file, then ``--set`` overrides (later wins)."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found; check the --config path") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" line {where.line + 1}" if where else ""
+            raise ConfigError(f"config file {path}{line} is not valid YAML; fix the syntax") from None
+        config = Config.from_dict(raw or {})
+    config = config.override(overrides or {})
+    return config

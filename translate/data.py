@@ -1,0 +1,343 @@
+"""Parallel corpora: loading through ``datasets``, checks, token-budget batches with length bucketing.
+
+Mask convention everywhere: ``mask`` is True on real tokens and False on padding.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .tokenizer import BOS, EOS, PAD
+
+TABLE_SUFFIXES = {".tsv": "\t", ".csv": ","}
+JSON_SUFFIXES = {".json", ".jsonl"}
+HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the fix."""
+
+
+@dataclass
+class Parallel:
+    """Sentence pairs as read, with where they came from (for messages)."""
+
+    src: list[str]
+    tgt: list[str]
+    origin: str
+
+
+# ---------------------------------------------------------------- reading
+
+def check_utf8(path: Path) -> bytes:
+    """Reads a file and fails with the line number of the first byte that is not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a data file; give a file path") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8)") from None
+    return raw
+
+
+def read_parallel(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -> Parallel:
+    """Reads sentence pairs from a TSV/CSV/JSON-lines file, a ``PATH.src``/``PATH.tgt`` pair of
+    text files, or a hub dataset (``NAME`` or ``NAME:CONFIG``; needs network)."""
+    path = Path(spec).expanduser()
+    pair = (Path(f"{path}.{src_lang}"), Path(f"{path}.{tgt_lang}"))
+    if path.suffix.lower() in TABLE_SUFFIXES or path.suffix.lower() in JSON_SUFFIXES or path.is_file():
+        parallel = _read_table(path, src_lang, tgt_lang)
+    elif pair[0].exists() or pair[1].exists():
+        parallel = _read_text_pair(pair[0], pair[1])
+    elif path.exists() or spec.startswith((".", "/", "~")) or path.suffix:
+        raise DataError(f"{spec}: no such data file, and no {pair[0].name} / {pair[1].name} beside it; "
+                        f"give a TSV/CSV/JSON-lines file or a prefix of plain-text files")
+    else:
+        parallel = _read_hub(spec, src_lang, tgt_lang, split)
+    _check_pairs(parallel, src_lang, tgt_lang)
+    return parallel
+
+
+def _read_table(path: Path, src_lang: str, tgt_lang: str) -> Parallel:
+    import datasets
+
+    raw = check_utf8(path)
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty; give a corpus with sentence pairs")
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        loader, kwargs = "json", {}
+    else:
+        delimiter = TABLE_SUFFIXES.get(suffix, "\t")
+        header = raw.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
+        columns = next(csv.reader([header], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
+        _check_columns(path, columns, src_lang, tgt_lang)
+        features = datasets.Features({c: datasets.Value("string") for c in columns})
+        loader = "csv"
+        kwargs = dict(delimiter=delimiter, quoting=csv.QUOTE_NONE, keep_default_na=False,
+                      na_filter=False, features=features)
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(loader, data_files=str(path.resolve()), split="train", **kwargs)
+    except Exception as exc:  # datasets wraps parser errors in many types
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot be parsed as {loader.upper()} ({reason}); check its format") from None
+    _check_columns(path, table.column_names, src_lang, tgt_lang)
+    src, tgt = table[src_lang], table[tgt_lang]
+    return Parallel(["" if s is None else str(s) for s in src], ["" if t is None else str(t) for t in tgt],
+                    str(path))
+
+
+def _check_columns(path: Path, columns: Sequence[str], src_lang: str, tgt_lang: str) -> None:
+    missing = [c for c in (src_lang, tgt_lang) if c not in columns]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(columns) or 'none'}); "
+                        f"pick them with --src-lang/--tgt-lang")
+
+
+def _read_text_pair(src_path: Path, tgt_path: Path) -> Parallel:
+    src = _read_lines(src_path)
+    tgt = _read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
+                        f"parallel files must have one sentence a line, line for line")
+    return Parallel(src, tgt, f"{src_path.with_suffix('')}.{{{src_path.suffix[1:]},{tgt_path.suffix[1:]}}}")
+
+
+def _read_lines(path: Path) -> list[str]:
+    text = check_utf8(path).decode("utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def _read_hub(name: str, src_lang: str, tgt_lang: str, split: str) -> Parallel:
+    import datasets
+
+    hub_name, _, config = name.partition(":")
+    try:
+        table = datasets.load_dataset(hub_name, config or None, split=HUB_SPLITS.get(split, split))
+    except Exception as exc:
+        raise DataError(f"{name}: not a local file and could not be loaded as a hub dataset "
+                        f"({type(exc).__name__}); check the path or your network") from None
+    if src_lang in table.column_names and tgt_lang in table.column_names:
+        return Parallel(table[src_lang], table[tgt_lang], name)
+    if "translation" in table.column_names:
+        rows = table["translation"]
+        if rows and src_lang in rows[0] and tgt_lang in rows[0]:
+            return Parallel([r[src_lang] for r in rows], [r[tgt_lang] for r in rows], name)
+    raise DataError(f"{name}: no fields {src_lang!r}/{tgt_lang!r} (columns: {', '.join(table.column_names)}); "
+                    f"pick them with --src-lang/--tgt-lang")
+
+
+def _check_pairs(parallel: Parallel, src_lang: str, tgt_lang: str) -> None:
+    if not parallel.src:
+        raise DataError(f"{parallel.origin}: the corpus is empty; give a corpus with sentence pairs")
+    header = 1 if Path(parallel.origin).suffix.lower() in TABLE_SUFFIXES else 0
+    for side, lang in ((parallel.src, src_lang), (parallel.tgt, tgt_lang)):
+        for i, sentence in enumerate(side):
+            if not sentence.strip():
+                raise DataError(f"{parallel.origin} line {i + 1 + header}: empty {lang!r} sentence; "
+                                f"remove the line or fill it in")
+
+
+def read_lines(path: str | None) -> list[str]:
+    """Reads a plain-text file (one sentence a line) with UTF-8 checks; ``None`` or '-' is stdin."""
+    if path is None or path == "-":
+        import sys
+
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise DataError(f"stdin line {line}: not valid UTF-8; re-encode the input as UTF-8") from None
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return [line.rstrip("\r") for line in lines]
+    return _read_lines(Path(path))
+
+
+# ---------------------------------------------------------------- the bundled split
+
+def split_corpus(path: str | Path, out_dir: str | Path, key: str = "eng", dev_size: int = 1000,
+                 test_size: int = 2000, seed: int = 20261125) -> dict[str, int]:
+    """Splits a TSV corpus into train/dev/test by ``key`` sentence (every pair sharing that
+    sentence lands in the same split), deterministically for a given seed."""
+    path, out_dir = Path(path), Path(out_dir)
+    lines = check_utf8(path).decode("utf-8").split("\n")
+    header, rows = lines[0], [line for line in lines[1:] if line]
+    columns = header.split("\t")
+    if key not in columns:
+        raise DataError(f"{path}: no column {key!r} to split by (columns: {', '.join(columns)})")
+    col = columns.index(key)
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(row.split("\t")[col], []).append(row)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    splits: dict[str, list[str]] = {"test": [], "dev": [], "train": []}
+    for k in keys:
+        group = groups[k]
+        if len(splits["test"]) + len(group) <= test_size:
+            splits["test"].extend(group)
+        elif len(splits["dev"]) + len(group) <= dev_size:
+            splits["dev"].extend(group)
+        else:
+            splits["train"].extend(group)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        (out_dir / f"{name}.tsv").write_text("\n".join([header, *part]) + "\n", encoding="utf-8")
+    return {name: len(part) for name, part in splits.items()}
+
+
+# ---------------------------------------------------------------- ids and batches
+
+class Encoded:
+    """Token ids of many sentences in one flat array (no per-sentence Python lists)."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]):
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        self.offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.ids = np.fromiter((i for s in sequences for i in s), dtype=np.int32, count=int(self.offsets[-1]))
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i]: self.offsets[i + 1]]
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # (batch, src_len) ids with EOS, PAD after it
+    src_lengths: torch.Tensor  # (batch,) on the CPU, for packing
+    src_mask: torch.Tensor  # (batch, src_len) True on real tokens
+    tgt_in: torch.Tensor | None  # (batch, tgt_len) BOS y1 .. yn, PAD after
+    tgt_out: torch.Tensor | None  # (batch, tgt_len) y1 .. yn EOS, PAD after
+    indices: list[int]  # the sentences' positions in the corpus
+
+    @property
+    def size(self) -> int:
+        return self.src.size(0)
+
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.src), self.src_lengths, move(self.src_mask), move(self.tgt_in),
+                     move(self.tgt_out), self.indices)
+
+
+def collate(src: Encoded, tgt: Encoded | None, indices: Sequence[int], max_src_len: int | None = None) -> Batch:
+    """Pads one batch; source gets EOS, target gets BOS (input) and EOS (output)."""
+    src_seqs = [src[i] if max_src_len is None else src[i][: max_src_len - 1] for i in indices]
+    src_lengths = torch.tensor([len(s) + 1 for s in src_seqs], dtype=torch.long)
+    src_ids = torch.full((len(indices), int(src_lengths.max())), PAD, dtype=torch.long)
+    for row, seq in enumerate(src_seqs):
+        src_ids[row, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        src_ids[row, len(seq)] = EOS
+    src_mask = src_ids != PAD
+    tgt_in = tgt_out = None
+    if tgt is not None:
+        tgt_seqs = [tgt[i] for i in indices]
+        width = max(len(t) for t in tgt_seqs) + 1
+        tgt_in = torch.full((len(indices), width), PAD, dtype=torch.long)
+        tgt_out = torch.full((len(indices), width), PAD, dtype=torch.long)
+        for row, seq in enumerate(tgt_seqs):
+            ids = torch.from_numpy(seq.astype(np.int64))
+            tgt_in[row, 0] = BOS
+            tgt_in[row, 1: len(seq) + 1] = ids
+            tgt_out[row, : len(seq)] = ids
+            tgt_out[row, len(seq)] = EOS
+    return Batch(src_ids, src_lengths, src_mask, tgt_in, tgt_out, list(indices))
+
+
+def token_batches(lengths: np.ndarray, batch_tokens: int, rng: np.random.Generator | None = None,
+                  pool_batches: int = 50) -> list[list[int]]:
+    """Groups sentence indices into batches of at most ``batch_tokens`` padded tokens.
+
+    ``lengths`` is each example's padded length (the longer side). With ``rng`` the corpus is
+    shuffled, then sorted by length inside pools of ``pool_batches`` batches (length bucketing:
+    little padding, yet random batches), and the batches are shuffled; without it, batches
+    follow length order (for decoding).
+    """
+    n = len(lengths)
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    mean = max(1.0, float(lengths.mean())) if n else 1.0
+    pool = max(1, int(pool_batches * batch_tokens / mean)) if rng is not None else max(n, 1)
+    batches: list[list[int]] = []
+    for start in range(0, n, pool):
+        chunk = order[start: start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batch: list[int] = []
+        longest = 0
+        for i in chunk.tolist():
+            size = int(lengths[i])
+            if batch and max(longest, size) * (len(batch) + 1) > batch_tokens:
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(i)
+            longest = max(longest, size)
+        if batch:
+            batches.append(batch)
+    if rng is not None:
+        perm = rng.permutation(len(batches))
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def padding_fraction(lengths: np.ndarray, batches: Sequence[Sequence[int]]) -> float:
+    """Share of padded positions in the batches (0 = no padding)."""
+    real = padded = 0
+    for batch in batches:
+        sizes = lengths[batch]
+        real += int(sizes.sum())
+        padded += int(sizes.max()) * len(batch)
+    return 1 - real / padded if padded else 0.0
+
+
+class TrainingData:
+    """A tokenized training corpus with long pairs dropped, and its epoch-by-epoch batches."""
+
+    def __init__(self, src: Encoded, tgt: Encoded, batch_tokens: int, seed: int):
+        self.src, self.tgt = src, tgt
+        self.batch_tokens, self.seed = batch_tokens, seed
+        self.lengths = np.maximum(src.lengths + 1, tgt.lengths + 1)
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch; the same for the same seed and epoch (for exact resume)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return token_batches(self.lengths, self.batch_tokens, rng)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
+        for position, indices in enumerate(self.epoch_batches(epoch)[start:], start=start):
+            yield position, collate(self.src, self.tgt, indices)
+
+
+def filter_long(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int) -> tuple[list[int], int]:
+    """Indices of pairs whose sides both fit in ``max_len`` pieces, and how many were dropped."""
+    keep = [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids)) if 0 < len(s) <= max_len and 0 < len(t) <= max_len]
+    return keep, len(src_ids) - len(keep)

@@ -1,0 +1,106 @@
+"""Attention decoder in the style of Luong et al. (2015): the RNN reads the previous token (and,
+with input feeding, the previous attentional vector), attends over the encoder states with its
+output, and combines both into the attentional vector that predicts the next token.
+
+Without input feeding nothing flows from one step's attention into the next step's RNN, so a
+teacher-forced pass runs the RNN over the whole target in one fused call; with it the decoder
+steps token by token. Both paths share ``_attend``, so they compute the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .attention import make_attention
+from .encoder import RNN_CELLS
+
+
+class Memory(NamedTuple):
+    """What the decoder attends to, computed once per source by ``model.encode``."""
+
+    values: torch.Tensor  # (batch, src_len, enc_dim)
+    keys: torch.Tensor  # (batch, src_len, key_dim), projected once
+    mask: torch.Tensor  # (batch, src_len), True on real tokens
+
+    def select(self, index: torch.Tensor) -> "Memory":
+        return Memory(*(t.index_select(0, index) for t in self))
+
+
+class DecoderState(NamedTuple):
+    """Everything a decoding step needs from the previous one (nothing is kept on the module)."""
+
+    hidden: tuple[torch.Tensor, ...]  # each (layers, batch, hidden): (h,) for GRU, (h, c) for LSTM
+    feed: torch.Tensor  # (batch, out_dim) last attentional vector, read only with input feeding
+
+    def select(self, index: torch.Tensor) -> "DecoderState":
+        return DecoderState(tuple(h.index_select(1, index) for h in self.hidden), self.feed.index_select(0, index))
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, enc_dim: int, layers: int = 1,
+                 cell: str = "lstm", attention: str = "bahdanau", input_feeding: bool = False,
+                 dropout: float = 0.0, tie_embeddings: bool = False, bridge: bool = True, pad_id: int = 0):
+        super().__init__()
+        self.cell, self.layers, self.hidden_dim = cell, layers, hidden_dim
+        self.input_feeding = input_feeding
+        self.out_dim = embed_dim if tie_embeddings else hidden_dim
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.dropout = nn.Dropout(dropout)
+        rnn_input = embed_dim + (self.out_dim if input_feeding else 0)
+        self.rnn = RNN_CELLS[cell](rnn_input, hidden_dim, num_layers=layers, batch_first=True,
+                                   dropout=dropout if layers > 1 else 0.0)
+        self.attention = make_attention(attention, hidden_dim, enc_dim)
+        self.combine = nn.Linear(hidden_dim + enc_dim, self.out_dim)
+        self.output = nn.Linear(self.out_dim, vocab_size)
+        if tie_embeddings:
+            self.output.weight = self.embed.weight  # Press & Wolf (2017)
+        n_states = 2 if cell == "lstm" else 1
+        self.bridge = nn.ModuleList(nn.Linear(enc_dim, hidden_dim) for _ in range(n_states)) if bridge else None
+
+    def init_state(self, finals: tuple[torch.Tensor, ...], batch: int) -> DecoderState:
+        """Bridges the encoder's final states (layers, batch, enc_dim) into the decoder's."""
+        ref = finals[0]
+        if self.bridge is not None:
+            hidden = tuple(torch.tanh(layer(h)) for layer, h in zip(self.bridge, finals))
+            hidden = tuple(h.contiguous() for h in hidden)
+        else:
+            zeros = ref.new_zeros(self.layers, batch, self.hidden_dim)
+            hidden = (zeros, zeros.clone()) if self.cell == "lstm" else (zeros,)
+        return DecoderState(hidden, ref.new_zeros(batch, self.out_dim))
+
+    def forward(self, tgt_in: torch.Tensor, memory: Memory, state: DecoderState):
+        """Teacher-forced pass over a whole target. tgt_in: (batch, tgt_len).
+        Returns logits (batch, tgt_len, vocab), the final state and the attention weights
+        (batch, tgt_len, src_len)."""
+        if self.input_feeding:
+            logits, weights = [], []
+            for t in range(tgt_in.size(1)):
+                step_logits, state, step_weights = self.step(tgt_in[:, t], memory, state)
+                logits.append(step_logits)
+                weights.append(step_weights)
+            return torch.stack(logits, 1), state, torch.stack(weights, 1)
+        embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
+        return self._attend(embedded, memory, state)
+
+    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
+        """One decoding step. prev: (batch,) previous tokens. Returns logits (batch, vocab), the new
+        state and the attention weights (batch, src_len)."""
+        embedded = self.dropout(self.embed(prev)).unsqueeze(1)  # (batch, 1, embed)
+        logits, state, weights = self._attend(embedded, memory, state)
+        return logits.squeeze(1), state, weights.squeeze(1)
+
+    def _attend(self, embedded: torch.Tensor, memory: Memory, state: DecoderState):
+        # embedded: (batch, steps, embed); steps is 1 whenever input feeding is on
+        rnn_in = embedded
+        if self.input_feeding:
+            rnn_in = torch.cat([embedded, state.feed.unsqueeze(1)], dim=-1)  # (batch, 1, embed+out)
+        hidden = state.hidden if self.cell == "lstm" else state.hidden[0]
+        outputs, hidden = self.rnn(rnn_in, hidden)  # (batch, steps, hidden)
+        hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+        context, weights = self.attention(outputs, memory.keys, memory.values, memory.mask)
+        attentional = torch.tanh(self.combine(torch.cat([outputs, context], dim=-1)))  # (batch, steps, out)
+        logits = self.output(self.dropout(attentional))  # (batch, steps, vocab)
+        return logits, DecoderState(hidden, attentional[:, -1]), weights

@@ -1,0 +1,51 @@
+"""The sequence-to-sequence model: ``encode`` once per source, then ``decode_step`` per token.
+
+Training (teacher-forced or scheduled) and search use only these two calls plus ``forward`` for
+a whole teacher-forced target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .decoder import Decoder, DecoderState, Memory
+from .encoder import Encoder
+from .tokenizer import PAD
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, config: ModelConfig, src_vocab: int, tgt_vocab: int):
+        super().__init__()
+        self.config = config
+        enc_hidden = config.hidden_dim // 2 if config.bidirectional else config.hidden_dim
+        self.encoder = Encoder(src_vocab, config.embed_dim, enc_hidden, config.layers, config.bidirectional,
+                               config.cell, config.dropout, PAD)
+        self.decoder = Decoder(tgt_vocab, config.embed_dim, config.hidden_dim, self.encoder.output_dim,
+                               config.layers, config.cell, config.attention, config.input_feeding,
+                               config.dropout, config.tie_embeddings, config.bridge, PAD)
+
+    def encode(self, src: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> tuple[Memory, DecoderState]:
+        """src, mask: (batch, src_len); lengths: (batch,). Returns the memory to attend over
+        (keys projected once) and the decoder's initial state."""
+        outputs, finals = self.encoder(src, lengths)  # (batch, src_len, enc_dim)
+        memory = Memory(outputs, self.decoder.attention.project_keys(outputs), mask)
+        return memory, self.decoder.init_state(finals, src.size(0))
+
+    def decode_step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
+        """prev: (batch,) last tokens -> logits (batch, vocab), next state, attention (batch, src_len)."""
+        return self.decoder.step(prev, memory, state)
+
+    def forward(self, src: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, tgt_in: torch.Tensor):
+        """Teacher-forced logits (batch, tgt_len, vocab) for a whole target."""
+        memory, state = self.encode(src, lengths, mask)
+        logits, _, _ = self.decoder(tgt_in, memory, state)
+        return logits
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: ModelConfig, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
+    return Seq2Seq(config, src_vocab, tgt_vocab)

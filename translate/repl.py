@@ -1,0 +1,118 @@
+"""Interactive translation: the model is loaded once, then every typed line is translated."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TextIO
+
+from .search import Translation, translate_lines
+from .tokenizer import Tokenizer
+
+HELP = """commands:
+  :beam N   beam size for the next translations (1 = greedy)
+  :attn     attention of the last translation, as a table (rows: output pieces)
+  :help     this help
+  :quit     leave (Ctrl-D works too; Ctrl-C cancels the line)"""
+
+
+def attention_table(src_pieces: list[str], tgt_pieces: list[str], weights) -> str:
+    """Renders weights (len(tgt_pieces), len(src_pieces)) as percentages in a text table."""
+    rows = [[f"{100 * float(w):.0f}" for w in row] for row in weights]
+    width = [max(len(p), 3) for p in src_pieces]
+    label = max([len(p) for p in tgt_pieces] + [1])
+    lines = [" " * label + " | " + " ".join(p.rjust(w) for p, w in zip(src_pieces, width))]
+    lines.append("-" * len(lines[0]))
+    for piece, row in zip(tgt_pieces, rows):
+        lines.append(piece.ljust(label) + " | " + " ".join(v.rjust(w) for v, w in zip(row, width)))
+    return "\n".join(lines)
+
+
+class Repl:
+    def __init__(self, model, tokenizer: Tokenizer, beam: int = 5):
+        self.model, self.tokenizer, self.beam = model, tokenizer, beam
+        self.last: tuple[str, Translation] | None = None
+
+    def translate(self, line: str) -> str:
+        result = translate_lines(self.model, self.tokenizer, [line], beam=self.beam, return_attention=True)[0][0]
+        self.last = (line, result)
+        return result.text
+
+    def command(self, line: str) -> tuple[str, bool]:
+        """Runs a ``:command``; returns what to print and whether to quit."""
+        name, _, arg = line[1:].strip().partition(" ")
+        if name in ("quit", "q", "exit"):
+            return "", True
+        if name == "help":
+            return HELP, False
+        if name == "beam":
+            if not arg.strip().isdigit() or not 1 <= int(arg) <= 64:
+                return "usage: :beam N with N from 1 to 64", False
+            self.beam = int(arg)
+            return f"beam {self.beam}", False
+        if name == "attn":
+            return self.attention(), False
+        return f"unknown command :{name}; :help lists them", False
+
+    def attention(self) -> str:
+        if self.last is None or self.last[1].attention is None:
+            return "nothing translated yet"
+        line, result = self.last
+        src = self.tokenizer.src_pieces(line) + ["</s>"]
+        tgt = self.tokenizer.tgt_pieces(result.tokens) + ["</s>"]
+        weights = result.attention[: len(tgt), : len(src)]
+        return attention_table(src, tgt, weights.tolist())
+
+    def handle(self, line: str) -> tuple[str, bool]:
+        line = line.rstrip("\r\n")
+        if line.startswith(":"):
+            return self.command(line)
+        return self.translate(line), False
+
+    def run(self, stdin: TextIO, stdout: TextIO) -> None:
+        if stdin.isatty():
+            self._interactive(stdout)
+            return
+        for line in stdin:
+            out, quit_ = self.handle(line)
+            if quit_:
+                break
+            stdout.write(out + "\n")
+            stdout.flush()
+
+    def _interactive(self, stdout: TextIO) -> None:
+        history = Path(os.environ.get("TRANSLATE_HISTORY", Path.home() / ".translate_history"))
+        try:
+            import readline
+
+            try:
+                readline.read_history_file(history)
+            except OSError:
+                pass
+        except ImportError:
+            readline = None
+        stdout.write("translate repl: type a sentence; :help for commands, Ctrl-D to leave\n")
+        try:
+            while True:
+                try:
+                    line = input("> ")
+                except KeyboardInterrupt:
+                    stdout.write("\n")
+                    continue
+                except EOFError:
+                    stdout.write("\n")
+                    break
+                try:
+                    out, quit_ = self.handle(line)
+                except KeyboardInterrupt:
+                    stdout.write("\n(cancelled)\n")
+                    continue
+                if quit_:
+                    break
+                stdout.write(out + "\n")
+        finally:
+            if readline is not None:
+                try:
+                    readline.write_history_file(history)
+                except OSError:
+                    pass

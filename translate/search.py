@@ -1,0 +1,263 @@
+"""Decoding as pure functions over ``model.encode`` / ``model.decode_step``.
+
+Both searches are batched: greedy runs all sentences together and stops when every one has
+ended; beam search flattens batch x beam into one dimension, reorders states with
+``index_select``, moves finished hypotheses out with tensor ops and drops finished sentences
+from the batch. Length penalty: Wu et al. (2016), ((5 + length) / 6) ** alpha.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .data import Encoded, collate, token_batches
+from .decoder import DecoderState, Memory
+from .tokenizer import BOS, EOS, PAD, Tokenizer
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without BOS and EOS
+    score: float  # log-probability; length-normalised in beam search
+    attention: torch.Tensor | None = None  # (len(tokens) + 1, src_len), the last row for EOS
+
+
+def max_lengths(src_lengths: torch.Tensor, ratio: float, extra: int = 10, cap: int = 1024) -> torch.Tensor:
+    """Longest output allowed per sentence (counting EOS): ``ratio * src_len + extra``."""
+    return (src_lengths.float() * ratio).long().add(extra).clamp(min=1, max=cap)
+
+
+def _force_eos(logp: torch.Tensor, force: torch.Tensor) -> torch.Tensor:
+    # logp: (rows, vocab); force: (rows,) rows that must end now get EOS as the only option
+    if not bool(force.any()):
+        return logp
+    only_eos = torch.full_like(logp, NEG_INF)
+    only_eos[:, EOS] = logp[:, EOS]
+    return torch.where(force.unsqueeze(1), only_eos, logp)
+
+
+@torch.no_grad()
+def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
+           return_attention: bool = False) -> list[list[Hypothesis]]:
+    """Picks the most probable token at each step; max_lens: (batch,) limits counting EOS."""
+    batch = memory.mask.size(0)
+    device = memory.mask.device
+    max_lens = max_lens.to(device)
+    prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    scores = torch.zeros(batch, device=device)
+    tokens, attention = [], []
+    for t in range(int(max_lens.max())):
+        logits, state, weights = model.decode_step(prev, memory, state)
+        logp = _force_eos(logits.float().log_softmax(-1), t + 1 >= max_lens)  # (batch, vocab)
+        best, prev = logp.max(-1)  # (batch,)
+        prev = prev.masked_fill(finished, PAD)
+        scores += best.masked_fill(finished, 0.0)
+        tokens.append(prev)
+        if return_attention:
+            attention.append(weights.float())
+        finished |= prev == EOS
+        if bool(finished.all()):
+            break
+    ids = torch.stack(tokens, 1).tolist()  # (batch, steps)
+    attn = torch.stack(attention, 1) if return_attention else None  # (batch, steps, src_len)
+    results = []
+    for b, row in enumerate(ids):
+        length = row.index(EOS) if EOS in row else len(row)
+        hyp_attn = attn[b, : length + 1, : int(memory.mask[b].sum())].cpu() if attn is not None else None
+        results.append([Hypothesis(row[:length], float(scores[b]), hyp_attn)])
+    return results
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
+                alpha: float = 1.0, n_best: int = 1, return_attention: bool = False) -> list[list[Hypothesis]]:
+    """Batched beam search. Returns, per sentence, up to ``n_best`` hypotheses, best first.
+
+    Each step takes the 2*beam best continuations over beam x vocab: those among the first
+    ``beam`` that end in EOS are finished (score normalised by the length penalty), the best
+    ``beam`` others stay alive. A sentence is done when ``beam`` hypotheses have finished or it
+    reaches its length limit, where every live hypothesis is made to end.
+    """
+    if n_best > beam:
+        raise ValueError(f"n_best ({n_best}) cannot exceed the beam size ({beam})")
+    k = beam
+    batch, src_len = memory.mask.shape
+    device = memory.mask.device
+    max_lens = max_lens.to(device)
+    limit = int(max_lens.max())
+    src_real = memory.mask.sum(1).tolist()  # real source length per sentence
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    memory, state = memory.select(rows), state.select(rows)
+    sent = torch.arange(batch, device=device)  # original index of each live sentence
+    scores = torch.zeros(batch, k, device=device)  # (live, beam) summed log-probabilities
+    scores[:, 1:] = NEG_INF  # all beams start as the same hypothesis: keep one
+    seqs = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (live*beam, t)
+    prev = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
+    history = torch.zeros(batch * k, 0, src_len, device=device) if return_attention else None
+    fin_scores = torch.full((batch, k), NEG_INF, device=device)
+    fin_tokens = torch.full((batch, k, limit), PAD, dtype=torch.long, device=device)
+    fin_attn = torch.zeros(batch, k, limit, src_len, device=device) if return_attention else None
+    fin_count = torch.zeros(batch, dtype=torch.long, device=device)
+    beam_offsets = torch.arange(k, device=device)
+
+    for t in range(limit):
+        live = sent.numel()
+        logits, state, weights = model.decode_step(prev, memory, state)
+        logp = logits.float().log_softmax(-1)  # (live*beam, vocab)
+        vocab = logp.size(-1)
+        logp = _force_eos(logp, (t + 1 >= max_lens[sent]).repeat_interleave(k))
+        candidates = (scores.view(-1, 1) + logp).view(live, k * vocab)
+        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (live, 2k)
+        origin = torch.div(top_index, vocab, rounding_mode="floor")  # beam each candidate extends
+        token = top_index % vocab
+        is_eos = (token == EOS) & torch.isfinite(top_scores)
+        base = torch.arange(live, device=device).unsqueeze(1) * k  # (live, 1)
+
+        # finished: EOS candidates among the first k, written into free slots of fin_*
+        ended = is_eos[:, :k]
+        slot = fin_count[sent].unsqueeze(1) + ended.long().cumsum(1) - 1  # (live, k)
+        take_b, take_k = (ended & (slot < k)).nonzero(as_tuple=True)
+        if take_b.numel():
+            target, where = sent[take_b], slot[take_b, take_k]
+            src_rows = (base.squeeze(1)[take_b] + origin[take_b, take_k])
+            fin_scores[target, where] = top_scores[take_b, take_k] / length_penalty(t + 1, alpha)
+            fin_tokens[target, where, :t] = seqs[src_rows]
+            if return_attention:
+                fin_attn[target, where, :t] = history[src_rows]
+                fin_attn[target, where, t] = weights[src_rows].float()
+            fin_count.index_add_(0, target, torch.ones_like(target))
+
+        # alive: the first k candidates that do not end
+        rank = is_eos.long() * (2 * k) + torch.arange(2 * k, device=device)
+        pick = rank.argsort(dim=1)[:, :k]  # (live, k)
+        scores = top_scores.gather(1, pick).masked_fill(is_eos.gather(1, pick), NEG_INF)
+        src_rows = (base + origin.gather(1, pick)).view(-1)  # (live*k,)
+        prev = token.gather(1, pick).view(-1)
+        seqs = torch.cat([seqs.index_select(0, src_rows), prev.unsqueeze(1)], dim=1)
+        state = state.select(src_rows)
+        if return_attention:
+            history = torch.cat([history.index_select(0, src_rows),
+                                 weights.float().index_select(0, src_rows).unsqueeze(1)], dim=1)
+
+        done = (fin_count[sent] >= k) | (t + 1 >= max_lens[sent]) | ~torch.isfinite(scores).any(1)
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            keep_rows = (keep.unsqueeze(1) * k + beam_offsets).view(-1)
+            sent, scores = sent[keep], scores[keep]
+            seqs, prev = seqs[keep_rows], prev[keep_rows]
+            memory, state = memory.select(keep_rows), state.select(keep_rows)
+            if return_attention:
+                history = history[keep_rows]
+
+    order = fin_scores.argsort(dim=1, descending=True)[:, :n_best]  # (batch, n_best)
+    best_scores = fin_scores.gather(1, order).tolist()
+    best_tokens = fin_tokens.gather(1, order.unsqueeze(2).expand(-1, -1, limit)).tolist()
+    results = []
+    for b in range(batch):
+        hyps = []
+        for j in range(order.size(1)):
+            if not math.isfinite(best_scores[b][j]):
+                continue
+            row = best_tokens[b][j]
+            length = row.index(PAD) if PAD in row else len(row)
+            attn = None
+            if return_attention:
+                attn = fin_attn[b, order[b, j], : length + 1, : src_real[b]].cpu()
+            hyps.append(Hypothesis(row[:length], best_scores[b][j], attn))
+        results.append(hyps)
+    return results
+
+
+@dataclass
+class Translation:
+    text: str
+    score: float
+    tokens: list[int]
+    attention: torch.Tensor | None = None  # (target pieces + EOS, source pieces + EOS)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The mixed-precision type for a device: bf16 on GPUs that have it, else fp16; bf16 on CPUs
+    with native bf16 arithmetic; None (full precision) otherwise."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def translate_ids(model, src: Encoded, beam: int = 5, n_best: int = 1, batch_tokens: int = 6000,
+                  max_len_ratio: float = 2.0, alpha: float = 1.0, max_src_len: int = 400,
+                  return_attention: bool = False, amp: bool = True) -> Iterator[tuple[int, list[Hypothesis]]]:
+    """Yields (index, n-best) for every source sentence; batches go in length order, for speed."""
+    device = next(model.parameters()).device
+    lengths = np.minimum(src.lengths + 1, max_src_len) * max(beam, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        for indices in token_batches(lengths, batch_tokens * max(beam, 1)):
+            batch = collate(src, None, indices, max_src_len=max_src_len).to(device)
+            with autocast_for(device, amp_dtype(device, amp and device.type == "cuda")):
+                memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+                limits = max_lengths(batch.src_lengths, max_len_ratio)
+                if beam <= 1:
+                    results = greedy(model, memory, state, limits, return_attention)
+                else:
+                    results = beam_search(model, memory, state, beam, limits, alpha, n_best, return_attention)
+            yield from zip(indices, results)
+    finally:
+        model.train(was_training)
+
+
+def translate_lines(model, tokenizer: Tokenizer, lines: Sequence[str], beam: int = 5, n_best: int = 1,
+                    batch_tokens: int = 6000, max_len_ratio: float = 2.0, alpha: float = 1.0,
+                    max_src_len: int = 400, return_attention: bool = False,
+                    on_truncate: Callable[[int], None] | None = None) -> list[list[Translation]]:
+    """Translates sentences in input order; empty lines give empty translations."""
+    encoded = tokenizer.encode_src(lines)
+    too_long = sum(1 for ids in encoded if len(ids) + 1 > max_src_len)
+    if too_long and on_truncate is not None:
+        on_truncate(too_long)
+    src = Encoded(encoded)
+    out: list[list[Translation]] = [[] for _ in lines]
+    for index, hyps in translate_ids(model, src, beam, n_best, batch_tokens, max_len_ratio, alpha,
+                                     max_src_len, return_attention):
+        texts = tokenizer.decode_tgt([h.tokens for h in hyps])
+        out[index] = [Translation(text, h.score, h.tokens, h.attention) for text, h in zip(texts, hyps)]
+    for index, line in enumerate(lines):
+        if not line.strip():
+            out[index] = [Translation("", 0.0, [], None)]
+    return out

@@ -1,0 +1,488 @@
+"""Training: scheduled teacher forcing, Adam with an LR schedule, clipping, label smoothing,
+validation by dev BLEU, best/last checkpoints, early stopping and exact resume.
+
+Scheduled teacher forcing follows Bengio et al. (2015): each decoder input is the gold token
+with probability ``ratio(step)`` and the model's own previous prediction otherwise, decided per
+token or per sentence. ``sequential`` feeds predictions step by step as they are made;
+``parallel`` is the two-pass approximation of Duckworth et al. (2019): a teacher-forced pass
+without gradient predicts every position, the inputs are mixed, and a second teacher-forced
+pass over the mixed inputs is trained, so the decoder RNN still runs over whole sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint
+from .config import Config, ConfigError, TrainConfig
+from .data import Batch, DataError, Encoded, TrainingData, collate, filter_long, padding_fraction, read_parallel
+from .evaluate import evaluate
+from .model import Seq2Seq, build_model
+from .search import amp_dtype, autocast_for
+from .tokenizer import PAD, Tokenizer
+
+MAX_NONFINITE = 5  # consecutive non-finite steps before the run stops
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- teacher forcing
+
+def teacher_forcing_ratio(cfg: TrainConfig, step: int) -> float:
+    """Probability of feeding the gold token at ``step`` (0-based); 1.0 during the warm-up."""
+    if step < cfg.tf_warmup:
+        return 1.0
+    s = step - cfg.tf_warmup
+    if cfg.teacher_forcing == "constant":
+        ratio = cfg.tf_start
+    elif cfg.teacher_forcing == "linear":
+        ratio = cfg.tf_start - s / cfg.tf_k  # tf_k steps for the ratio to fall by 1.0
+    elif cfg.teacher_forcing == "exponential":
+        ratio = cfg.tf_k ** s
+    else:  # inverse sigmoid: k / (k + exp(s / k))
+        ratio = cfg.tf_k / (cfg.tf_k + math.exp(min(s / cfg.tf_k, 700.0)))
+    return max(cfg.tf_floor, min(1.0, ratio))
+
+
+def gold_mask(shape: tuple[int, int], ratio: float, granularity: str, device: torch.device) -> torch.Tensor:
+    """(batch, tgt_len) True where the gold token is fed; position 0 (BOS) is always gold."""
+    batch, length = shape
+    if granularity == "sentence":
+        mask = (torch.rand(batch, 1, device=device) < ratio).expand(batch, length).clone()
+    else:
+        mask = torch.rand(batch, length, device=device) < ratio
+    mask[:, 0] = True
+    return mask
+
+
+def model_tokens(logits: torch.Tensor, feed: str) -> torch.Tensor:
+    """The model's own choice from logits (..., vocab): argmax or a sample of its distribution."""
+    if feed == "sample":
+        flat = logits.float().reshape(-1, logits.size(-1)).softmax(-1)
+        return torch.multinomial(flat, 1).view(logits.shape[:-1])
+    return logits.argmax(-1)
+
+
+def scheduled_logits(model: Seq2Seq, batch: Batch, ratio: float, cfg: TrainConfig) -> torch.Tensor:
+    """Decoder logits (batch, tgt_len, vocab) under teacher forcing with gold ratio ``ratio``."""
+    memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    if ratio >= 1.0:
+        logits, _, _ = model.decoder(batch.tgt_in, memory, state)
+        return logits
+    gold = gold_mask(tuple(batch.tgt_in.shape), ratio, cfg.tf_granularity, batch.tgt_in.device)
+    if cfg.scheduled_sampling == "parallel":
+        with torch.no_grad():
+            first, _, _ = model.decoder(batch.tgt_in, memory, state)  # (batch, tgt_len, vocab)
+        predicted = model_tokens(first[:, :-1], cfg.tf_feed)  # prediction for positions 1..
+        mixed = batch.tgt_in.clone()
+        mixed[:, 1:] = torch.where(gold[:, 1:], batch.tgt_in[:, 1:], predicted)
+        logits, _, _ = model.decoder(mixed, memory, state)
+        return logits
+    steps = []
+    prev = batch.tgt_in[:, 0]
+    for t in range(batch.tgt_in.size(1)):
+        if t > 0:
+            prev = torch.where(gold[:, t], batch.tgt_in[:, t], model_tokens(steps[-1].detach(), cfg.tf_feed))
+        logits, state, _ = model.decode_step(prev, memory, state)
+        steps.append(logits)
+    return torch.stack(steps, 1)
+
+
+def linear_lr(cfg: TrainConfig, progress: "Progress") -> float:
+    """Decays the LR linearly to ``min_lr`` over the run: over ``max_steps`` when set, else over
+    ``max_minutes`` of training time, so a time-limited run ends with a small LR."""
+    if cfg.max_steps:
+        done = progress.step / cfg.max_steps
+    elif cfg.max_minutes:
+        done = progress.elapsed / (cfg.max_minutes * 60)
+    else:
+        return cfg.lr
+    return max(cfg.min_lr, cfg.lr * (1.0 - min(done, 1.0)))
+
+
+def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy over real target tokens. logits: (batch, len, vocab); target: (batch, len)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), target.reshape(-1), ignore_index=PAD,
+                           label_smoothing=label_smoothing, reduction="sum")
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` already trained on
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0
+    elapsed: float = 0.0  # seconds of training, summed over resumes
+    tokens: int = 0  # target tokens trained on
+    tf_ratio: float = 1.0
+    nonfinite_steps: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    progress: Progress
+    stop_reason: str
+    dev: dict[str, Any]
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Owns one training run in ``run_dir``. ``log`` receives human-readable lines."""
+
+    def __init__(self, config: Config, run_dir: str | Path, resume: bool = False,
+                 log: Callable[[str], None] = print, progress_bar: bool | None = None):
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        self.stop_signal: str | None = None
+        payload = self._prepare_run_dir(resume)
+        if payload is not None:
+            config = self._resume_config(config, Config.from_dict(payload["config"]))
+        self.config = config
+        cfg = config.train
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = select_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+
+        data = config.data
+        train = read_parallel(data.train, data.src_lang, data.tgt_lang, "train")
+        dev = read_parallel(data.dev, data.src_lang, data.tgt_lang, "dev")
+        self.dev_src, self.dev_ref = dev.src, dev.tgt
+        if payload is not None:
+            _, self.tokenizer, _ = restore(payload)
+        elif config.tokenizer.model:
+            self.tokenizer = Tokenizer.load(config.tokenizer.model)
+        else:
+            tok = config.tokenizer
+            self.log(f"training a SentencePiece {tok.type} tokenizer ({'joint' if tok.joint else 'separate'} "
+                     f"vocabulary of {tok.vocab_size}) on {len(train.src):,} pairs")
+            self.tokenizer = Tokenizer.train(train.src, train.tgt, tok.vocab_size, tok.type, tok.joint,
+                                             tok.character_coverage, tok.max_sentences, cfg.seed)
+        self.tokenizer.save(self.run_dir)
+
+        src_ids = self.tokenizer.encode_src(train.src)
+        tgt_ids = self.tokenizer.encode_tgt(train.tgt)
+        keep, dropped = filter_long(src_ids, tgt_ids, data.max_len)
+        if not keep:
+            raise DataError(f"{train.origin}: no pair is at most data.max_len={data.max_len} pieces long; "
+                            f"raise data.max_len")
+        if dropped:
+            self.log(f"dropped {dropped:,} of {len(src_ids):,} training pairs longer than {data.max_len} pieces")
+        self.data = TrainingData(Encoded([src_ids[i] for i in keep]), Encoded([tgt_ids[i] for i in keep]),
+                                 cfg.batch_tokens, cfg.seed)
+        dev_tgt = Encoded(self.tokenizer.encode_tgt(dev.tgt))
+        self.dev_data = TrainingData(Encoded(self.tokenizer.encode_src(dev.src)), dev_tgt, cfg.batch_tokens, cfg.seed)
+
+        self.model = build_model(config.model, self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.scheduler = self._make_scheduler()
+        self.amp_dtype = amp_dtype(self.device, cfg.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.progress = Progress()
+        if payload is not None:
+            self._load_state(payload)
+        self.metrics = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
+        last = self.run_dir / "last.pt"
+        if resume:
+            if not last.is_file():
+                raise CheckpointError(f"{self.run_dir}: nothing to resume (no last.pt); drop --resume to start "
+                                      f"a new run there")
+            return load_checkpoint(last)
+        if last.exists() or (self.run_dir / "best.pt").exists():
+            raise CheckpointError(f"{self.run_dir} already holds a run; continue it with --resume or choose "
+                                  f"another --run-dir")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CheckpointError(f"cannot write to run directory {self.run_dir}: {exc.strerror}; "
+                                  f"choose a writable --run-dir") from None
+        return None
+
+    def _resume_config(self, given: Config, saved: Config) -> Config:
+        """On resume the saved config wins, except for the training-limit keys the user passed."""
+        changed = {f"train.{k}": v for k, v in asdict(given.train).items()
+                   if k in ("max_steps", "max_epochs", "max_minutes", "patience", "eval_every", "device", "threads")
+                   and v != getattr(Config().train, k)}
+        return saved.override(changed)
+
+    def _make_scheduler(self):
+        cfg = self.config.train
+        if cfg.lr_schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.lr_patience, min_lr=cfg.min_lr)
+        if cfg.lr_schedule in ("linear", "constant"):  # linear: set every step by ``linear_lr``
+            return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        if cfg.lr_schedule == "warmup-decay":  # linear warm-up, then inverse square root (Vaswani et al., 2017)
+            warmup = max(1, cfg.lr_warmup)
+            return torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda s: min((s + 1) / warmup, math.sqrt(warmup / (s + 1))))
+        raise ConfigError(f"unknown train.lr_schedule {cfg.lr_schedule!r}")
+
+    def _load_state(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if "scaler" in payload:
+            self.scaler.load_state_dict(payload["scaler"])
+        self.progress = Progress(**payload["progress"])
+        set_rng_state(payload["rng"], self.device)
+        self.log(f"resumed {self.run_dir} at step {self.progress.step} (epoch {self.progress.epoch + 1}, "
+                 f"best dev BLEU {max(self.progress.best_bleu, 0):.2f})")
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "tokenizer": {"src": self.tokenizer.src_proto, "tgt": self.tokenizer.tgt_proto},
+            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": asdict(self.progress),
+            "rng": rng_state(self.device),
+        }
+
+    def save(self, name: str) -> None:
+        save_checkpoint(self.run_dir / name, self.payload())
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        cfg = self.config.train
+        self.model.train()
+        tokens = int((batch.tgt_out != PAD).sum())  # counted on the host copy: no device sync
+        batch = batch.to(self.device)
+        with autocast_for(self.device, self.amp_dtype):
+            logits = scheduled_logits(self.model, batch, self.progress.tf_ratio, cfg)
+        loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss / max(tokens, 1)).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            self.progress.nonfinite_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            self.log(f"step {self.progress.step + 1}: non-finite loss or gradient, step skipped "
+                     f"({self.progress.nonfinite_steps} in a row)")
+            if self.progress.nonfinite_steps >= MAX_NONFINITE:
+                raise TrainingError(f"{MAX_NONFINITE} non-finite steps in a row; lower train.lr or raise "
+                                    f"train.clip_norm. The last good checkpoint is {self.run_dir / 'last.pt'}")
+            return loss.detach(), 0
+        self.progress.nonfinite_steps = 0
+        if cfg.lr_schedule == "linear":
+            for group in self.optimizer.param_groups:
+                group["lr"] = linear_lr(cfg, self.progress)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if cfg.lr_schedule == "warmup-decay":
+            self.scheduler.step()
+        return loss.detach(), tokens
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Dev loss and perplexity (teacher forced, no smoothing) and dev BLEU/chrF as ``eval`` decodes."""
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for _, batch in self.dev_data.batches(0):
+            batch = batch.to(self.device)
+            with autocast_for(self.device, self.amp_dtype):
+                logits = self.model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
+            total += float(sequence_loss(logits, batch.tgt_out))
+            tokens += int((batch.tgt_out != PAD).sum())
+        scores, hyps = evaluate(self.model, self.tokenizer, self.dev_src, self.dev_ref,
+                                beam=self.config.train.eval_beam)
+        loss = total / max(tokens, 1)
+        return {"dev_loss": round(loss, 4), "dev_ppl": round(math.exp(min(loss, 50)), 2),
+                "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"], "example": hyps[0] if hyps else ""}
+
+    def limits_reached(self, started: float) -> str | None:
+        cfg, p = self.config.train, self.progress
+        if self.stop_signal:
+            return f"stopped by {self.stop_signal}"
+        if cfg.max_steps and p.step >= cfg.max_steps:
+            return f"reached max_steps={cfg.max_steps}"
+        if cfg.max_epochs and p.epoch >= cfg.max_epochs:
+            return f"reached max_epochs={cfg.max_epochs}"
+        if cfg.max_minutes and p.elapsed + time.monotonic() - started >= cfg.max_minutes * 60:
+            return f"reached max_minutes={cfg.max_minutes:g}"
+        if cfg.patience and p.bad_evals >= cfg.patience:
+            return f"early stopping: no better dev BLEU in {cfg.patience} validations"
+        return None
+
+    def on_validation(self, record: dict[str, Any]) -> None:
+        p, cfg = self.progress, self.config.train
+        improved = record["dev_bleu"] > p.best_bleu
+        if improved:
+            p.best_bleu, p.best_step, p.bad_evals = record["dev_bleu"], p.step, 0
+        else:
+            p.bad_evals += 1
+        if cfg.lr_schedule == "plateau":
+            self.scheduler.step(record["dev_bleu"])
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.write_metrics({"kind": "dev", "step": p.step, "epoch": p.epoch, "lr": lr, "tf_ratio": p.tf_ratio,
+                            **{k: v for k, v in record.items() if k != "example"}, "best": improved})
+        self._clear_bar()
+        self.log(f"step {p.step:>6} | dev loss {record['dev_loss']:.3f} ppl {record['dev_ppl']:.2f} | "
+                 f"BLEU {record['dev_bleu']:.2f} chrF {record['dev_chrf']:.2f}"
+                 f"{' (best)' if improved else ''} | lr {lr:.2e} | e.g. {record['example'][:60]!r}")
+
+    def _clear_bar(self) -> None:
+        if self.bar:
+            sys.stderr.write("\r\033[K")
+
+    def _show(self, loss: float, tok_s: float) -> None:
+        p = self.progress
+        line = (f"step {p.step:>6} | epoch {p.epoch + 1} | loss {loss:.3f} | {tok_s:,.0f} tok/s | "
+                f"tf {p.tf_ratio:.3f} | lr {self.optimizer.param_groups[0]['lr']:.2e}")
+        if self.bar:
+            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.flush()
+        else:
+            self.log(line)
+
+    def run(self) -> TrainResult:
+        cfg, p = self.config.train, self.progress
+        n_params = self.model.parameter_count()
+        epoch_batches = self.data.epoch_batches(p.epoch)
+        self.log(f"{len(self.data):,} training pairs, {len(epoch_batches):,} batches an epoch "
+                 f"(padding {padding_fraction(self.data.lengths, epoch_batches):.1%}); {n_params:,} parameters; "
+                 f"device {self.device}{' with ' + str(self.amp_dtype).split('.')[-1] if self.amp_dtype else ''}; "
+                 f"run directory {self.run_dir}")
+        started = time.monotonic()
+        window_loss, window_tokens, window_start = torch.zeros((), device=self.device), 0, time.monotonic()
+        last_show = time.monotonic()
+        validated_at = p.step if p.step else -1
+        reason = self.limits_reached(started)
+        old_handlers = self._catch_signals()
+        try:
+            while reason is None:
+                batches = self.data.epoch_batches(p.epoch)
+                for position in range(p.batch_in_epoch, len(batches)):
+                    batch = collate(self.data.src, self.data.tgt, batches[position])
+                    p.tf_ratio = teacher_forcing_ratio(cfg, p.step)
+                    loss, tokens = self.train_step(batch)
+                    p.step += 1
+                    p.batch_in_epoch = position + 1
+                    p.tokens += tokens
+                    window_loss += loss
+                    window_tokens += tokens
+                    now = time.monotonic()
+                    if now - last_show >= (1.0 if self.bar else 30.0) or p.step % cfg.eval_every == 0:
+                        seconds = now - window_start
+                        mean = float(window_loss) / max(window_tokens, 1)
+                        tok_s = window_tokens / max(seconds, 1e-9)
+                        self._show(mean, tok_s)
+                        self.write_metrics({"kind": "train", "step": p.step, "epoch": p.epoch, "loss": round(mean, 4),
+                                            "tok_per_s": round(tok_s, 1), "tf_ratio": round(p.tf_ratio, 4),
+                                            "lr": self.optimizer.param_groups[0]["lr"]})
+                        window_loss.zero_()
+                        window_tokens, window_start, last_show = 0, now, now
+                    if p.step % cfg.eval_every == 0:
+                        self.on_validation(self.validate())
+                        validated_at = p.step
+                    p.elapsed += time.monotonic() - started
+                    started = time.monotonic()
+                    reason = self.limits_reached(started)
+                    if reason:
+                        break
+                else:
+                    p.epoch += 1
+                    p.batch_in_epoch = 0
+                    reason = self.limits_reached(started)
+            if validated_at != p.step:
+                self.on_validation(self.validate())
+            else:
+                self.save("last.pt")
+        finally:
+            self._restore_signals(old_handlers)
+            self.metrics.close()
+        self._clear_bar()
+        if self.stop_signal:
+            self.log(f"saved {self.run_dir / 'last.pt'}; continue with: translate train --run-dir {self.run_dir} --resume")
+        self.log(f"done: {reason} at step {p.step}; best dev BLEU {p.best_bleu:.2f} at step {p.best_step}; "
+                 f"checkpoints in {self.run_dir}")
+        return TrainResult(self.run_dir, p, reason, {})
+
+    def _catch_signals(self):
+        def handler(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return old
+
+    def _restore_signals(self, old) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+          progress_bar: bool | None = None) -> TrainResult:
+    """Trains (or resumes) a model in ``run_dir``; see ``Trainer``."""
+    return Trainer(config, run_dir, resume, log, progress_bar).run()
