@@ -146,7 +146,7 @@ def test_refuses_to_overwrite_a_run(corpus, tiny_tokenizer_file, tmp_path):
 def test_checkpoint_carries_config_tokenizer_and_ratio(corpus, tiny_tokenizer_file, tmp_path):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 12, "train.eval_every": 6})
     result = train(config, tmp_path / "run", log=lambda s: None)
-    model, tokenizer, saved, payload = load_model(tmp_path / "run")
+    model, tokenizer, saved, payload = load_model(tmp_path / "run" / "last.pt")
     assert saved == config and payload["progress"]["step"] == 12
     assert payload["progress"]["tf_ratio"] == pytest.approx(teacher_forcing_ratio(config.train, 11))
     assert payload["progress"]["tf_ratio"] < 1.0 and result.progress.best_bleu >= 0
@@ -214,3 +214,39 @@ def test_bad_checkpoint_files(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="no best.pt or last.pt"):
         load_checkpoint(tmp_path)
+
+
+def cli_train(corpus, tokenizer_file, run_dir, *extra):
+    import sys
+
+    args = [sys.executable, "-m", "translate.cli", "train", "--run-dir", str(run_dir)]
+    overrides = {**tiny_overrides(corpus), "tokenizer.model": tokenizer_file, "train.max_steps": 300,
+                 "train.eval_every": 20}
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path):
+    import subprocess
+    import time
+
+    subprocess.run(cli_train(corpus, tiny_tokenizer_file, tmp_path / "whole"), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli_train(corpus, tiny_tokenizer_file, killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    step = load_checkpoint(killed / "last.pt")["progress"]["step"]  # loadable after SIGKILL
+    load_checkpoint(killed / "best.pt")
+    assert 0 < step <= 300
+    resumed = subprocess.run(cli_train(corpus, tiny_tokenizer_file, killed, "--resume"), capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole, split = params(tmp_path / "whole"), params(killed)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)

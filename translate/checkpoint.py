@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +75,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = resolve(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: refused: the file holds objects other than weights and plain data "
-                              f"(possibly code); only load checkpoints written by translate") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        reason = "truncated or corrupt" if path.stat().st_size else "empty"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}: {str(exc).splitlines()[0][:80]}); "
-                              f"use another checkpoint, e.g. last.pt or best.pt of the run") from None
-    except OSError as exc:
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():  # weights_only met a class or function: code could run
+            raise CheckpointError(f"{path}: refused: the file holds objects other than weights and plain data "
+                                  f"(possibly code); only load checkpoints written by translate") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file); use another checkpoint, "
+                              f"e.g. last.pt or best.pt of the run") from None
+    except (PermissionError, IsADirectoryError) as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
+    except Exception as exc:  # a damaged file fails deep in the unpickler, with any error type
+        reason = "truncated or corrupt" if path.stat().st_size else "empty"
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}: {detail}); "
+                              f"use another checkpoint, e.g. last.pt or best.pt of the run") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a translate checkpoint; give a file written by `translate train`")
     if payload.get("version") != VERSION:

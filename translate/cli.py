@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -11,7 +14,7 @@ import click
 from . import __version__
 from .checkpoint import CheckpointError
 from .config import BUNDLED_DATA, ConfigError, load_config, parse_overrides
-from .data import DataError, read_lines, read_parallel
+from .data import DataError, iter_lines, read_lines, read_parallel
 from .tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
@@ -57,19 +60,23 @@ def _echo_err(line: str) -> None:
 @click.option("--dev", "dev_path", help="Dev data, in the same forms as --train.")
 @click.option("--src-lang", help="Source column or file suffix (default spa).")
 @click.option("--tgt-lang", help="Target column or file suffix (default eng).")
-@click.option("--max-steps", type=int, help="Stop after this many updates.")
+@click.option("--max-steps", type=int, help="Stop after this many updates (and drop the time budget).")
+@click.option("--max-epochs", type=int, help="Stop after this many passes over the training data.")
+@click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
 @click.option("--run-dir", default="checkpoints/default", show_default=True, type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pt.")
-def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_steps, run_dir, resume):
+def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_steps, max_epochs, max_minutes,
+          run_dir, resume):
     """Train a model (defaults: the bundled Spanish-English data, into checkpoints/default)."""
     from .training import train as run_training
 
     pairs = parse_overrides(overrides)
     for key, value in (("data.train", train_path), ("data.dev", dev_path), ("data.src_lang", src_lang),
-                       ("data.tgt_lang", tgt_lang), ("train.max_steps", max_steps)):
+                       ("data.tgt_lang", tgt_lang), ("train.max_steps", max_steps),
+                       ("train.max_epochs", max_epochs), ("train.max_minutes", max_minutes)):
         if value is not None:
             pairs[key] = value
-    if max_steps is not None and "train.max_minutes" not in pairs:
+    if (max_steps is not None or max_epochs is not None) and "train.max_minutes" not in pairs:
         pairs["train.max_minutes"] = 0
     config = load_config(config_file, pairs)
     result = run_training(config, run_dir, resume=resume, log=_echo_err)
@@ -136,26 +143,46 @@ def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output,
 @click.option("--alpha", default=1.0, show_default=True, help="Length penalty exponent.")
 def decode(checkpoint, input_file, output_file, beam, n_best, max_len_ratio, alpha):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
-    from .search import translate_lines
+    from .search import translate_stream
 
     if n_best > beam:
         raise click.UsageError(f"--n-best ({n_best}) cannot exceed --beam ({beam})")
     model, tokenizer, _, _ = _load(checkpoint)
-    lines = read_lines(input_file)
-    translations = translate_lines(
-        model, tokenizer, lines, beam=beam, n_best=n_best, max_len_ratio=max_len_ratio, alpha=alpha,
-        on_truncate=lambda n: _echo_err(f"warning: {n} input line(s) longer than the model reads were truncated"))
-    out_lines = []
-    for index, nbest in enumerate(translations):
-        if n_best == 1:
-            out_lines.append(nbest[0].text)
-        else:
-            out_lines.extend(f"{index}\t{t.score:.4f}\t{t.text}" for t in nbest)
-    text = "".join(line + "\n" for line in out_lines)
-    if output_file:
-        Path(output_file).write_text(text, encoding="utf-8")
-    else:
-        click.echo(text, nl=False)
+    truncated = []
+    stream = translate_stream(model, tokenizer, iter_lines(input_file), beam=beam, n_best=n_best,
+                              max_len_ratio=max_len_ratio, alpha=alpha, on_truncate=truncated.append)
+    with _output(output_file) as out:
+        for index, nbest in enumerate(stream):
+            if n_best == 1:
+                out.write(nbest[0].text + "\n")
+            else:
+                out.write("".join(f"{index}\t{t.score:.4f}\t{t.text}\n" for t in nbest))
+    if truncated:
+        _echo_err(f"warning: {sum(truncated)} input line(s) longer than the model reads were truncated")
+
+
+@contextlib.contextmanager
+def _output(path: str | None):
+    """stdout, or a file that appears only when complete (written beside it, then renamed)."""
+    if path is None:
+        yield sys.stdout
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise DataError(f"{path}: is a directory; give a file path for -o")
+    try:
+        handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent or ".",
+                                             prefix=f".{target.name}.", suffix=".tmp", delete=False)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror}; choose a writable location") from None
+    try:
+        with handle:
+            yield handle
+        os.replace(handle.name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
 
 
 @main.command()

@@ -87,6 +87,8 @@ def _read_table(path: Path, src_lang: str, tgt_lang: str) -> Parallel:
         header = raw.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
         columns = next(csv.reader([header], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
         _check_columns(path, columns, src_lang, tgt_lang)
+        if not raw.partition(b"\n")[2].strip():
+            raise DataError(f"{path}: the corpus is empty (a header and no pairs); give a corpus with sentence pairs")
         features = datasets.Features({c: datasets.Value("string") for c in columns})
         loader = "csv"
         kwargs = dict(delimiter=delimiter, quoting=csv.QUOTE_NONE, keep_default_na=False,
@@ -155,6 +157,37 @@ def _check_pairs(parallel: Parallel, src_lang: str, tgt_lang: str) -> None:
             if not sentence.strip():
                 raise DataError(f"{parallel.origin} line {i + 1 + header}: empty {lang!r} sentence; "
                                 f"remove the line or fill it in")
+
+
+def iter_lines(path: str | None) -> Iterator[str]:
+    """Streams a plain-text file (or stdin for ``None``/'-') line by line, failing with the line
+    number of the first line that is not UTF-8. A file is checked in a first pass, so a bad
+    line stops the job before anything is translated."""
+    import sys
+
+    if path is None or path == "-":
+        yield from _decode_lines(sys.stdin.buffer, "stdin")
+        return
+    try:
+        with open(path, "rb") as handle:
+            for _ in _decode_lines(handle, path):
+                pass
+        with open(path, "rb") as handle:
+            yield from _decode_lines(handle, path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a text file; give a file path") from None
+    except PermissionError:
+        raise DataError(f"{path}: cannot read (permission denied); check its permissions") from None
+
+
+def _decode_lines(handle, name: str) -> Iterator[str]:
+    for number, raw in enumerate(handle, start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise DataError(f"{name} line {number}: not valid UTF-8; re-encode the input as UTF-8") from None
 
 
 def read_lines(path: str | None) -> list[str]:

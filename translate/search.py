@@ -12,7 +12,7 @@ import contextlib
 import math
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -261,3 +261,17 @@ def translate_lines(model, tokenizer: Tokenizer, lines: Sequence[str], beam: int
         if not line.strip():
             out[index] = [Translation("", 0.0, [], None)]
     return out
+
+
+def translate_stream(model, tokenizer: Tokenizer, lines: Iterable[str], chunk_lines: int = 2000,
+                     **options) -> Iterator[list[Translation]]:
+    """Translates a stream of lines chunk by chunk and yields n-best lists in input order, so
+    memory is bounded by the chunk, not the input."""
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= chunk_lines:
+            yield from translate_lines(model, tokenizer, chunk, **options)
+            chunk = []
+    if chunk:
+        yield from translate_lines(model, tokenizer, chunk, **options)
