@@ -23,8 +23,8 @@ def sets(corpus, **extra):
 def trained(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     result = CliRunner().invoke(main, ["train", "--train", str(corpus["train"]), "--dev", str(corpus["dev"]),
-                                       "--max-steps", "150", "--run-dir", str(run_dir),
-                                       *sets(corpus, **{"train.eval_every": 50, "train.max_steps": 150})])
+                                       "--max-steps", "300", "--run-dir", str(run_dir),
+                                       *sets(corpus, **{"train.eval_every": 100, "train.max_steps": 300})])
     assert result.exit_code == 0, result.output
     return run_dir, result
 
@@ -94,9 +94,9 @@ def test_resume_continues_a_run(trained, corpus, tmp_path):
 
     run_dir = tmp_path / "copy"
     shutil.copytree(trained[0], run_dir)
-    result = CliRunner().invoke(main, ["train", "--run-dir", str(run_dir), "--resume", "--max-steps", "160"])
+    result = CliRunner().invoke(main, ["train", "--run-dir", str(run_dir), "--resume", "--max-steps", "310"])
     assert result.exit_code == 0, result.output
-    assert "resumed" in result.output and "at step 160" in result.output
+    assert "resumed" in result.output and "at step 310" in result.output
 
 
 BAD = [

@@ -43,9 +43,10 @@ def test_beam_one_equals_greedy(model, tokenizer):
 
 @pytest.mark.parametrize("beam", [1, 4])
 def test_batch_equals_one_by_one(model, tokenizer, beam):
-    batched = translate_lines(model, tokenizer, SENTENCES, beam=beam, n_best=min(beam, 3))
+    # full precision: bf16 kernels may round differently for different batch shapes
+    batched = translate_lines(model, tokenizer, SENTENCES, beam=beam, n_best=min(beam, 3), amp=False)
     for sentence, together in zip(SENTENCES, batched):
-        alone = translate_lines(model, tokenizer, [sentence], beam=beam, n_best=min(beam, 3))[0]
+        alone = translate_lines(model, tokenizer, [sentence], beam=beam, n_best=min(beam, 3), amp=False)[0]
         assert [t.tokens for t in alone] == [t.tokens for t in together]
         assert [t.score for t in alone] == pytest.approx([t.score for t in together], abs=1e-4)
 

@@ -4,7 +4,7 @@ output, and combines both into the attentional vector that predicts the next tok
 
 Without input feeding nothing flows from one step's attention into the next step's RNN, so a
 teacher-forced pass runs the RNN over the whole target in one fused call; with it the decoder
-steps token by token. Both paths share ``_attend``, so they compute the same thing.
+steps token by token. Both paths share ``_attentional``, so they compute the same thing.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import make_attention
@@ -75,32 +76,59 @@ class Decoder(nn.Module):
         """Teacher-forced pass over a whole target. tgt_in: (batch, tgt_len).
         Returns logits (batch, tgt_len, vocab), the final state and the attention weights
         (batch, tgt_len, src_len)."""
-        if self.input_feeding:
-            logits, weights = [], []
+        if self.input_feeding:  # step by step, but the output layer runs once over all steps
+            vectors, weights = [], []
             for t in range(tgt_in.size(1)):
-                step_logits, state, step_weights = self.step(tgt_in[:, t], memory, state)
-                logits.append(step_logits)
+                embedded = self.dropout(self.embed(tgt_in[:, t: t + 1]))  # (batch, 1, embed)
+                attentional, state, step_weights = self._attentional(embedded, memory, state)
+                vectors.append(attentional)
                 weights.append(step_weights)
-            return torch.stack(logits, 1), state, torch.stack(weights, 1)
-        embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
-        return self._attend(embedded, memory, state)
+            attentional, weights = torch.cat(vectors, 1), torch.cat(weights, 1)
+        else:
+            embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
+            attentional, state, weights = self._attentional(embedded, memory, state)
+        return self.output(self.dropout(attentional)), state, weights
 
     def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
         """One decoding step. prev: (batch,) previous tokens. Returns logits (batch, vocab), the new
         state and the attention weights (batch, src_len)."""
         embedded = self.dropout(self.embed(prev)).unsqueeze(1)  # (batch, 1, embed)
-        logits, state, weights = self._attend(embedded, memory, state)
-        return logits.squeeze(1), state, weights.squeeze(1)
+        attentional, state, weights = self._attentional(embedded, memory, state)
+        logits = self.output(self.dropout(attentional.squeeze(1)))  # (batch, vocab)
+        return logits, state, weights.squeeze(1)
 
-    def _attend(self, embedded: torch.Tensor, memory: Memory, state: DecoderState):
+    def _rnn_step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
+        """One time step of ``self.rnn`` through the fused cell kernels, with the same weights:
+        for a single step they cost a fraction of a full RNN call (most of decoding time).
+        x: (batch, input) -> outputs (batch, 1, hidden), new states (layers, batch, hidden)."""
+        new_h, new_c = [], []
+        for layer in range(self.layers):
+            weights = [getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if layer > 0:
+                x = F.dropout(x, self.rnn.dropout, self.training)
+            if self.cell == "lstm":
+                h, c = torch.lstm_cell(x, (hidden[0][layer], hidden[1][layer]), *weights)
+                new_c.append(c)
+            else:
+                h = torch.gru_cell(x, hidden[0][layer], *weights)
+            new_h.append(h)
+            x = h
+        states = (torch.stack(new_h), torch.stack(new_c)) if self.cell == "lstm" else (torch.stack(new_h),)
+        return x.unsqueeze(1), states
+
+    def _attentional(self, embedded: torch.Tensor, memory: Memory, state: DecoderState):
+        """RNN, attention and their combination for ``steps`` positions; returns the attentional
+        vectors (batch, steps, out_dim), the new state and the weights (batch, steps, src_len)."""
         # embedded: (batch, steps, embed); steps is 1 whenever input feeding is on
         rnn_in = embedded
         if self.input_feeding:
             rnn_in = torch.cat([embedded, state.feed.unsqueeze(1)], dim=-1)  # (batch, 1, embed+out)
-        hidden = state.hidden if self.cell == "lstm" else state.hidden[0]
-        outputs, hidden = self.rnn(rnn_in, hidden)  # (batch, steps, hidden)
-        hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+        if rnn_in.size(1) == 1:
+            outputs, hidden = self._rnn_step(rnn_in.squeeze(1), state.hidden)
+        else:
+            hidden = state.hidden if self.cell == "lstm" else state.hidden[0]
+            outputs, hidden = self.rnn(rnn_in, hidden)  # (batch, steps, hidden)
+            hidden = hidden if isinstance(hidden, tuple) else (hidden,)
         context, weights = self.attention(outputs, memory.keys, memory.values, memory.mask)
         attentional = torch.tanh(self.combine(torch.cat([outputs, context], dim=-1)))  # (batch, steps, out)
-        logits = self.output(self.dropout(attentional))  # (batch, steps, vocab)
-        return logits, DecoderState(hidden, attentional[:, -1]), weights
+        return attentional, DecoderState(hidden, attentional[:, -1]), weights

@@ -222,7 +222,8 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None):
 def translate_ids(model, src: Encoded, beam: int = 5, n_best: int = 1, batch_tokens: int = 6000,
                   max_len_ratio: float = 2.0, alpha: float = 1.0, max_src_len: int = 400,
                   return_attention: bool = False, amp: bool = True) -> Iterator[tuple[int, list[Hypothesis]]]:
-    """Yields (index, n-best) for every source sentence; batches go in length order, for speed."""
+    """Yields (index, n-best) for every source sentence; batches go in length order, for speed.
+    ``amp`` decodes in bf16/fp16 where the device computes it natively (``amp_dtype``)."""
     device = next(model.parameters()).device
     lengths = np.minimum(src.lengths + 1, max_src_len) * max(beam, 1)
     was_training = model.training
@@ -230,7 +231,7 @@ def translate_ids(model, src: Encoded, beam: int = 5, n_best: int = 1, batch_tok
     try:
         for indices in token_batches(lengths, batch_tokens * max(beam, 1)):
             batch = collate(src, None, indices, max_src_len=max_src_len).to(device)
-            with autocast_for(device, amp_dtype(device, amp and device.type == "cuda")):
+            with autocast_for(device, amp_dtype(device, amp)):
                 memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
                 limits = max_lengths(batch.src_lengths, max_len_ratio)
                 if beam <= 1:
@@ -245,7 +246,7 @@ def translate_ids(model, src: Encoded, beam: int = 5, n_best: int = 1, batch_tok
 def translate_lines(model, tokenizer: Tokenizer, lines: Sequence[str], beam: int = 5, n_best: int = 1,
                     batch_tokens: int = 6000, max_len_ratio: float = 2.0, alpha: float = 1.0,
                     max_src_len: int = 400, return_attention: bool = False,
-                    on_truncate: Callable[[int], None] | None = None) -> list[list[Translation]]:
+                    on_truncate: Callable[[int], None] | None = None, amp: bool = True) -> list[list[Translation]]:
     """Translates sentences in input order; empty lines give empty translations."""
     encoded = tokenizer.encode_src(lines)
     too_long = sum(1 for ids in encoded if len(ids) + 1 > max_src_len)
@@ -254,7 +255,7 @@ def translate_lines(model, tokenizer: Tokenizer, lines: Sequence[str], beam: int
     src = Encoded(encoded)
     out: list[list[Translation]] = [[] for _ in lines]
     for index, hyps in translate_ids(model, src, beam, n_best, batch_tokens, max_len_ratio, alpha,
-                                     max_src_len, return_attention):
+                                     max_src_len, return_attention, amp):
         texts = tokenizer.decode_tgt([h.tokens for h in hyps])
         out[index] = [Translation(text, h.score, h.tokens, h.attention) for text, h in zip(texts, hyps)]
     for index, line in enumerate(lines):
