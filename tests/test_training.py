@@ -250,3 +250,46 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, t
     whole, split = params(tmp_path / "whole"), params(killed)
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)
+
+
+def test_out_of_memory_batch_is_skipped(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 6, "train.eval_every": 6})
+    lines = []
+    trainer = Trainer(config, tmp_path / "run", log=lines.append)
+    real = training.scheduled_logits
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] in (2, 4):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "scheduled_logits", flaky)
+    result = trainer.run()
+    assert result.progress.step == 6 and result.progress.skipped_batches == 2
+    assert sum("out of memory on a batch" in line for line in lines) == 2
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_other_runtime_errors_are_not_swallowed(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    trainer = Trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run", log=lambda s: None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(training, "scheduled_logits", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        trainer.run()
+
+
+def test_writes_stay_inside_the_run_directory(corpus, tiny_tokenizer_file, tmp_path):
+    run_dir = tmp_path / "nested" / "run"
+    sneaky = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "train.eval_every": 2,
+                                                   "data.test": str(tmp_path / ".." / "elsewhere.tsv")})
+    before = set(tmp_path.parent.iterdir())
+    train(sneaky, run_dir, log=lambda s: None)
+    assert set(tmp_path.parent.iterdir()) == before
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    expected = {f"nested/run/{n}" for n in ("best.pt", "last.pt", "metrics.jsonl", "src.model", "tgt.model")}
+    assert expected <= set(written) and set(written) - expected <= {"src.model", "tgt.model"}

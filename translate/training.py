@@ -113,6 +113,12 @@ def linear_lr(cfg: TrainConfig, progress: "Progress") -> float:
     return max(cfg.min_lr, cfg.lr * (1.0 - min(done, 1.0)))
 
 
+def is_oom(exc: BaseException) -> bool:
+    """True for an allocation failure, however torch reports it (CUDA or CPU allocator)."""
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "failed to allocate" in text
+
+
 def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Summed cross-entropy over real target tokens. logits: (batch, len, vocab); target: (batch, len)."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), target.reshape(-1), ignore_index=PAD,
@@ -135,6 +141,7 @@ class Progress:
     tokens: int = 0  # target tokens trained on
     tf_ratio: float = 1.0
     nonfinite_steps: int = 0
+    skipped_batches: int = 0  # batches that did not fit in memory
 
 
 @dataclass
@@ -337,6 +344,24 @@ class Trainer:
             self.scheduler.step()
         return loss.detach(), tokens
 
+    def guarded_step(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """``train_step``, but a batch that runs out of memory (GPU or CPU) is skipped with a
+        warning instead of ending a long run."""
+        try:
+            return self.train_step(batch)
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            if not isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) and not is_oom(exc):
+                raise
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.progress.skipped_batches += 1
+        self._clear_bar()
+        self.log(f"warning: step {self.progress.step + 1}: out of memory on a batch of {batch.size} sentences "
+                 f"({batch.src.size(1)} x {batch.tgt_in.size(1)} tokens); skipped it "
+                 f"({self.progress.skipped_batches} so far). Lower train.batch_tokens if this repeats")
+        return torch.zeros((), device=self.device), 0
+
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Dev loss and perplexity (teacher forced, no smoothing) and dev BLEU/chrF as ``eval`` decodes."""
@@ -422,7 +447,7 @@ class Trainer:
                 for position in range(p.batch_in_epoch, len(batches)):
                     batch = collate(self.data.src, self.data.tgt, batches[position])
                     p.tf_ratio = teacher_forcing_ratio(cfg, p.step)
-                    loss, tokens = self.train_step(batch)
+                    loss, tokens = self.guarded_step(batch)
                     p.step += 1
                     p.batch_in_epoch = position + 1
                     p.tokens += tokens
