@@ -141,3 +141,12 @@ def test_odd_lines_decode(trained):
     assert result.exit_code == 0, result.output
     assert result.output.count("\n") >= len(lines)
     assert "truncated" in result.output
+
+
+def test_repl_odd_lines(trained):
+    run_dir, _ = trained
+    lines = ["   ", "🙂🙂", "猫が好きです", "el gato " * 1250, ":attn", ":beam x", ":beam 0"]
+    result = CliRunner().invoke(main, ["repl", str(run_dir)], input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("usage: :beam N") == 2

@@ -293,3 +293,49 @@ def test_writes_stay_inside_the_run_directory(corpus, tiny_tokenizer_file, tmp_p
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     expected = {f"nested/run/{n}" for n in ("best.pt", "last.pt", "metrics.jsonl", "src.model", "tgt.model")}
     assert expected <= set(written) and set(written) - expected <= {"src.model", "tgt.model"}
+
+
+def test_resume_rejects_changed_model_keys(corpus, tiny_tokenizer_file, tmp_path):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
+    train(config, tmp_path / "run", log=lambda s: None)
+    changed = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "model.hidden_dim": 64})
+    with pytest.raises(Exception, match=r"model.hidden_dim=64 differs from the run's saved value 32"):
+        train(changed, tmp_path / "run", resume=True, log=lambda s: None)
+    longer = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "train.eval_every": 2})
+    assert train(longer, tmp_path / "run", resume=True, log=lambda s: None).progress.step == 4
+
+
+def test_unwritable_run_directory(corpus, tiny_tokenizer_file, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(CheckpointError, match="cannot write to run directory"):
+        train(tiny(corpus, tiny_tokenizer_file), tmp_path / "file" / "run", log=lambda s: None)
+
+
+def test_checkpoint_with_mismatched_tokenizer(corpus, tiny_tokenizer_file, tmp_path):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
+    train(config, tmp_path / "run", log=lambda s: None)
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    payload["tokenizer_fingerprint"] = "0" * 16
+    save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in payload.items() if k not in ("format", "version")})
+    with pytest.raises(CheckpointError, match="tokenizer does not match"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_sigterm_saves_and_says_how_to_resume(corpus, tiny_tokenizer_file, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "run"
+    args = cli_train(corpus, tiny_tokenizer_file, run_dir, "--set", "train.max_steps=100000")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGTERM" in err and f"translate train --run-dir {run_dir} --resume" in err
+    assert "Traceback" not in err
+    step = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
+    assert 0 < step < 100000

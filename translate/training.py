@@ -33,6 +33,7 @@ from .search import amp_dtype, autocast_for
 from .tokenizer import PAD, Tokenizer
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run stops
+RESUMABLE_KEYS = ("max_steps", "max_epochs", "max_minutes", "patience", "eval_every", "device", "threads")
 
 
 class TrainingError(RuntimeError):
@@ -258,10 +259,21 @@ class Trainer:
         return None
 
     def _resume_config(self, given: Config, saved: Config) -> Config:
-        """On resume the saved config wins, except for the training-limit keys the user passed."""
-        changed = {f"train.{k}": v for k, v in asdict(given.train).items()
-                   if k in ("max_steps", "max_epochs", "max_minutes", "patience", "eval_every", "device", "threads")
-                   and v != getattr(Config().train, k)}
+        """On resume the saved config wins; only the run's limits (and where it runs) may change.
+        Any other key the user set to a value unlike the saved one is an error, not ignored."""
+        defaults, given_raw, saved_raw = Config().to_dict(), given.to_dict(), saved.to_dict()
+        changed = {}
+        for section, values in given_raw.items():
+            for key, value in values.items():
+                if value == defaults[section][key] or value == saved_raw[section][key]:
+                    continue
+                if section == "train" and key in RESUMABLE_KEYS:
+                    changed[f"train.{key}"] = value
+                else:
+                    raise ConfigError(f"{section}.{key}={value!r} differs from the run's saved value "
+                                      f"{saved_raw[section][key]!r}; a resumed run keeps its config except "
+                                      f"{', '.join('train.' + k for k in RESUMABLE_KEYS)}. Start a new --run-dir "
+                                      f"to change it")
         return saved.override(changed)
 
     def _make_scheduler(self):
