@@ -339,3 +339,14 @@ def test_sigterm_saves_and_says_how_to_resume(corpus, tiny_tokenizer_file, tmp_p
     assert "Traceback" not in err
     step = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
     assert 0 < step < 100000
+
+
+def test_long_training_pairs_are_dropped_with_a_count(corpus, tiny_tokenizer_file, tmp_path):
+    lines = []
+    config = tiny(corpus, tiny_tokenizer_file, **{"data.max_len": 6, "train.max_steps": 1, "train.eval_every": 1})
+    trainer = Trainer(config, tmp_path / "run", log=lines.append)
+    dropped = [line for line in lines if line.startswith("dropped ")]
+    assert len(dropped) == 1 and "of 600 training pairs longer than 6 pieces" in dropped[0]
+    n_dropped = int(dropped[0].split()[1].replace(",", ""))
+    assert 0 < n_dropped < 600 and len(trainer.data) == 600 - n_dropped
+    trainer.metrics.close()

@@ -1,0 +1,66 @@
+"""Decodes a file with a `translate` checkpoint the way the peers are measured: batches of 64
+sentences taken in length order, model loading left out of the timing.
+
+`translate decode` batches by tokens and has no batch-size option, so run.py calls this instead;
+it uses the same library calls as `translate decode` (load_model, translate_lines).
+
+    python bench/peers/translate_decode.py CHECKPOINT -i SRC -o HYP [--beam 5] [--batch 64]
+        [--alpha 1.0] [--max-len-ratio 2.0]
+
+Prints one JSON line: {"seconds": decode wall time, "sentences": N, "load_seconds": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("-i", "--input", required=True)
+    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=64, help="sentences a batch")
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--max-len-ratio", type=float, default=2.0,
+                        help="longest output: ratio x source length + 10 pieces (translate has no fixed "
+                             "maximum length; 2.0 is `translate decode`'s default)")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    import torch
+
+    from translate.checkpoint import load_model
+    from translate.search import translate_lines
+    from translate.training import select_device
+
+    model, tokenizer, config, _ = load_model(args.checkpoint, select_device("auto"))
+    model.eval()
+    sources = Path(args.input).read_text(encoding="utf-8").splitlines()
+    lengths = [len(ids) for ids in tokenizer.encode_src(sources)]
+    kwargs = {"beam": args.beam, "alpha": args.alpha, "batch_tokens": 10 ** 9, "max_len_ratio": args.max_len_ratio,
+              "amp": config.train.amp}
+    load_seconds = time.perf_counter() - started
+
+    order = sorted(range(len(sources)), key=lambda k: lengths[k])
+    hyps = [""] * len(sources)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(order), args.batch):
+            chunk = order[i: i + args.batch]
+            out = translate_lines(model, tokenizer, [sources[k] for k in chunk], **kwargs)
+            for k, nbest in zip(chunk, out):
+                hyps[k] = nbest[0].text if nbest else ""
+    seconds = time.perf_counter() - start
+    Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    print(json.dumps({"seconds": round(seconds, 3), "sentences": len(sources), "load_seconds": round(load_seconds, 3),
+                      "max_len_ratio": args.max_len_ratio, "threads": torch.get_num_threads(),
+                      "amp": kwargs.get("amp")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
