@@ -22,11 +22,11 @@ from translate.checkpoint import load_model  # noqa: E402
 from translate.config import BUNDLED_DATA  # noqa: E402
 from translate.data import read_parallel  # noqa: E402
 from translate.evaluate import score  # noqa: E402
-from translate.search import translate_lines  # noqa: E402
+from translate.search import inference_model, translate_lines  # noqa: E402
 from translate.training import select_device  # noqa: E402
 
 
-def run(model, tokenizer, sources, beam: int, batch: int) -> tuple[list[str], float, int]:
+def run(model, tokenizer, sources, beam: int, batch: int, amp: bool) -> tuple[list[str], float, int]:
     """Translates in batches of ``batch`` sentences taken in length order (as toolkits do)."""
     order = np.argsort([len(s) for s in sources], kind="stable")
     hyps: list[str] = [""] * len(sources)
@@ -34,7 +34,7 @@ def run(model, tokenizer, sources, beam: int, batch: int) -> tuple[list[str], fl
     start = time.perf_counter()
     for i in range(0, len(order), batch):
         chunk = order[i: i + batch].tolist()
-        out = translate_lines(model, tokenizer, [sources[j] for j in chunk], beam=beam, batch_tokens=10 ** 9)
+        out = translate_lines(model, tokenizer, [sources[j] for j in chunk], beam=beam, batch_tokens=10 ** 9, amp=amp)
         for j, t in zip(chunk, out):
             hyps[j] = t[0].text
             tokens += len(t[0].tokens) + 1
@@ -50,19 +50,22 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="only the first N test sentences")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--beams", default="1,5")
+    parser.add_argument("--bf16", action="store_true", help="a bf16 copy on CPU, as `translate decode --bf16`")
     args = parser.parse_args()
 
     model, tokenizer, config, _ = load_model(args.checkpoint, select_device("auto"))
+    amp = config.train.amp
+    model = inference_model(model, args.bf16)  # as `translate decode [--bf16]` does
     test = read_parallel(args.test, config.data.src_lang, config.data.tgt_lang, "test")
     sources, refs = test.src, test.tgt
     if args.limit:
         sources, refs = sources[: args.limit], refs[: args.limit]
     print(f"{len(sources)} sentences from {args.test}; device {next(model.parameters()).device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{next(model.parameters()).dtype}, {torch.get_num_threads()} threads")
     print(f"{'search':<8} {'batch':>5} {'sent/s':>9} {'tok/s':>9} {'BLEU':>6} {'peak RSS':>10}")
     for beam in (int(b) for b in args.beams.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
-            hyps, seconds, tokens = run(model, tokenizer, sources, beam, batch)
+            hyps, seconds, tokens = run(model, tokenizer, sources, beam, batch, amp)
             bleu = score(hyps, refs)["bleu"]
             name = "greedy" if beam == 1 else f"beam {beam}"
             print(f"{name:<8} {batch:>5} {len(sources) / seconds:>9.1f} {tokens / seconds:>9.0f} {bleu:>6.2f} "

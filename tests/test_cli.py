@@ -74,6 +74,8 @@ def test_decode_file_and_n_best(trained, tmp_path):
     assert [float(r[1]) for r in rows] == sorted((float(r[1]) for r in rows), reverse=True)
     stdin = runner.invoke(main, ["decode", str(run_dir), "--beam", "1"], input="El gato.\nEl perro.\n")
     assert stdin.exit_code == 0 and len(stdin.output.strip().split("\n")) == 2
+    bf16 = runner.invoke(main, ["decode", str(run_dir), "--beam", "2", "--bf16"], input="El gato.\nEl perro.\n")
+    assert bf16.exit_code == 0 and len(bf16.output.strip().split("\n")) == 2, bf16.output
 
 
 def test_repl_through_stdin(trained):

@@ -88,3 +88,29 @@ def test_n_best_cannot_exceed_beam(model, tokenizer):
     memory, state, limits = encode(model, tokenizer, SENTENCES[:1])
     with pytest.raises(ValueError, match="cannot exceed"):
         beam_search(model, memory, state, 2, limits, n_best=3)
+
+
+def test_greedy_drops_finished_sentences_without_changing_results(model, tokenizer):
+    # the batch shrinks as sentences end; every sentence must still get its own full result
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    together = greedy(model, memory, state, limits)
+    for i in range(len(SENTENCES)):
+        rows = torch.tensor([i])
+        alone = greedy(model, memory.select(rows), state.select(rows), limits[rows])[0][0]
+        assert alone.tokens == together[i][0].tokens
+        assert alone.score == pytest.approx(together[i][0].score, abs=1e-4)
+
+
+def test_inference_model_bf16_copy_leaves_the_model_alone(model, tokenizer, monkeypatch):
+    from translate import search
+
+    assert search.inference_model(model, bf16=False) is model
+    monkeypatch.setattr(search, "cpu_has_bf16", lambda: False)
+    assert search.inference_model(model, bf16=True) is model  # no native bf16: nothing to gain
+    monkeypatch.setattr(search, "cpu_has_bf16", lambda: True)
+    fast = search.inference_model(model, bf16=True)
+    assert fast is not model and next(fast.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    out = translate_lines(fast, tokenizer, SENTENCES, beam=3)
+    assert len(out) == len(SENTENCES) and all(isinstance(t[0].text, str) for t in out)
+    assert all(torch.isfinite(torch.tensor(t[0].score)) for t in out)

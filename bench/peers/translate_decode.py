@@ -29,17 +29,18 @@ def main() -> None:
     parser.add_argument("--max-len-ratio", type=float, default=2.0,
                         help="longest output: ratio x source length + 10 pieces (translate has no fixed "
                              "maximum length; 2.0 is `translate decode`'s default)")
+    parser.add_argument("--bf16", action="store_true", help="a bf16 copy on CPU, as `translate decode --bf16`")
     args = parser.parse_args()
 
     started = time.perf_counter()
     import torch
 
     from translate.checkpoint import load_model
-    from translate.search import translate_lines
+    from translate.search import inference_model, translate_lines
     from translate.training import select_device
 
     model, tokenizer, config, _ = load_model(args.checkpoint, select_device("auto"))
-    model.eval()
+    model = inference_model(model, args.bf16)  # as `translate decode [--bf16]` does
     sources = Path(args.input).read_text(encoding="utf-8").splitlines()
     lengths = [len(ids) for ids in tokenizer.encode_src(sources)]
     kwargs = {"beam": args.beam, "alpha": args.alpha, "batch_tokens": 10 ** 9, "max_len_ratio": args.max_len_ratio,
