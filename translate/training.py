@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint
 from .config import Config, ConfigError, TrainConfig
@@ -153,6 +154,16 @@ class TrainResult:
     dev: dict[str, Any]
 
 
+def make_adam(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam with its fused kernel where this torch has one for the device (CPU since torch 2.4):
+    one pass over all parameters instead of a dozen elementwise ops each (measured: the optimiser
+    step took a tenth of a CPU training step before)."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+
 def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
@@ -227,7 +238,7 @@ class Trainer:
 
         self.model = build_model(config.model, self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size)
         self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = make_adam(self.model, cfg.lr)
         self.scheduler = self._make_scheduler()
         self.amp_dtype = amp_dtype(self.device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
