@@ -115,8 +115,8 @@ def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monk
 
     original = Trainer.train_step
 
-    def stop_after_ten(self, batch):
-        result = original(self, batch)
+    def stop_after_ten(self, batches, group_tokens=None):
+        result = original(self, batches, group_tokens)
         if self.progress.step + 1 >= 10:
             self.stop_signal = "SIGTERM"
         return result

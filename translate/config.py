@@ -60,7 +60,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_tokens: int = 1500
+    accumulate: int = 1  # batches whose gradients add up to one optimiser step (per process)
     lr: float = 2e-3
+    # the LR grows with the batches a step sees (accumulate x processes): lr * n ** 0.5 for sqrt
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
     lr_schedule: Literal["linear", "plateau", "warmup-decay", "constant"] = "linear"
     lr_warmup: int = 500
     lr_decay: float = 0.5
@@ -122,6 +125,7 @@ class Config:
             "model.embed_dim": m.embed_dim, "model.hidden_dim": m.hidden_dim, "model.layers": m.layers,
             "tokenizer.vocab_size": self.tokenizer.vocab_size, "train.batch_tokens": t.batch_tokens,
             "train.eval_every": t.eval_every, "train.eval_beam": t.eval_beam, "data.max_len": self.data.max_len,
+            "train.accumulate": t.accumulate,
         }
         for key, value in positive.items():
             if value <= 0:

@@ -360,6 +360,10 @@ class TrainingData:
     def __len__(self) -> int:
         return len(self.src)
 
+    def target_tokens(self, indices: Sequence[int]) -> int:
+        """Target tokens the loss counts for these examples (each sentence and its EOS)."""
+        return int(self.tgt.lengths[np.asarray(indices)].sum()) + len(indices)
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The batches of one epoch; the same for the same seed and epoch (for exact resume)."""
         rng = np.random.default_rng([self.seed, epoch])

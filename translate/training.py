@@ -11,6 +11,7 @@ pass over the mixed inputs is trained, so the decoder RNN still runs over whole 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -19,15 +20,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint
 from .config import Config, ConfigError, TrainConfig
 from .data import Batch, DataError, Encoded, TrainingData, collate, filter_long, padding_fraction, read_parallel
+from .distributed import broadcast, init_world, reduce_step, shutdown
 from .evaluate import evaluate
 from .model import Seq2Seq, build_model
 from .search import amp_dtype, autocast_for
@@ -103,16 +106,37 @@ def scheduled_logits(model: Seq2Seq, batch: Batch, ratio: float, cfg: TrainConfi
     return torch.stack(steps, 1)
 
 
-def linear_lr(cfg: TrainConfig, progress: "Progress") -> float:
-    """Decays the LR linearly to ``min_lr`` over the run: over ``max_steps`` when set, else over
-    ``max_minutes`` of training time, so a time-limited run ends with a small LR."""
+def linear_lr(cfg: TrainConfig, progress: "Progress", peak: float | None = None) -> float:
+    """Decays the LR (``peak``, else ``train.lr``) linearly to ``min_lr`` over the run: over
+    ``max_steps`` when set, else over ``max_minutes`` of training time, so a time-limited run ends
+    with a small LR."""
+    peak = cfg.lr if peak is None else peak
     if cfg.max_steps:
         done = progress.step / cfg.max_steps
     elif cfg.max_minutes:
         done = progress.elapsed / (cfg.max_minutes * 60)
     else:
-        return cfg.lr
-    return max(cfg.min_lr, cfg.lr * (1.0 - min(done, 1.0)))
+        return peak
+    return max(cfg.min_lr, peak * (1.0 - min(done, 1.0)))
+
+
+def scaled_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """``train.lr`` for the batches one step sees (``accumulate`` x processes), by ``lr_scaling``:
+    the square-root rule suits Adam (Hoffer et al., 2017); linear follows Goyal et al. (2017)."""
+    n = cfg.accumulate * world_size
+    return cfg.lr * {"sqrt": n ** 0.5, "linear": float(n), "none": 1.0}[cfg.lr_scaling]
+
+
+class ScheduledForward(nn.Module):
+    """The training forward pass as a module of its own, so DistributedDataParallel can wrap it
+    (DDP synchronises gradients for what runs through a wrapped module's ``forward``)."""
+
+    def __init__(self, model: Seq2Seq, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: Batch, ratio: float) -> torch.Tensor:
+        return scheduled_logits(self.model, batch, ratio, self.cfg)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -193,10 +217,12 @@ class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, resume: bool = False,
                  log: Callable[[str], None] = print, progress_bar: bool | None = None):
         self.run_dir = Path(run_dir)
-        self.log = log
-        self.bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        # under torchrun: one process per device; rank 0 alone logs, validates and writes files
+        self.world = init_world(config.train.device)
+        self.log = log if self.world.main else (lambda line: None)
+        self.bar = (sys.stderr.isatty() if progress_bar is None else progress_bar) and self.world.main
         self.stop_signal: str | None = None
-        payload = self._prepare_run_dir(resume)
+        payload = broadcast(self.world, self._prepare_run_dir(resume) if self.world.main else None)
         if payload is not None:
             config = self._resume_config(config, Config.from_dict(payload["config"]))
         self.config = config
@@ -204,8 +230,10 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.device = select_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
+        if self.device.type == "cuda" and self.world.distributed:
+            self.device = torch.device("cuda", self.world.local_rank)
+        torch.manual_seed(cfg.seed + self.world.rank)  # each rank its own dropout masks
+        random.seed(cfg.seed + self.world.rank)
 
         data = config.data
         train = read_parallel(data.train, data.src_lang, data.tgt_lang, "train")
@@ -213,6 +241,8 @@ class Trainer:
         self.dev_src, self.dev_ref = dev.src, dev.tgt
         if payload is not None:
             _, self.tokenizer, _ = restore(payload)
+        elif not self.world.main:  # rank 0 trains or loads it, then sends it to the others
+            self.tokenizer = Tokenizer(*broadcast(self.world, None))
         elif config.tokenizer.model:
             self.tokenizer = Tokenizer.load(config.tokenizer.model)
         else:
@@ -221,7 +251,10 @@ class Trainer:
                      f"vocabulary of {tok.vocab_size}) on {len(train.src):,} pairs")
             self.tokenizer = Tokenizer.train(train.src, train.tgt, tok.vocab_size, tok.type, tok.joint,
                                              tok.character_coverage, tok.max_sentences, cfg.seed)
-        self.tokenizer.save(self.run_dir)
+        if payload is None and self.world.main:
+            broadcast(self.world, (self.tokenizer.src_proto, self.tokenizer.tgt_proto))
+        if self.world.main:
+            self.tokenizer.save(self.run_dir)
 
         src_ids = self.tokenizer.encode_src(train.src)
         tgt_ids = self.tokenizer.encode_tgt(train.tgt)
@@ -238,14 +271,19 @@ class Trainer:
 
         self.model = build_model(config.model, self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size)
         self.model.to(self.device)
-        self.optimizer = make_adam(self.model, cfg.lr)
+        self.peak_lr = scaled_lr(cfg, self.world.size)
+        self.optimizer = make_adam(self.model, self.peak_lr)
         self.scheduler = self._make_scheduler()
         self.amp_dtype = amp_dtype(self.device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.progress = Progress()
         if payload is not None:
             self._load_state(payload)
-        self.metrics = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self.forward: nn.Module = ScheduledForward(self.model, cfg)
+        if self.world.distributed:  # wrapping broadcasts rank 0's parameters to every rank
+            self.forward = DistributedDataParallel(
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.metrics = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") if self.world.main else None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -308,6 +346,8 @@ class Trainer:
             self.scaler.load_state_dict(payload["scaler"])
         self.progress = Progress(**payload["progress"])
         set_rng_state(payload["rng"], self.device)
+        if self.world.rank:  # the saved state is rank 0's; the others draw their own masks
+            torch.manual_seed(self.config.train.seed + self.world.rank + 7919 * self.progress.step)
         self.log(f"resumed {self.run_dir} at step {self.progress.step} (epoch {self.progress.epoch + 1}, "
                  f"best dev BLEU {max(self.progress.best_bleu, 0):.2f})")
 
@@ -327,27 +367,42 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        save_checkpoint(self.run_dir / name, self.payload())
+        if self.world.main:
+            save_checkpoint(self.run_dir / name, self.payload())
 
     def write_metrics(self, record: dict[str, Any]) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def train_step(self, batch: Batch) -> tuple[torch.Tensor, int]:
+    def train_step(self, batches: Batch | Sequence[Batch], group_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+        """One optimiser step over ``batches`` (this process's share of the step; their gradients
+        add up). ``group_tokens``: target tokens in the whole step over all processes, so the loss
+        is a mean per target token of everything the step saw. Returns the summed loss of the
+        step over all processes and the tokens it trained on (0 when skipped)."""
         cfg = self.config.train
+        batches = [batches] if isinstance(batches, Batch) else list(batches)
         self.model.train()
-        tokens = int((batch.tgt_out != PAD).sum())  # counted on the host copy: no device sync
-        batch = batch.to(self.device)
-        with autocast_for(self.device, self.amp_dtype):
-            logits = scheduled_logits(self.model, batch, self.progress.tf_ratio, cfg)
-        loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing)
+        if group_tokens is None:  # counted on the host copies: no device sync
+            group_tokens = sum(int((b.tgt_out != PAD).sum()) for b in batches)
+        scale = self.world.size / max(group_tokens, 1)  # DDP averages over processes; undo it
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss / max(tokens, 1)).backward()
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            accumulating = self.world.distributed and i < len(batches) - 1
+            with self.forward.no_sync() if accumulating else contextlib.nullcontext():  # sync once, at the end
+                with autocast_for(self.device, self.amp_dtype):
+                    logits = self.forward(batch, self.progress.tf_ratio)
+                loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing)
+                self.scaler.scale(loss * scale).backward()
+            total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        total, bad = reduce_step(self.world, total, not (torch.isfinite(total) and torch.isfinite(norm)))
+        if bad:
             self.progress.nonfinite_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
@@ -356,25 +411,32 @@ class Trainer:
             if self.progress.nonfinite_steps >= MAX_NONFINITE:
                 raise TrainingError(f"{MAX_NONFINITE} non-finite steps in a row; lower train.lr or raise "
                                     f"train.clip_norm. The last good checkpoint is {self.run_dir / 'last.pt'}")
-            return loss.detach(), 0
+            return total, 0
         self.progress.nonfinite_steps = 0
         if cfg.lr_schedule == "linear":
             for group in self.optimizer.param_groups:
-                group["lr"] = linear_lr(cfg, self.progress)
+                group["lr"] = linear_lr(cfg, self.progress, self.peak_lr)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if cfg.lr_schedule == "warmup-decay":
             self.scheduler.step()
-        return loss.detach(), tokens
+        return total, group_tokens
 
-    def guarded_step(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        """``train_step``, but a batch that runs out of memory (GPU or CPU) is skipped with a
-        warning instead of ending a long run."""
+    def guarded_step(self, batches: Batch | Sequence[Batch], group_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+        """``train_step``, but a step that runs out of memory (GPU or CPU) is skipped with a
+        warning instead of ending a long run (in a single process: under torchrun the other ranks
+        would wait for this one forever, so the run stops with advice instead)."""
+        batches = [batches] if isinstance(batches, Batch) else list(batches)
         try:
-            return self.train_step(batch)
+            return self.train_step(batches, group_tokens)
         except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
             if not isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) and not is_oom(exc):
                 raise
+        batch = max(batches, key=lambda b: b.src.numel() + b.tgt_in.numel())
+        if self.world.distributed:
+            raise TrainingError(f"rank {self.world.rank} ran out of memory on a batch of {batch.size} sentences; "
+                                f"lower train.batch_tokens (raise train.accumulate to keep the step's size) and "
+                                f"resume with --resume")
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -459,21 +521,31 @@ class Trainer:
                  f"(padding {padding_fraction(self.data.lengths, epoch_batches):.1%}); {n_params:,} parameters; "
                  f"device {self.device}{' with ' + str(self.amp_dtype).split('.')[-1] if self.amp_dtype else ''}; "
                  f"run directory {self.run_dir}")
+        if cfg.accumulate * self.world.size > 1:
+            self.log(f"{self.world.size} process(es) x accumulate {cfg.accumulate}: "
+                     f"{cfg.accumulate * self.world.size} batches (up to {cfg.batch_tokens * cfg.accumulate * self.world.size:,} "
+                     f"tokens) a step; peak lr {self.peak_lr:.2e} (train.lr_scaling={cfg.lr_scaling})")
         started = time.monotonic()
         window_loss, window_tokens, window_start = torch.zeros((), device=self.device), 0, time.monotonic()
         last_show = time.monotonic()
         validated_at = p.step if p.step else -1
-        reason = self.limits_reached(started)
+        reason = self._agree(self.limits_reached(started))
         old_handlers = self._catch_signals()
         try:
             while reason is None:
                 batches = self.data.epoch_batches(p.epoch)
-                for position in range(p.batch_in_epoch, len(batches)):
-                    batch = collate(self.data.src, self.data.tgt, batches[position])
+                # a step takes `group` consecutive batches: `accumulate` for each process, in rank
+                # order, so any world size trains on the same sequence (an incomplete tail is left)
+                group = cfg.accumulate * self.world.size
+                mine = slice(self.world.rank * cfg.accumulate, (self.world.rank + 1) * cfg.accumulate)
+                for position in range(p.batch_in_epoch, len(batches) - group + 1, group):
+                    step_batches = batches[position: position + group]
+                    group_tokens = sum(self.data.target_tokens(b) for b in step_batches)
                     p.tf_ratio = teacher_forcing_ratio(cfg, p.step)
-                    loss, tokens = self.guarded_step(batch)
+                    loss, tokens = self.guarded_step(
+                        [collate(self.data.src, self.data.tgt, b) for b in step_batches[mine]], group_tokens)
                     p.step += 1
-                    p.batch_in_epoch = position + 1
+                    p.batch_in_epoch = position + group
                     p.tokens += tokens
                     window_loss += loss
                     window_tokens += tokens
@@ -489,30 +561,47 @@ class Trainer:
                         window_loss.zero_()
                         window_tokens, window_start, last_show = 0, now, now
                     if p.step % cfg.eval_every == 0:
-                        self.on_validation(self.validate())
+                        if self.world.main:
+                            self.on_validation(self.validate())
+                        self._share_lr()
                         validated_at = p.step
                     p.elapsed += time.monotonic() - started
                     started = time.monotonic()
-                    reason = self.limits_reached(started)
+                    reason = self._agree(self.limits_reached(started))
                     if reason:
                         break
                 else:
                     p.epoch += 1
                     p.batch_in_epoch = 0
-                    reason = self.limits_reached(started)
-            if validated_at != p.step:
+                    reason = self._agree(self.limits_reached(started))
+            if validated_at != p.step and self.world.main:
                 self.on_validation(self.validate())
             else:
-                self.save("last.pt")
+                self.save("last.pt")  # on rank 0
         finally:
             self._restore_signals(old_handlers)
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         self._clear_bar()
         if self.stop_signal:
             self.log(f"saved {self.run_dir / 'last.pt'}; continue with: translate train --run-dir {self.run_dir} --resume")
         self.log(f"done: {reason} at step {p.step}; best dev BLEU {p.best_bleu:.2f} at step {p.best_step}; "
                  f"checkpoints in {self.run_dir}")
         return TrainResult(self.run_dir, p, reason, {})
+
+    def _agree(self, reason: str | None) -> str | None:
+        """Rank 0's stop decision and clock on every rank (the LR schedule reads the clock)."""
+        if not self.world.distributed:
+            return reason
+        reason, self.progress.elapsed = broadcast(self.world, (reason, self.progress.elapsed))
+        return reason
+
+    def _share_lr(self) -> None:
+        """After rank 0 validated (a plateau schedule may have lowered the LR), every rank takes its LR."""
+        if self.world.distributed:
+            lrs = broadcast(self.world, [g["lr"] for g in self.optimizer.param_groups])
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
 
     def _catch_signals(self):
         def handler(signum, _frame):
@@ -533,5 +622,10 @@ class Trainer:
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
           progress_bar: bool | None = None) -> TrainResult:
-    """Trains (or resumes) a model in ``run_dir``; see ``Trainer``."""
-    return Trainer(config, run_dir, resume, log, progress_bar).run()
+    """Trains (or resumes) a model in ``run_dir``; see ``Trainer``. Under torchrun every process
+    calls this; the process group is left when training ends."""
+    trainer = Trainer(config, run_dir, resume, log, progress_bar)
+    try:
+        return trainer.run()
+    finally:
+        shutdown(trainer.world)

@@ -1,0 +1,5 @@
+"""``python -m translate`` (and ``torchrun -m translate``) run the command line."""
+
+from .cli import main
+
+main()

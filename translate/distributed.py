@@ -1,0 +1,76 @@
+"""Data-parallel training across processes started by ``torchrun``.
+
+Each process reads its share of every optimiser step's batches, gradients are averaged by
+``DistributedDataParallel``, and only rank 0 validates, logs and writes checkpoints. Decisions
+that must agree (stop now, skip a non-finite step) are taken on rank 0 and broadcast, so no rank
+can leave the loop while the others wait in an all-reduce.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device_name: str = "auto") -> World:
+    """Joins the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR/PORT); a plain run is a world of one. NCCL when every rank has a GPU,
+    gloo on CPUs."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(rank, size, local_rank)
+
+
+def broadcast(world: World, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reduce_step(world: World, loss_sum: torch.Tensor, bad: bool) -> tuple[torch.Tensor, bool]:
+    """The step's loss summed over ranks, and whether any rank saw a non-finite value, in one
+    all-reduce: every rank then skips (or takes) the same steps."""
+    if not world.distributed:
+        return loss_sum, bad
+    both = torch.stack([loss_sum.detach().float(), torch.tensor(float(bad), device=loss_sum.device)])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM)
+    return both[0], bool(both[1].item() > 0)
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
