@@ -73,7 +73,43 @@ def test_token_batches_cover_all_within_budget():
     for batch in batches:
         assert len(batch) == 1 or max(lengths[batch]) * len(batch) <= 200
     assert padding_fraction(lengths, batches) < 0.1
-    assert batches == token_batches(lengths, 200, np.random.default_rng(1))
+    again = token_batches(lengths, 200, np.random.default_rng(1))
+    assert [b.tolist() for b in batches] == [b.tolist() for b in again]
+
+
+def reference_batches(lengths, budget, rng, pool_batches=50):
+    """Sentence-by-sentence greedy packing, written plainly: what token_batches must equal."""
+    order = rng.permutation(len(lengths))
+    pool = max(1, int(pool_batches * budget / max(1.0, float(lengths.mean()))))
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start: start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batch, longest = [], 0
+        for i in chunk.tolist():
+            if batch and max(longest, lengths[i]) * (len(batch) + 1) > budget:
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(i)
+            longest = max(longest, lengths[i])
+        if batch:
+            batches.append(batch)
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+@pytest.mark.parametrize("budget", [1, 37, 200, 5000])
+def test_token_batches_equal_plain_greedy_packing(budget):
+    lengths = np.random.default_rng(budget).integers(1, 90, size=3000).astype(np.uint16)
+    fast = token_batches(lengths, budget, np.random.default_rng(5))
+    plain = reference_batches(lengths.astype(np.int64), budget, np.random.default_rng(5))
+    assert [b.tolist() for b in fast] == plain
+
+
+def test_token_batches_leave_out_zero_lengths():
+    lengths = np.array([3, 0, 4, 0, 5], dtype=np.uint16)
+    batches = token_batches(lengths, 100, np.random.default_rng(0))
+    assert sorted(i for b in batches for i in b.tolist()) == [0, 2, 4]
 
 
 def test_collate_pads_and_masks():

@@ -65,15 +65,18 @@ def _echo_err(line: str) -> None:
 @click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
 @click.option("--run-dir", default="checkpoints/default", show_default=True, type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pt.")
+@click.option("--streaming", is_flag=True, default=None,
+              help="Read the training corpus as a stream (a hub dataset or a file too big to copy to Arrow).")
 def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_steps, max_epochs, max_minutes,
-          run_dir, resume):
+          run_dir, resume, streaming):
     """Train a model (defaults: the bundled Spanish-English data, into checkpoints/default)."""
     from .training import train as run_training
 
     pairs = parse_overrides(overrides)
     for key, value in (("data.train", train_path), ("data.dev", dev_path), ("data.src_lang", src_lang),
                        ("data.tgt_lang", tgt_lang), ("train.max_steps", max_steps),
-                       ("train.max_epochs", max_epochs), ("train.max_minutes", max_minutes)):
+                       ("train.max_epochs", max_epochs), ("train.max_minutes", max_minutes),
+                       ("data.streaming", streaming)):
         if value is not None:
             pairs[key] = value
     if (max_steps is not None or max_epochs is not None) and "train.max_minutes" not in pairs:

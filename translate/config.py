@@ -31,6 +31,8 @@ class DataConfig:
     src_lang: str = "spa"
     tgt_lang: str = "eng"
     max_len: int = 80  # training pairs with more pieces on either side are dropped
+    num_proc: int = 0  # processes that tokenize the training corpus (0: one per CPU, up to 8)
+    streaming: bool = False  # read the training corpus as a stream, never materialised
 
 
 @dataclass(frozen=True)

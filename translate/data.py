@@ -55,6 +55,43 @@ def check_utf8(path: Path) -> bytes:
     return raw
 
 
+def check_utf8_stream(path: Path, chunk_size: int = 1 << 20) -> str:
+    """``check_utf8`` for files of any size: reads in chunks, fails with the line number of the
+    first byte that is not UTF-8 or if the file holds no text, and returns the first line."""
+    import codecs
+
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a data file; give a file path") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    first, head, lines, seen_text = None, "", 0, False
+    with handle:
+        while True:
+            raw = handle.read(chunk_size)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                line = lines + raw[: max(exc.start, 0)].count(b"\n") + 1
+                raise DataError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8 "
+                                f"(e.g. iconv -f latin1 -t utf-8)") from None
+            if first is None:
+                head += text
+                if "\n" in head or not raw or len(head) > 1 << 20:
+                    first = head.split("\n", 1)[0].rstrip("\r")
+            seen_text = seen_text or bool(text.strip())
+            lines += raw.count(b"\n")
+            if not raw:
+                break
+    if not seen_text:
+        raise DataError(f"{path}: the file is empty; give a corpus with sentence pairs")
+    return first or ""
+
+
 def read_parallel(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -> Parallel:
     """Reads sentence pairs from a TSV/CSV/JSON-lines file, a ``PATH.src``/``PATH.tgt`` pair of
     text files, or a hub dataset (``NAME`` or ``NAME:CONFIG``; needs network)."""
@@ -306,33 +343,42 @@ def collate(src: Encoded, tgt: Encoded | None, indices: Sequence[int], max_src_l
 
 
 def token_batches(lengths: np.ndarray, batch_tokens: int, rng: np.random.Generator | None = None,
-                  pool_batches: int = 50) -> list[list[int]]:
+                  pool_batches: int = 50) -> list[np.ndarray]:
     """Groups sentence indices into batches of at most ``batch_tokens`` padded tokens.
 
-    ``lengths`` is each example's padded length (the longer side). With ``rng`` the corpus is
-    shuffled, then sorted by length inside pools of ``pool_batches`` batches (length bucketing:
-    little padding, yet random batches), and the batches are shuffled; without it, batches
-    follow length order (for decoding).
+    ``lengths`` is each example's padded length (the longer side); 0 leaves an example out. With
+    ``rng`` the corpus is shuffled, then sorted by length inside pools of ``pool_batches``
+    batches (length bucketing: little padding, yet random batches), and the batches are
+    shuffled; without it, batches follow length order (for decoding). Works on the lengths alone
+    (a few bytes a sentence), never on the sentences, and loops over batches, not sentences.
     """
     n = len(lengths)
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    mean = max(1.0, float(lengths.mean())) if n else 1.0
-    pool = max(1, int(pool_batches * batch_tokens / mean)) if rng is not None else max(n, 1)
-    batches: list[list[int]] = []
-    for start in range(0, n, pool):
+    index_type = np.int32 if n < 2 ** 31 else np.int64
+    kept = lengths > 0
+    order = np.arange(n, dtype=index_type) if kept.all() else np.flatnonzero(kept).astype(index_type)
+    del kept
+    if rng is not None:
+        rng.shuffle(order)  # the same permutation as rng.permutation, without an int64 copy
+    count = len(order)
+    mean = max(1.0, float(lengths.sum(dtype=np.float64)) / count) if count else 1.0
+    pool = max(1, int(pool_batches * batch_tokens / mean)) if rng is not None else max(count, 1)
+    batches: list[np.ndarray] = []
+    for start in range(0, count, pool):
         chunk = order[start: start + pool]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batch: list[int] = []
-        longest = 0
-        for i in chunk.tolist():
-            size = int(lengths[i])
-            if batch and max(longest, size) * (len(batch) + 1) > batch_tokens:
-                batches.append(batch)
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, size)
-        if batch:
-            batches.append(batch)
+        sizes = lengths[chunk].astype(np.int64)  # ascending
+        i, m = 0, len(chunk)
+        while i < m:
+            # the longest run chunk[i:j] whose padded size sizes[j-1] * (j - i) fits; at least one
+            lo, hi = i + 1, min(m, i + max(1, batch_tokens // int(sizes[i])))
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if sizes[mid - 1] * (mid - i) <= batch_tokens:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            batches.append(chunk[i:lo])
+            i = lo
     if rng is not None:
         perm = rng.permutation(len(batches))
         batches = [batches[i] for i in perm]
@@ -350,21 +396,30 @@ def padding_fraction(lengths: np.ndarray, batches: Sequence[Sequence[int]]) -> f
 
 
 class TrainingData:
-    """A tokenized training corpus with long pairs dropped, and its epoch-by-epoch batches."""
+    """A tokenized training corpus (in memory or on disk) and its epoch-by-epoch batches. Pairs
+    with an empty side or a side longer than ``max_len`` pieces stay in the corpus but never
+    enter a batch."""
 
-    def __init__(self, src: Encoded, tgt: Encoded, batch_tokens: int, seed: int):
+    def __init__(self, src, tgt, batch_tokens: int, seed: int, max_len: int | None = None):
         self.src, self.tgt = src, tgt
         self.batch_tokens, self.seed = batch_tokens, seed
-        self.lengths = np.maximum(src.lengths + 1, tgt.lengths + 1)
+        keep = (src.lengths > 0) & (tgt.lengths > 0)
+        if max_len is not None:
+            keep &= (src.lengths <= max_len) & (tgt.lengths <= max_len)
+        # padded length (the longer side + EOS/BOS), 0 for pairs left out; 2 bytes a pair
+        self.lengths = (np.minimum(np.maximum(src.lengths, tgt.lengths), 65534).astype(np.uint16) + 1) * keep
+        self.size = int(keep.sum())
+        self.dropped = len(keep) - self.size
 
     def __len__(self) -> int:
-        return len(self.src)
+        return self.size
 
     def target_tokens(self, indices: Sequence[int]) -> int:
         """Target tokens the loss counts for these examples (each sentence and its EOS)."""
-        return int(self.tgt.lengths[np.asarray(indices)].sum()) + len(indices)
+        indices = np.asarray(indices)
+        return int(self.tgt.lengths[indices].sum(dtype=np.int64)) + len(indices)
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The batches of one epoch; the same for the same seed and epoch (for exact resume)."""
         rng = np.random.default_rng([self.seed, epoch])
         return token_batches(self.lengths, self.batch_tokens, rng)
@@ -372,6 +427,16 @@ class TrainingData:
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
         for position, indices in enumerate(self.epoch_batches(epoch)[start:], start=start):
             yield position, collate(self.src, self.tgt, indices)
+
+    def steps(self, epoch: int, start: int, group: int, mine: slice) -> Iterator[tuple[int, list[Batch], int]]:
+        """(position after the step, this process's collated batches, target tokens of the whole
+        step) for each optimiser step of the epoch from batch ``start`` on. A step takes ``group``
+        consecutive batches; an incomplete tail is left for the next epoch's shuffle."""
+        batches = self.epoch_batches(epoch)
+        for position in range(start, len(batches) - group + 1, group):
+            step = batches[position: position + group]
+            yield (position + group, [collate(self.src, self.tgt, b) for b in step[mine]],
+                   sum(self.target_tokens(b) for b in step))
 
 
 def filter_long(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int) -> tuple[list[int], int]:

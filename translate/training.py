@@ -29,7 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint
 from .config import Config, ConfigError, TrainConfig
-from .data import Batch, DataError, Encoded, TrainingData, collate, filter_long, padding_fraction, read_parallel
+from .corpus import StreamingData, first_sentences, load_pairs, sample_sentences, tokenize_corpus
+from .data import Batch, DataError, Encoded, TrainingData, padding_fraction, read_parallel
+from .distributed import barrier
 from .distributed import broadcast, init_world, reduce_step, shutdown
 from .evaluate import evaluate
 from .model import Seq2Seq, build_model
@@ -236,7 +238,8 @@ class Trainer:
         random.seed(cfg.seed + self.world.rank)
 
         data = config.data
-        train = read_parallel(data.train, data.src_lang, data.tgt_lang, "train")
+        # Arrow, memory-mapped (or a stream with data.streaming)
+        train = load_pairs(data.train, data.src_lang, data.tgt_lang, "train", streaming=data.streaming)
         dev = read_parallel(data.dev, data.src_lang, data.tgt_lang, "dev")
         self.dev_src, self.dev_ref = dev.src, dev.tgt
         if payload is not None:
@@ -248,24 +251,38 @@ class Trainer:
         else:
             tok = config.tokenizer
             self.log(f"training a SentencePiece {tok.type} tokenizer ({'joint' if tok.joint else 'separate'} "
-                     f"vocabulary of {tok.vocab_size}) on {len(train.src):,} pairs")
-            self.tokenizer = Tokenizer.train(train.src, train.tgt, tok.vocab_size, tok.type, tok.joint,
+                     f"vocabulary of {tok.vocab_size}) on "
+                     f"{'the first pairs of the stream' if data.streaming else f'{len(train):,} pairs'}")
+            if data.streaming:  # the stream's first pairs
+                sample_src, sample_tgt = first_sentences(train, data.src_lang, data.tgt_lang, tok.max_sentences)
+            else:
+                sample_src = sample_sentences(train, data.src_lang, tok.max_sentences, cfg.seed)
+                sample_tgt = sample_sentences(train, data.tgt_lang, tok.max_sentences, cfg.seed + 1)
+            self.tokenizer = Tokenizer.train(sample_src, sample_tgt, tok.vocab_size, tok.type, tok.joint,
                                              tok.character_coverage, tok.max_sentences, cfg.seed)
         if payload is None and self.world.main:
             broadcast(self.world, (self.tokenizer.src_proto, self.tokenizer.tgt_proto))
         if self.world.main:
             self.tokenizer.save(self.run_dir)
 
-        src_ids = self.tokenizer.encode_src(train.src)
-        tgt_ids = self.tokenizer.encode_tgt(train.tgt)
-        keep, dropped = filter_long(src_ids, tgt_ids, data.max_len)
-        if not keep:
-            raise DataError(f"{train.origin}: no pair is at most data.max_len={data.max_len} pieces long; "
-                            f"raise data.max_len")
-        if dropped:
-            self.log(f"dropped {dropped:,} of {len(src_ids):,} training pairs longer than {data.max_len} pieces")
-        self.data = TrainingData(Encoded([src_ids[i] for i in keep]), Encoded([tgt_ids[i] for i in keep]),
-                                 cfg.batch_tokens, cfg.seed)
+        if data.streaming:
+            self.data = StreamingData(train, self.tokenizer, data.src_lang, data.tgt_lang, cfg.batch_tokens,
+                                      cfg.seed, data.max_len)
+        else:
+            # tokenized once into files beside the Arrow cache (rank 0 first; the others reuse them)
+            if not self.world.main:
+                barrier(self.world)
+            src_ids, tgt_ids = tokenize_corpus(train, self.tokenizer, data.src_lang, data.tgt_lang, data.num_proc,
+                                               self.log)
+            if self.world.main:
+                barrier(self.world)
+            self.data = TrainingData(src_ids, tgt_ids, cfg.batch_tokens, cfg.seed, data.max_len)
+            if not len(self.data):
+                raise DataError(f"{data.train}: no pair is at most data.max_len={data.max_len} pieces long; "
+                                f"raise data.max_len")
+            if self.data.dropped:
+                self.log(f"dropped {self.data.dropped:,} of {len(train):,} training pairs longer than "
+                         f"{data.max_len} pieces")
         dev_tgt = Encoded(self.tokenizer.encode_tgt(dev.tgt))
         self.dev_data = TrainingData(Encoded(self.tokenizer.encode_src(dev.src)), dev_tgt, cfg.batch_tokens, cfg.seed)
 
@@ -516,9 +533,13 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, p = self.config.train, self.progress
         n_params = self.model.parameter_count()
-        epoch_batches = self.data.epoch_batches(p.epoch)
-        self.log(f"{len(self.data):,} training pairs, {len(epoch_batches):,} batches an epoch "
-                 f"(padding {padding_fraction(self.data.lengths, epoch_batches):.1%}); {n_params:,} parameters; "
+        if isinstance(self.data, StreamingData):
+            corpus = f"a streamed corpus, bucketed in pools of {self.data.pool:,} pairs"
+        else:
+            epoch_batches = self.data.epoch_batches(p.epoch)
+            corpus = (f"{len(self.data):,} training pairs, {len(epoch_batches):,} batches an epoch "
+                      f"(padding {padding_fraction(self.data.lengths, epoch_batches):.1%})")
+        self.log(f"{corpus}; {n_params:,} parameters; "
                  f"device {self.device}{' with ' + str(self.amp_dtype).split('.')[-1] if self.amp_dtype else ''}; "
                  f"run directory {self.run_dir}")
         if cfg.accumulate * self.world.size > 1:
@@ -533,19 +554,17 @@ class Trainer:
         old_handlers = self._catch_signals()
         try:
             while reason is None:
-                batches = self.data.epoch_batches(p.epoch)
                 # a step takes `group` consecutive batches: `accumulate` for each process, in rank
-                # order, so any world size trains on the same sequence (an incomplete tail is left)
+                # order, so any world size trains on the same sequence
                 group = cfg.accumulate * self.world.size
                 mine = slice(self.world.rank * cfg.accumulate, (self.world.rank + 1) * cfg.accumulate)
-                for position in range(p.batch_in_epoch, len(batches) - group + 1, group):
-                    step_batches = batches[position: position + group]
-                    group_tokens = sum(self.data.target_tokens(b) for b in step_batches)
+                from_start, stepped = p.batch_in_epoch == 0, False
+                for position, my_batches, group_tokens in self.data.steps(p.epoch, p.batch_in_epoch, group, mine):
+                    stepped = True
                     p.tf_ratio = teacher_forcing_ratio(cfg, p.step)
-                    loss, tokens = self.guarded_step(
-                        [collate(self.data.src, self.data.tgt, b) for b in step_batches[mine]], group_tokens)
+                    loss, tokens = self.guarded_step(my_batches, group_tokens)
                     p.step += 1
-                    p.batch_in_epoch = position + group
+                    p.batch_in_epoch = position
                     p.tokens += tokens
                     window_loss += loss
                     window_tokens += tokens
@@ -571,6 +590,10 @@ class Trainer:
                     if reason:
                         break
                 else:
+                    if from_start and not stepped:
+                        raise DataError(f"{self.config.data.train}: not one optimiser step fits in an epoch "
+                                        f"({group} batch(es) a step); use a larger corpus or lower "
+                                        f"train.accumulate or the number of processes")
                     p.epoch += 1
                     p.batch_in_epoch = 0
                     reason = self._agree(self.limits_reached(started))
