@@ -67,16 +67,19 @@ def test_two_gloo_processes_equal_one_process_with_the_same_batches(tiny_config,
     single = train(config.override({"train.accumulate": 2}), tmp_path / "single", log=lambda line: None,
                    progress_bar=False)
     assert single.progress.step == EXACT["train.max_steps"]
-    # ... and torchrun with 2 CPU processes taking one batch each, through the command line
+    # ... and torchrun with 2 CPU processes taking one batch each, through the command line,
+    # stopped half way and resumed
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "translate", "train",
-           "--run-dir", str(tmp_path / "ddp"), "--config", str(config_file), "--set", "train.device=cpu"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es) x accumulate 1" in done.stdout + done.stderr
+    for extra in (["--max-steps", "2"], ["--resume"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "translate", "train",
+               "--run-dir", str(tmp_path / "ddp"), "--config", str(config_file), "--set", "train.device=cpu", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "2 process(es) x accumulate 1" in done.stdout + done.stderr
+    assert "resumed" in done.stderr
     a = load_checkpoint(tmp_path / "single" / "last.pt")
     b = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert a["progress"]["step"] == b["progress"]["step"] == EXACT["train.max_steps"]

@@ -118,3 +118,57 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Se
     payload = load_checkpoint(path)
     model, tokenizer, config = restore(payload, device)
     return model, tokenizer, config, payload
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's ``step-N.pt`` files (``train.keep_checkpoints``), oldest first."""
+    run_dir = Path(run_dir)
+    found = []
+    for path in run_dir.glob("step-*.pt"):
+        number = path.stem.removeprefix("step-")
+        if number.isdigit():
+            found.append((int(number), path))
+    return [path for _, path in sorted(found)]
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """A checkpoint whose weights are the mean of ``paths``' weights (Junczys-Dowmunt et al., 2016;
+    Vaswani et al., 2017): a cheap ensemble in one model. All must share config and tokenizer."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average; train with --set train.keep_checkpoints=K")
+    first = load_checkpoint(paths[0])
+    total = {name: value.double() if value.is_floating_point() else value for name, value in first["model"].items()}
+    for path in paths[1:]:
+        payload = load_checkpoint(path)
+        if (payload.get("tokenizer_fingerprint") != first.get("tokenizer_fingerprint")
+                or payload["config"]["model"] != first["config"]["model"]):
+            raise CheckpointError(f"{path}: another model or vocabulary than {paths[0]}; average checkpoints "
+                                  f"of one run only")
+        for name, value in payload["model"].items():
+            if value.is_floating_point():
+                total[name] += value.double()
+    averaged = {name: (value / len(paths)).to(first["model"][name].dtype) if value.is_floating_point() else value
+                for name, value in total.items()}
+    newest = load_checkpoint(paths[-1])
+    kept = {key: newest[key] for key in ("config", "tokenizer", "tokenizer_fingerprint", "progress") if key in newest}
+    return {**kept, "model": averaged, "averaged_from": [str(p) for p in paths]}
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint holds, for people: config, vocabularies, size, progress."""
+    resolved = resolve(path)
+    payload = load_checkpoint(resolved)
+    model, tokenizer, config = restore(payload)
+    progress = payload.get("progress", {})
+    return {
+        "checkpoint": str(resolved),
+        "parameters": model.parameter_count(),
+        "src_vocab": tokenizer.src_vocab_size, "tgt_vocab": tokenizer.tgt_vocab_size,
+        "joint_vocab": tokenizer.joint, "tokenizer_fingerprint": tokenizer.fingerprint,
+        "step": progress.get("step"), "epoch": progress.get("epoch"), "tokens": progress.get("tokens"),
+        "best_dev_bleu": progress.get("best_bleu"), "best_step": progress.get("best_step"),
+        "training_minutes": round(progress.get("elapsed", 0.0) / 60, 1),
+        "tf_ratio": progress.get("tf_ratio"),
+        "averaged_from": payload.get("averaged_from"),
+        "config": config.to_dict(),
+    }

@@ -43,10 +43,22 @@ class Group(click.Group):
     command_class = Command
 
 
+VERBOSITY = {"level": 1}  # 0 quiet, 1 normal, 2 verbose
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="translate")
-def main():
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings, errors and results.")
+@click.option("-v", "--verbose", is_flag=True, help="Also the resolved configuration and other details.")
+def main(quiet, verbose):
     """Neural machine translation: train, evaluate and use RNN attention models."""
+    VERBOSITY["level"] = 0 if quiet else 2 if verbose else 1
+
+
+def _log(line: str) -> None:
+    """Progress lines: hidden by --quiet except warnings and the final summary."""
+    if VERBOSITY["level"] > 0 or line.startswith(("warning", "done:", "saved ")):
+        _echo_err(line)
 
 
 def _echo_err(line: str) -> None:
@@ -82,7 +94,11 @@ def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_
     if (max_steps is not None or max_epochs is not None) and "train.max_minutes" not in pairs:
         pairs["train.max_minutes"] = 0
     config = load_config(config_file, pairs)
-    result = run_training(config, run_dir, resume=resume, log=_echo_err)
+    if VERBOSITY["level"] > 1:
+        import yaml
+
+        _echo_err("configuration:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    result = run_training(config, run_dir, resume=resume, log=_log)
     if result.stop_reason.startswith("stopped by"):
         sys.exit(130)
 
@@ -207,6 +223,88 @@ def repl(checkpoint, beam):
 
     model, tokenizer, _, _ = _load(checkpoint)
     Repl(model, tokenizer, beam=beam).run(sys.stdin, sys.stdout)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(checkpoint, as_json):
+    """What a checkpoint holds: model size, vocabularies, training progress, config."""
+    from .checkpoint import checkpoint_info
+
+    details = checkpoint_info(checkpoint)
+    if as_json:
+        click.echo(json.dumps(details))
+        return
+    m = details["config"]["model"]
+    bleu = details["best_dev_bleu"]
+    lines = [
+        f"checkpoint      {details['checkpoint']}",
+        f"model           {m['cell']} {'bidirectional ' if m['bidirectional'] else ''}encoder, {m['attention']} "
+        f"attention, embed {m['embed_dim']}, hidden {m['hidden_dim']}, {m['layers']} layer(s)"
+        f"{', input feeding' if m['input_feeding'] else ''}{', tied embeddings' if m['tie_embeddings'] else ''}",
+        f"parameters      {details['parameters']:,}",
+        f"vocabulary      {details['src_vocab']:,} source / {details['tgt_vocab']:,} target"
+        f"{' (joint)' if details['joint_vocab'] else ''}, tokenizer {details['tokenizer_fingerprint'][:12]}",
+        f"trained         {details['step'] or 0:,} steps, {details['tokens'] or 0:,} target tokens, "
+        f"{details['training_minutes']} min",
+        f"best dev BLEU   {bleu:.2f} at step {details['best_step']:,}" if bleu is not None and bleu >= 0
+        else "best dev BLEU   not validated yet",
+    ]
+    if details["averaged_from"]:
+        lines.append(f"averaged from   {len(details['averaged_from'])} checkpoints")
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--last", "last", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="How many of the newest step-N.pt checkpoints to average.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write it (default RUN_DIR/averaged.pt).")
+def average(run_dir, last, output):
+    """Average the weights of a run's last checkpoints (kept with train.keep_checkpoints)."""
+    from .checkpoint import average_checkpoints, save_checkpoint, step_checkpoints
+
+    paths = step_checkpoints(run_dir)[-last:]
+    if not paths:
+        raise CheckpointError(f"{run_dir}: no step-N.pt checkpoints to average; train with "
+                              f"--set train.keep_checkpoints=5 (kept at each validation)")
+    target = Path(output) if output else Path(run_dir) / "averaged.pt"
+    save_checkpoint(target, average_checkpoints(paths))
+    click.echo(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {target}")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1, 4096),
+              help="Sentences translated together, from concurrent requests.")
+@click.option("--max-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0, 10_000),
+              help="How long a request waits for others to share its batch.")
+@click.option("--max-sentences", default=256, show_default=True, type=click.IntRange(1, 100_000),
+              help="Most sentences in one request.")
+@BF16
+def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, bf16):
+    """Serve a model over HTTP: POST /translate {"sentences": [...], "beam": 5}; GET /health."""
+    from .serve import Translator, make_server
+
+    model, tokenizer, config, payload = _load(checkpoint, bf16)
+    translator = Translator(model, tokenizer, max_batch, max_wait_ms, amp=config.train.amp)
+    info = {"checkpoint": str(checkpoint), "step": payload.get("progress", {}).get("step")}
+    try:
+        server = make_server(translator, host, port, max_sentences=max_sentences, info=info)
+    except OSError as exc:
+        raise DataError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    _echo_err(f"serving {checkpoint} on http://{server.server_address[0]}:{server.server_address[1]} "
+              f"(POST /translate, GET /health); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        translator.close()
 
 
 @main.command(name="split-data")

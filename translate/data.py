@@ -365,7 +365,7 @@ def token_batches(lengths: np.ndarray, batch_tokens: int, rng: np.random.Generat
     batches: list[np.ndarray] = []
     for start in range(0, count, pool):
         chunk = order[start: start + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        chunk[:] = chunk[np.argsort(lengths[chunk], kind="stable")]  # in place: batches are views of order
         sizes = lengths[chunk].astype(np.int64)  # ascending
         i, m = 0, len(chunk)
         while i < m:
@@ -403,13 +403,18 @@ class TrainingData:
     def __init__(self, src, tgt, batch_tokens: int, seed: int, max_len: int | None = None):
         self.src, self.tgt = src, tgt
         self.batch_tokens, self.seed = batch_tokens, seed
-        keep = (src.lengths > 0) & (tgt.lengths > 0)
+        # padded length (the longer side + EOS/BOS), 0 for pairs left out; 2 bytes a pair, and
+        # computed in place, so a corpus of millions needs no large temporaries
+        longest = np.maximum(src.lengths, tgt.lengths)
+        lengths = np.minimum(longest, 65534, out=longest).astype(np.uint16)
+        del longest
+        lengths += 1
+        lengths[(src.lengths == 0) | (tgt.lengths == 0)] = 0
         if max_len is not None:
-            keep &= (src.lengths <= max_len) & (tgt.lengths <= max_len)
-        # padded length (the longer side + EOS/BOS), 0 for pairs left out; 2 bytes a pair
-        self.lengths = (np.minimum(np.maximum(src.lengths, tgt.lengths), 65534).astype(np.uint16) + 1) * keep
-        self.size = int(keep.sum())
-        self.dropped = len(keep) - self.size
+            lengths[lengths > max_len + 1] = 0
+        self.lengths = lengths
+        self.size = int(np.count_nonzero(lengths))
+        self.dropped = len(lengths) - self.size
 
     def __len__(self) -> int:
         return self.size

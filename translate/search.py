@@ -262,7 +262,7 @@ def translate_ids(model, src: Encoded, beam: int = 5, n_best: int = 1, batch_tok
     try:
         for indices in token_batches(lengths, batch_tokens * max(beam, 1)):
             batch = collate(src, None, indices, max_src_len=max_src_len).to(device)
-            with autocast_for(device, decoding_dtype(model, amp)):
+            with torch.no_grad(), autocast_for(device, decoding_dtype(model, amp)):
                 memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
                 limits = max_lengths(batch.src_lengths, max_len_ratio)
                 if beam <= 1:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint, step_checkpoints
 from .config import Config, ConfigError, TrainConfig
 from .corpus import StreamingData, first_sentences, load_pairs, sample_sentences, tokenize_corpus
 from .data import Batch, DataError, Encoded, TrainingData, padding_fraction, read_parallel
@@ -39,7 +39,8 @@ from .search import amp_dtype, autocast_for
 from .tokenizer import PAD, Tokenizer
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run stops
-RESUMABLE_KEYS = ("max_steps", "max_epochs", "max_minutes", "patience", "eval_every", "device", "threads")
+RESUMABLE_KEYS = ("max_steps", "max_epochs", "max_minutes", "patience", "eval_every", "keep_checkpoints", "device",
+                  "threads")
 
 
 class TrainingError(RuntimeError):
@@ -508,6 +509,8 @@ class Trainer:
         self.save("last.pt")
         if improved:
             self.save("best.pt")
+        if cfg.keep_checkpoints > 0 and self.world.main:
+            self._keep_step_checkpoint(cfg.keep_checkpoints)
         lr = self.optimizer.param_groups[0]["lr"]
         self.write_metrics({"kind": "dev", "step": p.step, "epoch": p.epoch, "lr": lr, "tf_ratio": p.tf_ratio,
                             **{k: v for k, v in record.items() if k != "example"}, "best": improved})
@@ -515,6 +518,15 @@ class Trainer:
         self.log(f"step {p.step:>6} | dev loss {record['dev_loss']:.3f} ppl {record['dev_ppl']:.2f} | "
                  f"BLEU {record['dev_bleu']:.2f} chrF {record['dev_chrf']:.2f}"
                  f"{' (best)' if improved else ''} | lr {lr:.2e} | e.g. {record['example'][:60]!r}")
+
+    def _keep_step_checkpoint(self, keep: int) -> None:
+        """Weights (no optimiser state) of this validation as step-N.pt; the oldest beyond ``keep`` go."""
+        payload = self.payload()
+        for key in ("optimizer", "scheduler", "scaler", "rng"):
+            payload.pop(key)
+        save_checkpoint(self.run_dir / f"step-{self.progress.step}.pt", payload)
+        for old in step_checkpoints(self.run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
 
     def _clear_bar(self) -> None:
         if self.bar:
