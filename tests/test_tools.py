@@ -153,3 +153,33 @@ def test_quiet_and_verbose_training(corpus, tmp_path):
     assert verbose.exit_code == 0 and "configuration:" in verbose.output and "hidden_dim: 32" in verbose.output
     normal = CliRunner().invoke(main, [*base, "--run-dir", str(tmp_path / "n")])
     assert "training pairs" in normal.output and "configuration:" not in normal.output
+
+
+def test_plot_and_attend_write_pngs(run_with_steps, tmp_path):
+    curves = tmp_path / "curves.png"
+    result = CliRunner().invoke(main, ["plot", str(run_with_steps), "-o", str(curves)])
+    assert result.exit_code == 0, result.output
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
+    heat = tmp_path / "attn.png"
+    result = CliRunner().invoke(main, ["attend", str(run_with_steps), "El gato come pan.", "-o", str(heat)])
+    assert result.exit_code == 0, result.output
+    assert heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = CliRunner().invoke(main, ["plot", str(tmp_path), "-o", str(tmp_path / "x.png")])
+    assert missing.exit_code == 2 and "no metrics file" in missing.output
+
+
+def test_tensorboard_event_files(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train", "--train", str(corpus["train"]), "--dev", str(corpus["dev"]), "--max-steps", "10",
+            "--run-dir", str(tmp_path / "tb"), "--set", "train.tensorboard=true", "--set", "train.eval_every=5"]
+    for key, value in tiny_overrides(corpus).items():
+        if key not in ("data.train", "data.dev", "train.max_steps", "train.eval_every"):
+            args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/tf_ratio", "dev/dev_bleu", "dev/dev_loss"} <= tags
+    assert [e.step for e in events.Scalars("dev/dev_bleu")] == [5, 10]

@@ -307,6 +307,36 @@ def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, bf16):
         translator.close()
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+def plot(run_dir, output):
+    """Plot a run's training curves (loss, dev BLEU, teacher-forcing ratio) into a PNG."""
+    from .plots import plot_training
+
+    click.echo(f"wrote {plot_training(run_dir, output)}")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("sentence")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64))
+def attend(checkpoint, sentence, output, beam):
+    """Translate SENTENCE and draw its attention as a heatmap PNG (pieces on the axes)."""
+    from .plots import plot_attention
+    from .repl import alignment
+    from .search import translate_lines
+
+    if not sentence.strip():
+        raise click.UsageError("give a sentence to translate")
+    model, tokenizer, _, _ = _load(checkpoint)
+    result = translate_lines(model, tokenizer, [sentence], beam=beam, return_attention=True)[0][0]
+    src, tgt, weights = alignment(tokenizer, sentence, result)
+    click.echo(result.text)
+    click.echo(f"wrote {plot_attention(src, tgt, weights, output, title=result.text)}")
+
+
 @main.command(name="split-data")
 @click.option("--input", "input_file", default=str(BUNDLED_DATA.parent.parent / "shared" / "data" /
                                                    "tatoeba-spa-eng.tsv"), show_default=True,

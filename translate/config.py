@@ -78,6 +78,7 @@ class TrainConfig:
     max_minutes: float = 25.0  # 0: no limit
     eval_every: int = 500
     keep_checkpoints: int = 0  # also keep the weights of the last K validations as step-N.pt (for averaging)
+    tensorboard: bool = False  # also write TensorBoard event files into RUN_DIR/tensorboard (needs the extra)
     eval_beam: int = 1
     patience: int = 8  # validations without a better dev BLEU before stopping; 0: never
     seed: int = 1234

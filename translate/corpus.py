@@ -189,7 +189,7 @@ class DiskEncoded:
 
     def __init__(self, ids_path: Path, offsets_path: Path, lengths: np.ndarray):
         self.ids_path, self.offsets_path = Path(ids_path), Path(offsets_path)
-        self.lengths = lengths  # (n,) uint16, clipped at 65535
+        self.lengths = lengths  # (n,) uint16, clipped at 65535 (memory-mapped)
         self._ids = os.open(self.ids_path, os.O_RDONLY)
         self._offsets = os.open(self.offsets_path, os.O_RDONLY)
 
@@ -265,7 +265,8 @@ def _write_flat(tokenized, directory: Path) -> None:
 
 
 def _open_side(directory: Path, side: str) -> DiskEncoded:
-    lengths = np.fromfile(directory / f"{side}.lengths", dtype=np.uint16)
+    # memory-mapped: read once to build the batches' lengths, then left to the page cache
+    lengths = np.memmap(directory / f"{side}.lengths", dtype=np.uint16, mode="r")
     return DiskEncoded(directory / f"{side}.ids", directory / f"{side}.offsets", lengths)
 
 

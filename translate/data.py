@@ -36,16 +36,20 @@ class Parallel:
 
 # ---------------------------------------------------------------- reading
 
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{path}: file not found; check the path")
+    if isinstance(exc, IsADirectoryError):
+        return DataError(f"{path}: is a directory, not a data file; give a file path")
+    return DataError(f"{path}: cannot read ({exc.strerror}); check its permissions")
+
+
 def check_utf8(path: Path) -> bytes:
     """Reads a file and fails with the line number of the first byte that is not UTF-8."""
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not a data file; give a file path") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
+        raise _unreadable(path, exc) from None
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -62,12 +66,8 @@ def check_utf8_stream(path: Path, chunk_size: int = 1 << 20) -> str:
 
     try:
         handle = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not a data file; give a file path") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
+        raise _unreadable(path, exc) from None
     decoder = codecs.getincrementaldecoder("utf-8")()
     first, head, lines, seen_text = None, "", 0, False
     with handle:
@@ -403,16 +403,19 @@ class TrainingData:
     def __init__(self, src, tgt, batch_tokens: int, seed: int, max_len: int | None = None):
         self.src, self.tgt = src, tgt
         self.batch_tokens, self.seed = batch_tokens, seed
-        # padded length (the longer side + EOS/BOS), 0 for pairs left out; 2 bytes a pair, and
-        # computed in place, so a corpus of millions needs no large temporaries
-        longest = np.maximum(src.lengths, tgt.lengths)
-        lengths = np.minimum(longest, 65534, out=longest).astype(np.uint16)
-        del longest
-        lengths += 1
-        lengths[(src.lengths == 0) | (tgt.lengths == 0)] = 0
-        if max_len is not None:
-            lengths[lengths > max_len + 1] = 0
-        self.lengths = lengths
+        # padded length (the longer side + EOS/BOS), 0 for pairs left out; 2 bytes a pair, computed
+        # a million pairs at a time, so a corpus of any size needs no large temporaries
+        n = len(src.lengths)
+        self.lengths = np.empty(n, dtype=np.uint16)
+        for start in range(0, n, 1 << 20):
+            s_len = np.asarray(src.lengths[start: start + (1 << 20)])
+            t_len = np.asarray(tgt.lengths[start: start + (1 << 20)])
+            part = np.minimum(np.maximum(s_len, t_len), 65534).astype(np.uint16) + 1
+            part[(s_len == 0) | (t_len == 0)] = 0
+            if max_len is not None:
+                part[part > max_len + 1] = 0
+            self.lengths[start: start + len(part)] = part
+        lengths = self.lengths
         self.size = int(np.count_nonzero(lengths))
         self.dropped = len(lengths) - self.size
 

@@ -28,6 +28,14 @@ def attention_table(src_pieces: list[str], tgt_pieces: list[str], weights) -> st
     return "\n".join(lines)
 
 
+def alignment(tokenizer: Tokenizer, line: str, result: Translation) -> tuple[list[str], list[str], list[list[float]]]:
+    """Source pieces, output pieces (each with its end-of-sentence mark) and the attention weights
+    between them (rows: output pieces), from a translation made with ``return_attention``."""
+    src = tokenizer.src_pieces(line) + ["</s>"]
+    tgt = tokenizer.tgt_pieces(result.tokens) + ["</s>"]
+    return src, tgt, result.attention[: len(tgt), : len(src)].tolist()
+
+
 class Repl:
     def __init__(self, model, tokenizer: Tokenizer, beam: int = 5):
         self.model, self.tokenizer, self.beam = model, tokenizer, beam
@@ -57,11 +65,7 @@ class Repl:
     def attention(self) -> str:
         if self.last is None or self.last[1].attention is None:
             return "nothing translated yet"
-        line, result = self.last
-        src = self.tokenizer.src_pieces(line) + ["</s>"]
-        tgt = self.tokenizer.tgt_pieces(result.tokens) + ["</s>"]
-        weights = result.attention[: len(tgt), : len(src)]
-        return attention_table(src, tgt, weights.tolist())
+        return attention_table(*alignment(self.tokenizer, *self.last))
 
     def handle(self, line: str) -> tuple[str, bool]:
         line = line.rstrip("\r\n")

@@ -277,12 +277,14 @@ class Trainer:
                                                self.log)
             if self.world.main:
                 barrier(self.world)
+            pairs = len(train)
+            del train  # the Arrow table is done with: training reads the tokenized files
             self.data = TrainingData(src_ids, tgt_ids, cfg.batch_tokens, cfg.seed, data.max_len)
             if not len(self.data):
                 raise DataError(f"{data.train}: no pair is at most data.max_len={data.max_len} pieces long; "
                                 f"raise data.max_len")
             if self.data.dropped:
-                self.log(f"dropped {self.data.dropped:,} of {len(train):,} training pairs longer than "
+                self.log(f"dropped {self.data.dropped:,} of {pairs:,} training pairs longer than "
                          f"{data.max_len} pieces")
         dev_tgt = Encoded(self.tokenizer.encode_tgt(dev.tgt))
         self.dev_data = TrainingData(Encoded(self.tokenizer.encode_src(dev.src)), dev_tgt, cfg.batch_tokens, cfg.seed)
@@ -302,6 +304,7 @@ class Trainer:
             self.forward = DistributedDataParallel(
                 self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.metrics = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") if self.world.main else None
+        self.tensorboard = self._tensorboard() if cfg.tensorboard and self.world.main else None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -392,6 +395,20 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step", "epoch", "best") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self.tensorboard.flush()
+
+    def _tensorboard(self):
+        """A TensorBoard writer into RUN_DIR/tensorboard (``tensorboard --logdir RUN_DIR``)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("train.tensorboard needs the tensorboard package; install it with "
+                              "pip install 'translate[tensorboard]' or set train.tensorboard=false") from None
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -617,6 +634,8 @@ class Trainer:
             self._restore_signals(old_handlers)
             if self.metrics is not None:
                 self.metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         self._clear_bar()
         if self.stop_signal:
             self.log(f"saved {self.run_dir / 'last.pt'}; continue with: translate train --run-dir {self.run_dir} --resume")
