@@ -273,8 +273,10 @@ class Trainer:
             # tokenized once into files beside the Arrow cache (rank 0 first; the others reuse them)
             if not self.world.main:
                 barrier(self.world)
-            src_ids, tgt_ids = tokenize_corpus(train, self.tokenizer, data.src_lang, data.tgt_lang, data.num_proc,
-                                               self.log)
+            # no worker processes once a process group exists: forking a process that holds gloo/NCCL
+            # threads and sockets is unsafe (a child's exit can break the group's connections)
+            workers = 1 if self.world.distributed else data.num_proc
+            src_ids, tgt_ids = tokenize_corpus(train, self.tokenizer, data.src_lang, data.tgt_lang, workers, self.log)
             if self.world.main:
                 barrier(self.world)
             pairs = len(train)
