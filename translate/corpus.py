@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from .data import (HUB_SPLITS, JSON_SUFFIXES, TABLE_SUFFIXES, Batch, DataError, Encoded, TrainingData, _check_columns,
-                   check_utf8_stream, collate, token_batches)
+                   check_utf8_stream, collate, data_source, token_batches)
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = "1"  # bump when the cached files change layout
@@ -31,15 +31,11 @@ def load_pairs(spec: str, src_lang: str, tgt_lang: str, split: str = "train", st
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(spec).expanduser()
-    pair = (Path(f"{path}.{src_lang}"), Path(f"{path}.{tgt_lang}"))
-    if path.suffix.lower() in TABLE_SUFFIXES or path.suffix.lower() in JSON_SUFFIXES or path.is_file():
+    kind, path, pair = data_source(spec, src_lang, tgt_lang)
+    if kind == "table":
         table = _load_table(path, src_lang, tgt_lang, streaming)
-    elif pair[0].exists() or pair[1].exists():
+    elif kind == "pair":
         table = _load_text_pair(pair[0], pair[1], src_lang, tgt_lang, streaming)
-    elif path.exists() or spec.startswith((".", "/", "~")) or path.suffix:
-        raise DataError(f"{spec}: no such data file, and no {pair[0].name} / {pair[1].name} beside it; "
-                        f"give a TSV/CSV/JSON-lines file or a prefix of plain-text files")
     else:
         table = _load_hub(spec, src_lang, tgt_lang, split, streaming)
     if not streaming:

@@ -92,18 +92,30 @@ def check_utf8_stream(path: Path, chunk_size: int = 1 << 20) -> str:
     return first or ""
 
 
-def read_parallel(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -> Parallel:
-    """Reads sentence pairs from a TSV/CSV/JSON-lines file, a ``PATH.src``/``PATH.tgt`` pair of
-    text files, or a hub dataset (``NAME`` or ``NAME:CONFIG``; needs network)."""
+def data_source(spec: str, src_lang: str, tgt_lang: str) -> tuple[str, Path, tuple[Path, Path]]:
+    """What a corpus spec names: ``"table"`` (a TSV/CSV/JSON-lines file), ``"pair"`` (the text
+    files ``PATH.<src>``/``PATH.<tgt>``) or ``"hub"`` (a dataset name), with its path and the
+    text-pair paths. A local-looking path that names none of these is an error."""
     path = Path(spec).expanduser()
     pair = (Path(f"{path}.{src_lang}"), Path(f"{path}.{tgt_lang}"))
     if path.suffix.lower() in TABLE_SUFFIXES or path.suffix.lower() in JSON_SUFFIXES or path.is_file():
-        parallel = _read_table(path, src_lang, tgt_lang)
-    elif pair[0].exists() or pair[1].exists():
-        parallel = _read_text_pair(pair[0], pair[1])
-    elif path.exists() or spec.startswith((".", "/", "~")) or path.suffix:
+        return "table", path, pair
+    if pair[0].exists() or pair[1].exists():
+        return "pair", path, pair
+    if path.exists() or spec.startswith((".", "/", "~")) or path.suffix:
         raise DataError(f"{spec}: no such data file, and no {pair[0].name} / {pair[1].name} beside it; "
                         f"give a TSV/CSV/JSON-lines file or a prefix of plain-text files")
+    return "hub", path, pair
+
+
+def read_parallel(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -> Parallel:
+    """Reads sentence pairs from a TSV/CSV/JSON-lines file, a ``PATH.src``/``PATH.tgt`` pair of
+    text files, or a hub dataset (``NAME`` or ``NAME:CONFIG``; needs network)."""
+    kind, path, pair = data_source(spec, src_lang, tgt_lang)
+    if kind == "table":
+        parallel = _read_table(path, src_lang, tgt_lang)
+    elif kind == "pair":
+        parallel = _read_text_pair(pair[0], pair[1])
     else:
         parallel = _read_hub(spec, src_lang, tgt_lang, split)
     _check_pairs(parallel, src_lang, tgt_lang)
@@ -415,9 +427,8 @@ class TrainingData:
             if max_len is not None:
                 part[part > max_len + 1] = 0
             self.lengths[start: start + len(part)] = part
-        lengths = self.lengths
-        self.size = int(np.count_nonzero(lengths))
-        self.dropped = len(lengths) - self.size
+        self.size = int(np.count_nonzero(self.lengths))
+        self.dropped = n - self.size
 
     def __len__(self) -> int:
         return self.size
@@ -446,8 +457,3 @@ class TrainingData:
             yield (position + group, [collate(self.src, self.tgt, b) for b in step[mine]],
                    sum(self.target_tokens(b) for b in step))
 
-
-def filter_long(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int) -> tuple[list[int], int]:
-    """Indices of pairs whose sides both fit in ``max_len`` pieces, and how many were dropped."""
-    keep = [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids)) if 0 < len(s) <= max_len and 0 < len(t) <= max_len]
-    return keep, len(src_ids) - len(keep)
