@@ -50,12 +50,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="only the first N test sentences")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--beams", default="1,5")
-    parser.add_argument("--bf16", action="store_true", help="a bf16 copy on CPU, as `translate decode --bf16`")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
     args = parser.parse_args()
 
     model, tokenizer, config, _ = load_model(args.checkpoint, select_device("auto"))
     amp = config.train.amp
-    model = inference_model(model, args.bf16)  # as `translate decode [--bf16]` does
+    model = inference_model(model, args.precision)  # as `translate decode [--bf16 | --int8]` does
     test = read_parallel(args.test, config.data.src_lang, config.data.tgt_lang, "test")
     sources, refs = test.src, test.tgt
     if args.limit:

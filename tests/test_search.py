@@ -101,16 +101,25 @@ def test_greedy_drops_finished_sentences_without_changing_results(model, tokeniz
         assert alone.score == pytest.approx(together[i][0].score, abs=1e-4)
 
 
-def test_inference_model_bf16_copy_leaves_the_model_alone(model, tokenizer, monkeypatch):
+def test_inference_model_copies_leave_the_model_alone(model, tokenizer, monkeypatch):
     from translate import search
+    from translate.quantize import Int8Linear
 
-    assert search.inference_model(model, bf16=False) is model
+    assert search.inference_model(model, "fp32") is model
+    with pytest.raises(ValueError, match="unknown precision"):
+        search.inference_model(model, "fp8")
     monkeypatch.setattr(search, "cpu_has_bf16", lambda: False)
-    assert search.inference_model(model, bf16=True) is model  # no native bf16: nothing to gain
+    assert search.inference_model(model, "bf16") is model  # no native bf16: nothing to gain
     monkeypatch.setattr(search, "cpu_has_bf16", lambda: True)
-    fast = search.inference_model(model, bf16=True)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    fast = search.inference_model(model, "bf16")
     assert fast is not model and next(fast.parameters()).dtype == torch.bfloat16
-    assert next(model.parameters()).dtype == torch.float32
-    out = translate_lines(fast, tokenizer, SENTENCES, beam=3)
-    assert len(out) == len(SENTENCES) and all(isinstance(t[0].text, str) for t in out)
-    assert all(torch.isfinite(torch.tensor(t[0].score)) for t in out)
+    small = search.inference_model(model, "int8")
+    assert small is not model and isinstance(small.decoder.output, Int8Linear)
+    assert isinstance(model.decoder.output, torch.nn.Linear) and next(model.parameters()).dtype == torch.float32
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, before[name]), name
+    for copy in (fast, small):
+        out = translate_lines(copy, tokenizer, SENTENCES, beam=3)
+        assert len(out) == len(SENTENCES) and all(isinstance(t[0].text, str) for t in out)
+        assert all(torch.isfinite(torch.tensor(t[0].score)) for t in out)

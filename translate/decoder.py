@@ -101,6 +101,8 @@ class Decoder(nn.Module):
         """One time step of ``self.rnn`` through the fused cell kernels, with the same weights:
         for a single step they cost a fraction of a full RNN call (most of decoding time).
         x: (batch, input) -> outputs (batch, 1, hidden), new states (layers, batch, hidden)."""
+        if hasattr(self.rnn, "step"):  # an int8 copy for decoding (quantize.Int8RNNStep)
+            return self.rnn.step(x, hidden)
         new_h, new_c = [], []
         for layer in range(self.layers):
             weights = [getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]

@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--max-len-ratio", type=float, default=2.0,
                         help="longest output: ratio x source length + 10 pieces (translate has no fixed "
                              "maximum length; 2.0 is `translate decode`'s default)")
-    parser.add_argument("--bf16", action="store_true", help="a bf16 copy on CPU, as `translate decode --bf16`")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -43,7 +44,7 @@ def main() -> None:
     from translate.training import select_device
 
     model, tokenizer, config, _ = load_model(args.checkpoint, select_device("auto"))
-    model = inference_model(model, args.bf16)  # as `translate decode [--bf16]` does
+    model = inference_model(model, args.precision)  # as `translate decode [--bf16 | --int8]` does
     sources = Path(args.input).read_text(encoding="utf-8").splitlines()
     lengths = [len(ids) for ids in tokenizer.encode_src(sources)]
     kwargs = {"beam": args.beam, "alpha": args.alpha, "batch_tokens": 10 ** 9, "max_len_ratio": args.max_len_ratio,

@@ -1,0 +1,96 @@
+import pytest
+import torch
+from torch import nn
+
+from translate.attention import BahdanauAttention
+from translate.config import load_config
+from translate.model import build_model
+from translate.quantize import Int8Linear, Int8RNNStep, int8_available, quantized_copy
+from translate.search import beam_search, greedy
+
+from .test_search import SENTENCES, encode
+
+pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch build has no fbgemm int8 kernels")
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx - exact).detach().norm() / exact.detach().norm())
+
+
+def test_int8_linear_is_close_to_the_float_layer():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 300)
+    x = torch.randn(2, 7, 64)  # leading dims are kept
+    exact = layer(x)
+    approx = Int8Linear.from_linear(layer)(x)
+    assert approx.shape == exact.shape
+    assert relative_error(approx, exact) < 0.02
+    # and it is really quantised: not bit-equal to the float layer
+    assert not torch.equal(approx, exact)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_int8_rnn_step_follows_the_float_rnn(cell):
+    torch.manual_seed(1)
+    rnn = cell(24, 32, num_layers=2, batch_first=True)
+    step = Int8RNNStep(rnn)
+    x = torch.randn(5, 24)
+    states = (torch.randn(2, 5, 32),) + ((torch.randn(2, 5, 32),) if cell is nn.LSTM else ())
+    hidden = states if cell is nn.LSTM else states[0]
+    with torch.no_grad():
+        exact_out, exact_states = rnn(x.unsqueeze(1), hidden)
+        approx_out, approx_states = step.step(x, states)
+    exact_states = exact_states if isinstance(exact_states, tuple) else (exact_states,)
+    assert approx_out.shape == exact_out.shape == (5, 1, 32)
+    assert relative_error(approx_out, exact_out) < 0.03
+    for approx, exact in zip(approx_states, exact_states):
+        assert approx.shape == exact.shape and relative_error(approx, exact) < 0.03
+
+
+@pytest.fixture(params=[("lstm", "bahdanau", "tied"), ("gru", "luong-general", "feed")], ids="-".join)
+def pair(request, tokenizer):
+    cell, attention, extra = request.param
+    torch.manual_seed(4)
+    config = load_config(overrides={"model.cell": cell, "model.attention": attention,
+                                    "model.input_feeding": extra == "feed", "model.tie_embeddings": extra == "tied",
+                                    "model.embed_dim": 32, "model.hidden_dim": 64, "model.dropout": 0.0})
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
+    with torch.no_grad():
+        model.decoder.output.bias.normal_(0, 2)
+    return model, quantized_copy(model)
+
+
+def test_int8_copy_decodes_like_the_float_model(pair, tokenizer):
+    model, small = pair
+    memory, state, _ = encode(model, tokenizer, SENTENCES)
+    small_memory, small_state, _ = encode(small, tokenizer, SENTENCES)
+    prev = torch.tensor([5, 9, 11, 7, 3])
+    with torch.no_grad():
+        for _ in range(3):  # a few steps, so the quantised state is fed back
+            exact, state, exact_weights = model.decode_step(prev, memory, state)
+            approx, small_state, approx_weights = small.decode_step(prev, small_memory, small_state)
+            assert relative_error(approx, exact) < 0.05
+            assert (approx_weights - exact_weights).abs().max() < 0.05
+            prev = exact.argmax(-1)
+    assert model.decoder.output.weight.dtype == torch.float32  # the float model is untouched
+
+
+def test_int8_beam_one_equals_int8_greedy(pair, tokenizer):
+    _, small = pair
+    memory, state, limits = encode(small, tokenizer, SENTENCES)
+    by_greedy = greedy(small, memory, state, limits)
+    by_beam = beam_search(small, memory, state, 1, limits)
+    assert [g[0].tokens for g in by_greedy] == [b[0].tokens for b in by_beam]
+
+
+def test_sigmoid_form_of_additive_attention_equals_tanh_form():
+    torch.manual_seed(2)
+    attention = BahdanauAttention(16, 12, 10)
+    query, memory = torch.randn(3, 4, 16), torch.randn(3, 6, 12)
+    mask = torch.tensor([[1] * 6, [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    _, weights = attention(query, attention.project_keys(memory), memory, mask)
+    # Bahdanau et al. (2015) as written: v . tanh(W_q q + W_k k)
+    keys = attention.key_layer(memory).unsqueeze(1)  # (batch, 1, src_len, attn)
+    q = attention.query_layer(query).unsqueeze(2)  # (batch, tgt_len, 1, attn)
+    scores = attention.v(torch.tanh(q + keys)).squeeze(-1).masked_fill(~mask.unsqueeze(1), float("-inf"))
+    torch.testing.assert_close(weights, scores.softmax(-1), atol=1e-6, rtol=1e-5)

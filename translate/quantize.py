@@ -1,0 +1,125 @@
+"""Dynamic int8 quantisation for CPU decoding (Jacob et al., 2018; the scheme of fbgemm's
+dynamic linear): weights are stored once as int8 with one scale per output row, activations are
+quantised per call from their observed range, and the products accumulate in int32.
+
+Decoding is bound by the decoder's matrix products (the output layer over the vocabulary and
+the RNN gates, run once per target token), which fbgemm's int8 kernels run several times faster
+than fp32 on x86. Only what runs per token is quantised: the decoder's RNN step (input and
+recurrent weights joined into one product per layer), the attention query, the combination
+layer, the output layer and the key projection. Embedding lookups, softmaxes and the encoder's
+packed RNN stay in fp32. The model used for training is never changed: ``quantized_copy``
+returns a new one.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def int8_available() -> bool:
+    """True when this torch build has the x86 int8 kernels (fbgemm) that ``quantized_copy`` uses."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _pack(weight: torch.Tensor, bias: torch.Tensor | None):
+    """int8 weight (per output row, symmetric) packed for fbgemm's dynamic linear."""
+    weight = weight.detach().float().contiguous()  # (out, in)
+    scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()  # (out,)
+    zeros = torch.zeros(weight.size(0), dtype=torch.long)
+    with warnings.catch_warnings():  # the quantised-tensor constructors warn of their future removal
+        warnings.simplefilter("ignore")
+        qweight = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for ``nn.Linear`` at inference: y = x W^T + b with W in int8, any leading dims."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.size(1), weight.size(0)
+        self._packed = _pack(weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (..., in)
+        flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
+        # reduce_range=True keeps fbgemm's u8 x s8 products clear of int16 saturation
+        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)  # (rows, out)
+        return out.view(*shape[:-1], self.out_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(linear.weight, linear.bias)
+
+
+class Int8RNNStep(nn.Module):
+    """One time step of a multi-layer LSTM or GRU with int8 weights. For the LSTM, the input and
+    recurrent products of a layer are one product over [x; h] (their weights side by side); the
+    GRU needs them apart because its reset gate scales only the recurrent part of the candidate."""
+
+    def __init__(self, rnn: nn.LSTM | nn.GRU):
+        super().__init__()
+        self.cell = "lstm" if isinstance(rnn, nn.LSTM) else "gru"
+        self.layers, self.hidden_dim, self.dropout = rnn.num_layers, rnn.hidden_size, rnn.dropout
+        joined, inputs, recurrents = [], [], []
+        for layer in range(rnn.num_layers):
+            w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
+            b_ih, b_hh = getattr(rnn, f"bias_ih_l{layer}", None), getattr(rnn, f"bias_hh_l{layer}", None)
+            if self.cell == "lstm":
+                bias = None if b_ih is None else b_ih + b_hh
+                joined.append(Int8Linear(torch.cat([w_ih, w_hh], dim=1), bias))  # (4*hidden, in+hidden)
+            else:
+                inputs.append(Int8Linear(w_ih, b_ih))  # (3*hidden, in)
+                recurrents.append(Int8Linear(w_hh, b_hh))  # (3*hidden, hidden)
+        self.joined, self.inputs, self.recurrents = nn.ModuleList(joined), nn.ModuleList(inputs), nn.ModuleList(recurrents)
+
+    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
+        """x: (batch, input); hidden: each (layers, batch, hidden). Returns the top layer's output
+        (batch, 1, hidden) and the new states, each (layers, batch, hidden)."""
+        new_h, new_c = [], []
+        for layer in range(self.layers):
+            if layer > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            h = hidden[0][layer]  # (batch, hidden)
+            if self.cell == "lstm":
+                gates = self.joined[layer](torch.cat([x, h], dim=1))  # (batch, 4*hidden)
+                i, f, g, o = gates.chunk(4, dim=1)
+                c = torch.sigmoid(f) * hidden[1][layer] + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                new_c.append(c)
+            else:
+                xr, xz, xn = self.inputs[layer](x).chunk(3, dim=1)  # each (batch, hidden)
+                hr, hz, hn = self.recurrents[layer](h).chunk(3, dim=1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+            new_h.append(h)
+            x = h
+        states = (torch.stack(new_h), torch.stack(new_c)) if self.cell == "lstm" else (torch.stack(new_h),)
+        return x.unsqueeze(1), states
+
+
+def _swap_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear.from_linear(child))
+        else:
+            _swap_linears(child)
+
+
+def quantized_copy(model: nn.Module) -> nn.Module:
+    """An int8 copy of a ``Seq2Seq`` for CPU decoding (see the module's docstring); the original
+    is left as it is. Raises RuntimeError where torch lacks the int8 kernels."""
+    if not int8_available():
+        raise RuntimeError("int8 decoding needs PyTorch's x86 int8 kernels (fbgemm), which this build lacks; "
+                           "decode without --int8")
+    torch.backends.quantized.engine = "fbgemm"
+    quantized = copy.deepcopy(model).float().cpu().eval()
+    decoder = quantized.decoder
+    decoder.rnn = Int8RNNStep(decoder.rnn)
+    _swap_linears(decoder)  # output (tied or not), combine, attention layers, bridge
+    return quantized
