@@ -458,10 +458,10 @@ def translate_train(minutes: float, out: Path, extra: list[str], batch_tokens: i
     return result
 
 
-def translate_decode(train: dict, beam: int, src: Path, out: Path) -> dict:
+def translate_decode(train: dict, beam: int, src: Path, out: Path, precision: str = "fp32") -> dict:
     hyp = out / f"hyp.b{beam}.txt"
     cmd = [sys.executable, str(HERE / "translate_decode.py"), train["checkpoint"], "-i", rel(src), "-o", rel(hyp),
-           "--beam", str(beam), "--batch", str(BATCH), "--alpha", str(ALPHA)]
+           "--beam", str(beam), "--batch", str(BATCH), "--alpha", str(ALPHA), "--precision", precision]
     proc = Timed(cmd, out / f"decode.b{beam}.log", environment())
     code = proc.finish(3600)
     report = next((json.loads(line) for _, line in reversed(proc.lines) if line.startswith("{")), None)
@@ -469,7 +469,7 @@ def translate_decode(train: dict, beam: int, src: Path, out: Path) -> dict:
         raise Failure(f"translate decoding failed (exit {code}); see {proc.log_path}:\n{tail(proc.log_path)}")
     return {"text": hyp, "seconds": report["seconds"],
             "timing": "translate_decode.py around translate_lines (model loading excluded)",
-            "peak_rss_mb": proc.peak_rss_mb(), "max_len_ratio": report.get("max_len_ratio")}
+            "peak_rss_mb": proc.peak_rss_mb(), "max_len_ratio": report.get("max_len_ratio"), "precision": precision}
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +509,9 @@ def table(results: dict) -> str:
             lines.append(f"| {r['toolkit']} | failed: {r['error'].splitlines()[0][:90]} |")
             continue
         t, g, b = r["train"], r["decode"].get("1", {}), r["decode"].get("5", {})
-        cells = [r["toolkit"], fmt(t.get("parameters"), "{:,}"), fmt(t.get("steps")), fmt(t.get("tok_per_s")),
+        precision = g.get("precision") or b.get("precision") or "fp32"
+        name = r["toolkit"] if precision == "fp32" else f"{r['toolkit']} ({precision} decoding)"
+        cells = [name, fmt(t.get("parameters"), "{:,}"), fmt(t.get("steps")), fmt(t.get("tok_per_s")),
                  fmt(g.get("bleu"), "{:.2f}"), fmt(b.get("bleu"), "{:.2f}"), fmt(g.get("sent_per_s"), "{:,.1f}"),
                  fmt(b.get("sent_per_s"), "{:,.1f}"), fmt(t.get("peak_rss_train_mb"), "{:,.0f} MB"),
                  fmt(r.get("peak_rss_decode_mb"), "{:,.0f} MB")]
@@ -548,6 +550,8 @@ def main() -> None:
                         help="extra `translate train --set` for our toolkit (repeatable; overrides the defaults)")
     parser.add_argument("--test-limit", type=int, default=0,
                         help="decode only the first N test sentences (quick checks)")
+    parser.add_argument("--translate-precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="how `translate` decodes on CPU (`translate decode --bf16 / --int8`); the peers use fp32")
     parser.add_argument("--skip-train", action="store_true",
                         help="reuse each toolkit's last training (work/<toolkit>/train.json) and only decode")
     args = parser.parse_args()
@@ -610,7 +614,7 @@ def main() -> None:
                 elif toolkit == "onmt":
                     d = onmt_decode(t, beam, src_pieces, out)
                 else:
-                    d = translate_decode(t, beam, src_raw, out)
+                    d = translate_decode(t, beam, src_raw, out, args.translate_precision)
                 if "pieces" in d:
                     hyps = detokenize(d.pop("pieces"), sp)
                     d["text"] = out / f"hyp.b{beam}.txt"
