@@ -131,3 +131,54 @@ def test_training_reads_the_corpus_from_disk(corpus, tiny_tokenizer_file, tmp_pa
     assert type(trainer.data.src).__name__ == "DiskEncoded"
     assert len(trainer.data) == 600 and trainer.data.lengths.dtype == np.uint16
     assert Path(trainer.data.src.ids_path).is_relative_to(hf_cache)
+
+
+def test_tokenizer_sample_is_streamed_seeded_and_in_corpus_order(corpus, hf_cache, monkeypatch):
+    import random
+
+    from translate import corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "CHUNK", 64)  # several chunks, also for in-memory views
+    table = load_pairs(str(corpus["train"]), "spa", "eng")
+    everything = [str(s) for s in table["spa"]]
+    assert corpus_module.sample_sentences(table, "spa", 10_000, seed=3) == everything
+    rows = sorted(random.Random(3).sample(range(len(everything)), 50))
+    sample = corpus_module.sample_sentences(table, "spa", 50, seed=3)
+    assert sample == [everything[i] for i in rows]
+    assert corpus_module.sample_sentences(table, "spa", 50, seed=4) != sample
+    # the same from a view that is not simply a stored file (read through datasets' own batches)
+    view = table.select(range(len(everything) - 1, -1, -1))
+    assert corpus_module.sample_sentences(view, "spa", 10_000, seed=3) == everything[::-1]
+
+
+def test_arrow_files_are_written_in_large_record_batches(tmp_path, hf_cache):
+    import pyarrow as pa
+
+    path = tmp_path / "big.tsv"
+    path.write_text("spa\teng\n" + "".join(f"Frase {i}.\tSentence {i}.\n" for i in range(2500)), encoding="utf-8")
+    table = load_pairs(str(path), "spa", "eng")
+    with pa.OSFile(table.cache_files[0]["filename"]) as source:
+        batches = sum(1 for _ in pa.ipc.open_stream(source))
+    assert batches == 1  # not one per 1,000 rows, as datasets writes by default
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_released_arrow_pages_leave_the_process_and_the_data_stays(tmp_path):
+    import pyarrow as pa
+
+    from translate.corpus import release_mapped_pages
+
+    def resident_file_kb() -> int:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(status["RssFile"].split()[0])
+
+    path = tmp_path / "data.arrow"
+    table = pa.table({"s": [f"sentence number {i} " * 4 for i in range(200_000)]})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    mapped = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    text = mapped.column("s").to_pylist()  # every page of the file read through the map
+    before = resident_file_kb()
+    assert release_mapped_pages() >= path.stat().st_size
+    assert resident_file_kb() < before - path.stat().st_size // 2048  # at least half the file gone
+    assert mapped.column("s").to_pylist() == text  # and still readable

@@ -22,6 +22,13 @@ from .tokenizer import Tokenizer
 
 FORMAT_VERSION = "1"  # bump when the cached files change layout
 CHUNK = 50_000  # rows converted at a time
+# Rows per record batch in the Arrow files that ``datasets`` writes from a text corpus. Opening
+# such a file reads each batch's header through the memory map, and the kernel maps the pages
+# around every page it faults in (fault-around, 64 KB): with the default 1,000-row batches that
+# made about 60% of the corpus resident in every process that opened it. 100,000-row batches
+# leave it at a few MB.
+WRITER_BATCH = 100_000
+MAP_BATCH = 10_000  # rows tokenized, and written, at a time by Dataset.map
 
 
 def load_pairs(spec: str, src_lang: str, tgt_lang: str, split: str = "train", streaming: bool = False):
@@ -40,6 +47,7 @@ def load_pairs(spec: str, src_lang: str, tgt_lang: str, split: str = "train", st
         table = _load_hub(spec, src_lang, tgt_lang, split, streaming)
     if not streaming:
         _check_sentences(table, src_lang, tgt_lang, spec, header=1 if path.suffix.lower() in TABLE_SUFFIXES else 0)
+        release_mapped_pages()
     return table
 
 
@@ -61,6 +69,8 @@ def _load_table(path: Path, src_lang: str, tgt_lang: str, streaming: bool):
         kwargs = dict(delimiter=delimiter, quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False,
                       features=features)
     try:
+        if not streaming:
+            kwargs["writer_batch_size"] = WRITER_BATCH
         table = datasets.load_dataset(loader, data_files=str(path.resolve()), split="train", streaming=streaming,
                                       **kwargs)
     except Exception as exc:  # datasets wraps parser errors in many types
@@ -80,8 +90,9 @@ def _load_text_pair(src_path: Path, tgt_path: Path, src_lang: str, tgt_lang: str
         check_utf8_stream(side)
     sides = []
     for side, lang in ((src_path, src_lang), (tgt_path, tgt_lang)):
+        kwargs = {} if streaming else {"writer_batch_size": WRITER_BATCH}
         sides.append(datasets.load_dataset("text", data_files=str(side.resolve()), split="train",
-                                           streaming=streaming).rename_column("text", lang))
+                                           streaming=streaming, **kwargs).rename_column("text", lang))
     if not streaming and len(sides[0]) != len(sides[1]):
         raise DataError(f"{src_path} has {len(sides[0])} lines but {tgt_path} has {len(sides[1])}; "
                         f"parallel files must have one sentence a line, line for line")
@@ -115,8 +126,8 @@ def column_chunks(table, column: str) -> Iterator:
 
     files = _files_holding(table, column)
     if files is None:  # in memory, a view or a transformed table: read it as datasets would
-        for batch in table.data.to_batches(max_chunksize=CHUNK):
-            yield batch.column(batch.schema.get_field_index(column))
+        for batch in table.with_format("arrow").iter(batch_size=CHUNK):  # honours an indices mapping
+            yield batch.column(column).combine_chunks()
         return
     for filename in files:
         with pa.OSFile(filename) as source:
@@ -166,7 +177,36 @@ def _check_sentences(table, src_lang: str, tgt_lang: str, origin: str, header: i
 
 def _encode_rows(rows: dict, src_lang: str, tgt_lang: str, protos: tuple[bytes, bytes]) -> dict:
     tokenizer = _tokenizer(protos)
-    return {"src_ids": tokenizer.encode_src(rows[src_lang]), "tgt_ids": tokenizer.encode_tgt(rows[tgt_lang])}
+    out = {"src_ids": tokenizer.encode_src(rows[src_lang]), "tgt_ids": tokenizer.encode_tgt(rows[tgt_lang])}
+    release_mapped_pages()  # this batch's strings are read: let the process hold none of them
+    return out
+
+
+def release_mapped_pages(suffix: str = ".arrow") -> int:
+    """Unmaps the resident pages of this process's read-only memory maps of Arrow files
+    (madvise MADV_DONTNEED), so reading a corpus through ``datasets``' memory maps does not
+    leave every page read counted in the process's memory. The data stays valid: a later read
+    maps the page again from the page cache (or the file). Returns the bytes of the mappings
+    released; 0 where /proc or madvise is missing."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            regions = [line.split() for line in maps]
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    released = 0
+    for fields in regions:
+        if len(fields) < 6 or not fields[5].endswith(suffix) or "w" in fields[1]:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            released += end - start
+    return released
+
+
+MADV_DONTNEED = 4  # Linux
 
 
 _TOKENIZERS: dict[tuple[bytes, bytes], Tokenizer] = {}
@@ -229,11 +269,13 @@ def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, n
         workers = num_proc or max(1, min(os.cpu_count() or 1, 8))
         log(f"tokenizing {len(table):,} pairs with {workers} process(es) into {directory}")
         tokenized = table.map(
-            _encode_rows, batched=True, batch_size=2000, num_proc=workers if workers > 1 else None,
+            _encode_rows, batched=True, batch_size=MAP_BATCH, writer_batch_size=MAP_BATCH,
+            num_proc=workers if workers > 1 else None,
             fn_kwargs={"src_lang": src_lang, "tgt_lang": tgt_lang,
                        "protos": (tokenizer.src_proto, tokenizer.tgt_proto)},
             remove_columns=table.column_names, cache_file_name=str(directory / "tokens.arrow"),
             new_fingerprint=key, desc="tokenizing")
+        release_mapped_pages()
         _write_flat(tokenized, directory)
         del tokenized
         done.write_text(key + "\n")
@@ -286,10 +328,18 @@ def sample_sentences(table, column: str, limit: int, seed: int) -> list[str]:
     import random
 
     n = len(table)
-    if n <= limit:
-        return [str(s) for s in table[column]]
-    rows = sorted(random.Random(seed).sample(range(n), limit))
-    return [str(s) for s in table.select(rows)[column]]
+    chosen = None if n <= limit else np.sort(np.array(random.Random(seed).sample(range(n), limit), dtype=np.int64))
+    out: list[str] = []
+    offset = 0
+    for column_chunk in column_chunks(table, column):  # streamed: a sample spread over the corpus
+        if chosen is None:  # would otherwise map nearly every page of it
+            out.extend(str(s) for s in column_chunk.to_pylist())
+        else:
+            lo, hi = np.searchsorted(chosen, [offset, offset + len(column_chunk)])
+            if hi > lo:
+                out.extend(str(s) for s in column_chunk.take(chosen[lo:hi] - offset).to_pylist())
+        offset += len(column_chunk)
+    return out
 
 
 class StreamingData:
