@@ -93,6 +93,9 @@ def test_repl_through_stdin(trained):
     assert "</s>" in result.output and "| " in result.output  # the attention table
     assert ":beam N" in result.output and "unknown command :bogus" in result.output
     assert "not reached" not in result.output
+    small = CliRunner().invoke(main, ["repl", str(run_dir), "--int8"], input="El gato come pan.\n:attn\n:quit\n")
+    assert small.exit_code == 0 and "cat" in small.output.split("\n")[0].lower(), small.output
+    assert "</s>" in small.output  # attention comes out of the int8 copy too
 
 
 def test_resume_continues_a_run(trained, corpus, tmp_path):

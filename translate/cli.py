@@ -227,11 +227,12 @@ def _output(path: str | None):
 @main.command()
 @click.argument("checkpoint")
 @click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64))
-def repl(checkpoint, beam):
+@PRECISION
+def repl(checkpoint, beam, bf16, int8):
     """Translate lines as you type them (:help for commands)."""
     from .repl import Repl
 
-    model, tokenizer, _, _ = _load(checkpoint)
+    model, tokenizer, _, _ = _load(checkpoint, bf16, int8)
     Repl(model, tokenizer, beam=beam).run(sys.stdin, sys.stdout)
 
 
