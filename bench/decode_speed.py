@@ -22,7 +22,7 @@ from translate.checkpoint import load_model  # noqa: E402
 from translate.config import BUNDLED_DATA  # noqa: E402
 from translate.data import read_parallel  # noqa: E402
 from translate.evaluate import score  # noqa: E402
-from translate.search import inference_model, translate_lines  # noqa: E402
+from translate.search import PRECISIONS, inference_model, translate_lines  # noqa: E402
 from translate.training import select_device  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="only the first N test sentences")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--beams", default="1,5")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
     args = parser.parse_args()
 

@@ -29,6 +29,7 @@ CHUNK = 50_000  # rows converted at a time
 # leave it at a few MB.
 WRITER_BATCH = 100_000
 MAP_BATCH = 10_000  # rows tokenized, and written, at a time by Dataset.map
+MADV_DONTNEED = 4  # Linux
 
 
 def load_pairs(spec: str, src_lang: str, tgt_lang: str, split: str = "train", streaming: bool = False):
@@ -68,9 +69,9 @@ def _load_table(path: Path, src_lang: str, tgt_lang: str, streaming: bool):
         loader = "csv"
         kwargs = dict(delimiter=delimiter, quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False,
                       features=features)
+    if not streaming:
+        kwargs["writer_batch_size"] = WRITER_BATCH
     try:
-        if not streaming:
-            kwargs["writer_batch_size"] = WRITER_BATCH
         table = datasets.load_dataset(loader, data_files=str(path.resolve()), split="train", streaming=streaming,
                                       **kwargs)
     except Exception as exc:  # datasets wraps parser errors in many types
@@ -89,8 +90,8 @@ def _load_text_pair(src_path: Path, tgt_path: Path, src_lang: str, tgt_lang: str
     for side in (src_path, tgt_path):
         check_utf8_stream(side)
     sides = []
+    kwargs = {} if streaming else {"writer_batch_size": WRITER_BATCH}
     for side, lang in ((src_path, src_lang), (tgt_path, tgt_lang)):
-        kwargs = {} if streaming else {"writer_batch_size": WRITER_BATCH}
         sides.append(datasets.load_dataset("text", data_files=str(side.resolve()), split="train",
                                            streaming=streaming, **kwargs).rename_column("text", lang))
     if not streaming and len(sides[0]) != len(sides[1]):
@@ -190,11 +191,13 @@ def release_mapped_pages(suffix: str = ".arrow") -> int:
     released; 0 where /proc or madvise is missing."""
     import ctypes
 
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None:
+        return 0
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             regions = [line.split() for line in maps]
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    except OSError:  # no /proc
         return 0
     released = 0
     for fields in regions:
@@ -204,9 +207,6 @@ def release_mapped_pages(suffix: str = ".arrow") -> int:
         if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
             released += end - start
     return released
-
-
-MADV_DONTNEED = 4  # Linux
 
 
 _TOKENIZERS: dict[tuple[bytes, bytes], Tokenizer] = {}
@@ -288,13 +288,19 @@ def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, n
 def _return_freed_memory() -> None:
     """Hands the heap that tokenizing freed back to the system (glibc keeps it otherwise: about
     50 MB for ten million pairs), so training starts as small as it will stay."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:  # glibc only
+        trim(0)
+
+
+def _libc():
+    """The C library this process runs on (its functions looked up by name), or None."""
     import ctypes
-    import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):  # no C library to open by that name (Windows)
+        return None
 
 
 def _write_flat(tokenized, directory: Path) -> None:
@@ -331,8 +337,10 @@ def sample_sentences(table, column: str, limit: int, seed: int) -> list[str]:
     chosen = None if n <= limit else np.sort(np.array(random.Random(seed).sample(range(n), limit), dtype=np.int64))
     out: list[str] = []
     offset = 0
-    for column_chunk in column_chunks(table, column):  # streamed: a sample spread over the corpus
-        if chosen is None:  # would otherwise map nearly every page of it
+    # read as a stream: picking a sample spread over the corpus through the memory map would make
+    # nearly every page of it resident
+    for column_chunk in column_chunks(table, column):
+        if chosen is None:
             out.extend(str(s) for s in column_chunk.to_pylist())
         else:
             lo, hi = np.searchsorted(chosen, [offset, offset + len(column_chunk)])

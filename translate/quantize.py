@@ -17,7 +17,6 @@ import copy
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -65,7 +64,7 @@ class Int8RNNStep(nn.Module):
     def __init__(self, rnn: nn.LSTM | nn.GRU):
         super().__init__()
         self.cell = "lstm" if isinstance(rnn, nn.LSTM) else "gru"
-        self.layers, self.hidden_dim, self.dropout = rnn.num_layers, rnn.hidden_size, rnn.dropout
+        self.layers, self.hidden_dim = rnn.num_layers, rnn.hidden_size
         joined, inputs, recurrents = [], [], []
         for layer in range(rnn.num_layers):
             w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
@@ -82,9 +81,7 @@ class Int8RNNStep(nn.Module):
         """x: (batch, input); hidden: each (layers, batch, hidden). Returns the top layer's output
         (batch, 1, hidden) and the new states, each (layers, batch, hidden)."""
         new_h, new_c = [], []
-        for layer in range(self.layers):
-            if layer > 0:
-                x = F.dropout(x, self.dropout, self.training)
+        for layer in range(self.layers):  # for decoding only: no dropout between layers
             h = hidden[0][layer]  # (batch, hidden)
             if self.cell == "lstm":
                 gates = self.joined[layer](torch.cat([x, h], dim=1))  # (batch, 4*hidden)
