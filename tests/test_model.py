@@ -85,3 +85,26 @@ def test_decode_step_is_pure():
     first = model.decode_step(prev, memory, state)[0]
     second = model.decode_step(prev, memory, state)[0]
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("cell,attention,input_feeding,tie", CONFIGS)
+def test_memory_per_group_equals_memory_per_row(cell, attention, input_feeding, tie):
+    # beam search keeps one memory entry per sentence for its whole beam of rows
+    overrides = {"model.cell": cell, "model.attention": attention, "model.input_feeding": str(input_feeding),
+                 "model.tie_embeddings": str(tie), "model.embed_dim": "8", "model.hidden_dim": "16",
+                 "model.layers": "2"}
+    torch.manual_seed(0)
+    model = build_model(load_config(overrides=overrides).model, 30, 25).eval()
+    src, lengths, mask = padded_batch([6, 3, 5])
+    memory, state = model.encode(src, lengths, mask)
+    rows = torch.arange(3).repeat_interleave(4)  # 4 rows per sentence
+    per_row, state = memory.select(rows), state.select(rows)
+    grouped_state = state
+    for prev in torch.randint(4, 25, (3, 12)):
+        logits, state, weights = model.decode_step(prev, per_row, state)
+        grouped, grouped_state, grouped_weights = model.decode_step(prev, memory, grouped_state)
+        torch.testing.assert_close(grouped, logits)
+        torch.testing.assert_close(grouped_weights, weights)
+        for a, b in zip(grouped_state.hidden, state.hidden):
+            torch.testing.assert_close(a, b)
+    assert (weights[4:8, 3:] == 0).all()  # the second sentence's rows never attend past its end

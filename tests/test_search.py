@@ -3,7 +3,8 @@ import torch
 
 from translate.config import load_config
 from translate.model import build_model
-from translate.search import beam_search, greedy, max_lengths, translate_lines
+from translate.search import _top_candidates, beam_search, greedy, length_penalty, max_lengths, translate_lines
+from translate.tokenizer import BOS, EOS
 
 SENTENCES = ["El gato come pan.", "Y.", "El niño grande lee el libro rojo y mira el sol.", "Perro.",
              "El perro pequeño bebe agua."]
@@ -123,3 +124,57 @@ def test_inference_model_copies_leave_the_model_alone(model, tokenizer, monkeypa
         out = translate_lines(copy, tokenizer, SENTENCES, beam=3)
         assert len(out) == len(SENTENCES) and all(isinstance(t[0].text, str) for t in out)
         assert all(torch.isfinite(torch.tensor(t[0].score)) for t in out)
+
+@pytest.mark.parametrize("live,beams,vocab,n", [(7, 5, 300, 10), (3, 1, 50, 4), (4, 3, 2, 6), (2, 1, 3, 10),
+                                                (5, 4, 8, 8)])
+def test_top_candidates_equal_a_full_top_k(live, beams, vocab, n):
+    gen = torch.Generator().manual_seed(live * 100 + vocab)
+    candidates = torch.randn(live, beams, vocab, generator=gen)
+    candidates[0, 1:] = float("-inf")  # beams that are out of the race
+    candidates[1, :, vocab // 2:] = float("-inf")
+    scores, beam, token = _top_candidates(candidates, n)
+    full = torch.cat([candidates.view(live, -1), torch.full((live, n), float("-inf"))], dim=1)
+    torch.testing.assert_close(scores, full.topk(n, dim=1).values)
+    assert ((token >= 0) & (token < vocab) & (beam >= 0) & (beam < beams)).all()
+    finite = torch.isfinite(scores)
+    picked = candidates[torch.arange(live).unsqueeze(1).expand(-1, n), beam, token]
+    torch.testing.assert_close(picked[finite], scores[finite])
+    pairs = (beam * vocab + token)[finite].tolist()
+    per_row = [(beam[r] * vocab + token[r])[finite[r]].tolist() for r in range(live)]
+    assert all(len(set(row)) == len(row) for row in per_row) and len(pairs) == sum(map(len, per_row))
+
+
+def reference_beam_search(model, memory, state, beam, limit, alpha):
+    """The same rules as beam_search, written plainly for one sentence (batch 1), hypothesis by
+    hypothesis, with a full sort over every continuation."""
+    alive = [([], 0.0, state)]
+    finished = []
+    for t in range(limit):
+        expansions = []
+        for tokens, score, hyp_state in alive:
+            prev = torch.tensor([tokens[-1] if tokens else BOS])
+            logits, next_state, _ = model.decode_step(prev, memory, hyp_state)
+            logp = logits[0].float().log_softmax(-1)
+            if t + 1 >= limit:
+                logp = torch.where(torch.arange(logp.numel()) == EOS, logp, torch.full_like(logp, float("-inf")))
+            for token, value in enumerate(logp.tolist()):
+                expansions.append((score + value, tokens, token, next_state))
+        expansions.sort(key=lambda e: -e[0])
+        top = expansions[: 2 * beam]
+        for score, tokens, token, _ in top[:beam]:
+            if token == EOS and score > float("-inf") and len(finished) < beam:
+                finished.append((tokens, score / length_penalty(t + 1, alpha)))
+        alive = [(tokens + [token], score, s) for score, tokens, token, s in top if token != EOS][:beam]
+        if len(finished) >= beam or t + 1 >= limit:
+            break
+    return max(finished, key=lambda f: f[1])
+
+
+def test_beam_search_equals_a_plain_reference(model, tokenizer):
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    results = beam_search(model, memory, state, 3, limits, alpha=0.6)
+    for i, hyps in enumerate(results):
+        rows = torch.tensor([i])
+        tokens, score = reference_beam_search(model, memory.select(rows), state.select(rows), 3, int(limits[i]), 0.6)
+        assert hyps[0].tokens == tokens
+        assert hyps[0].score == pytest.approx(score, abs=1e-4)

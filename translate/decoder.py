@@ -91,7 +91,9 @@ class Decoder(nn.Module):
 
     def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
         """One decoding step. prev: (batch,) previous tokens. Returns logits (batch, vocab), the new
-        state and the attention weights (batch, src_len)."""
+        state and the attention weights (batch, src_len). ``memory`` may hold one entry per group
+        of consecutive rows (batch = entries x group): beam search keeps one per sentence for its
+        beam, so the encoder states are neither copied per hypothesis nor reordered."""
         embedded = self.dropout(self.embed(prev)).unsqueeze(1)  # (batch, 1, embed)
         attentional, state, weights = self._attentional(embedded, memory, state)
         logits = self.output(self.dropout(attentional.squeeze(1)))  # (batch, vocab)
@@ -131,6 +133,13 @@ class Decoder(nn.Module):
             hidden = state.hidden if self.cell == "lstm" else state.hidden[0]
             outputs, hidden = self.rnn(rnn_in, hidden)  # (batch, steps, hidden)
             hidden = hidden if isinstance(hidden, tuple) else (hidden,)
-        context, weights = self.attention(outputs, memory.keys, memory.values, memory.mask)
+        rows, steps = outputs.shape[:2]
+        group = rows // memory.mask.size(0)  # rows per memory entry: the beam in beam search, else 1
+        if group > 1:  # the group's rows attend as the steps of one query: (sentences, group, hidden)
+            query = outputs.reshape(-1, group * steps, outputs.size(-1))
+            context, weights = self.attention(query, memory.keys, memory.values, memory.mask)
+            context, weights = context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
+        else:
+            context, weights = self.attention(outputs, memory.keys, memory.values, memory.mask)
         attentional = torch.tanh(self.combine(torch.cat([outputs, context], dim=-1)))  # (batch, steps, out)
         return attentional, DecoderState(hidden, attentional[:, -1]), weights

@@ -101,8 +101,10 @@ class Int8RNNStep(nn.Module):
 
 
 def _swap_linears(module: nn.Module) -> None:
+    """Every linear layer but those with a handful of outputs (the additive attention's v): their
+    product is a pass over the input, which int8 would only lengthen by quantising it first."""
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
+        if isinstance(child, nn.Linear) and child.out_features >= 16:
             setattr(module, name, Int8Linear.from_linear(child))
         else:
             _swap_linears(child)

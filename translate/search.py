@@ -92,15 +92,40 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def _top_candidates(candidates: torch.Tensor, n: int):
+    """The ``n`` best of a sentence's beam x vocab continuations, best first.
+    candidates: (live, beams, vocab) summed scores -> scores, beam and token, each (live, n).
+
+    A full top-n over beam x vocab costs several times a pass over the scores, so it is taken in
+    two stages: every top-n continuation is a token whose best score over the beams is among
+    the top n such maxima (each of the n better continuations would otherwise have a better
+    token), so only those tokens' beam x n scores are ranked."""
+    live, beams, vocab = candidates.shape
+    if n > beams * vocab:  # tiny vocabularies: pad with impossible continuations (of token 0)
+        pad = candidates.new_full((live, beams, n), NEG_INF)
+        scores, beam, token = _top_candidates(torch.cat([candidates, pad], dim=2), n)
+        return scores, beam, token % vocab
+    if beams == 1 or n > vocab:
+        scores, index = candidates.view(live, beams * vocab).topk(n, dim=1)  # (live, n)
+        return scores, torch.div(index, vocab, rounding_mode="floor"), index % vocab
+    _, tokens = candidates.amax(1).topk(n, dim=1)  # (live, n) the tokens worth ranking
+    shortlist = candidates.gather(2, tokens.unsqueeze(1).expand(live, beams, n))  # (live, beams, n)
+    scores, index = shortlist.view(live, beams * n).topk(n, dim=1)  # (live, n)
+    return scores, torch.div(index, n, rounding_mode="floor"), tokens.gather(1, index % n)
+
+
 @torch.no_grad()
 def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
-                alpha: float = 1.0, n_best: int = 1, return_attention: bool = False) -> list[list[Hypothesis]]:
+                alpha: float = 1.0, n_best: int = 1, return_attention: bool = False,
+                stop: str = "all") -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, up to ``n_best`` hypotheses, best first.
 
     Each step takes the 2*beam best continuations over beam x vocab: those among the first
     ``beam`` that end in EOS are finished (score normalised by the length penalty), the best
     ``beam`` others stay alive. A sentence is done when ``beam`` hypotheses have finished or it
-    reaches its length limit, where every live hypothesis is made to end.
+    reaches its length limit, where every live hypothesis is made to end. The first step runs
+    once per sentence (its beams would all be the same), and the memory stays one entry per
+    sentence for the whole search (``Decoder.step`` attends with a sentence's beam together).
     """
     if n_best > beam:
         raise ValueError(f"n_best ({n_best}) cannot exceed the beam size ({beam})")
@@ -110,14 +135,12 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     max_lens = max_lens.to(device)
     limit = int(max_lens.max())
     src_real = memory.mask.sum(1).tolist()  # real source length per sentence
-    rows = torch.arange(batch, device=device).repeat_interleave(k)
-    memory, state = memory.select(rows), state.select(rows)
     sent = torch.arange(batch, device=device)  # original index of each live sentence
-    scores = torch.zeros(batch, k, device=device)  # (live, beam) summed log-probabilities
-    scores[:, 1:] = NEG_INF  # all beams start as the same hypothesis: keep one
-    seqs = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (live*beam, t)
-    prev = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
-    history = torch.zeros(batch * k, 0, src_len, device=device) if return_attention else None
+    beams = 1  # hypotheses per live sentence: one before the first step, k after it
+    scores = torch.zeros(batch, beams, device=device)  # (live, beams) summed log-probabilities
+    seqs = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (live*beams, t)
+    prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
+    history = torch.zeros(batch, 0, src_len, device=device) if return_attention else None
     fin_scores = torch.full((batch, k), NEG_INF, device=device)
     fin_tokens = torch.full((batch, k, limit), PAD, dtype=torch.long, device=device)
     fin_attn = torch.zeros(batch, k, limit, src_len, device=device) if return_attention else None
@@ -127,15 +150,13 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     for t in range(limit):
         live = sent.numel()
         logits, state, weights = model.decode_step(prev, memory, state)
-        logp = logits.float().log_softmax(-1)  # (live*beam, vocab)
+        logp = logits.float().log_softmax(-1)  # (live*beams, vocab)
         vocab = logp.size(-1)
-        logp = _force_eos(logp, (t + 1 >= max_lens[sent]).repeat_interleave(k))
-        candidates = (scores.view(-1, 1) + logp).view(live, k * vocab)
-        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (live, 2k)
-        origin = torch.div(top_index, vocab, rounding_mode="floor")  # beam each candidate extends
-        token = top_index % vocab
+        logp = _force_eos(logp, (t + 1 >= max_lens[sent]).repeat_interleave(beams))
+        candidates = scores.unsqueeze(2) + logp.view(live, beams, vocab)  # (live, beams, vocab)
+        top_scores, origin, token = _top_candidates(candidates, 2 * k)  # each (live, 2k)
         is_eos = (token == EOS) & torch.isfinite(top_scores)
-        base = torch.arange(live, device=device).unsqueeze(1) * k  # (live, 1)
+        base = torch.arange(live, device=device).unsqueeze(1) * beams  # (live, 1)
 
         # finished: EOS candidates among the first k, written into free slots of fin_*
         ended = is_eos[:, :k]
@@ -162,8 +183,12 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
         if return_attention:
             history = torch.cat([history.index_select(0, src_rows),
                                  weights.float().index_select(0, src_rows).unsqueeze(1)], dim=1)
+        beams = k
 
-        done = (fin_count[sent] >= k) | (t + 1 >= max_lens[sent]) | ~torch.isfinite(scores).any(1)
+        done = (fin_count[sent] >= (n_best if stop == "first" else k))
+        if stop == "first":
+            done = done & is_eos[:, 0]
+        done = done | (t + 1 >= max_lens[sent]) | ~torch.isfinite(scores).any(1)
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
@@ -171,7 +196,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
             keep_rows = (keep.unsqueeze(1) * k + beam_offsets).view(-1)
             sent, scores = sent[keep], scores[keep]
             seqs, prev = seqs[keep_rows], prev[keep_rows]
-            memory, state = memory.select(keep_rows), state.select(keep_rows)
+            memory, state = memory.select(keep), state.select(keep_rows)
             if return_attention:
                 history = history[keep_rows]
 
