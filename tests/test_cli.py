@@ -76,7 +76,7 @@ def test_decode_file_and_n_best(trained, tmp_path):
     assert stdin.exit_code == 0 and len(stdin.output.strip().split("\n")) == 2
     bf16 = runner.invoke(main, ["decode", str(run_dir), "--beam", "2", "--bf16"], input="El gato.\nEl perro.\n")
     assert bf16.exit_code == 0 and len(bf16.output.strip().split("\n")) == 2, bf16.output
-    int8 = runner.invoke(main, ["decode", str(run_dir), "-i", str(src), "--beam", "4", "--int8"])
+    int8 = runner.invoke(main, ["decode", str(run_dir), "-i", str(src), "--beam", "4", "--int8", "--inter-threads", "3"])
     assert int8.exit_code == 0 and "cat" in int8.output.split("\n")[0].lower(), int8.output
     both = runner.invoke(main, ["decode", str(run_dir), "--bf16", "--int8"], input="El gato.\n")
     assert both.exit_code == 2 and "exclude each other" in both.output and "Traceback" not in both.output
@@ -141,6 +141,11 @@ def test_bad_files_for_eval_and_decode(trained, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
     result = runner.invoke(main, ["decode", str(tmp_path / "junk.pt")], input="hola\n")
     assert result.exit_code == 2 and "not a readable checkpoint" in result.output
+    whole = (run_dir / "last.pt").read_bytes()  # decoding maps the file: a cut one must still fail cleanly
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    result = runner.invoke(main, ["decode", str(tmp_path / "cut.pt")], input="hola\n")
+    assert result.exit_code == 2 and "not a readable checkpoint" in result.output
+    assert result.output.count("\n") == 1
 
 
 def test_odd_lines_decode(trained):

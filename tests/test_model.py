@@ -108,3 +108,16 @@ def test_memory_per_group_equals_memory_per_row(cell, attention, input_feeding, 
         for a, b in zip(grouped_state.hidden, state.hidden):
             torch.testing.assert_close(a, b)
     assert (weights[4:8, 3:] == 0).all()  # the second sentence's rows never attend past its end
+
+
+def test_additive_attention_in_chunks_equals_whole(monkeypatch):
+    torch.manual_seed(0)
+    attention = BahdanauAttention(12, 10, 8)
+    query, memory = torch.randn(7, 3, 12), torch.randn(7, 5, 10)
+    keys = attention.project_keys(memory)
+    with torch.no_grad():
+        whole = attention.score(query, keys)
+        monkeypatch.setattr(BahdanauAttention, "CHUNK", 3 * 5 * 8 * 2)  # two batch rows a chunk
+        chunked = attention.score(query, keys)
+    torch.testing.assert_close(chunked, whole)
+    assert chunked.shape == (7, 3, 5)

@@ -178,3 +178,25 @@ def test_beam_search_equals_a_plain_reference(model, tokenizer):
         tokens, score = reference_beam_search(model, memory.select(rows), state.select(rows), 3, int(limits[i]), 0.6)
         assert hyps[0].tokens == tokens
         assert hyps[0].score == pytest.approx(score, abs=1e-4)
+
+
+def test_batches_in_parallel_equal_one_at_a_time(model, tokenizer):
+    threads = torch.get_num_threads()
+    alone = translate_lines(model, tokenizer, SENTENCES, beam=3, n_best=2, batch_sentences=2, inter_threads=1)
+    for beam in (3, 1):
+        parallel = translate_lines(model, tokenizer, SENTENCES, beam=beam, n_best=min(beam, 2), batch_sentences=2,
+                                   inter_threads=2)
+        if beam == 3:
+            assert [[t.tokens for t in n] for n in parallel] == [[t.tokens for t in n] for n in alone]
+            assert [t.score for n in parallel for t in n] == pytest.approx([t.score for n in alone for t in n],
+                                                                           abs=1e-4)
+        assert len(parallel) == len(SENTENCES) and all(len(n) == min(beam, 2) for n in parallel)
+    assert torch.get_num_threads() == threads  # the workers' share is not left behind
+
+
+def test_decode_workers():
+    from translate.search import decode_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode_workers(cpu, 3, 10) == 3 and decode_workers(cpu, 4, 2) == 2 and decode_workers(cuda, 0, 9) == 1
+    assert decode_workers(cpu, 0, 9) == (2 if torch.get_num_threads() >= 2 else 1)

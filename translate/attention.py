@@ -45,9 +45,18 @@ class BahdanauAttention(Attention):
         """v . tanh(a) computed as 2 v . sigmoid(2a), which differs from it by sum(v), the same for
         every source position, so the softmax over positions is unchanged. This is the largest
         elementwise step of training and decoding (batch x tgt_len x src_len x attn_dim), and
-        torch's CPU sigmoid runs it several times faster than its tanh."""
-        q = self.query_layer(query).unsqueeze(2)  # (batch, tgt_len, 1, attn_dim)
-        hidden = torch.add(2 * q, keys.unsqueeze(1), alpha=2).sigmoid_()  # (batch, tgt_len, src_len, attn_dim)
+        torch's CPU sigmoid runs it several times faster than its tanh. Without gradients it runs
+        in chunks of batch rows, so that long sources do not make a large intermediate."""
+        q = 2 * self.query_layer(query).unsqueeze(2)  # (batch, tgt_len, 1, attn_dim)
+        rows = max(1, self.CHUNK // (q.size(1) * keys.size(1) * keys.size(2)))  # batch rows per chunk
+        if rows >= q.size(0) or torch.is_grad_enabled():  # (training keeps it all for backward anyway)
+            return self._score(q, keys)
+        return torch.cat([self._score(q[i: i + rows], keys[i: i + rows]) for i in range(0, q.size(0), rows)])
+
+    CHUNK = 1 << 22  # elements of the (rows, tgt_len, src_len, attn_dim) intermediate, when decoding
+
+    def _score(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        hidden = torch.add(q, keys.unsqueeze(1), alpha=2).sigmoid_()  # (batch, tgt_len, src_len, attn_dim)
         return 2 * self.v(hidden).squeeze(-1)  # (batch, tgt_len, src_len)
 
 

@@ -71,10 +71,12 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Reads a checkpoint. ``mmap`` maps the file instead of reading it: only the tensors that are
+    used become resident, so loading a model for decoding leaves the optimizer's state on disk."""
     path = resolve(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():  # weights_only met a class or function: code could run
             raise CheckpointError(f"{path}: refused: the file holds objects other than weights and plain data "
@@ -115,7 +117,7 @@ def restore(payload: dict[str, Any], device: torch.device | str = "cpu") -> tupl
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Seq2Seq, Tokenizer, Config, dict]:
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, mmap=True)
     model, tokenizer, config = restore(payload, device)
     return model, tokenizer, config, payload
 

@@ -119,6 +119,12 @@ def _load(checkpoint: str, bf16: bool = False, int8: bool = False):
     return model, tokenizer, config, payload
 
 
+def INTER_THREADS(command):
+    return click.option("--inter-threads", default=0, show_default=True, type=click.IntRange(0, 64),
+                        help="Batches decoded at once, each on its share of the threads; 0: two on CPU, "
+                        "one on GPU.")(command)
+
+
 def PRECISION(command):
     """--bf16 / --int8 for the commands that decode."""
     command = click.option("--int8", is_flag=True, help="On CPU, decode with int8 weights (dynamic quantisation): "
@@ -137,7 +143,8 @@ def PRECISION(command):
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @PRECISION
-def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output, as_json, bf16, int8):
+@INTER_THREADS
+def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output, as_json, bf16, int8, inter_threads):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate
 
@@ -157,7 +164,7 @@ def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output,
         test = read_parallel(spec, config.data.src_lang, config.data.tgt_lang, "test")
         sources, references, origin = test.src, test.tgt, test.origin
     scores, hyps = evaluate(model, tokenizer, sources, references, beam=beam, alpha=alpha,
-                            amp=config.train.amp)
+                            amp=config.train.amp, inter_threads=inter_threads)
     if output:
         Path(output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if as_json:
@@ -179,7 +186,8 @@ def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output,
               help="Longest output as a multiple of the source length (plus 10).")
 @click.option("--alpha", default=1.0, show_default=True, help="Length penalty exponent.")
 @PRECISION
-def decode(checkpoint, input_file, output_file, beam, n_best, max_len_ratio, alpha, bf16, int8):
+@INTER_THREADS
+def decode(checkpoint, input_file, output_file, beam, n_best, max_len_ratio, alpha, bf16, int8, inter_threads):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
     from .search import translate_stream
 
@@ -189,7 +197,7 @@ def decode(checkpoint, input_file, output_file, beam, n_best, max_len_ratio, alp
     truncated = []
     stream = translate_stream(model, tokenizer, iter_lines(input_file), beam=beam, n_best=n_best,
                               max_len_ratio=max_len_ratio, alpha=alpha, on_truncate=truncated.append,
-                              amp=config.train.amp)
+                              amp=config.train.amp, inter_threads=inter_threads)
     with _output(output_file) as out:
         for index, nbest in enumerate(stream):
             if n_best == 1:

@@ -27,10 +27,10 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 
 
 def evaluate(model, tokenizer: Tokenizer, sources: Sequence[str], references: Sequence[str], beam: int = 5,
-             batch_tokens: int = 6000, max_len_ratio: float = 2.0, alpha: float = 1.0, amp: bool = True
-             ) -> tuple[dict[str, float | str], list[str]]:
+             batch_tokens: int = 6000, max_len_ratio: float = 2.0, alpha: float = 1.0, amp: bool = True,
+             inter_threads: int = 0) -> tuple[dict[str, float | str], list[str]]:
     """Translates ``sources`` and scores them against ``references``; returns scores and outputs."""
     translations = translate_lines(model, tokenizer, sources, beam=beam, batch_tokens=batch_tokens,
-                                   max_len_ratio=max_len_ratio, alpha=alpha, amp=amp)
+                                   max_len_ratio=max_len_ratio, alpha=alpha, amp=amp, inter_threads=inter_threads)
     hypotheses = [t[0].text for t in translations]
     return score(hypotheses, references), hypotheses

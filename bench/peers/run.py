@@ -469,7 +469,8 @@ def translate_decode(train: dict, beam: int, src: Path, out: Path, precision: st
         raise Failure(f"translate decoding failed (exit {code}); see {proc.log_path}:\n{tail(proc.log_path)}")
     return {"text": hyp, "seconds": report["seconds"],
             "timing": "translate_decode.py around translate_lines (model loading excluded)",
-            "peak_rss_mb": proc.peak_rss_mb(), "max_len_ratio": report.get("max_len_ratio"), "precision": precision}
+            "peak_rss_mb": proc.peak_rss_mb(), "max_len_ratio": report.get("max_len_ratio"), "precision": precision,
+            "inter_threads": report.get("inter_threads")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +525,10 @@ def notes(results: dict, test_limit: int) -> list[str]:
     out = [("decode sent/s: decoding wall time of the whole test set, model loading excluded (Joey: its "
             "'Generation took'; OpenNMT-py: -report_time; translate: timed around translate_lines)"),
            ("peak RSS: /usr/bin/time -v, the largest single process (OpenNMT-py's data-loader workers "
-            "are separate processes, not added)")]
+            "are separate processes, not added)"),
+           (f"batches of {BATCH} sentences for every toolkit, in length order; translate decodes two at a "
+            f"time on CPU, each on half of the {THREADS} threads (its default, `--inter-threads 0`), the "
+            f"peers one at a time on all of them")]
     for r in results.values():
         t = r.get("train", {})
         if t.get("checkpoint_seconds_over_budget"):

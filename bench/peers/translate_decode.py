@@ -2,10 +2,11 @@
 sentences taken in length order, model loading left out of the timing.
 
 `translate decode` batches by tokens and has no batch-size option, so run.py calls this instead;
-it uses the same library calls as `translate decode` (load_model, translate_lines).
+it uses the same library calls as `translate decode` (load_model, translate_lines), with batches of
+--batch sentences; like `translate decode`, two batches are decoded at once on CPU.
 
     python bench/peers/translate_decode.py CHECKPOINT -i SRC -o HYP [--beam 5] [--batch 64]
-        [--alpha 1.0] [--max-len-ratio 2.0]
+        [--alpha 1.0] [--max-len-ratio 2.0] [--precision int8] [--inter-threads 0]
 
 Prints one JSON line: {"seconds": decode wall time, "sentences": N, "load_seconds": ...}.
 """
@@ -34,37 +35,35 @@ def main() -> None:
                              "maximum length; 2.0 is `translate decode`'s default)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
                         help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
+    parser.add_argument("--inter-threads", type=int, default=0,
+                        help="batches decoded at once (`translate decode --inter-threads`; 0: two on CPU)")
     args = parser.parse_args()
 
     started = time.perf_counter()
     import torch
 
     from translate.checkpoint import load_model
-    from translate.search import inference_model, translate_lines
+    from translate.search import decode_workers, inference_model, translate_lines
     from translate.training import select_device
 
-    model, tokenizer, config, _ = load_model(args.checkpoint, select_device("auto"))
+    device = select_device("auto")
+    model, tokenizer, config, _ = load_model(args.checkpoint, device)
     model = inference_model(model, args.precision)  # as `translate decode [--bf16 | --int8]` does
     sources = Path(args.input).read_text(encoding="utf-8").splitlines()
-    lengths = [len(ids) for ids in tokenizer.encode_src(sources)]
-    kwargs = {"beam": args.beam, "alpha": args.alpha, "batch_tokens": 10 ** 9, "max_len_ratio": args.max_len_ratio,
-              "amp": config.train.amp}
+    kwargs = {"beam": args.beam, "alpha": args.alpha, "max_len_ratio": args.max_len_ratio, "amp": config.train.amp,
+              "inter_threads": args.inter_threads}
     load_seconds = time.perf_counter() - started
 
-    order = sorted(range(len(sources)), key=lambda k: lengths[k])
-    hyps = [""] * len(sources)
     start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(order), args.batch):
-            chunk = order[i: i + args.batch]
-            out = translate_lines(model, tokenizer, [sources[k] for k in chunk], **kwargs)
-            for k, nbest in zip(chunk, out):
-                hyps[k] = nbest[0].text if nbest else ""
+    with torch.inference_mode():  # batches of --batch sentences in length order, as the peers take them
+        out = translate_lines(model, tokenizer, sources, batch_sentences=args.batch, **kwargs)
+    hyps = [nbest[0].text if nbest else "" for nbest in out]
     seconds = time.perf_counter() - start
     Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     print(json.dumps({"seconds": round(seconds, 3), "sentences": len(sources), "load_seconds": round(load_seconds, 3),
                       "max_len_ratio": args.max_len_ratio, "threads": torch.get_num_threads(),
-                      "amp": kwargs.get("amp")}), flush=True)
+                      "amp": kwargs.get("amp"), "inter_threads": decode_workers(device, args.inter_threads, 2)}),
+          flush=True)
 
 
 if __name__ == "__main__":
