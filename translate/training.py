@@ -495,9 +495,10 @@ class Trainer:
                 logits = self.model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
             total += float(sequence_loss(logits, batch.tgt_out))
             tokens += int((batch.tgt_out != PAD).sum())
-        # decoded exactly as `translate eval` decodes, so the two BLEU figures agree
+        # decoded as `translate eval` decodes, so the two BLEU figures agree; one batch at a time,
+        # since two at once would add their memory to training's peak (+250 MB with the bench/peers settings)
         scores, hyps = evaluate(self.model, self.tokenizer, self.dev_src, self.dev_ref,
-                                beam=self.config.train.eval_beam, amp=self.config.train.amp)
+                                beam=self.config.train.eval_beam, amp=self.config.train.amp, inter_threads=1)
         loss = total / max(tokens, 1)
         return {"dev_loss": round(loss, 4), "dev_ppl": round(math.exp(min(loss, 50)), 2),
                 "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"], "example": hyps[0] if hyps else ""}
