@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,25 +21,19 @@ from translate.checkpoint import load_model  # noqa: E402
 from translate.config import BUNDLED_DATA  # noqa: E402
 from translate.data import read_parallel  # noqa: E402
 from translate.evaluate import score  # noqa: E402
-from translate.search import PRECISIONS, inference_model, translate_lines  # noqa: E402
+from translate.search import PRECISIONS, decode_workers, inference_model, translate_lines  # noqa: E402
 from translate.training import select_device  # noqa: E402
 
 
-def run(model, tokenizer, sources, beam: int, batch: int, amp: bool) -> tuple[list[str], float, int]:
+def run(model, tokenizer, sources, beam: int, batch: int, amp: bool, inter_threads: int) -> tuple[list[str], float, int]:
     """Translates in batches of ``batch`` sentences taken in length order (as toolkits do)."""
-    order = np.argsort([len(s) for s in sources], kind="stable")
-    hyps: list[str] = [""] * len(sources)
-    tokens = 0
     start = time.perf_counter()
-    for i in range(0, len(order), batch):
-        chunk = order[i: i + batch].tolist()
-        out = translate_lines(model, tokenizer, [sources[j] for j in chunk], beam=beam, batch_tokens=10 ** 9, amp=amp)
-        for j, t in zip(chunk, out):
-            hyps[j] = t[0].text
-            tokens += len(t[0].tokens) + 1
+    out = translate_lines(model, tokenizer, sources, beam=beam, batch_sentences=batch, amp=amp,
+                          inter_threads=inter_threads)
     if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
-    return hyps, time.perf_counter() - start, tokens
+    seconds = time.perf_counter() - start
+    return [t[0].text for t in out], seconds, sum(len(t[0].tokens) + 1 for t in out)
 
 
 def main() -> None:
@@ -52,9 +45,12 @@ def main() -> None:
     parser.add_argument("--beams", default="1,5")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
+    parser.add_argument("--inter-threads", type=int, default=0,
+                        help="batches decoded at once, as `translate decode --inter-threads` (0: two on CPU)")
     args = parser.parse_args()
 
-    model, tokenizer, config, _ = load_model(args.checkpoint, select_device("auto"))
+    # the checkpoint's payload (a mapped file) is let go: only the model is kept
+    model, tokenizer, config = load_model(args.checkpoint, select_device("auto"))[:3]
     amp = config.train.amp
     model = inference_model(model, args.precision)  # as `translate decode [--bf16 | --int8]` does
     test = read_parallel(args.test, config.data.src_lang, config.data.tgt_lang, "test")
@@ -62,11 +58,12 @@ def main() -> None:
     if args.limit:
         sources, refs = sources[: args.limit], refs[: args.limit]
     print(f"{len(sources)} sentences from {args.test}; device {next(model.parameters()).device}, "
-          f"{next(model.parameters()).dtype}, {torch.get_num_threads()} threads")
+          f"{next(model.parameters()).dtype}, {torch.get_num_threads()} threads, "
+          f"{decode_workers(next(model.parameters()).device, args.inter_threads, 2)} batch(es) at once")
     print(f"{'search':<8} {'batch':>5} {'sent/s':>9} {'tok/s':>9} {'BLEU':>6} {'peak RSS':>10}")
     for beam in (int(b) for b in args.beams.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
-            hyps, seconds, tokens = run(model, tokenizer, sources, beam, batch, amp)
+            hyps, seconds, tokens = run(model, tokenizer, sources, beam, batch, amp, args.inter_threads)
             bleu = score(hyps, refs)["bleu"]
             name = "greedy" if beam == 1 else f"beam {beam}"
             print(f"{name:<8} {batch:>5} {len(sources) / seconds:>9.1f} {tokens / seconds:>9.0f} {bleu:>6.2f} "

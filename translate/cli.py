@@ -104,7 +104,8 @@ def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_
 
 
 def _load(checkpoint: str, bf16: bool = False, int8: bool = False):
-    """A checkpoint's model ready to decode: on CPU a bf16 or int8 copy when asked (inference_model)."""
+    """A checkpoint's model ready to decode (on CPU a bf16 or int8 copy when asked, inference_model),
+    its tokenizer, config and training progress."""
     from .checkpoint import load_model
     from .search import inference_model
     from .training import select_device
@@ -112,11 +113,13 @@ def _load(checkpoint: str, bf16: bool = False, int8: bool = False):
     if bf16 and int8:
         raise click.UsageError("--bf16 and --int8 exclude each other; pick one")
     model, tokenizer, config, payload = load_model(checkpoint, select_device("auto"))
+    progress = payload.get("progress", {})  # the rest of the payload (a mapped file) is let go
+    del payload
     try:
         model = inference_model(model, "int8" if int8 else "bf16" if bf16 else "fp32")
     except RuntimeError as exc:
         raise DataError(str(exc)) from None
-    return model, tokenizer, config, payload
+    return model, tokenizer, config, progress
 
 
 def INTER_THREADS(command):
@@ -308,9 +311,9 @@ def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, bf16, i
     """Serve a model over HTTP: POST /translate {"sentences": [...], "beam": 5}; GET /health."""
     from .serve import Translator, make_server
 
-    model, tokenizer, config, payload = _load(checkpoint, bf16, int8)
+    model, tokenizer, config, progress = _load(checkpoint, bf16, int8)
     translator = Translator(model, tokenizer, max_batch, max_wait_ms, amp=config.train.amp)
-    info = {"checkpoint": str(checkpoint), "step": payload.get("progress", {}).get("step")}
+    info = {"checkpoint": str(checkpoint), "step": progress.get("step")}
     try:
         server = make_server(translator, host, port, max_sentences=max_sentences, info=info)
     except OSError as exc:

@@ -4,6 +4,9 @@ Both searches are batched: greedy runs all sentences together and stops when eve
 ended; beam search flattens batch x beam into one dimension, reorders states with
 ``index_select``, moves finished hypotheses out with tensor ops and drops finished sentences
 from the batch. Length penalty: Wu et al. (2016), ((5 + length) / 6) ** alpha.
+
+On CPU, ``translate_ids`` decodes two batches at once on threads that split torch's threads
+between them (``decode_workers``), as CTranslate2's inter_threads do.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def main() -> None:
     from translate.training import select_device
 
     device = select_device("auto")
-    model, tokenizer, config, _ = load_model(args.checkpoint, device)
+    # the checkpoint's payload (a mapped file) is let go: only the model is kept
+    model, tokenizer, config = load_model(args.checkpoint, device)[:3]
     model = inference_model(model, args.precision)  # as `translate decode [--bf16 | --int8]` does
     sources = Path(args.input).read_text(encoding="utf-8").splitlines()
     kwargs = {"beam": args.beam, "alpha": args.alpha, "max_len_ratio": args.max_len_ratio, "amp": config.train.amp,
