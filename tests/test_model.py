@@ -54,13 +54,17 @@ CONFIGS = list(itertools.product(["lstm", "gru"], ["bahdanau", "luong-general", 
                                  [True, False]))
 
 
-@pytest.mark.parametrize("cell,attention,input_feeding,tie", CONFIGS)
-def test_sequence_pass_equals_step_by_step(cell, attention, input_feeding, tie):
+def small_model(cell, attention, input_feeding, tie):
     overrides = {"model.cell": cell, "model.attention": attention, "model.input_feeding": str(input_feeding),
                  "model.tie_embeddings": str(tie), "model.embed_dim": "8", "model.hidden_dim": "16",
                  "model.layers": "2"}
     torch.manual_seed(0)
-    model = build_model(load_config(overrides=overrides).model, 30, 25).eval()
+    return build_model(load_config(overrides=overrides).model, 30, 25).eval()
+
+
+@pytest.mark.parametrize("cell,attention,input_feeding,tie", CONFIGS)
+def test_sequence_pass_equals_step_by_step(cell, attention, input_feeding, tie):
+    model = small_model(cell, attention, input_feeding, tie)
     src, lengths, mask = padded_batch([6, 3, 5])
     tgt = torch.randint(4, 25, (3, 4))
     logits = model(src, lengths, mask, tgt)  # (batch, tgt_len, vocab)
@@ -90,11 +94,7 @@ def test_decode_step_is_pure():
 @pytest.mark.parametrize("cell,attention,input_feeding,tie", CONFIGS)
 def test_memory_per_group_equals_memory_per_row(cell, attention, input_feeding, tie):
     # beam search keeps one memory entry per sentence for its whole beam of rows
-    overrides = {"model.cell": cell, "model.attention": attention, "model.input_feeding": str(input_feeding),
-                 "model.tie_embeddings": str(tie), "model.embed_dim": "8", "model.hidden_dim": "16",
-                 "model.layers": "2"}
-    torch.manual_seed(0)
-    model = build_model(load_config(overrides=overrides).model, 30, 25).eval()
+    model = small_model(cell, attention, input_feeding, tie)
     src, lengths, mask = padded_batch([6, 3, 5])
     memory, state = model.encode(src, lengths, mask)
     rows = torch.arange(3).repeat_interleave(4)  # 4 rows per sentence
