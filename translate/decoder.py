@@ -133,13 +133,11 @@ class Decoder(nn.Module):
             hidden = state.hidden if self.cell == "lstm" else state.hidden[0]
             outputs, hidden = self.rnn(rnn_in, hidden)  # (batch, steps, hidden)
             hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+        # the rows that share a memory entry (a sentence's beam in beam search, else one row) attend
+        # as the steps of one query: (entries, rows per entry * steps, hidden); views, no copies
         rows, steps = outputs.shape[:2]
-        group = rows // memory.mask.size(0)  # rows per memory entry: the beam in beam search, else 1
-        if group > 1:  # the group's rows attend as the steps of one query: (sentences, group, hidden)
-            query = outputs.reshape(-1, group * steps, outputs.size(-1))
-            context, weights = self.attention(query, memory.keys, memory.values, memory.mask)
-            context, weights = context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
-        else:
-            context, weights = self.attention(outputs, memory.keys, memory.values, memory.mask)
+        query = outputs.reshape(memory.mask.size(0), -1, outputs.size(-1))
+        context, weights = self.attention(query, memory.keys, memory.values, memory.mask)
+        context, weights = context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
         attentional = torch.tanh(self.combine(torch.cat([outputs, context], dim=-1)))  # (batch, steps, out)
         return attentional, DecoderState(hidden, attentional[:, -1]), weights

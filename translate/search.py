@@ -303,7 +303,10 @@ def decode_workers(device: torch.device, inter_threads: int, batches: int) -> in
 
 def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
     """Yields fn(item) for every item, in order, running ``workers`` at a time on threads that
-    share torch's intra-op threads out between them."""
+    share torch's intra-op threads out between them (one worker: in this thread)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
     total = torch.get_num_threads()
     pending: collections.deque = collections.deque()
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(max(1, total // workers),))
@@ -350,12 +353,8 @@ def translate_ids(model, src: Encoded, beam: int = 5, n_best: int = 1, batch_tok
     was_training = model.training
     model.eval()
     try:
-        if workers == 1:
-            for indices in batches:
-                yield from decode(indices)
-        else:
-            for done in _in_parallel(decode, batches, workers):
-                yield from done
+        for done in _in_parallel(decode, batches, workers):
+            yield from done
     finally:
         model.train(was_training)
 
