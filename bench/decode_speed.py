@@ -22,7 +22,7 @@ from translate.config import BUNDLED_DATA  # noqa: E402
 from translate.data import read_parallel  # noqa: E402
 from translate.evaluate import score  # noqa: E402
 from translate.search import PRECISIONS, decode_workers, inference_model, translate_lines  # noqa: E402
-from translate.training import select_device  # noqa: E402
+from translate.runtime import configure_process, select_device  # noqa: E402
 
 
 def run(model, tokenizer, sources, beam: int, batch: int, amp: bool, inter_threads: int) -> tuple[list[str], float, int]:
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--inter-threads", type=int, default=0,
                         help="batches decoded at once, as `translate decode --inter-threads` (0: two on CPU)")
     args = parser.parse_args()
+    configure_process()  # as the command line does
 
     # the checkpoint's payload (a mapped file) is let go: only the model is kept
     model, tokenizer, config = load_model(args.checkpoint, select_device("auto"))[:3]

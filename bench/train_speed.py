@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import forward_flops, matmul_peak_flops, peak_rss_mb  # noqa: E402
 
 from translate.config import load_config, parse_overrides  # noqa: E402
+from translate.runtime import configure_process  # noqa: E402
 from translate.data import collate, padding_fraction  # noqa: E402
 from translate.training import Trainer  # noqa: E402
 
@@ -36,6 +37,7 @@ def main() -> None:
                              "below 1 times scheduled sampling)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    configure_process()  # as the command line does
 
     overrides = {"train.max_minutes": 0, **parse_overrides(args.overrides)}
     if Path(args.tokenizer).is_file():

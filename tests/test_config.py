@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from translate.config import Config, ConfigError, load_config, parse_overrides, valid_keys
+from translate.config import Config, load_config, parse_overrides, valid_keys
+from translate.errors import ConfigError
 
 REQUIRED_KEYS = ["model.cell", "model.embed_dim", "model.hidden_dim", "model.layers", "model.bidirectional",
                  "model.attention", "model.input_feeding", "model.dropout", "model.tie_embeddings",

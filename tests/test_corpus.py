@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from translate.checkpoint import load_checkpoint
 from translate.cli import main
 from translate.corpus import StreamingData, load_pairs, tokenize_corpus
-from translate.data import DataError, Encoded, TrainingData, check_utf8_stream, collate
+from translate.errors import DataError
+from translate.data import Encoded, TrainingData, check_utf8_stream, collate
 from translate.training import Trainer, train
 
 from tests.test_training import tiny, tiny_tokenizer_file  # noqa: F401  (shared helper and fixture)

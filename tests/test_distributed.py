@@ -43,7 +43,7 @@ def test_accumulated_batches_equal_one_merged_batch(tiny_config, tmp_path):
 
 
 def test_lr_scaling_and_accumulate_config(tiny_config):
-    from translate.config import ConfigError
+    from translate.errors import ConfigError
     from translate.training import scaled_lr
 
     cfg = tiny_config.override({"train.accumulate": 4}).train

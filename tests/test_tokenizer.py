@@ -1,6 +1,7 @@
 import pytest
 
-from translate.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, TokenizerError
+from translate.errors import TokenizerError
+from translate.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
 
 from .conftest import make_pairs
 

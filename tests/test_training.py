@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from translate import training
-from translate.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from translate.checkpoint import load_checkpoint, load_model, save_checkpoint
+from translate.errors import CheckpointError
 from translate.config import load_config
 from translate.training import Trainer, gold_mask, scheduled_logits, teacher_forcing_ratio, train
 

@@ -16,16 +16,13 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import CheckpointError, ConfigError, TokenizerError
 from .model import Seq2Seq, build_model
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import Tokenizer
 
 FORMAT = "translate-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written or read; the message says why and what to do."""
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

@@ -12,31 +12,24 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .checkpoint import CheckpointError
-from .config import BUNDLED_DATA, ConfigError, load_config, parse_overrides
-from .data import DataError, iter_lines, read_lines, read_parallel
-from .tokenizer import TokenizerError
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+from .config import BUNDLED_DATA, load_config, parse_overrides
+from .data import iter_lines, read_lines, read_parallel
+from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
+from .runtime import configure_process, select_device
 
 
 class Command(click.Command):
-    """Turns the project's input errors into one-line messages with exit code 2."""
+    """Turns the project's user errors into one-line messages with exit code 2, and a run that
+    cannot go on into one line with exit code 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             raise click.UsageError(str(exc)) from None
-        except _training_error() as exc:
+        except TrainingError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(1)
-
-
-def _training_error():
-    from .training import TrainingError
-
-    return TrainingError
 
 
 class Group(click.Group):
@@ -53,6 +46,7 @@ VERBOSITY = {"level": 1}  # 0 quiet, 1 normal, 2 verbose
 def main(quiet, verbose):
     """Neural machine translation: train, evaluate and use RNN attention models."""
     VERBOSITY["level"] = 0 if quiet else 2 if verbose else 1
+    configure_process()
 
 
 def _log(line: str) -> None:
@@ -108,7 +102,6 @@ def _load(checkpoint: str, bf16: bool = False, int8: bool = False):
     its tokenizer, config and training progress."""
     from .checkpoint import load_model
     from .search import inference_model
-    from .training import select_device
 
     if bf16 and int8:
         raise click.UsageError("--bf16 and --int8 exclude each other; pick one")
@@ -317,7 +310,7 @@ def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, bf16, i
     try:
         server = make_server(translator, host, port, max_sentences=max_sentences, info=info)
     except OSError as exc:
-        raise DataError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+        raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     _echo_err(f"serving {checkpoint} on http://{server.server_address[0]}:{server.server_address[1]} "
               f"(POST /translate, GET /health); Ctrl-C stops")
     try:

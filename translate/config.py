@@ -15,12 +15,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import ConfigError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DATA = PACKAGE_DIR.parent / "data"
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message says which and what is allowed."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .data import (HUB_SPLITS, JSON_SUFFIXES, TABLE_SUFFIXES, Batch, DataError, Encoded, TrainingData, _check_columns,
                    check_utf8_stream, collate, data_source, token_batches)
+from .runtime import release_mapped_pages, return_freed_memory
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = "1"  # bump when the cached files change layout
@@ -29,7 +30,6 @@ CHUNK = 50_000  # rows converted at a time
 # leave it at a few MB.
 WRITER_BATCH = 100_000
 MAP_BATCH = 10_000  # rows tokenized, and written, at a time by Dataset.map
-MADV_DONTNEED = 4  # Linux
 
 
 def load_pairs(spec: str, src_lang: str, tgt_lang: str, split: str = "train", streaming: bool = False):
@@ -183,32 +183,6 @@ def _encode_rows(rows: dict, src_lang: str, tgt_lang: str, protos: tuple[bytes, 
     return out
 
 
-def release_mapped_pages(suffix: str = ".arrow") -> int:
-    """Unmaps the resident pages of this process's read-only memory maps of Arrow files
-    (madvise MADV_DONTNEED), so reading a corpus through ``datasets``' memory maps does not
-    leave every page read counted in the process's memory. The data stays valid: a later read
-    maps the page again from the page cache (or the file). Returns the bytes of the mappings
-    released; 0 where /proc or madvise is missing."""
-    import ctypes
-
-    madvise = getattr(_libc(), "madvise", None)
-    if madvise is None:
-        return 0
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            regions = [line.split() for line in maps]
-    except OSError:  # no /proc
-        return 0
-    released = 0
-    for fields in regions:
-        if len(fields) < 6 or not fields[5].endswith(suffix) or "w" in fields[1]:
-            continue
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
-            released += end - start
-    return released
-
-
 _TOKENIZERS: dict[tuple[bytes, bytes], Tokenizer] = {}
 
 
@@ -279,28 +253,10 @@ def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, n
         _write_flat(tokenized, directory)
         del tokenized
         done.write_text(key + "\n")
-        _return_freed_memory()
+        return_freed_memory()
     else:
         log(f"reusing the tokenized corpus in {directory}")
     return (_open_side(directory, "src"), _open_side(directory, "tgt"))
-
-
-def _return_freed_memory() -> None:
-    """Hands the heap that tokenizing freed back to the system (glibc keeps it otherwise: about
-    50 MB for ten million pairs), so training starts as small as it will stay."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:  # glibc only
-        trim(0)
-
-
-def _libc():
-    """The C library this process runs on (its functions looked up by name), or None."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except (OSError, TypeError):  # no C library to open by that name (Windows)
-        return None
 
 
 def _write_flat(tokenized, directory: Path) -> None:

@@ -14,15 +14,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .errors import DataError
 from .tokenizer import BOS, EOS, PAD
 
 TABLE_SUFFIXES = {".tsv": "\t", ".csv": ","}
 JSON_SUFFIXES = {".json", ".jsonl"}
 HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the fix."""
 
 
 @dataclass

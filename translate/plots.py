@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .data import DataError
+from .errors import DataError, MissingExtraError
 
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise DataError("plots need matplotlib; install it with: pip install 'translate[plot]' "
+        raise MissingExtraError("plots need matplotlib; install it with: pip install 'translate[plot]' "
                         "(or pip install matplotlib)") from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

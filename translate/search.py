@@ -12,11 +12,9 @@ between them (``decode_workers``), as CTranslate2's inter_threads do.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -26,6 +24,7 @@ import torch
 from .data import Encoded, collate, token_batches
 from .decoder import DecoderState, Memory
 from .quantize import quantized_copy
+from .runtime import amp_dtype, autocast_for, cpu_has_bf16
 from .tokenizer import BOS, EOS, PAD, Tokenizer
 
 NEG_INF = float("-inf")
@@ -227,33 +226,6 @@ class Translation:
     score: float
     tokens: list[int]
     attention: torch.Tensor | None = None  # (target pieces + EOS, source pieces + EOS)
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """The mixed-precision type for a device: bf16 on GPUs that have it, else fp16; bf16 on CPUs
-    with native bf16 arithmetic; None (full precision) otherwise."""
-    if not enabled:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 PRECISIONS = ("fp32", "bf16", "int8")

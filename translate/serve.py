@@ -16,18 +16,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .errors import RequestError
 from .search import translate_lines
 from .tokenizer import Tokenizer
 
 MAX_BEAM = 64
-
-
-class RequestError(ValueError):
-    """A client error: the message is sent back with the status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass

@@ -14,11 +14,9 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from .errors import TokenizerError
+
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be trained or loaded; the message says why."""
 
 
 def train_sentencepiece(sentences: Sequence[str], vocab_size: int, model_type: str = "unigram",

@@ -27,24 +27,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint, step_checkpoints
-from .config import Config, ConfigError, TrainConfig
+from .checkpoint import load_checkpoint, restore, save_checkpoint, step_checkpoints
+from .config import Config, TrainConfig
 from .corpus import StreamingData, first_sentences, load_pairs, sample_sentences, tokenize_corpus
-from .data import Batch, DataError, Encoded, TrainingData, padding_fraction, read_parallel
+from .data import Batch, Encoded, TrainingData, padding_fraction, read_parallel
 from .distributed import barrier
 from .distributed import broadcast, init_world, reduce_step, shutdown
 from .evaluate import evaluate
 from .model import Seq2Seq, build_model
-from .search import amp_dtype, autocast_for
+from .errors import CheckpointError, ConfigError, DataError, MissingExtraError, TrainingError
+from .runtime import amp_dtype, autocast_for, rng_state, select_device, set_rng_state
 from .tokenizer import PAD, Tokenizer
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run stops
 RESUMABLE_KEYS = ("max_steps", "max_epochs", "max_minutes", "patience", "eval_every", "keep_checkpoints", "device",
                   "threads")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------- teacher forcing
@@ -189,29 +186,6 @@ def make_adam(model: nn.Module, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(model.parameters(), lr=lr)
-
-
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Trainer:
@@ -408,7 +382,7 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("train.tensorboard needs the tensorboard package; install it with "
+            raise MissingExtraError("train.tensorboard needs the tensorboard package; install it with "
                               "pip install 'translate[tensorboard]' or set train.tensorboard=false") from None
         return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 

@@ -44,8 +44,9 @@ def main() -> None:
 
     from translate.checkpoint import load_model
     from translate.search import decode_workers, inference_model, translate_lines
-    from translate.training import select_device
+    from translate.runtime import configure_process, select_device
 
+    configure_process()  # as the command line does
     device = select_device("auto")
     # the checkpoint's payload (a mapped file) is let go: only the model is kept
     model, tokenizer, config = load_model(args.checkpoint, device)[:3]

@@ -1,0 +1,137 @@
+"""Where and how the process computes: the device, the mixed-precision type, bounds on the CPU
+kernel caches, random-number state, and handing unused memory back to the system.
+
+Nothing here runs on import: the command line calls ``configure_process`` once at its entry
+(library users may call it too), so importing the package leaves the process as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+# oneDNN (bf16 matrix products on CPU) and PyTorch's oneDNN glue (ideep: RNN and matrix-product
+# set-ups with their weights in oneDNN's layout) keep one cached entry per tensor shape, up to
+# 1,024 each. Training and decoding meet many shapes, so the caches grow to GBs; 128 entries keep
+# the speed (bench/README.md has the figures). Both libraries read these when they first run.
+CPU_CACHE_BOUNDS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
+MADV_DONTNEED = 4  # Linux
+
+
+def configure_process() -> dict[str, str]:
+    """Bounds the CPU kernel caches (``CPU_CACHE_BOUNDS``) unless the user has set them. Call it
+    before the first tensor operation; returns the values in force."""
+    for name, value in CPU_CACHE_BOUNDS.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in CPU_CACHE_BOUNDS}
+
+
+# ---------------------------------------------------------------- device and precision
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The mixed-precision type for a device: bf16 on GPUs that have it, else fp16; bf16 on CPUs
+    with native bf16 arithmetic; None (full precision) otherwise."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``; nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- random state
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------- memory
+
+def _libc():
+    """The C library this process runs on (its functions looked up by name), or None."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):  # no C library to open by that name (Windows)
+        return None
+
+
+def release_mapped_pages(suffix: str = ".arrow") -> int:
+    """Unmaps the resident pages of this process's read-only memory maps of ``suffix`` files
+    (madvise MADV_DONTNEED), so reading a corpus through ``datasets``' memory maps does not leave
+    every page read counted in the process's memory. The data stays valid: a later read maps the
+    page again from the page cache (or the file). Returns the bytes of the mappings released; 0
+    where /proc or madvise is missing."""
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None:
+        return 0
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            regions = [line.split() for line in maps]
+    except OSError:  # no /proc
+        return 0
+    released = 0
+    for fields in regions:
+        if len(fields) < 6 or not fields[5].endswith(suffix) or "w" in fields[1]:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            released += end - start
+    return released
+
+
+def return_freed_memory() -> None:
+    """Hands the heap that the process has freed back to the system (glibc keeps it otherwise),
+    so a long job after a large temporary one starts as small as it will stay."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:  # glibc only
+        trim(0)
