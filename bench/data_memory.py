@@ -122,7 +122,7 @@ def main() -> None:
         sample = root / "tokenizer-sample.tsv"
         generate(sample, 20_000, seed=99)
         lines = sample.read_text(encoding="utf-8").splitlines()[1:]
-        tokenizer = Tokenizer.train([l.split("\t")[0] for l in lines], [l.split("\t")[1] for l in lines], 8000)
+        tokenizer = Tokenizer.train([row.split("\t")[0] for row in lines], [row.split("\t")[1] for row in lines], 8000)
         (root / "tokenizer").mkdir(exist_ok=True)
         tokenizer.save(root / "tokenizer")
         print(f"{'pairs':>11} {'pass':>6} {'load s':>7} {'tokenize s':>10} {'pairs/s':>9} {'epoch s':>8} "
@@ -140,7 +140,8 @@ def main() -> None:
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{r['pairs']:>11,} {run:>6} {r['load_s']:>7} {r['tokenize_s']:>10} "
                       f"{r['tokenize_pairs_per_s']:>9,} {r['epoch_s']:>8} {r['batches']:>8,} "
-                      f"{r['baseline_rss_mb']:>6} MB {r['peak_rss_mb']:>6} MB {r['peak_anon_mb']:>5} MB {r['peak_file_mb']:>5} MB "
+                      f"{r['baseline_rss_mb']:>6} MB {r['peak_rss_mb']:>6} MB "
+                      f"{r['peak_anon_mb']:>5} MB {r['peak_file_mb']:>5} MB "
                       f"{r['workers_peak_rss_mb']:>5} MB",
                       flush=True)
 

@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mb  # noqa: E402
+from common import peak_rss_mb
 
-from translate.checkpoint import load_model  # noqa: E402
-from translate.config import BUNDLED_DATA  # noqa: E402
-from translate.data import read_parallel  # noqa: E402
-from translate.evaluate import score  # noqa: E402
-from translate.search import PRECISIONS, decode_workers, inference_model, translate_lines  # noqa: E402
-from translate.runtime import configure_process, select_device  # noqa: E402
+from translate.checkpoint import load_model
+from translate.config import BUNDLED_DATA
+from translate.data import read_parallel
+from translate.evaluate import score
+from translate.runtime import configure_process, select_device
+from translate.search import PRECISIONS, decode_workers, inference_model, translate_lines
 
 
-def run(model, tokenizer, sources, beam: int, batch: int, amp: bool, inter_threads: int) -> tuple[list[str], float, int]:
+def run(model, tokenizer, sources, beam: int, batch: int, amp: bool,
+        inter_threads: int) -> tuple[list[str], float, int]:
     """Translates in batches of ``batch`` sentences taken in length order (as toolkits do)."""
     start = time.perf_counter()
     out = translate_lines(model, tokenizer, sources, beam=beam, batch_sentences=batch, amp=amp,

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import forward_flops, matmul_peak_flops, peak_rss_mb  # noqa: E402
+from common import forward_flops, matmul_peak_flops, peak_rss_mb
 
-from translate.config import load_config, parse_overrides  # noqa: E402
-from translate.runtime import configure_process  # noqa: E402
-from translate.data import collate, padding_fraction  # noqa: E402
-from translate.training import Trainer  # noqa: E402
+from translate.config import load_config, parse_overrides
+from translate.data import collate, padding_fraction
+from translate.runtime import configure_process
+from translate.training import Trainer
 
 
 def main() -> None:

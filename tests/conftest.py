@@ -70,3 +70,23 @@ def tiny_model(tokenizer):
     torch.manual_seed(0)
     config = load_config(overrides={"model.embed_dim": 16, "model.hidden_dim": 32, "model.dropout": 0.0})
     return build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
+
+
+@pytest.fixture()
+def tiny_tokenizer_file(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    return str(tmp_path / "src.model")
+
+
+def tiny(corpus, tokenizer_file, **extra):
+    return load_config(overrides={**tiny_overrides(corpus), "tokenizer.model": tokenizer_file, **extra})
+
+
+@pytest.fixture()
+def hf_cache(tmp_path, monkeypatch):
+    """A fresh datasets cache, so that the test sees the first tokenization and then the reuse."""
+    import datasets
+
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache

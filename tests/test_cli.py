@@ -76,7 +76,8 @@ def test_decode_file_and_n_best(trained, tmp_path):
     assert stdin.exit_code == 0 and len(stdin.output.strip().split("\n")) == 2
     bf16 = runner.invoke(main, ["decode", str(run_dir), "--beam", "2", "--bf16"], input="El gato.\nEl perro.\n")
     assert bf16.exit_code == 0 and len(bf16.output.strip().split("\n")) == 2, bf16.output
-    int8 = runner.invoke(main, ["decode", str(run_dir), "-i", str(src), "--beam", "4", "--int8", "--inter-threads", "3"])
+    int8 = runner.invoke(main, ["decode", str(run_dir), "-i", str(src), "--beam", "4", "--int8",
+                               "--inter-threads", "3"])
     assert int8.exit_code == 0 and "cat" in int8.output.split("\n")[0].lower(), int8.output
     both = runner.invoke(main, ["decode", str(run_dir), "--bf16", "--int8"], input="El gato.\n")
     assert both.exit_code == 2 and "exclude each other" in both.output and "Traceback" not in both.output

@@ -13,21 +13,11 @@ from click.testing import CliRunner
 from translate.checkpoint import load_checkpoint
 from translate.cli import main
 from translate.corpus import StreamingData, load_pairs, tokenize_corpus
-from translate.errors import DataError
 from translate.data import Encoded, TrainingData, check_utf8_stream, collate
+from translate.errors import DataError
 from translate.training import Trainer, train
 
-from tests.test_training import tiny, tiny_tokenizer_file  # noqa: F401  (shared helper and fixture)
-
-
-@pytest.fixture()
-def hf_cache(tmp_path, monkeypatch):
-    """A fresh datasets cache, so that the test sees the first tokenization and then the reuse."""
-    import datasets
-
-    cache = tmp_path / "hf"
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    return cache
+from .conftest import tiny
 
 
 def test_tokenized_corpus_matches_the_tokenizer_and_is_reused(corpus, tokenizer, hf_cache):

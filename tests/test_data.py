@@ -3,9 +3,8 @@ import json
 import numpy as np
 import pytest
 
+from translate.data import Encoded, collate, padding_fraction, read_parallel, split_corpus, token_batches
 from translate.errors import DataError
-from translate.data import (Encoded, collate, padding_fraction, read_parallel, split_corpus,
-                            token_batches)
 from translate.tokenizer import BOS, EOS, PAD
 
 

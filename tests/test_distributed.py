@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 import yaml
 
 from translate.checkpoint import load_checkpoint
@@ -87,7 +86,8 @@ def test_two_gloo_processes_equal_one_process_with_the_same_batches(tiny_config,
     for name, value in a["model"].items():
         torch.testing.assert_close(value, b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
     # only rank 0 wrote files: one metrics stream, no stray copies
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    names = {run: sorted(p.name for p in (tmp_path / run).iterdir()) for run in ("ddp", "single")}
+    assert names["ddp"] == names["single"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

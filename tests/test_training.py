@@ -6,11 +6,11 @@ import torch
 
 from translate import training
 from translate.checkpoint import load_checkpoint, load_model, save_checkpoint
-from translate.errors import CheckpointError
 from translate.config import load_config
+from translate.errors import CheckpointError
 from translate.training import Trainer, gold_mask, scheduled_logits, teacher_forcing_ratio, train
 
-from .conftest import tiny_overrides
+from .conftest import tiny, tiny_overrides
 
 
 def schedule(name, **extra):
@@ -85,7 +85,7 @@ def test_scheduled_sampling_at_ratio_zero_feeds_predictions(tiny_model, tokenize
     logits = scheduled_logits(tiny_model, batch, 0.0, cfg)
     memory, state = tiny_model.encode(batch.src, batch.src_lengths, batch.src_mask)
     prev, steps = batch.tgt_in[:, 0], []
-    for t in range(batch.tgt_in.size(1)):  # free-running greedy decoding
+    for _ in range(batch.tgt_in.size(1)):  # free-running greedy decoding
         step, state, _ = tiny_model.decode_step(prev, memory, state)
         steps.append(step)
         prev = step.argmax(-1)
@@ -94,16 +94,6 @@ def test_scheduled_sampling_at_ratio_zero_feeds_predictions(tiny_model, tokenize
         torch.testing.assert_close(logits, free, atol=1e-5, rtol=1e-4)
     else:  # two passes: the second sees the first pass's predictions, which match free-running at t = 1
         torch.testing.assert_close(logits[:, :2], free[:, :2], atol=1e-5, rtol=1e-4)
-
-
-@pytest.fixture()
-def tiny_tokenizer_file(tokenizer, tmp_path):
-    tokenizer.save(tmp_path)
-    return str(tmp_path / "src.model")
-
-
-def tiny(corpus, tokenizer_file, **extra):
-    return load_config(overrides={**tiny_overrides(corpus), "tokenizer.model": tokenizer_file, **extra})
 
 
 def params(run_dir):

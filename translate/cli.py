@@ -275,7 +275,8 @@ def info(checkpoint, as_json):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--last", "last", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="How many of the newest step-N.pt checkpoints to average.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write it (default RUN_DIR/averaged.pt).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Where to write it (default RUN_DIR/averaged.pt).")
 def average(run_dir, last, output):
     """Average the weights of a run's last checkpoints (kept with train.keep_checkpoints)."""
     from .checkpoint import average_checkpoints, save_checkpoint, step_checkpoints

@@ -8,10 +8,11 @@ alone can rebuild its model and tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -39,7 +40,7 @@ class TokenizerConfig:
     vocab_size: int = 8000
     joint: bool = True
     character_coverage: float = 1.0
-    model: Optional[str] = None  # an existing SentencePiece .model (joint) to use instead of training
+    model: str | None = None  # an existing SentencePiece .model (joint) to use instead of training
     max_sentences: int = 400_000  # sentences sampled to train it
 
 
@@ -104,10 +105,10 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
         return _build(cls, raw, "")
 
-    def override(self, pairs: dict[str, Any]) -> "Config":
+    def override(self, pairs: dict[str, Any]) -> Config:
         """Returns a copy with dotted keys (``model.hidden_dim``) replaced, type-checked."""
         raw = self.to_dict()
         for key, value in pairs.items():
@@ -179,7 +180,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)

@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from .data import (HUB_SPLITS, JSON_SUFFIXES, TABLE_SUFFIXES, Batch, DataError, Encoded, TrainingData, _check_columns,
-                   check_utf8_stream, collate, data_source, token_batches)
+from .data import (
+    HUB_SPLITS,
+    JSON_SUFFIXES,
+    TABLE_SUFFIXES,
+    Batch,
+    DataError,
+    Encoded,
+    TrainingData,
+    _check_columns,
+    check_utf8_stream,
+    collate,
+    data_source,
+    token_batches,
+)
 from .runtime import release_mapped_pages, return_freed_memory
 from .tokenizer import Tokenizer
 
@@ -324,7 +336,9 @@ class StreamingData:
         src: list[list[int]] = []
         tgt: list[list[int]] = []
         for rows in self.table.iter(batch_size=1000):
-            for s, t in zip(self.tokenizer.encode_src(rows[self.src_lang]), self.tokenizer.encode_tgt(rows[self.tgt_lang])):
+            src_ids = self.tokenizer.encode_src(rows[self.src_lang])
+            encoded = zip(src_ids, self.tokenizer.encode_tgt(rows[self.tgt_lang]))
+            for s, t in encoded:
                 if 0 < len(s) <= self.max_len and 0 < len(t) <= self.max_len:
                     src.append(s)
                     tgt.append(t)

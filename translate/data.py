@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import csv
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -319,7 +319,7 @@ class Batch:
     def size(self) -> int:
         return self.src.size(0)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
             return self
         move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)  # noqa: E731

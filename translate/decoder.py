@@ -26,7 +26,7 @@ class Memory(NamedTuple):
     keys: torch.Tensor  # (batch, src_len, key_dim), projected once
     mask: torch.Tensor  # (batch, src_len), True on real tokens
 
-    def select(self, index: torch.Tensor) -> "Memory":
+    def select(self, index: torch.Tensor) -> Memory:
         return Memory(*(t.index_select(0, index) for t in self))
 
 
@@ -36,7 +36,7 @@ class DecoderState(NamedTuple):
     hidden: tuple[torch.Tensor, ...]  # each (layers, batch, hidden): (h,) for GRU, (h, c) for LSTM
     feed: torch.Tensor  # (batch, out_dim) last attentional vector, read only with input feeding
 
-    def select(self, index: torch.Tensor) -> "DecoderState":
+    def select(self, index: torch.Tensor) -> DecoderState:
         return DecoderState(tuple(h.index_select(1, index) for h in self.hidden), self.feed.index_select(0, index))
 
 

@@ -5,7 +5,7 @@ Validation during training and ``translate eval`` both call ``evaluate``, so the
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 

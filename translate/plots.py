@@ -4,8 +4,8 @@ matplotlib is an optional extra (``pip install -e '.[plot]'``), imported only he
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .errors import DataError, MissingExtraError
 

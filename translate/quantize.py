@@ -52,7 +52,7 @@ class Int8Linear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         return cls(linear.weight, linear.bias)
 
 
@@ -75,7 +75,8 @@ class Int8RNNStep(nn.Module):
             else:
                 inputs.append(Int8Linear(w_ih, b_ih))  # (3*hidden, in)
                 recurrents.append(Int8Linear(w_hh, b_hh))  # (3*hidden, hidden)
-        self.joined, self.inputs, self.recurrents = nn.ModuleList(joined), nn.ModuleList(inputs), nn.ModuleList(recurrents)
+        self.joined, self.inputs = nn.ModuleList(joined), nn.ModuleList(inputs)
+        self.recurrents = nn.ModuleList(recurrents)
 
     def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
         """x: (batch, input); hidden: each (layers, batch, hidden). Returns the top layer's output

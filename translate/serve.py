@@ -127,7 +127,8 @@ def parse_request(body: bytes, max_sentences: int, max_chars: int) -> tuple[list
 
 
 def make_server(translator: Translator, host: str = "127.0.0.1", port: int = 8080, max_body: int = 1 << 20,
-                max_sentences: int = 256, max_chars: int = 10_000, info: dict[str, Any] | None = None) -> ThreadingHTTPServer:
+                max_sentences: int = 256, max_chars: int = 10_000,
+                info: dict[str, Any] | None = None) -> ThreadingHTTPServer:
     """An HTTP server (not started) that answers with ``translator``."""
 
     class Handler(BaseHTTPRequestHandler):

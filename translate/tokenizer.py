@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -84,7 +84,7 @@ class Tokenizer:
     @classmethod
     def train(cls, src: Sequence[str], tgt: Sequence[str], vocab_size: int, model_type: str = "unigram",
               joint: bool = True, character_coverage: float = 1.0, max_sentences: int = 400_000,
-              seed: int = 1234) -> "Tokenizer":
+              seed: int = 1234) -> Tokenizer:
         kwargs = dict(vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
                       max_sentences=max_sentences, seed=seed)
         if joint:
@@ -92,7 +92,7 @@ class Tokenizer:
         return cls(train_sentencepiece(src, **kwargs), train_sentencepiece(tgt, **kwargs))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Loads a joint ``.model`` file, or a run directory's ``src.model`` / ``tgt.model`` pair."""
         path = Path(path)
         try:

@@ -18,9 +18,10 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,10 @@ from .checkpoint import load_checkpoint, restore, save_checkpoint, step_checkpoi
 from .config import Config, TrainConfig
 from .corpus import StreamingData, first_sentences, load_pairs, sample_sentences, tokenize_corpus
 from .data import Batch, Encoded, TrainingData, padding_fraction, read_parallel
-from .distributed import barrier
-from .distributed import broadcast, init_world, reduce_step, shutdown
+from .distributed import barrier, broadcast, init_world, reduce_step, shutdown
+from .errors import CheckpointError, ConfigError, DataError, MissingExtraError, TrainingError
 from .evaluate import evaluate
 from .model import Seq2Seq, build_model
-from .errors import CheckpointError, ConfigError, DataError, MissingExtraError, TrainingError
 from .runtime import amp_dtype, autocast_for, rng_state, select_device, set_rng_state
 from .tokenizer import PAD, Tokenizer
 
@@ -106,7 +106,7 @@ def scheduled_logits(model: Seq2Seq, batch: Batch, ratio: float, cfg: TrainConfi
     return torch.stack(steps, 1)
 
 
-def linear_lr(cfg: TrainConfig, progress: "Progress", peak: float | None = None) -> float:
+def linear_lr(cfg: TrainConfig, progress: Progress, peak: float | None = None) -> float:
     """Decays the LR (``peak``, else ``train.lr``) linearly to ``min_lr`` over the run: over
     ``max_steps`` when set, else over ``max_minutes`` of training time, so a time-limited run ends
     with a small LR."""

@@ -43,8 +43,8 @@ def main() -> None:
     import torch
 
     from translate.checkpoint import load_model
-    from translate.search import decode_workers, inference_model, translate_lines
     from translate.runtime import configure_process, select_device
+    from translate.search import decode_workers, inference_model, translate_lines
 
     configure_process()  # as the command line does
     device = select_device("auto")
