@@ -5,6 +5,7 @@ import torch
 
 from translate.attention import BahdanauAttention, LuongAttention
 from translate.config import load_config
+from translate.decoder import STEP_CELLS
 from translate.encoder import Encoder
 from translate.model import build_model
 
@@ -121,3 +122,21 @@ def test_additive_attention_in_chunks_equals_whole(monkeypatch):
         chunked = attention.score(query, keys)
     torch.testing.assert_close(chunked, whole)
     assert chunked.shape == (7, 3, 5)
+
+
+@pytest.mark.parametrize("cell,layers", [("lstm", 1), ("lstm", 3), ("gru", 2)])
+def test_rnn_step_equals_the_whole_sequence_call(cell, layers):
+    torch.manual_seed(5)
+    rnn = STEP_CELLS[cell](6, 8, num_layers=layers, batch_first=True).eval()
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        whole, final = rnn(x)
+        states = tuple(torch.zeros(layers, 3, 8) for _ in range(2 if cell == "lstm" else 1))
+        steps = []
+        for t in range(5):
+            out, states = rnn.step(x[:, t], states)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-6, rtol=1e-5)
+    final = final if isinstance(final, tuple) else (final,)
+    for a, b in zip(states, final):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

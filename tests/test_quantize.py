@@ -47,6 +47,20 @@ def test_int8_rnn_step_follows_the_float_rnn(cell):
         assert approx.shape == exact.shape and relative_error(approx, exact) < 0.03
 
 
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_int8_rnn_over_a_sequence_follows_the_float_rnn(cell):
+    torch.manual_seed(2)
+    rnn = cell(24, 32, num_layers=2, batch_first=True)
+    x = torch.randn(5, 7, 24)
+    with torch.no_grad():
+        exact_out, exact_states = rnn(x)
+        zeros = torch.zeros(2, 5, 32)
+        approx_out, approx_states = Int8RNNStep(rnn)(x, (zeros, zeros) if cell is nn.LSTM else zeros)
+    assert approx_out.shape == exact_out.shape == (5, 7, 32)
+    assert relative_error(approx_out, exact_out) < 0.03
+    assert type(approx_states) is type(exact_states)
+
+
 @pytest.fixture(params=[("lstm", "bahdanau", "tied"), ("gru", "luong-general", "feed")], ids="-".join)
 def pair(request, tokenizer):
     cell, attention, extra = request.param

@@ -9,14 +9,59 @@ steps token by token. Both paths share ``_attentional``, so they compute the sam
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import make_attention
-from .encoder import RNN_CELLS
+
+
+class RNNStep(Protocol):
+    """What the decoder's RNN offers: a whole sequence (``__call__``, as ``nn.LSTM``/``nn.GRU``) and
+    one time step (``step``). ``StepLSTM``/``StepGRU`` below and the int8 copy for decoding
+    (``quantize.Int8RNNStep``) both provide it."""
+
+    def __call__(self, x: torch.Tensor, hidden): ...
+
+    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]): ...
+
+
+class _SingleStep:
+    """One time step of a multi-layer ``nn.LSTM``/``nn.GRU`` through the fused cell kernels, with the
+    module's own weights: for one step they cost a fraction of a full RNN call, and decoding is
+    almost all single steps."""
+
+    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
+        """x: (batch, input); hidden: each (layers, batch, hidden), (h,) or (h, c). Returns the top
+        layer's output (batch, 1, hidden) and the new states, each (layers, batch, hidden)."""
+        lstm = self.mode == "LSTM"
+        new_h, new_c = [], []
+        for layer in range(self.num_layers):
+            weights = [getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if layer > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            if lstm:
+                h, c = torch.lstm_cell(x, (hidden[0][layer], hidden[1][layer]), *weights)
+                new_c.append(c)
+            else:
+                h = torch.gru_cell(x, hidden[0][layer], *weights)
+            new_h.append(h)
+            x = h
+        states = (torch.stack(new_h), torch.stack(new_c)) if lstm else (torch.stack(new_h),)
+        return x.unsqueeze(1), states
+
+
+class StepLSTM(_SingleStep, nn.LSTM):
+    """``nn.LSTM`` (same parameters and names) with ``step``."""
+
+
+class StepGRU(_SingleStep, nn.GRU):
+    """``nn.GRU`` (same parameters and names) with ``step``."""
+
+
+STEP_CELLS = {"lstm": StepLSTM, "gru": StepGRU}
 
 
 class Memory(NamedTuple):
@@ -51,8 +96,8 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.dropout = nn.Dropout(dropout)
         rnn_input = embed_dim + (self.out_dim if input_feeding else 0)
-        self.rnn = RNN_CELLS[cell](rnn_input, hidden_dim, num_layers=layers, batch_first=True,
-                                   dropout=dropout if layers > 1 else 0.0)
+        self.rnn: RNNStep = STEP_CELLS[cell](rnn_input, hidden_dim, num_layers=layers, batch_first=True,
+                                             dropout=dropout if layers > 1 else 0.0)
         self.attention = make_attention(attention, hidden_dim, enc_dim)
         self.combine = nn.Linear(hidden_dim + enc_dim, self.out_dim)
         self.output = nn.Linear(self.out_dim, vocab_size)
@@ -99,27 +144,6 @@ class Decoder(nn.Module):
         logits = self.output(self.dropout(attentional.squeeze(1)))  # (batch, vocab)
         return logits, state, weights.squeeze(1)
 
-    def _rnn_step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
-        """One time step of ``self.rnn`` through the fused cell kernels, with the same weights:
-        for a single step they cost a fraction of a full RNN call (most of decoding time).
-        x: (batch, input) -> outputs (batch, 1, hidden), new states (layers, batch, hidden)."""
-        if hasattr(self.rnn, "step"):  # an int8 copy for decoding (quantize.Int8RNNStep)
-            return self.rnn.step(x, hidden)
-        new_h, new_c = [], []
-        for layer in range(self.layers):
-            weights = [getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            if layer > 0:
-                x = F.dropout(x, self.rnn.dropout, self.training)
-            if self.cell == "lstm":
-                h, c = torch.lstm_cell(x, (hidden[0][layer], hidden[1][layer]), *weights)
-                new_c.append(c)
-            else:
-                h = torch.gru_cell(x, hidden[0][layer], *weights)
-            new_h.append(h)
-            x = h
-        states = (torch.stack(new_h), torch.stack(new_c)) if self.cell == "lstm" else (torch.stack(new_h),)
-        return x.unsqueeze(1), states
-
     def _attentional(self, embedded: torch.Tensor, memory: Memory, state: DecoderState):
         """RNN, attention and their combination for ``steps`` positions; returns the attentional
         vectors (batch, steps, out_dim), the new state and the weights (batch, steps, src_len)."""
@@ -128,7 +152,7 @@ class Decoder(nn.Module):
         if self.input_feeding:
             rnn_in = torch.cat([embedded, state.feed.unsqueeze(1)], dim=-1)  # (batch, 1, embed+out)
         if rnn_in.size(1) == 1:
-            outputs, hidden = self._rnn_step(rnn_in.squeeze(1), state.hidden)
+            outputs, hidden = self.rnn.step(rnn_in.squeeze(1), state.hidden)
         else:
             hidden = state.hidden if self.cell == "lstm" else state.hidden[0]
             outputs, hidden = self.rnn(rnn_in, hidden)  # (batch, steps, hidden)

@@ -57,9 +57,10 @@ class Int8Linear(nn.Module):
 
 
 class Int8RNNStep(nn.Module):
-    """One time step of a multi-layer LSTM or GRU with int8 weights. For the LSTM, the input and
-    recurrent products of a layer are one product over [x; h] (their weights side by side); the
-    GRU needs them apart because its reset gate scales only the recurrent part of the candidate."""
+    """A multi-layer LSTM or GRU with int8 weights, with the decoder's ``RNNStep`` interface. For
+    the LSTM, the input and recurrent products of a layer are one product over [x; h] (their
+    weights side by side); the GRU needs them apart because its reset gate scales only the
+    recurrent part of the candidate."""
 
     def __init__(self, rnn: nn.LSTM | nn.GRU):
         super().__init__()
@@ -77,6 +78,16 @@ class Int8RNNStep(nn.Module):
                 recurrents.append(Int8Linear(w_hh, b_hh))  # (3*hidden, hidden)
         self.joined, self.inputs = nn.ModuleList(joined), nn.ModuleList(inputs)
         self.recurrents = nn.ModuleList(recurrents)
+
+    def forward(self, x: torch.Tensor, hidden):
+        """A whole sequence, as ``nn.LSTM``/``nn.GRU`` with batch_first: x (batch, steps, input),
+        hidden (h, c) or h, each (layers, batch, hidden); one ``step`` per position."""
+        states = hidden if isinstance(hidden, tuple) else (hidden,)
+        outputs = []
+        for t in range(x.size(1)):
+            out, states = self.step(x[:, t], states)
+            outputs.append(out)
+        return torch.cat(outputs, 1), states if self.cell == "lstm" else states[0]
 
     def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
         """x: (batch, input); hidden: each (layers, batch, hidden). Returns the top layer's output
