@@ -55,8 +55,9 @@ def measure(tsv: str, tokenizer_dir: str, batch_tokens: int, num_proc: int) -> d
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from translate.corpus import load_pairs, tokenize_corpus
+    from translate.corpus import load_pairs
     from translate.data import TrainingData, collate
+    from translate.encoded import tokenize_corpus
     from translate.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)

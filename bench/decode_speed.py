@@ -17,21 +17,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_mb
 
-from translate.checkpoint import load_model
 from translate.config import BUNDLED_DATA
-from translate.data import read_parallel
+from translate.corpus import read_parallel
 from translate.evaluate import score
-from translate.runtime import configure_process, select_device
-from translate.search import PRECISIONS, decode_workers, inference_model, translate_lines
+from translate.runtime import configure_process
+from translate.translator import PRECISIONS, DecodeOptions, Translator, decode_workers
 
 
-def run(model, tokenizer, sources, beam: int, batch: int, amp: bool,
-        inter_threads: int) -> tuple[list[str], float, int]:
-    """Translates in batches of ``batch`` sentences taken in length order (as toolkits do)."""
+def run(translator: Translator, sources, options: DecodeOptions) -> tuple[list[str], float, int]:
+    """Translates in batches of ``options.batch_sentences`` sentences taken in length order (as
+    toolkits do)."""
     start = time.perf_counter()
-    out = translate_lines(model, tokenizer, sources, beam=beam, batch_sentences=batch, amp=amp,
-                          inter_threads=inter_threads)
-    if next(model.parameters()).is_cuda:
+    out = translator.translate(sources, options)
+    if translator.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return [t[0].text for t in out], seconds, sum(len(t[0].tokens) + 1 for t in out)
@@ -51,21 +49,19 @@ def main() -> None:
     args = parser.parse_args()
     configure_process()  # as the command line does
 
-    # the checkpoint's payload (a mapped file) is let go: only the model is kept
-    model, tokenizer, config = load_model(args.checkpoint, select_device("auto"))[:3]
-    amp = config.train.amp
-    model = inference_model(model, args.precision)  # as `translate decode [--bf16 | --int8]` does
+    translator = Translator.load(args.checkpoint, precision=args.precision)  # as `translate decode` loads
+    config, param = translator.config, next(translator.model.parameters())
     test = read_parallel(args.test, config.data.src_lang, config.data.tgt_lang, "test")
     sources, refs = test.src, test.tgt
     if args.limit:
         sources, refs = sources[: args.limit], refs[: args.limit]
-    print(f"{len(sources)} sentences from {args.test}; device {next(model.parameters()).device}, "
-          f"{next(model.parameters()).dtype}, {torch.get_num_threads()} threads, "
-          f"{decode_workers(next(model.parameters()).device, args.inter_threads, 2)} batch(es) at once")
+    print(f"{len(sources)} sentences from {args.test}; device {param.device}, {param.dtype}, "
+          f"{torch.get_num_threads()} threads, {decode_workers(param.device, args.inter_threads, 2)} batch(es) at once")
     print(f"{'search':<8} {'batch':>5} {'sent/s':>9} {'tok/s':>9} {'BLEU':>6} {'peak RSS':>10}")
     for beam in (int(b) for b in args.beams.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
-            hyps, seconds, tokens = run(model, tokenizer, sources, beam, batch, amp, args.inter_threads)
+            options = DecodeOptions(beam=beam, batch_sentences=batch, inter_threads=args.inter_threads)
+            hyps, seconds, tokens = run(translator, sources, options)
             bleu = score(hyps, refs)["bleu"]
             name = "greedy" if beam == 1 else f"beam {beam}"
             print(f"{name:<8} {batch:>5} {len(sources) / seconds:>9.1f} {tokens / seconds:>9.0f} {bleu:>6.2f} "

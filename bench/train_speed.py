@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import forward_flops, matmul_peak_flops, peak_rss_mb
 
+from translate.build import build_trainer
 from translate.config import load_config, parse_overrides
 from translate.data import collate, padding_fraction
 from translate.runtime import configure_process
-from translate.training import Trainer
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         overrides["tokenizer.model"] = args.tokenizer
     config = load_config(overrides=overrides)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, run_dir, log=lambda line: print(line, file=sys.stderr), progress_bar=False)
+        trainer = build_trainer(config, run_dir, log=lambda line: print(line, file=sys.stderr), progress_bar=False)
         batches = trainer.data.epoch_batches(0)
         ratio = args.ratio
         tgt_tokens = src_tokens = sentences = pairs = 0

@@ -90,3 +90,37 @@ def hf_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hf"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     return cache
+
+
+# ---------------------------------------------------------------- decoding: test_search, test_translator, test_quantize
+
+SENTENCES = ["El gato come pan.", "Y.", "El niño grande lee el libro rojo y mira el sol.", "Perro.",
+             "El perro pequeño bebe agua."]
+
+
+def encode(model, tokenizer, sentences, ratio: float = 1.5):
+    """``sentences`` encoded as one batch: the memory, the decoder's first state and the length
+    limits that the searches take."""
+    from translate.data import collate
+    from translate.encoded import Encoded
+    from translate.search import max_lengths
+
+    batch = collate(Encoded(tokenizer.encode_src(sentences)), None, list(range(len(sentences))))
+    memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    return memory, state, max_lengths(batch.src_lengths, ratio)
+
+
+@pytest.fixture(params=["lstm-bahdanau", "gru-luong-general-feed"])
+def search_model(request, tokenizer):
+    """A tiny random model, in two architectures, whose output is sharpened so that search makes
+    real choices (a random model's is nearly uniform)."""
+    cell, _, attention = request.param.partition("-")
+    feed = attention.endswith("-feed")
+    attention = attention.removesuffix("-feed")
+    torch.manual_seed(3)
+    config = load_config(overrides={"model.cell": cell, "model.attention": attention, "model.input_feeding": feed,
+                                    "model.embed_dim": 16, "model.hidden_dim": 32, "model.dropout": 0.0})
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
+    with torch.no_grad():
+        model.decoder.output.bias.normal_(0, 2)
+    return model

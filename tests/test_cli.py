@@ -116,6 +116,7 @@ BAD = [
     (["eval", "/nonexistent/run"], "checkpoint not found"),
     (["decode", "/nonexistent/model.pt"], "checkpoint not found"),
     (["repl", "/nonexistent/model.pt"], "checkpoint not found"),
+    (["decode", "/nonexistent/model.pt", "--beam", "2", "--n-best", "3"], "--n-best (3) cannot exceed --beam (2)"),
 ]
 
 
@@ -126,6 +127,21 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
     assert message in result.output
     assert "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+
+
+DECODING_FLAGS = ["--beam", "--n-best", "--max-len-ratio", "--alpha", "--bf16", "--int8", "--inter-threads"]
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("eval", ["--beam", "--alpha", "--bf16", "--int8", "--inter-threads"]),
+    ("decode", DECODING_FLAGS),
+    ("repl", ["--beam", "--bf16", "--int8"]),
+    ("serve", ["--bf16", "--int8"]),
+    ("attend", ["--beam"]),
+])
+def test_each_command_has_its_decoding_flags(command, flags):
+    usage = CliRunner().invoke(main, [command, "--help"]).output
+    assert [flag for flag in DECODING_FLAGS if f"  {flag} " in usage] == flags
 
 
 def test_bad_files_for_eval_and_decode(trained, tmp_path):
@@ -165,3 +181,16 @@ def test_repl_odd_lines(trained):
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     assert result.output.count("usage: :beam N") == 2
+
+
+def test_split_data_needs_an_input_and_writes_into_data(tmp_path, monkeypatch):
+    runner = CliRunner()
+    missing = runner.invoke(main, ["split-data"])
+    assert missing.exit_code == 2 and "Missing option '--input'" in missing.output
+    source = tmp_path / "all.tsv"
+    source.write_text("spa\teng\n" + "".join(f"s{i}\te{i}\n" for i in range(20)), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # --out-dir defaults to data/ in the working directory
+    result = runner.invoke(main, ["split-data", "--input", str(source), "--dev-size", "3", "--test-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "test 4 pairs, dev 3 pairs, train 13 pairs in data"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dev.tsv", "test.tsv", "train.tsv"]

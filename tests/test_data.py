@@ -1,67 +1,22 @@
-import json
+"""Batches (data.py): token-budget batches with length bucketing, padding and masks, and the
+grouping of batches into optimiser steps, for corpora in memory, on disk or streamed."""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
 
-from translate.data import Encoded, collate, padding_fraction, read_parallel, split_corpus, token_batches
-from translate.errors import DataError
+from translate.build import train
+from translate.checkpoint import load_checkpoint
+from translate.cli import main
+from translate.corpus import load_pairs
+from translate.data import StreamingData, TrainingData, collate, padding_fraction, token_batches
+from translate.encoded import Encoded
 from translate.tokenizer import BOS, EOS, PAD
 
-
-def test_reads_tsv(corpus):
-    pairs = read_parallel(str(corpus["dev"]), "spa", "eng")
-    assert len(pairs.src) == len(pairs.tgt) == 40
-    assert pairs.src[0].endswith(".") and pairs.tgt[0][0].isupper()
-
-
-def test_reads_reversed_direction(corpus):
-    pairs = read_parallel(str(corpus["dev"]), "eng", "spa")
-    forward = read_parallel(str(corpus["dev"]), "spa", "eng")
-    assert pairs.src == forward.tgt and pairs.tgt == forward.src
-
-
-def test_reads_text_pair_and_jsonl(tmp_path):
-    (tmp_path / "train.es").write_text("Hola.\nAdiós.\n", encoding="utf-8")
-    (tmp_path / "train.en").write_text("Hello.\nBye.\n", encoding="utf-8")
-    pairs = read_parallel(str(tmp_path / "train"), "es", "en")
-    assert pairs.src == ["Hola.", "Adiós."] and pairs.tgt == ["Hello.", "Bye."]
-    jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text("".join(json.dumps({"es": s, "en": t}) + "\n" for s, t in zip(pairs.src, pairs.tgt)))
-    assert read_parallel(str(jsonl), "es", "en").tgt == ["Hello.", "Bye."]
-
-
-def test_numbers_stay_text(tmp_path):
-    path = tmp_path / "n.tsv"
-    path.write_text("spa\teng\n1984\t1984\nNA\tnull\n", encoding="utf-8")
-    pairs = read_parallel(str(path), "spa", "eng")
-    assert pairs.src == ["1984", "NA"] and pairs.tgt == ["1984", "null"]
-
-
-@pytest.mark.parametrize("setup,message", [
-    (lambda p: None, "file not found"),
-    (lambda p: p.write_bytes(b"spa\teng\nhola\thello\n\xff\xfe\tbad\n"), r"line 3: not valid UTF-8"),
-    (lambda p: p.write_text("spa\teng\nhola\thello\n\tbye\n"), r"line 3: empty 'spa' sentence"),
-    (lambda p: p.write_text("es\ten\nhola\thello\n"), r"no column 'spa' \(columns: es, en\)"),
-    (lambda p: p.write_text("spa\teng\n"), "the corpus is empty"),
-    (lambda p: p.write_text(""), "the file is empty"),
-])
-def test_bad_tables(tmp_path, setup, message):
-    path = tmp_path / "bad.tsv"
-    setup(path)
-    with pytest.raises(DataError, match=message):
-        read_parallel(str(path), "spa", "eng")
-
-
-def test_mismatched_text_pair(tmp_path):
-    (tmp_path / "x.es").write_text("a\nb\nc\n")
-    (tmp_path / "x.en").write_text("a\nb\n")
-    with pytest.raises(DataError, match="has 3 lines but .* has 2"):
-        read_parallel(str(tmp_path / "x"), "es", "en")
-
-
-def test_missing_prefix_is_not_sent_to_the_hub(tmp_path):
-    with pytest.raises(DataError, match="no such data file"):
-        read_parallel(str(tmp_path / "nothing"), "es", "en")
+from .conftest import make_pairs, tiny
 
 
 def test_token_batches_cover_all_within_budget():
@@ -123,19 +78,119 @@ def test_collate_pads_and_masks():
     assert batch.tgt_out.tolist() == [[9, EOS, PAD], [10, 11, EOS]]
 
 
-def test_split_by_english_sentence(tmp_path):
-    rows = [f"es{i}-{j}\ten{i}\tattr" for i in range(300) for j in range(1 + i % 3)]
-    src = tmp_path / "all.tsv"
-    src.write_text("spa\teng\tattribution\n" + "\n".join(rows) + "\n")
-    sizes = split_corpus(src, tmp_path / "out", dev_size=50, test_size=80, seed=3)
-    assert sizes == {"test": 80, "dev": 50, "train": len(rows) - 130}
-    english = {}
-    for name in ("train", "dev", "test"):
-        lines = (tmp_path / "out" / f"{name}.tsv").read_text().splitlines()
-        assert lines[0] == "spa\teng\tattribution"
-        english[name] = {line.split("\t")[1] for line in lines[1:]}
-    assert not english["train"] & english["dev"] and not english["train"] & english["test"]
-    assert not english["dev"] & english["test"]
-    again = split_corpus(src, tmp_path / "again", dev_size=50, test_size=80, seed=3)
-    assert again == sizes
-    assert (tmp_path / "again" / "test.tsv").read_text() == (tmp_path / "out" / "test.tsv").read_text()
+# ---------------------------------------------------------------- optimiser steps
+
+def step_tuples(steps) -> list[tuple[int, list[list[int]], int]]:
+    return [(position, [b.indices for b in batches], tokens) for position, batches, tokens in steps]
+
+
+def reference_training_steps(data: TrainingData, epoch: int, start: int, group: int, mine: slice):
+    """Steps of ``group`` consecutive batches from batch ``start`` on, an incomplete tail left out,
+    written plainly: what ``TrainingData.steps`` must equal."""
+    batches = [b.tolist() for b in data.epoch_batches(epoch)]
+    steps = []
+    position = start
+    while position + group <= len(batches):
+        step = batches[position: position + group]
+        tokens = sum(len(b) + int(data.tgt.lengths[b].sum()) for b in step)
+        steps.append((position + group, step[mine], tokens))
+        position += group
+    return steps
+
+
+def random_corpus(n: int, seed: int) -> tuple[Encoded, Encoded]:
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(4, 50, size=rng.integers(1, 30)).tolist() for _ in range(n)]
+    tgt = [rng.integers(4, 50, size=rng.integers(1, 30)).tolist() for _ in range(n)]
+    return Encoded(src), Encoded(tgt)
+
+
+# (start, group, mine); the streamed corpus below has two pools, of 69 and 17 batches
+STEPS = [(0, 1, slice(0, 1)), (0, 2, slice(0, 2)), (5, 3, slice(1, 3)), (7, 4, slice(2, 4)), (3, 2, slice(1, 2)),
+         (66, 4, slice(1, 3)), (70, 3, slice(2, 3)), (10_000, 2, slice(0, 1))]
+
+
+@pytest.mark.parametrize("start,group,mine", STEPS)
+def test_training_steps_equal_a_plain_loop(start, group, mine):
+    data = TrainingData(*random_corpus(700, seed=group), batch_tokens=300, seed=4)
+    steps = list(data.steps(2, start, group, mine))
+    assert step_tuples(steps) == reference_training_steps(data, 2, start, group, mine)
+    for position, batches, _ in steps[:3]:  # collated as collate collates the step's share
+        indices = data.epoch_batches(2)[position - group: position][mine]
+        assert all(torch.equal(b.tgt_out, collate(data.src, data.tgt, i).tgt_out) for b, i in zip(batches, indices))
+
+
+def reference_stream_steps(pairs, data: StreamingData, epoch: int, start: int, group: int, mine: slice):
+    """``StreamingData.steps`` written plainly: pools filled a thousand rows at a time, each
+    bucketed with the epoch's generator, steps counted across pools, each pool's tail left out."""
+    tokenizer = data.tokenizer
+    pools, src, tgt = [], [], []
+    for first in range(0, len(pairs), 1000):
+        rows = pairs[first: first + 1000]
+        for s, t in zip(tokenizer.encode_src([p[0] for p in rows]), tokenizer.encode_tgt([p[1] for p in rows])):
+            if 0 < len(s) <= data.max_len and 0 < len(t) <= data.max_len:
+                src.append(s)
+                tgt.append(t)
+        if len(src) >= data.pool:
+            pools.append((src, tgt))
+            src, tgt = [], []
+    if src:
+        pools.append((src, tgt))
+    rng = np.random.default_rng([data.seed, epoch])
+    steps, position = [], 0
+    for src, tgt in pools:
+        lengths = TrainingData(Encoded(src), Encoded(tgt), data.batch_tokens, data.seed).lengths
+        batches = [b.tolist() for b in token_batches(lengths, data.batch_tokens, rng)]
+        for first in range(0, len(batches) - group + 1, group):
+            position += group
+            if position > start:
+                step = batches[first: first + group]
+                steps.append((position, step[mine], sum(len(b) + sum(len(tgt[i]) for i in b) for b in step)))
+    return steps
+
+
+@pytest.mark.parametrize("start,group,mine", STEPS)
+def test_streaming_steps_equal_a_plain_loop(tokenizer, start, group, mine):
+    import datasets
+
+    pairs = make_pairs(2500, seed=7)
+    table = datasets.Dataset.from_dict({"spa": [s for s, _ in pairs], "eng": [t for _, t in pairs]})
+    data = StreamingData(table, tokenizer, "spa", "eng", batch_tokens=200, seed=1, max_len=12)
+    steps = step_tuples(data.steps(1, start, group, mine))
+    expected = reference_stream_steps(pairs, data, 1, start, group, mine)
+    assert data.pool == 1000 and steps == expected and data.dropped > 0  # some pairs too long
+
+
+def test_streaming_batches_cover_the_corpus(corpus, tokenizer, hf_cache):
+    table = load_pairs(str(corpus["train"]), "spa", "eng", streaming=True)
+    data = StreamingData(table, tokenizer, "spa", "eng", batch_tokens=300, seed=1, max_len=80, pool_batches=2)
+    assert data.pool == 1000
+    seen, positions = 0, []
+    for position, batches, tokens in data.steps(0, 0, 1, slice(0, 1)):
+        positions.append(position)
+        seen += batches[0].size
+        assert tokens == int((batches[0].tgt_out != 0).sum())
+    assert seen == 600 and positions == list(range(1, len(positions) + 1))
+    resumed = [p for p, _, _ in data.steps(0, 3, 1, slice(0, 1))]
+    assert resumed == positions[3:]
+
+
+def test_streaming_training_through_the_cli_and_resume(corpus, tiny_tokenizer_file, tmp_path, hf_cache):
+    import yaml
+
+    config = tiny(corpus, tiny_tokenizer_file, **{"model.dropout": 0.0, "train.max_steps": 6, "train.eval_every": 3,
+                                                   "train.lr_schedule": "constant",
+                                                   "train.amp": False})
+    whole = train(config.override({"data.streaming": True}), tmp_path / "whole", log=lambda s: None)
+    assert whole.progress.step == 6
+    half = config.override({"data.streaming": True, "train.max_steps": 3})
+    train(half, tmp_path / "split", log=lambda s: None)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
+    result = CliRunner().invoke(main, ["train", "--config", str(config_file), "--streaming", "--run-dir",
+                                       str(tmp_path / "split"), "--resume", "--max-steps", "6"])
+    assert result.exit_code == 0, result.output
+    a, b = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["progress"]["step"] == b["progress"]["step"] == 6
+    for name, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
+from translate.build import build_trainer, train
 from translate.checkpoint import load_checkpoint
 from translate.config import load_config
 from translate.data import collate
-from translate.training import Trainer, train
 
 # no dropout and pure teacher forcing: nothing random is left to differ between the runs
 EXACT = {"model.dropout": 0.0, "train.tf_warmup": 1000, "train.max_steps": 4, "train.eval_every": 1000,
@@ -26,8 +26,8 @@ EXACT = {"model.dropout": 0.0, "train.tf_warmup": 1000, "train.max_steps": 4, "t
 
 def test_accumulated_batches_equal_one_merged_batch(tiny_config, tmp_path):
     config = tiny_config.override(EXACT)
-    one = Trainer(config, tmp_path / "one", log=lambda line: None, progress_bar=False)
-    two = Trainer(config, tmp_path / "two", log=lambda line: None, progress_bar=False)
+    one = build_trainer(config, tmp_path / "one", log=lambda line: None, progress_bar=False)
+    two = build_trainer(config, tmp_path / "two", log=lambda line: None, progress_bar=False)
     two.model.load_state_dict(one.model.state_dict())
     for step in range(3):
         first, second = one.data.epoch_batches(0)[2 * step: 2 * step + 2]
@@ -43,7 +43,7 @@ def test_accumulated_batches_equal_one_merged_batch(tiny_config, tmp_path):
 
 def test_lr_scaling_and_accumulate_config(tiny_config):
     from translate.errors import ConfigError
-    from translate.training import scaled_lr
+    from translate.schedules import scaled_lr
 
     cfg = tiny_config.override({"train.accumulate": 4}).train
     assert scaled_lr(cfg) == pytest.approx(cfg.lr * 2)
@@ -60,6 +60,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_the_same_batches(tiny_config, tmp_path):
     # one process taking 2 batches a step (accumulate 2) ...
     config = tiny_config.override(EXACT)
@@ -92,13 +93,11 @@ def test_two_gloo_processes_equal_one_process_with_the_same_batches(tiny_config,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_step_and_decoding(tiny_config, tmp_path):
-    from translate.search import translate_lines
+    from translate.translator import DecodeOptions, Translator
 
     config = tiny_config.override({"train.device": "cuda", "train.max_steps": 3})
     result = train(config, tmp_path / "cuda", log=lambda line: None, progress_bar=False)
     assert result.progress.step == 3
-    from translate.checkpoint import load_model
-
-    model, tokenizer, _, _ = load_model(tmp_path / "cuda", torch.device("cuda"))
-    out = translate_lines(model, tokenizer, ["El gato come pan."], beam=3)
+    translator = Translator.load(tmp_path / "cuda", DecodeOptions(beam=3), device=torch.device("cuda"))
+    out = translator.translate(["El gato come pan."])
     assert isinstance(out[0][0].text, str)

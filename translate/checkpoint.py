@@ -3,7 +3,9 @@ LR schedule, teacher-forcing state, RNG states and the data position.
 
 Written atomically (temporary file in the same directory, fsync, ``os.replace``), so a run
 killed at any moment leaves the previous file whole. Loaded with ``weights_only=True``, so a
-checkpoint can never run code.
+checkpoint can never run code. ``CheckpointSaver`` writes a run's files and rotates the
+step-N.pt weights kept for averaging; ``training_payload`` and ``restore_training_state`` are
+the two halves of what a resumed run needs.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import Config
 from .errors import CheckpointError, ConfigError, TokenizerError
 from .model import Seq2Seq, build_model
+from .runtime import rng_state, set_rng_state
+from .schedules import LRSchedule
 from .tokenizer import Tokenizer
 
 FORMAT = "translate-checkpoint"
@@ -117,6 +123,77 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Se
     payload = load_checkpoint(path, mmap=True)
     model, tokenizer, config = restore(payload, device)
     return model, tokenizer, config, payload
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` already trained on
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0
+    elapsed: float = 0.0  # seconds of training, summed over resumes
+    tokens: int = 0  # target tokens trained on
+    tf_ratio: float = 1.0
+    nonfinite_steps: int = 0
+    skipped_batches: int = 0  # batches that did not fit in memory
+
+
+TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng")  # what a resumed run needs beyond the weights
+
+
+def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     lr_schedule: LRSchedule, scaler: torch.amp.GradScaler, progress: Progress,
+                     device: torch.device) -> dict[str, Any]:
+    """Everything a run needs to go on exactly where it stands, for ``save_checkpoint``."""
+    return {
+        "config": config.to_dict(),
+        "tokenizer": {"src": tokenizer.src_proto, "tgt": tokenizer.tgt_proto},
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "progress": asdict(progress),
+        "rng": rng_state(device),
+    }
+
+
+def restore_training_state(payload: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           lr_schedule: LRSchedule, scaler: torch.amp.GradScaler, device: torch.device) -> Progress:
+    """Loads what ``training_payload`` saved into a freshly built run; returns its progress."""
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    lr_schedule.load_state_dict(payload.get("lr_schedule", payload.get("scheduler", {})))
+    if "scaler" in payload:
+        scaler.load_state_dict(payload["scaler"])
+    set_rng_state(payload["rng"], device)
+    return Progress(**payload["progress"])
+
+
+class CheckpointSaver:
+    """Writes a run's checkpoints: ``last.pt``, ``best.pt``, and with ``keep`` > 0 the weights of
+    the last ``keep`` validations as ``step-N.pt`` (for ``translate average``; older ones go)."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 0):
+        self.run_dir, self.keep = Path(run_dir), keep
+
+    def save(self, payload: dict[str, Any], best: bool = False) -> None:
+        save_checkpoint(self.run_dir / "last.pt", payload)
+        if best:
+            save_checkpoint(self.run_dir / "best.pt", payload)
+
+    def keep_weights(self, payload: dict[str, Any], step: int) -> None:
+        """This validation's weights (no training state) as step-N.pt; the oldest beyond ``keep`` go."""
+        if self.keep <= 0:
+            return
+        weights = {key: value for key, value in payload.items() if key not in TRAINING_STATE}
+        save_checkpoint(self.run_dir / f"step-{step}.pt", weights)
+        for old in step_checkpoints(self.run_dir)[:-self.keep]:
+            old.unlink(missing_ok=True)
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:

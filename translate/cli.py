@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -13,9 +14,10 @@ import click
 
 from . import __version__
 from .config import BUNDLED_DATA, load_config, parse_overrides
-from .data import iter_lines, read_lines, read_parallel
+from .corpus import iter_lines, read_lines, read_parallel
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
-from .runtime import configure_process, select_device
+from .runtime import configure_process
+from .translator import DecodeOptions, Translator
 
 
 class Command(click.Command):
@@ -76,7 +78,7 @@ def _echo_err(line: str) -> None:
 def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_steps, max_epochs, max_minutes,
           run_dir, resume, streaming):
     """Train a model (defaults: the bundled Spanish-English data, into checkpoints/default)."""
-    from .training import train as run_training
+    from .build import train as run_training
 
     pairs = parse_overrides(overrides)
     for key, value in (("data.train", train_path), ("data.dev", dev_path), ("data.src_lang", src_lang),
@@ -97,36 +99,55 @@ def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_
         sys.exit(130)
 
 
-def _load(checkpoint: str, bf16: bool = False, int8: bool = False):
-    """A checkpoint's model ready to decode (on CPU a bf16 or int8 copy when asked, inference_model),
-    its tokenizer, config and training progress."""
-    from .checkpoint import load_model
-    from .search import inference_model
+DEFAULT_DECODING = DecodeOptions()
+# the flags of the commands that decode, by the DecodeOptions field they set ("precision": --bf16 / --int8)
+DECODING_FLAGS = {
+    "beam": [click.option("--beam", default=DEFAULT_DECODING.beam, show_default=True, type=click.IntRange(1, 64),
+                          help="Beam size; 1 is greedy.")],
+    "n_best": [click.option("--n-best", default=DEFAULT_DECODING.n_best, show_default=True,
+                            type=click.IntRange(1, 64),
+                            help="Print the K best translations with their scores, tab-separated.")],
+    "max_len_ratio": [click.option("--max-len-ratio", default=DEFAULT_DECODING.max_len_ratio, show_default=True,
+                                   type=click.FloatRange(0.1, 100),
+                                   help="Longest output as a multiple of the source length (plus 10).")],
+    "alpha": [click.option("--alpha", default=DEFAULT_DECODING.alpha, show_default=True,
+                           help="Length penalty exponent.")],
+    "precision": [
+        click.option("--bf16", is_flag=True, help="On a CPU with native bf16, decode in bf16: faster, more memory. "
+                     "(On CUDA, decoding uses bf16/fp16 whenever the checkpoint's train.amp is on.)"),
+        click.option("--int8", is_flag=True, help="On CPU, decode with int8 weights (dynamic quantisation): "
+                     "faster, less memory, BLEU within a few tenths."),
+    ],
+    "inter_threads": [click.option("--inter-threads", default=DEFAULT_DECODING.inter_threads, show_default=True,
+                                   type=click.IntRange(0, 64), help="Batches decoded at once, each on its share "
+                                   "of the threads; 0: two on CPU, one on GPU.")],
+}
 
-    if bf16 and int8:
-        raise click.UsageError("--bf16 and --int8 exclude each other; pick one")
-    model, tokenizer, config, payload = load_model(checkpoint, select_device("auto"))
-    progress = payload.get("progress", {})  # the rest of the payload (a mapped file) is let go
-    del payload
-    try:
-        model = inference_model(model, "int8" if int8 else "bf16" if bf16 else "fp32")
-    except RuntimeError as exc:
-        raise DataError(str(exc)) from None
-    return model, tokenizer, config, progress
 
+def decoding_options(*names: str, **fixed):
+    """Adds the decoding flags ``names`` (keys of DECODING_FLAGS) to a command, which receives
+    ``options``, a DecodeOptions of those flags and ``fixed``, in their place, and ``precision``
+    (fp32, bf16 or int8) when "precision" is among them."""
 
-def INTER_THREADS(command):
-    return click.option("--inter-threads", default=0, show_default=True, type=click.IntRange(0, 64),
-                        help="Batches decoded at once, each on its share of the threads; 0: two on CPU, "
-                        "one on GPU.")(command)
+    def decorate(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            chosen = {name: kwargs.pop(name) for name in names if name != "precision"}
+            if chosen.get("n_best", 1) > chosen.get("beam", 1):
+                raise click.UsageError(f"--n-best ({chosen['n_best']}) cannot exceed --beam ({chosen['beam']})")
+            if "precision" in names:
+                bf16, int8 = kwargs.pop("bf16"), kwargs.pop("int8")
+                if bf16 and int8:
+                    raise click.UsageError("--bf16 and --int8 exclude each other; pick one")
+                kwargs["precision"] = "int8" if int8 else "bf16" if bf16 else "fp32"
+            return command(*args, options=DecodeOptions(**chosen, **fixed), **kwargs)
 
+        for name in reversed(names):  # click lists the flags in the order of ``names``
+            for flag in reversed(DECODING_FLAGS[name]):
+                run = flag(run)
+        return run
 
-def PRECISION(command):
-    """--bf16 / --int8 for the commands that decode."""
-    command = click.option("--int8", is_flag=True, help="On CPU, decode with int8 weights (dynamic quantisation): "
-                           "faster, less memory, BLEU within a few tenths.")(command)
-    return click.option("--bf16", is_flag=True, help="On a CPU with native bf16, decode in bf16: faster, more memory. "
-                        "(On CUDA, decoding uses bf16/fp16 whenever the checkpoint's train.amp is on.)")(command)
+    return decorate
 
 
 @main.command(name="eval")
@@ -134,17 +155,15 @@ def PRECISION(command):
 @click.option("--src", "src_file", type=click.Path(dir_okay=False), help="Source sentences, one a line.")
 @click.option("--ref", "ref_file", type=click.Path(dir_okay=False), help="Reference translations, one a line.")
 @click.option("--test", "test_path", help="A TSV/CSV/JSON-lines test set (default: the bundled test split).")
-@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64), help="Beam size; 1 is greedy.")
-@click.option("--alpha", default=1.0, show_default=True, help="Length penalty exponent.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@PRECISION
-@INTER_THREADS
-def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output, as_json, bf16, int8, inter_threads):
+@decoding_options("beam", "alpha", "precision", "inter_threads")
+def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate
 
-    model, tokenizer, config, _ = _load(checkpoint, bf16, int8)
+    translator = Translator.load(checkpoint, options, precision)
+    config = translator.config
     if (src_file is None) != (ref_file is None):
         raise click.UsageError("give both --src and --ref, or neither")
     if src_file:
@@ -159,14 +178,13 @@ def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output,
             spec = str(BUNDLED_DATA / "test.tsv")
         test = read_parallel(spec, config.data.src_lang, config.data.tgt_lang, "test")
         sources, references, origin = test.src, test.tgt, test.origin
-    scores, hyps = evaluate(model, tokenizer, sources, references, beam=beam, alpha=alpha,
-                            amp=config.train.amp, inter_threads=inter_threads)
+    scores, hyps = evaluate(translator, sources, references)
     if output:
         Path(output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if as_json:
-        click.echo(json.dumps({**scores, "beam": beam, "sentences": len(sources), "test": origin}))
+        click.echo(json.dumps({**scores, "beam": options.beam, "sentences": len(sources), "test": origin}))
     else:
-        click.echo(f"{origin}: {len(sources)} sentences, beam {beam}")
+        click.echo(f"{origin}: {len(sources)} sentences, beam {options.beam}")
         click.echo(f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | TER {scores['ter']:.2f}")
         click.echo(scores["signature"])
 
@@ -175,28 +193,15 @@ def eval_command(checkpoint, src_file, ref_file, test_path, beam, alpha, output,
 @click.argument("checkpoint")
 @click.option("-i", "--input", "input_file", type=click.Path(dir_okay=False), help="Input file (default stdin).")
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
-@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64), help="Beam size; 1 is greedy.")
-@click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Print the K best translations with their scores, tab-separated.")
-@click.option("--max-len-ratio", default=2.0, show_default=True, type=click.FloatRange(0.1, 100),
-              help="Longest output as a multiple of the source length (plus 10).")
-@click.option("--alpha", default=1.0, show_default=True, help="Length penalty exponent.")
-@PRECISION
-@INTER_THREADS
-def decode(checkpoint, input_file, output_file, beam, n_best, max_len_ratio, alpha, bf16, int8, inter_threads):
+@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "precision", "inter_threads")
+def decode(checkpoint, input_file, output_file, options, precision):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
-    from .search import translate_stream
-
-    if n_best > beam:
-        raise click.UsageError(f"--n-best ({n_best}) cannot exceed --beam ({beam})")
-    model, tokenizer, config, _ = _load(checkpoint, bf16, int8)
+    translator = Translator.load(checkpoint, options, precision)
     truncated = []
-    stream = translate_stream(model, tokenizer, iter_lines(input_file), beam=beam, n_best=n_best,
-                              max_len_ratio=max_len_ratio, alpha=alpha, on_truncate=truncated.append,
-                              amp=config.train.amp, inter_threads=inter_threads)
+    stream = translator.stream(iter_lines(input_file), on_truncate=truncated.append)
     with _output(output_file) as out:
         for index, nbest in enumerate(stream):
-            if n_best == 1:
+            if options.n_best == 1:
                 out.write(nbest[0].text + "\n")
             else:
                 out.write("".join(f"{index}\t{t.score:.4f}\t{t.text}\n" for t in nbest))
@@ -230,14 +235,12 @@ def _output(path: str | None):
 
 @main.command()
 @click.argument("checkpoint")
-@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64))
-@PRECISION
-def repl(checkpoint, beam, bf16, int8):
+@decoding_options("beam", "precision")
+def repl(checkpoint, options, precision):
     """Translate lines as you type them (:help for commands)."""
     from .repl import Repl
 
-    model, tokenizer, _, _ = _load(checkpoint, bf16, int8)
-    Repl(model, tokenizer, beam=beam).run(sys.stdin, sys.stdout)
+    Repl(Translator.load(checkpoint, options, precision)).run(sys.stdin, sys.stdout)
 
 
 @main.command()
@@ -300,16 +303,16 @@ def average(run_dir, last, output):
               help="How long a request waits for others to share its batch.")
 @click.option("--max-sentences", default=256, show_default=True, type=click.IntRange(1, 100_000),
               help="Most sentences in one request.")
-@PRECISION
-def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, bf16, int8):
+@decoding_options("precision")
+def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, options, precision):
     """Serve a model over HTTP: POST /translate {"sentences": [...], "beam": 5}; GET /health."""
-    from .serve import Translator, make_server
+    from .serve import RequestBatcher, make_server
 
-    model, tokenizer, config, progress = _load(checkpoint, bf16, int8)
-    translator = Translator(model, tokenizer, max_batch, max_wait_ms, amp=config.train.amp)
-    info = {"checkpoint": str(checkpoint), "step": progress.get("step")}
+    translator = Translator.load(checkpoint, options, precision)
+    batcher = RequestBatcher(translator, max_batch, max_wait_ms)
+    info = {"checkpoint": str(checkpoint), "step": translator.progress.get("step")}
     try:
-        server = make_server(translator, host, port, max_sentences=max_sentences, info=info)
+        server = make_server(batcher, host, port, max_sentences=max_sentences, info=info)
     except OSError as exc:
         raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     _echo_err(f"serving {checkpoint} on http://{server.server_address[0]}:{server.server_address[1]} "
@@ -320,7 +323,7 @@ def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, bf16, i
         pass
     finally:
         server.server_close()
-        translator.close()
+        batcher.close()
 
 
 @main.command()
@@ -337,34 +340,34 @@ def plot(run_dir, output):
 @click.argument("checkpoint")
 @click.argument("sentence")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64))
-def attend(checkpoint, sentence, output, beam):
+@decoding_options("beam", return_attention=True)
+def attend(checkpoint, sentence, output, options):
     """Translate SENTENCE and draw its attention as a heatmap PNG (pieces on the axes)."""
     from .plots import plot_attention
     from .repl import alignment
-    from .search import translate_lines
 
     if not sentence.strip():
         raise click.UsageError("give a sentence to translate")
-    model, tokenizer, _, _ = _load(checkpoint)
-    result = translate_lines(model, tokenizer, [sentence], beam=beam, return_attention=True)[0][0]
-    src, tgt, weights = alignment(tokenizer, sentence, result)
+    translator = Translator.load(checkpoint, options)
+    result = translator.translate([sentence])[0][0]
+    src, tgt, weights = alignment(translator.tokenizer, sentence, result)
     click.echo(result.text)
     click.echo(f"wrote {plot_attention(src, tgt, weights, output, title=result.text)}")
 
 
 @main.command(name="split-data")
-@click.option("--input", "input_file", default=str(BUNDLED_DATA.parent.parent / "shared" / "data" /
-                                                   "tatoeba-spa-eng.tsv"), show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--out-dir", default=str(BUNDLED_DATA), show_default=True, type=click.Path(file_okay=False))
+@click.option("--input", "input_file", required=True, type=click.Path(dir_okay=False),
+              help="TSV corpus with a header line, e.g. a Tatoeba export.")
+@click.option("--out-dir", default="data", show_default=True, type=click.Path(file_okay=False),
+              help="Where train.tsv, dev.tsv and test.tsv go.")
 @click.option("--key", default="eng", show_default=True, help="Column whose sentences never cross splits.")
 @click.option("--dev-size", default=1000, show_default=True)
 @click.option("--test-size", default=2000, show_default=True)
 @click.option("--seed", default=20261125, show_default=True)
 def split_data(input_file, out_dir, key, dev_size, test_size, seed):
-    """Make the deterministic train/dev/test split of a TSV corpus (how data/ was made)."""
-    from .data import split_corpus
+    """Make the deterministic train/dev/test split of a TSV corpus (how the bundled split in
+    translate/bundled/ was made; see data/README.md)."""
+    from .corpus import split_corpus
 
     sizes = split_corpus(input_file, out_dir, key, dev_size, test_size, seed)
     click.echo(", ".join(f"{name} {n:,} pairs" for name, n in sizes.items()) + f" in {out_dir}")

@@ -19,7 +19,7 @@ import yaml
 from .errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLED_DATA = PACKAGE_DIR.parent / "data"
+BUNDLED_DATA = PACKAGE_DIR / "bundled"  # the split of data/README.md, installed with the package
 
 
 @dataclass(frozen=True)
@@ -242,3 +242,28 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         config = Config.from_dict(raw or {})
     config = config.override(overrides or {})
     return config
+
+
+# the keys a resumed run may change: how long it runs and where, not what it trains
+RESUMABLE_KEYS = ("max_steps", "max_epochs", "max_minutes", "patience", "eval_every", "keep_checkpoints", "device",
+                  "threads")
+
+
+def resume_config(given: Config, saved: Config) -> Config:
+    """The config of a resumed run: the saved one, with the run's limits (and where it runs) taken
+    from ``given``. Any other key set to a value unlike the saved one is an error, not ignored."""
+    defaults, given_raw, saved_raw = Config().to_dict(), given.to_dict(), saved.to_dict()
+    changed = {}
+    for section, values in given_raw.items():
+        for key, value in values.items():
+            if value == defaults[section][key] or value == saved_raw[section][key]:
+                continue
+            if section == "train" and key in RESUMABLE_KEYS:
+                changed[f"train.{key}"] = value
+            else:
+                raise ConfigError(f"{section}.{key}={value!r} differs from the run's saved value "
+                                  f"{saved_raw[section][key]!r}; a resumed run keeps its config except "
+                                  f"{', '.join('train.' + k for k in RESUMABLE_KEYS)}. Start a new --run-dir "
+                                  f"to change it")
+    return saved.override(changed)
+

@@ -1,75 +1,177 @@
-"""Training corpora of any size: read by ``datasets`` into memory-mapped Arrow files, tokenized
-once by ``Dataset.map`` (in parallel, cached on disk beside the Arrow data and reused by later
-runs with the same tokenizer), then kept as flat id files that batches read with ``pread``.
-
-What stays in memory is a few bytes per sentence pair (its lengths, for bucketing, and the
-epoch's order), so a corpus of ten million pairs trains in about the memory of a hundred
-thousand. Small corpora take the same path; dev and test sets are read whole (``data.py``).
+"""Reading corpora. Every parallel corpus, training, dev or test (a TSV/CSV/JSON-lines file, a
+``PATH.<src>``/``PATH.<tgt>`` pair of plain-text files, or a hub dataset), is read by ``datasets``
+into memory-mapped Arrow files and checked the same way, with the same one-line messages: the
+training set is kept as that Dataset (``load_pairs``), dev and test sets are taken whole as lists
+(``read_parallel``). Arrow data is read as streams (``column_chunks``), so a large corpus never
+becomes resident memory. Also: plain-text line readers (decoding input) and the split that made
+the bundled data.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Iterator
+import codecs
+import csv
+import random
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .data import (
-    HUB_SPLITS,
-    JSON_SUFFIXES,
-    TABLE_SUFFIXES,
-    Batch,
-    DataError,
-    Encoded,
-    TrainingData,
-    _check_columns,
-    check_utf8_stream,
-    collate,
-    data_source,
-    token_batches,
-)
-from .runtime import release_mapped_pages, return_freed_memory
-from .tokenizer import Tokenizer
+from .errors import DataError
+from .runtime import release_mapped_pages
 
-FORMAT_VERSION = "1"  # bump when the cached files change layout
+TABLE_SUFFIXES = {".tsv": "\t", ".csv": ","}
+JSON_SUFFIXES = {".json", ".jsonl"}
+HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 CHUNK = 50_000  # rows converted at a time
 # Rows per record batch in the Arrow files that ``datasets`` writes from a text corpus. Opening
 # such a file reads each batch's header through the memory map, and the kernel maps the pages
-# around every page it faults in (fault-around, 64 KB): with the default 1,000-row batches that
-# made about 60% of the corpus resident in every process that opened it. 100,000-row batches
-# leave it at a few MB.
+# around every page it faults in (fault-around, 64 KB): with the default 1,000-row batches that made
+# much of the corpus resident in every process that opened it; large batches leave little.
 WRITER_BATCH = 100_000
-MAP_BATCH = 10_000  # rows tokenized, and written, at a time by Dataset.map
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Sentence pairs as read, with where they came from (for messages)."""
+
+    src: list[str]
+    tgt: list[str]
+    origin: str
+
+
+# ---------------------------------------------------------------- files and their text
+
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{path}: file not found; check the path")
+    if isinstance(exc, IsADirectoryError):
+        return DataError(f"{path}: is a directory, not a data file; give a file path")
+    return DataError(f"{path}: cannot read ({exc.strerror}); check its permissions")
+
+
+def check_utf8(path: Path, chunk_size: int = 1 << 20, require_text: bool = True) -> str:
+    """Reads a file of any size in chunks and fails with the line number of the first byte that
+    is not UTF-8, or (with ``require_text``) if the file holds no text; returns the first line."""
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    first, head, lines, seen_text = None, "", 0, False
+    with handle:
+        while True:
+            raw = handle.read(chunk_size)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                line = lines + raw[: max(exc.start, 0)].count(b"\n") + 1
+                raise DataError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8 "
+                                f"(e.g. iconv -f latin1 -t utf-8)") from None
+            if first is None:
+                head += text
+                if "\n" in head or not raw or len(head) > 1 << 20:
+                    first = head.split("\n", 1)[0].rstrip("\r")
+            seen_text = seen_text or bool(text.strip())
+            lines += raw.count(b"\n")
+            if not raw:
+                break
+    if require_text and not seen_text:
+        raise DataError(f"{path}: the file is empty; give a corpus with sentence pairs")
+    return first or ""
+
+
+def iter_lines(path: str | Path | None) -> Iterator[str]:
+    """Streams a plain-text file (or stdin for ``None``/'-') line by line, failing with the line
+    number of the first line that is not UTF-8. A file is checked first, so a bad line stops
+    the job before anything is translated; stdin cannot be read twice, so it is checked as read."""
+    if path is None or path == "-":
+        yield from _decode_lines(sys.stdin.buffer, "stdin")
+        return
+    path = Path(path)
+    check_utf8(path, require_text=False)
+    try:
+        with open(path, "rb") as handle:
+            yield from _decode_lines(handle, str(path))
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _decode_lines(handle, name: str) -> Iterator[str]:
+    for number, raw in enumerate(handle, start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise DataError(f"{name} line {number}: not valid UTF-8; re-encode the input as UTF-8") from None
+
+
+def read_lines(path: str | Path | None) -> list[str]:
+    """All lines of a plain-text file (one sentence a line) with ``iter_lines``' checks; ``None``
+    or '-' is stdin."""
+    return list(iter_lines(path))
+
+
+# ---------------------------------------------------------------- parallel corpora
+
+def data_source(spec: str, src_lang: str, tgt_lang: str) -> tuple[str, Path, tuple[Path, Path]]:
+    """What a corpus spec names: ``"table"`` (a TSV/CSV/JSON-lines file), ``"pair"`` (the text
+    files ``PATH.<src>``/``PATH.<tgt>``) or ``"hub"`` (a dataset name), with its path and the
+    text-pair paths. A local-looking path that names none of these is an error."""
+    path = Path(spec).expanduser()
+    pair = (Path(f"{path}.{src_lang}"), Path(f"{path}.{tgt_lang}"))
+    if path.suffix.lower() in TABLE_SUFFIXES or path.suffix.lower() in JSON_SUFFIXES or path.is_file():
+        return "table", path, pair
+    if pair[0].exists() or pair[1].exists():
+        return "pair", path, pair
+    if path.exists() or spec.startswith((".", "/", "~")) or path.suffix:
+        raise DataError(f"{spec}: no such data file, and no {pair[0].name} / {pair[1].name} beside it; "
+                        f"give a TSV/CSV/JSON-lines file or a prefix of plain-text files")
+    return "hub", path, pair
 
 
 def load_pairs(spec: str, src_lang: str, tgt_lang: str, split: str = "train", streaming: bool = False):
     """A ``datasets`` Dataset with one column per language, memory-mapped from Arrow files that
-    ``datasets`` caches (an IterableDataset with ``streaming``). ``spec`` is a TSV/CSV/JSON-lines
-    file, a ``PATH`` prefix of ``PATH.<src>``/``PATH.<tgt>`` text files, or a hub dataset name."""
+    ``datasets`` caches (an IterableDataset with ``streaming``, unchecked: it is read once, as it
+    trains). ``spec`` is a TSV/CSV/JSON-lines file, a ``PATH`` prefix of ``PATH.<src>``/``PATH.<tgt>``
+    text files, or a hub dataset name (``NAME`` or ``NAME:CONFIG``; needs network)."""
+    return _load(spec, src_lang, tgt_lang, split, streaming)[0]
+
+
+def read_parallel(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -> Parallel:
+    """A dev or test set whole, as lists: read and checked as ``load_pairs`` reads a training set."""
+    table, origin = _load(spec, src_lang, tgt_lang, split, streaming=False)
+    src, tgt = ([str(s) for chunk in column_chunks(table, lang) for s in chunk.to_pylist()]
+                for lang in (src_lang, tgt_lang))
+    return Parallel(src, tgt, origin)
+
+
+def _load(spec: str, src_lang: str, tgt_lang: str, split: str, streaming: bool):
+    """``load_pairs``' Dataset and how messages name the corpus: the file, ``PATH.{src,tgt}`` for a
+    text pair, the hub name."""
     import datasets
 
     datasets.disable_progress_bars()
     kind, path, pair = data_source(spec, src_lang, tgt_lang)
     if kind == "table":
-        table = _load_table(path, src_lang, tgt_lang, streaming)
+        table, origin = _load_table(path, src_lang, tgt_lang, streaming), str(path)
     elif kind == "pair":
         table = _load_text_pair(pair[0], pair[1], src_lang, tgt_lang, streaming)
+        origin = f"{pair[0].with_suffix('')}.{{{pair[0].suffix[1:]},{pair[1].suffix[1:]}}}"
     else:
-        table = _load_hub(spec, src_lang, tgt_lang, split, streaming)
+        table, origin = _load_hub(spec, src_lang, tgt_lang, split, streaming), spec
     if not streaming:
-        _check_sentences(table, src_lang, tgt_lang, spec, header=1 if path.suffix.lower() in TABLE_SUFFIXES else 0)
+        header = 1 if kind == "table" and path.suffix.lower() not in JSON_SUFFIXES else 0
+        _check_sentences(table, src_lang, tgt_lang, origin, header)
         release_mapped_pages()
-    return table
+    return table, origin
 
 
 def _load_table(path: Path, src_lang: str, tgt_lang: str, streaming: bool):
-    import csv
-
     import datasets
 
-    first = check_utf8_stream(path)
+    first = check_utf8(path)
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
         loader, kwargs = "json", {}
@@ -77,6 +179,8 @@ def _load_table(path: Path, src_lang: str, tgt_lang: str, streaming: bool):
         delimiter = TABLE_SUFFIXES.get(suffix, "\t")
         columns = next(csv.reader([first], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
         _check_columns(path, columns, src_lang, tgt_lang)
+        if not _has_rows(path):  # datasets fails on it with a message that does not say so
+            raise DataError(f"{path}: the corpus is empty (a header and no pairs); give a corpus with sentence pairs")
         features = datasets.Features({c: datasets.Value("string") for c in columns})
         loader = "csv"
         kwargs = dict(delimiter=delimiter, quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False,
@@ -89,18 +193,40 @@ def _load_table(path: Path, src_lang: str, tgt_lang: str, streaming: bool):
     except Exception as exc:  # datasets wraps parser errors in many types
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: cannot be parsed as {loader.upper()} ({reason}); check its format") from None
-    if not streaming:
-        _check_columns(path, table.column_names, src_lang, tgt_lang)
-        if len(table) == 0:
-            raise DataError(f"{path}: the corpus is empty; give a corpus with sentence pairs")
+    if streaming:
+        return table
+    _check_columns(path, table.column_names, src_lang, tgt_lang)
+    other = [lang for lang in (src_lang, tgt_lang) if table.features[lang] != datasets.Value("string")]
+    if other:  # JSON numbers (or mixed values) are sentences too, as they are in a TSV
+        features = table.features.copy()
+        features.update({lang: datasets.Value("string") for lang in other})
+        table = table.map(lambda row: {lang: None if row[lang] is None else str(row[lang]) for lang in other},
+                          features=features)
     return table
+
+
+def _check_columns(path: Path, columns: Sequence[str], src_lang: str, tgt_lang: str) -> None:
+    missing = [c for c in (src_lang, tgt_lang) if c not in columns]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(columns) or 'none'}); "
+                        f"pick them with --src-lang/--tgt-lang")
+
+
+def _has_rows(path: Path, chunk_size: int = 1 << 20) -> bool:
+    """Whether a table holds any text after its header line (read until the first that does)."""
+    with open(path, "rb") as handle:
+        handle.readline()
+        while chunk := handle.read(chunk_size):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _load_text_pair(src_path: Path, tgt_path: Path, src_lang: str, tgt_lang: str, streaming: bool):
     import datasets
 
     for side in (src_path, tgt_path):
-        check_utf8_stream(side)
+        check_utf8(side)
     sides = []
     kwargs = {} if streaming else {"writer_batch_size": WRITER_BATCH}
     for side, lang in ((src_path, src_lang), (tgt_path, tgt_lang)):
@@ -125,11 +251,38 @@ def _load_hub(name: str, src_lang: str, tgt_lang: str, split: str, streaming: bo
     columns = table.column_names or []
     if src_lang in columns and tgt_lang in columns:
         return table
-    if "translation" in columns:  # the hub's usual layout: {"translation": {"es": ..., "en": ...}}
+    # the hub's usual layout: {"translation": {"es": ..., "en": ...}}; a stream is not read ahead to check it
+    if "translation" in columns and (streaming or _translates(table, src_lang, tgt_lang)):
         return table.map(lambda row: {src_lang: row["translation"][src_lang], tgt_lang: row["translation"][tgt_lang]})
     raise DataError(f"{name}: no fields {src_lang!r}/{tgt_lang!r} (columns: {', '.join(columns)}); "
                     f"pick them with --src-lang/--tgt-lang")
 
+
+def _translates(table, src_lang: str, tgt_lang: str) -> bool:
+    """Whether the first row of a ``translation`` column holds both languages."""
+    first = table[0]["translation"] if len(table) else {}
+    return src_lang in first and tgt_lang in first
+
+
+def _check_sentences(table, src_lang: str, tgt_lang: str, origin: str, header: int) -> None:
+    """Fails on an empty corpus, or on the first empty or whitespace-only sentence, naming its line
+    (Arrow compute: no Python loop over the corpus)."""
+    import pyarrow.compute as pc
+
+    if len(table) == 0:
+        raise DataError(f"{origin}: the corpus is empty; give a corpus with sentence pairs")
+    for lang in (src_lang, tgt_lang):
+        offset = 0
+        for column in column_chunks(table, lang):
+            blank = pc.or_(pc.is_null(column), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0))
+            if pc.any(blank).as_py():
+                row = offset + int(pc.index(blank, True).as_py())
+                raise DataError(f"{origin} line {row + 1 + header}: empty {lang!r} sentence; "
+                                f"remove the line or fill it in")
+            offset += len(column)
+
+
+# ---------------------------------------------------------------- reading Arrow data
 
 def column_chunks(table, column: str) -> Iterator:
     """One column of a Dataset as Arrow arrays, in row order. Arrow cache files are read as
@@ -170,137 +323,9 @@ def _files_holding(table, column: str) -> list[str] | None:
     return files
 
 
-def _check_sentences(table, src_lang: str, tgt_lang: str, origin: str, header: int) -> None:
-    """Fails on the first empty or whitespace-only sentence, naming its line (Arrow compute: no
-    Python loop over the corpus)."""
-    import pyarrow.compute as pc
-
-    for lang in (src_lang, tgt_lang):
-        offset = 0
-        for column in column_chunks(table, lang):
-            blank = pc.or_(pc.is_null(column), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0))
-            if pc.any(blank).as_py():
-                row = offset + int(pc.index(blank, True).as_py())
-                raise DataError(f"{origin} line {row + 1 + header}: empty {lang!r} sentence; "
-                                f"remove the line or fill it in")
-            offset += len(column)
-
-
-# ---------------------------------------------------------------- tokenized, on disk
-
-def _encode_rows(rows: dict, src_lang: str, tgt_lang: str, protos: tuple[bytes, bytes]) -> dict:
-    tokenizer = _tokenizer(protos)
-    out = {"src_ids": tokenizer.encode_src(rows[src_lang]), "tgt_ids": tokenizer.encode_tgt(rows[tgt_lang])}
-    release_mapped_pages()  # this batch's strings are read: let the process hold none of them
-    return out
-
-
-_TOKENIZERS: dict[tuple[bytes, bytes], Tokenizer] = {}
-
-
-def _tokenizer(protos: tuple[bytes, bytes]) -> Tokenizer:
-    """One tokenizer per worker process, built from the serialized models that ``map`` ships."""
-    if protos not in _TOKENIZERS:
-        _TOKENIZERS[protos] = Tokenizer(*protos)
-    return _TOKENIZERS[protos]
-
-
-class DiskEncoded:
-    """Token ids of many sentences in a flat file, read with ``pread`` per sentence: nothing
-    grows with the corpus but ``lengths`` (two bytes a sentence)."""
-
-    def __init__(self, ids_path: Path, offsets_path: Path, lengths: np.ndarray):
-        self.ids_path, self.offsets_path = Path(ids_path), Path(offsets_path)
-        self.lengths = lengths  # (n,) uint16, clipped at 65535 (memory-mapped)
-        self._ids = os.open(self.ids_path, os.O_RDONLY)
-        self._offsets = os.open(self.offsets_path, os.O_RDONLY)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        start, end = np.frombuffer(os.pread(self._offsets, 16, 8 * int(i)), dtype=np.int64)
-        return np.frombuffer(os.pread(self._ids, 4 * int(end - start), 4 * int(start)), dtype=np.int32)
-
-    def __getstate__(self):
-        raise TypeError("DiskEncoded holds open files; pass its paths instead")
-
-    def __del__(self):
-        for fd in (getattr(self, "_ids", None), getattr(self, "_offsets", None)):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-
-
-def cache_dir_for(table) -> Path:
-    """Where the tokenized files of ``table`` live: beside its Arrow cache."""
-    files = getattr(table, "cache_files", None)
-    if files:
-        return Path(files[0]["filename"]).parent
-    return Path(os.environ.get("TRANSLATE_CACHE", Path.home() / ".cache" / "translate"))
-
-
-def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, num_proc: int = 0,
-                    log=lambda line: None) -> tuple[DiskEncoded, DiskEncoded]:
-    """Tokenizes ``table`` once with ``Dataset.map`` (cached by the data's and the tokenizer's
-    fingerprints, so a later run with the same tokenizer reuses it) and lays the ids out flat."""
-    key = hashlib.sha256(f"{FORMAT_VERSION}|{table._fingerprint}|{tokenizer.fingerprint}|{src_lang}|{tgt_lang}"
-                         .encode()).hexdigest()[:16]
-    directory = cache_dir_for(table) / f"translate-{key}"
-    done = directory / "done"
-    if not done.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        workers = num_proc or max(1, min(os.cpu_count() or 1, 8))
-        log(f"tokenizing {len(table):,} pairs with {workers} process(es) into {directory}")
-        tokenized = table.map(
-            _encode_rows, batched=True, batch_size=MAP_BATCH, writer_batch_size=MAP_BATCH,
-            num_proc=workers if workers > 1 else None,
-            fn_kwargs={"src_lang": src_lang, "tgt_lang": tgt_lang,
-                       "protos": (tokenizer.src_proto, tokenizer.tgt_proto)},
-            remove_columns=table.column_names, cache_file_name=str(directory / "tokens.arrow"),
-            new_fingerprint=key, desc="tokenizing")
-        release_mapped_pages()
-        _write_flat(tokenized, directory)
-        del tokenized
-        done.write_text(key + "\n")
-        return_freed_memory()
-    else:
-        log(f"reusing the tokenized corpus in {directory}")
-    return (_open_side(directory, "src"), _open_side(directory, "tgt"))
-
-
-def _write_flat(tokenized, directory: Path) -> None:
-    """Arrow list columns -> ``<side>.ids`` (int32, flat), ``<side>.offsets`` (int64) and
-    ``<side>.lengths`` (uint16), converted a chunk at a time."""
-    for side in ("src", "tgt"):
-        total = 0
-        with open(directory / f"{side}.ids.tmp", "wb") as ids, open(directory / f"{side}.offsets.tmp", "wb") as offs, \
-                open(directory / f"{side}.lengths.tmp", "wb") as lens:
-            offs.write(np.zeros(1, dtype=np.int64).tobytes())
-            for column in column_chunks(tokenized, f"{side}_ids"):
-                lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-                values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-                ids.write(values.tobytes())
-                offs.write((np.cumsum(lengths) + total).astype(np.int64).tobytes())
-                lens.write(np.minimum(lengths, 65535).astype(np.uint16).tobytes())
-                total += int(lengths.sum())
-        for name in ("ids", "offsets", "lengths"):
-            os.replace(directory / f"{side}.{name}.tmp", directory / f"{side}.{name}")
-
-
-def _open_side(directory: Path, side: str) -> DiskEncoded:
-    # memory-mapped: read once to build the batches' lengths, then left to the page cache
-    lengths = np.memmap(directory / f"{side}.lengths", dtype=np.uint16, mode="r")
-    return DiskEncoded(directory / f"{side}.ids", directory / f"{side}.offsets", lengths)
-
-
 def sample_sentences(table, column: str, limit: int, seed: int) -> list[str]:
     """Up to ``limit`` sentences of a column for training the tokenizer: all of them in corpus
     order when they fit, else a seeded random sample (the order ``Tokenizer.train`` expects)."""
-    import random
-
     n = len(table)
     chosen = None if n <= limit else np.sort(np.array(random.Random(seed).sample(range(n), limit), dtype=np.int64))
     out: list[str] = []
@@ -318,55 +343,6 @@ def sample_sentences(table, column: str, limit: int, seed: int) -> list[str]:
     return out
 
 
-class StreamingData:
-    """Training batches from a corpus read as a stream (``data.streaming``), never materialised:
-    pairs are tokenized as they arrive and bucketed by length inside pools of ``pool_batches``
-    batches, each shuffled with the epoch's seed. A pass over the stream is an epoch; resuming
-    reads the stream again and skips the batches already trained on."""
-
-    def __init__(self, table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, batch_tokens: int, seed: int,
-                 max_len: int, pool_batches: int = 50, mean_length: int = 20):
-        self.table, self.tokenizer = table, tokenizer
-        self.src_lang, self.tgt_lang = src_lang, tgt_lang
-        self.batch_tokens, self.seed, self.max_len = batch_tokens, seed, max_len
-        self.pool = max(1000, pool_batches * batch_tokens // mean_length)  # pairs per bucketing pool
-        self.dropped = 0
-
-    def _pools(self) -> Iterator[tuple[Encoded, Encoded]]:
-        src: list[list[int]] = []
-        tgt: list[list[int]] = []
-        for rows in self.table.iter(batch_size=1000):
-            src_ids = self.tokenizer.encode_src(rows[self.src_lang])
-            encoded = zip(src_ids, self.tokenizer.encode_tgt(rows[self.tgt_lang]))
-            for s, t in encoded:
-                if 0 < len(s) <= self.max_len and 0 < len(t) <= self.max_len:
-                    src.append(s)
-                    tgt.append(t)
-                else:
-                    self.dropped += 1
-            if len(src) >= self.pool:
-                yield Encoded(src), Encoded(tgt)
-                src, tgt = [], []
-        if src:
-            yield Encoded(src), Encoded(tgt)
-
-    def steps(self, epoch: int, start: int, group: int, mine: slice) -> Iterator[tuple[int, list[Batch], int]]:
-        """(position after the step, this process's collated batches, target tokens of the whole
-        step) for each optimiser step of the epoch from batch ``start`` on."""
-        rng = np.random.default_rng([self.seed, epoch])
-        position = 0
-        self.dropped = 0
-        for src, tgt in self._pools():
-            data = TrainingData(src, tgt, self.batch_tokens, self.seed)
-            batches = token_batches(data.lengths, self.batch_tokens, rng)
-            for first in range(0, len(batches) - group + 1, group):  # a pool's incomplete tail is left
-                position += group
-                if position <= start:
-                    continue
-                step = batches[first: first + group]
-                yield position, [collate(src, tgt, b) for b in step[mine]], sum(data.target_tokens(b) for b in step)
-
-
 def first_sentences(table, src_lang: str, tgt_lang: str, limit: int) -> tuple[list[str], list[str]]:
     """The first ``limit`` pairs of a streamed corpus, for training the tokenizer."""
     src: list[str] = []
@@ -379,3 +355,37 @@ def first_sentences(table, src_lang: str, tgt_lang: str, limit: int) -> tuple[li
     if not src:
         raise DataError("the streamed training corpus is empty; give a corpus with sentence pairs")
     return src[:limit], tgt[:limit]
+
+
+# ---------------------------------------------------------------- the bundled split
+
+def split_corpus(path: str | Path, out_dir: str | Path, key: str = "eng", dev_size: int = 1000,
+                 test_size: int = 2000, seed: int = 20261125) -> dict[str, int]:
+    """Splits a TSV corpus into train/dev/test by ``key`` sentence (every pair sharing that
+    sentence lands in the same split), deterministically for a given seed."""
+    path, out_dir = Path(path), Path(out_dir)
+    header, *lines = read_lines(path) or [""]
+    rows = [line for line in lines if line]
+    columns = header.split("\t")
+    if key not in columns:
+        raise DataError(f"{path}: no column {key!r} to split by (columns: {', '.join(columns)})")
+    col = columns.index(key)
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(row.split("\t")[col], []).append(row)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    splits: dict[str, list[str]] = {"test": [], "dev": [], "train": []}
+    for k in keys:
+        group = groups[k]
+        if len(splits["test"]) + len(group) <= test_size:
+            splits["test"].extend(group)
+        elif len(splits["dev"]) + len(group) <= dev_size:
+            splits["dev"].extend(group)
+        else:
+            splits["train"].extend(group)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        (out_dir / f"{name}.tsv").write_text("\n".join([header, *part]) + "\n", encoding="utf-8")
+    return {name: len(part) for name, part in splits.items()}
+

@@ -1,312 +1,23 @@
-"""Parallel corpora: loading through ``datasets``, checks, token-budget batches with length bucketing.
+"""Training and decoding batches: token-budget batches with length bucketing, padded and masked,
+and the grouping of an epoch's batches into optimiser steps, for a tokenized corpus held in
+memory or on disk (``encoded.py``) or read as a stream.
 
 Mask convention everywhere: ``mask`` is True on real tokens and False on padding.
 """
 
 from __future__ import annotations
 
-import csv
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DataError
-from .tokenizer import BOS, EOS, PAD
-
-TABLE_SUFFIXES = {".tsv": "\t", ".csv": ","}
-JSON_SUFFIXES = {".json", ".jsonl"}
-HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+from .encoded import Encoded, EncodedCorpus
+from .tokenizer import BOS, EOS, PAD, Tokenizer
 
 
-@dataclass
-class Parallel:
-    """Sentence pairs as read, with where they came from (for messages)."""
-
-    src: list[str]
-    tgt: list[str]
-    origin: str
-
-
-# ---------------------------------------------------------------- reading
-
-def _unreadable(path: Path, exc: OSError) -> DataError:
-    if isinstance(exc, FileNotFoundError):
-        return DataError(f"{path}: file not found; check the path")
-    if isinstance(exc, IsADirectoryError):
-        return DataError(f"{path}: is a directory, not a data file; give a file path")
-    return DataError(f"{path}: cannot read ({exc.strerror}); check its permissions")
-
-
-def check_utf8(path: Path) -> bytes:
-    """Reads a file and fails with the line number of the first byte that is not UTF-8."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise _unreadable(path, exc) from None
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8 "
-                        f"(e.g. iconv -f latin1 -t utf-8)") from None
-    return raw
-
-
-def check_utf8_stream(path: Path, chunk_size: int = 1 << 20) -> str:
-    """``check_utf8`` for files of any size: reads in chunks, fails with the line number of the
-    first byte that is not UTF-8 or if the file holds no text, and returns the first line."""
-    import codecs
-
-    try:
-        handle = open(path, "rb")
-    except OSError as exc:
-        raise _unreadable(path, exc) from None
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    first, head, lines, seen_text = None, "", 0, False
-    with handle:
-        while True:
-            raw = handle.read(chunk_size)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as exc:
-                line = lines + raw[: max(exc.start, 0)].count(b"\n") + 1
-                raise DataError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8 "
-                                f"(e.g. iconv -f latin1 -t utf-8)") from None
-            if first is None:
-                head += text
-                if "\n" in head or not raw or len(head) > 1 << 20:
-                    first = head.split("\n", 1)[0].rstrip("\r")
-            seen_text = seen_text or bool(text.strip())
-            lines += raw.count(b"\n")
-            if not raw:
-                break
-    if not seen_text:
-        raise DataError(f"{path}: the file is empty; give a corpus with sentence pairs")
-    return first or ""
-
-
-def data_source(spec: str, src_lang: str, tgt_lang: str) -> tuple[str, Path, tuple[Path, Path]]:
-    """What a corpus spec names: ``"table"`` (a TSV/CSV/JSON-lines file), ``"pair"`` (the text
-    files ``PATH.<src>``/``PATH.<tgt>``) or ``"hub"`` (a dataset name), with its path and the
-    text-pair paths. A local-looking path that names none of these is an error."""
-    path = Path(spec).expanduser()
-    pair = (Path(f"{path}.{src_lang}"), Path(f"{path}.{tgt_lang}"))
-    if path.suffix.lower() in TABLE_SUFFIXES or path.suffix.lower() in JSON_SUFFIXES or path.is_file():
-        return "table", path, pair
-    if pair[0].exists() or pair[1].exists():
-        return "pair", path, pair
-    if path.exists() or spec.startswith((".", "/", "~")) or path.suffix:
-        raise DataError(f"{spec}: no such data file, and no {pair[0].name} / {pair[1].name} beside it; "
-                        f"give a TSV/CSV/JSON-lines file or a prefix of plain-text files")
-    return "hub", path, pair
-
-
-def read_parallel(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -> Parallel:
-    """Reads sentence pairs from a TSV/CSV/JSON-lines file, a ``PATH.src``/``PATH.tgt`` pair of
-    text files, or a hub dataset (``NAME`` or ``NAME:CONFIG``; needs network)."""
-    kind, path, pair = data_source(spec, src_lang, tgt_lang)
-    if kind == "table":
-        parallel = _read_table(path, src_lang, tgt_lang)
-    elif kind == "pair":
-        parallel = _read_text_pair(pair[0], pair[1])
-    else:
-        parallel = _read_hub(spec, src_lang, tgt_lang, split)
-    _check_pairs(parallel, src_lang, tgt_lang)
-    return parallel
-
-
-def _read_table(path: Path, src_lang: str, tgt_lang: str) -> Parallel:
-    import datasets
-
-    raw = check_utf8(path)
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty; give a corpus with sentence pairs")
-    suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
-        loader, kwargs = "json", {}
-    else:
-        delimiter = TABLE_SUFFIXES.get(suffix, "\t")
-        header = raw.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
-        columns = next(csv.reader([header], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
-        _check_columns(path, columns, src_lang, tgt_lang)
-        if not raw.partition(b"\n")[2].strip():
-            raise DataError(f"{path}: the corpus is empty (a header and no pairs); give a corpus with sentence pairs")
-        features = datasets.Features({c: datasets.Value("string") for c in columns})
-        loader = "csv"
-        kwargs = dict(delimiter=delimiter, quoting=csv.QUOTE_NONE, keep_default_na=False,
-                      na_filter=False, features=features)
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(loader, data_files=str(path.resolve()), split="train", **kwargs)
-    except Exception as exc:  # datasets wraps parser errors in many types
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot be parsed as {loader.upper()} ({reason}); check its format") from None
-    _check_columns(path, table.column_names, src_lang, tgt_lang)
-    src, tgt = table[src_lang], table[tgt_lang]
-    return Parallel(["" if s is None else str(s) for s in src], ["" if t is None else str(t) for t in tgt],
-                    str(path))
-
-
-def _check_columns(path: Path, columns: Sequence[str], src_lang: str, tgt_lang: str) -> None:
-    missing = [c for c in (src_lang, tgt_lang) if c not in columns]
-    if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(columns) or 'none'}); "
-                        f"pick them with --src-lang/--tgt-lang")
-
-
-def _read_text_pair(src_path: Path, tgt_path: Path) -> Parallel:
-    src = _read_lines(src_path)
-    tgt = _read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
-                        f"parallel files must have one sentence a line, line for line")
-    return Parallel(src, tgt, f"{src_path.with_suffix('')}.{{{src_path.suffix[1:]},{tgt_path.suffix[1:]}}}")
-
-
-def _read_lines(path: Path) -> list[str]:
-    text = check_utf8(path).decode("utf-8")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
-
-
-def _read_hub(name: str, src_lang: str, tgt_lang: str, split: str) -> Parallel:
-    import datasets
-
-    hub_name, _, config = name.partition(":")
-    try:
-        table = datasets.load_dataset(hub_name, config or None, split=HUB_SPLITS.get(split, split))
-    except Exception as exc:
-        raise DataError(f"{name}: not a local file and could not be loaded as a hub dataset "
-                        f"({type(exc).__name__}); check the path or your network") from None
-    if src_lang in table.column_names and tgt_lang in table.column_names:
-        return Parallel(table[src_lang], table[tgt_lang], name)
-    if "translation" in table.column_names:
-        rows = table["translation"]
-        if rows and src_lang in rows[0] and tgt_lang in rows[0]:
-            return Parallel([r[src_lang] for r in rows], [r[tgt_lang] for r in rows], name)
-    raise DataError(f"{name}: no fields {src_lang!r}/{tgt_lang!r} (columns: {', '.join(table.column_names)}); "
-                    f"pick them with --src-lang/--tgt-lang")
-
-
-def _check_pairs(parallel: Parallel, src_lang: str, tgt_lang: str) -> None:
-    if not parallel.src:
-        raise DataError(f"{parallel.origin}: the corpus is empty; give a corpus with sentence pairs")
-    header = 1 if Path(parallel.origin).suffix.lower() in TABLE_SUFFIXES else 0
-    for side, lang in ((parallel.src, src_lang), (parallel.tgt, tgt_lang)):
-        for i, sentence in enumerate(side):
-            if not sentence.strip():
-                raise DataError(f"{parallel.origin} line {i + 1 + header}: empty {lang!r} sentence; "
-                                f"remove the line or fill it in")
-
-
-def iter_lines(path: str | None) -> Iterator[str]:
-    """Streams a plain-text file (or stdin for ``None``/'-') line by line, failing with the line
-    number of the first line that is not UTF-8. A file is checked in a first pass, so a bad
-    line stops the job before anything is translated."""
-    import sys
-
-    if path is None or path == "-":
-        yield from _decode_lines(sys.stdin.buffer, "stdin")
-        return
-    try:
-        with open(path, "rb") as handle:
-            for _ in _decode_lines(handle, path):
-                pass
-        with open(path, "rb") as handle:
-            yield from _decode_lines(handle, path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not a text file; give a file path") from None
-    except PermissionError:
-        raise DataError(f"{path}: cannot read (permission denied); check its permissions") from None
-
-
-def _decode_lines(handle, name: str) -> Iterator[str]:
-    for number, raw in enumerate(handle, start=1):
-        try:
-            yield raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            raise DataError(f"{name} line {number}: not valid UTF-8; re-encode the input as UTF-8") from None
-
-
-def read_lines(path: str | None) -> list[str]:
-    """Reads a plain-text file (one sentence a line) with UTF-8 checks; ``None`` or '-' is stdin."""
-    if path is None or path == "-":
-        import sys
-
-        data = sys.stdin.buffer.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise DataError(f"stdin line {line}: not valid UTF-8; re-encode the input as UTF-8") from None
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        return [line.rstrip("\r") for line in lines]
-    return _read_lines(Path(path))
-
-
-# ---------------------------------------------------------------- the bundled split
-
-def split_corpus(path: str | Path, out_dir: str | Path, key: str = "eng", dev_size: int = 1000,
-                 test_size: int = 2000, seed: int = 20261125) -> dict[str, int]:
-    """Splits a TSV corpus into train/dev/test by ``key`` sentence (every pair sharing that
-    sentence lands in the same split), deterministically for a given seed."""
-    path, out_dir = Path(path), Path(out_dir)
-    lines = check_utf8(path).decode("utf-8").split("\n")
-    header, rows = lines[0], [line for line in lines[1:] if line]
-    columns = header.split("\t")
-    if key not in columns:
-        raise DataError(f"{path}: no column {key!r} to split by (columns: {', '.join(columns)})")
-    col = columns.index(key)
-    groups: dict[str, list[str]] = {}
-    for row in rows:
-        groups.setdefault(row.split("\t")[col], []).append(row)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    splits: dict[str, list[str]] = {"test": [], "dev": [], "train": []}
-    for k in keys:
-        group = groups[k]
-        if len(splits["test"]) + len(group) <= test_size:
-            splits["test"].extend(group)
-        elif len(splits["dev"]) + len(group) <= dev_size:
-            splits["dev"].extend(group)
-        else:
-            splits["train"].extend(group)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in splits.items():
-        (out_dir / f"{name}.tsv").write_text("\n".join([header, *part]) + "\n", encoding="utf-8")
-    return {name: len(part) for name, part in splits.items()}
-
-
-# ---------------------------------------------------------------- ids and batches
-
-class Encoded:
-    """Token ids of many sentences in one flat array (no per-sentence Python lists)."""
-
-    def __init__(self, sequences: Sequence[Sequence[int]]):
-        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        self.offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self.offsets[1:])
-        self.ids = np.fromiter((i for s in sequences for i in s), dtype=np.int32, count=int(self.offsets[-1]))
-        self.lengths = lengths
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.ids[self.offsets[i]: self.offsets[i + 1]]
-
-
-@dataclass
+@dataclass(frozen=True)
 class Batch:
     src: torch.Tensor  # (batch, src_len) ids with EOS, PAD after it
     src_lengths: torch.Tensor  # (batch,) on the CPU, for packing
@@ -327,7 +38,8 @@ class Batch:
                      move(self.tgt_out), self.indices)
 
 
-def collate(src: Encoded, tgt: Encoded | None, indices: Sequence[int], max_src_len: int | None = None) -> Batch:
+def collate(src: EncodedCorpus, tgt: EncodedCorpus | None, indices: Sequence[int],
+            max_src_len: int | None = None) -> Batch:
     """Pads one batch; source gets EOS, target gets BOS (input) and EOS (output)."""
     src_seqs = [src[i] if max_src_len is None else src[i][: max_src_len - 1] for i in indices]
     src_lengths = torch.tensor([len(s) + 1 for s in src_seqs], dtype=torch.long)
@@ -409,7 +121,8 @@ class TrainingData:
     with an empty side or a side longer than ``max_len`` pieces stay in the corpus but never
     enter a batch."""
 
-    def __init__(self, src, tgt, batch_tokens: int, seed: int, max_len: int | None = None):
+    def __init__(self, src: EncodedCorpus, tgt: EncodedCorpus, batch_tokens: int, seed: int,
+                 max_len: int | None = None):
         self.src, self.tgt = src, tgt
         self.batch_tokens, self.seed = batch_tokens, seed
         # padded length (the longer side + EOS/BOS), 0 for pairs left out; 2 bytes a pair, computed
@@ -445,12 +158,65 @@ class TrainingData:
             yield position, collate(self.src, self.tgt, indices)
 
     def steps(self, epoch: int, start: int, group: int, mine: slice) -> Iterator[tuple[int, list[Batch], int]]:
-        """(position after the step, this process's collated batches, target tokens of the whole
-        step) for each optimiser step of the epoch from batch ``start`` on. A step takes ``group``
-        consecutive batches; an incomplete tail is left for the next epoch's shuffle."""
-        batches = self.epoch_batches(epoch)
-        for position in range(start, len(batches) - group + 1, group):
+        """``group_steps`` over the epoch's batches from batch ``start`` on; an incomplete tail is
+        left for the next epoch's shuffle."""
+        yield from self.group_steps(self.epoch_batches(epoch), start, group, mine)
+
+    def group_steps(self, batches: Sequence[np.ndarray], first: int, group: int, mine: slice,
+                    offset: int = 0) -> Iterator[tuple[int, list[Batch], int]]:
+        """One optimiser step per ``group`` consecutive batches from ``batches[first]`` on, an
+        incomplete tail left out: (``offset`` + position after the step, this process's share of
+        the step collated, target tokens of the whole step, which the loss is averaged over)."""
+        for position in range(first, len(batches) - group + 1, group):
             step = batches[position: position + group]
-            yield (position + group, [collate(self.src, self.tgt, b) for b in step[mine]],
+            yield (offset + position + group, [collate(self.src, self.tgt, b) for b in step[mine]],
                    sum(self.target_tokens(b) for b in step))
+
+
+class StreamingData:
+    """Training batches from a corpus read as a stream (``data.streaming``), never materialised:
+    pairs are tokenized as they arrive and bucketed by length inside pools of ``pool_batches``
+    batches, each shuffled with the epoch's seed. A pass over the stream is an epoch; resuming
+    reads the stream again and skips the batches already trained on."""
+
+    def __init__(self, table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, batch_tokens: int, seed: int,
+                 max_len: int, pool_batches: int = 50, mean_length: int = 20):
+        self.table, self.tokenizer = table, tokenizer
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
+        self.batch_tokens, self.seed, self.max_len = batch_tokens, seed, max_len
+        self.pool = max(1000, pool_batches * batch_tokens // mean_length)  # pairs per bucketing pool
+        self.dropped = 0
+
+    def _pools(self) -> Iterator[tuple[Encoded, Encoded]]:
+        src: list[list[int]] = []
+        tgt: list[list[int]] = []
+        for rows in self.table.iter(batch_size=1000):
+            src_ids = self.tokenizer.encode_src(rows[self.src_lang])
+            encoded = zip(src_ids, self.tokenizer.encode_tgt(rows[self.tgt_lang]))
+            for s, t in encoded:
+                if 0 < len(s) <= self.max_len and 0 < len(t) <= self.max_len:
+                    src.append(s)
+                    tgt.append(t)
+                else:
+                    self.dropped += 1
+            if len(src) >= self.pool:
+                yield Encoded(src), Encoded(tgt)
+                src, tgt = [], []
+        if src:
+            yield Encoded(src), Encoded(tgt)
+
+    def steps(self, epoch: int, start: int, group: int, mine: slice) -> Iterator[tuple[int, list[Batch], int]]:
+        """``TrainingData.group_steps`` over each pool's batches, positions counted across the
+        pools; a step whose position is at most ``start`` was trained on before, and is skipped
+        without collating it. Each pool's incomplete tail is left out."""
+        rng = np.random.default_rng([self.seed, epoch])
+        done = 0  # batches of the epoch in the complete steps of the pools before this one
+        self.dropped = 0
+        for src, tgt in self._pools():
+            data = TrainingData(src, tgt, self.batch_tokens, self.seed)
+            batches = token_batches(data.lengths, self.batch_tokens, rng)
+            # step k of this pool ends at done + (k + 1) * group; the first past start: k = (start - done) // group
+            first = max(0, (start - done) // group) * group
+            yield from data.group_steps(batches, first, group, mine, offset=done)
+            done += len(batches) - len(batches) % group
 

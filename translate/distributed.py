@@ -71,6 +71,11 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, finished: bool = True) -> None:
+    """Leaves the process group. After a run that ``finished``, first waits until every rank is
+    done with it: a rank that tears its connections down while another still reads from them can
+    abort that process. After a failure it leaves at once (the others may never reach a barrier)."""
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

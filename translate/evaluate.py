@@ -9,8 +9,7 @@ from collections.abc import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from .search import translate_lines
-from .tokenizer import Tokenizer
+from .translator import DecodeOptions, Translator
 
 
 def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float | str]:
@@ -26,11 +25,9 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
     return result
 
 
-def evaluate(model, tokenizer: Tokenizer, sources: Sequence[str], references: Sequence[str], beam: int = 5,
-             batch_tokens: int = 6000, max_len_ratio: float = 2.0, alpha: float = 1.0, amp: bool = True,
-             inter_threads: int = 0) -> tuple[dict[str, float | str], list[str]]:
-    """Translates ``sources`` and scores them against ``references``; returns scores and outputs."""
-    translations = translate_lines(model, tokenizer, sources, beam=beam, batch_tokens=batch_tokens,
-                                   max_len_ratio=max_len_ratio, alpha=alpha, amp=amp, inter_threads=inter_threads)
-    hypotheses = [t[0].text for t in translations]
+def evaluate(translator: Translator, sources: Sequence[str], references: Sequence[str],
+             options: DecodeOptions | None = None) -> tuple[dict[str, float | str], list[str]]:
+    """Translates ``sources`` (with the translator's options unless given) and scores the best
+    translations against ``references``; returns the scores and those translations."""
+    hypotheses = [nbest[0].text for nbest in translator.translate(sources, options)]
     return score(hypotheses, references), hypotheses

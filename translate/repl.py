@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from .search import Translation, translate_lines
 from .tokenizer import Tokenizer
+from .translator import DecodeOptions, Translation, Translator
 
 HELP = """commands:
   :beam N   beam size for the next translations (1 = greedy)
@@ -37,12 +38,16 @@ def alignment(tokenizer: Tokenizer, line: str, result: Translation) -> tuple[lis
 
 
 class Repl:
-    def __init__(self, model, tokenizer: Tokenizer, beam: int = 5):
-        self.model, self.tokenizer, self.beam = model, tokenizer, beam
+    """Translates each line with ``translator`` and ``options`` (the translator's by default),
+    keeping the attention of the last one for ``:attn``."""
+
+    def __init__(self, translator: Translator, options: DecodeOptions | None = None):
+        self.translator, self.tokenizer = translator, translator.tokenizer
+        self.options = replace(options or translator.options, return_attention=True)
         self.last: tuple[str, Translation] | None = None
 
     def translate(self, line: str) -> str:
-        result = translate_lines(self.model, self.tokenizer, [line], beam=self.beam, return_attention=True)[0][0]
+        result = self.translator.translate([line], self.options)[0][0]
         self.last = (line, result)
         return result.text
 
@@ -56,8 +61,9 @@ class Repl:
         if name == "beam":
             if not arg.strip().isdigit() or not 1 <= int(arg) <= 64:
                 return "usage: :beam N with N from 1 to 64", False
-            self.beam = int(arg)
-            return f"beam {self.beam}", False
+            beam = int(arg)
+            self.options = replace(self.options, beam=beam, n_best=min(self.options.n_best, beam))
+            return f"beam {beam}", False
         if name == "attn":
             return self.attention(), False
         return f"unknown command :{name}; :help lists them", False

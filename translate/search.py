@@ -5,27 +5,19 @@ ended; beam search flattens batch x beam into one dimension, reorders states wit
 ``index_select``, moves finished hypotheses out with tensor ops and drops finished sentences
 from the batch. Length penalty: Wu et al. (2016), ((5 + length) / 6) ** alpha.
 
-On CPU, ``translate_ids`` decodes two batches at once on threads that split torch's threads
-between them (``decode_workers``), as CTranslate2's inter_threads do.
+Batching, precision and threads belong to ``translator.Translator``: these functions take one
+encoded batch and return its hypotheses.
 """
 
 from __future__ import annotations
 
-import collections
-import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .data import Encoded, collate, token_batches
 from .decoder import DecoderState, Memory
-from .quantize import quantized_copy
-from .runtime import amp_dtype, autocast_for, cpu_has_bf16
-from .tokenizer import BOS, EOS, PAD, Tokenizer
+from .tokenizer import BOS, EOS, PAD
 
 NEG_INF = float("-inf")
 
@@ -96,7 +88,7 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _top_candidates(candidates: torch.Tensor, n: int):
+def top_candidates(candidates: torch.Tensor, n: int):
     """The ``n`` best of a sentence's beam x vocab continuations, best first.
     candidates: (live, beams, vocab) summed scores -> scores, beam and token, each (live, n).
 
@@ -107,7 +99,7 @@ def _top_candidates(candidates: torch.Tensor, n: int):
     live, beams, vocab = candidates.shape
     if n > beams * vocab:  # tiny vocabularies: pad with impossible continuations (of token 0)
         pad = candidates.new_full((live, beams, n), NEG_INF)
-        scores, beam, token = _top_candidates(torch.cat([candidates, pad], dim=2), n)
+        scores, beam, token = top_candidates(torch.cat([candidates, pad], dim=2), n)
         return scores, beam, token % vocab
     if beams == 1 or n > vocab:
         scores, index = candidates.view(live, beams * vocab).topk(n, dim=1)  # (live, n)
@@ -158,7 +150,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
         vocab = logp.size(-1)
         logp = _force_eos(logp, (t + 1 >= max_lens[sent]).repeat_interleave(beams))
         candidates = logp.view(live, beams, vocab).add_(scores.unsqueeze(2))  # (live, beams, vocab)
-        top_scores, origin, token = _top_candidates(candidates, 2 * k)  # each (live, 2k)
+        top_scores, origin, token = top_candidates(candidates, 2 * k)  # each (live, 2k)
         is_eos = (token == EOS) & torch.isfinite(top_scores)
         base = torch.arange(live, device=device).unsqueeze(1) * beams  # (live, 1)
 
@@ -218,150 +210,3 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
             hyps.append(Hypothesis(row[:length], best_scores[b][j], attn))
         results.append(hyps)
     return results
-
-
-@dataclass
-class Translation:
-    text: str
-    score: float
-    tokens: list[int]
-    attention: torch.Tensor | None = None  # (target pieces + EOS, source pieces + EOS)
-
-
-PRECISIONS = ("fp32", "bf16", "int8")
-
-
-def inference_model(model, precision: str = "fp32"):
-    """The model to decode with on CPU, by ``precision``:
-
-    - ``fp32``: the model itself.
-    - ``bf16``: on a CPU that multiplies bf16 natively, a bf16 copy (about 1.7x faster here, BLEU
-      within 0.1 on the bundled test split). Casting once beats CPU autocast, which casts every
-      weight again at every search step. oneDNN keeps compiled kernels per tensor shape, so
-      memory grows with the variety of sentence lengths (up to ONEDNN_PRIMITIVE_CACHE_CAPACITY).
-    - ``int8``: a dynamically quantised copy (``quantize.quantized_copy``).
-
-    On CUDA the model is returned as it is and decodes under autocast (``amp`` in ``translate_ids``)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    device = next(model.parameters()).device
-    if precision == "fp32" or device.type != "cpu":
-        return model
-    if precision == "int8":
-        return quantized_copy(model)
-    if not cpu_has_bf16():
-        return model
-    return copy.deepcopy(model).to(torch.bfloat16).eval()
-
-
-def decoding_dtype(model, amp: bool) -> torch.dtype | None:
-    """Autocast type for decoding: AMP on CUDA; on CPU, the type of a model already cast down by
-    ``inference_model`` (autocast then keeps softmax and the like in fp32), else None."""
-    param = next(model.parameters())
-    if param.device.type == "cuda":
-        return amp_dtype(param.device, amp)
-    return None if param.dtype == torch.float32 else param.dtype
-
-
-def decode_workers(device: torch.device, inter_threads: int, batches: int) -> int:
-    """How many batches to decode at once: ``inter_threads``, or with 0, two on a CPU with at
-    least two torch threads (one on CUDA). A search step is a chain of small operations, many
-    too small to spread over threads, so two batches on half the threads each keep the cores
-    busier than one batch on all of them (10-45% more beam-5 sentences/s on 2 cores here)."""
-    if inter_threads <= 0:
-        inter_threads = 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
-    return max(1, min(inter_threads, batches))
-
-
-def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
-    """Yields fn(item) for every item, in order, running ``workers`` at a time on threads that
-    share torch's intra-op threads out between them (one worker: in this thread)."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    total = torch.get_num_threads()
-    pending: collections.deque = collections.deque()
-    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(max(1, total // workers),))
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > workers:  # one queued beyond the running ones, so no worker waits
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(total)  # the workers' setting is also torch's default for new threads
-
-
-def translate_ids(model, src: Encoded, beam: int = 5, n_best: int = 1, batch_tokens: int = 6000,
-                  max_len_ratio: float = 2.0, alpha: float = 1.0, max_src_len: int = 400,
-                  return_attention: bool = False, amp: bool = True, batch_sentences: int = 0,
-                  inter_threads: int = 0) -> Iterator[tuple[int, list[Hypothesis]]]:
-    """Yields (index, n-best) for every source sentence; batches go in length order, for speed.
-    A batch holds ``batch_sentences`` sentences when that is set, else up to ``batch_tokens``
-    source tokens per hypothesis. ``amp`` decodes in bf16/fp16 on CUDA; on CPU the model's own
-    type decides (``inference_model``). ``inter_threads``: see ``decode_workers``."""
-    device = next(model.parameters()).device
-    lengths = np.minimum(src.lengths + 1, max_src_len) * max(beam, 1)
-    if batch_sentences > 0:
-        order = np.argsort(lengths, kind="stable")
-        batches = [order[i: i + batch_sentences] for i in range(0, len(order), batch_sentences)]
-    else:
-        batches = token_batches(lengths, batch_tokens * max(beam, 1))
-
-    def decode(indices) -> list[tuple[int, list[Hypothesis]]]:
-        batch = collate(src, None, indices, max_src_len=max_src_len).to(device)
-        with torch.no_grad(), autocast_for(device, decoding_dtype(model, amp)):  # per thread
-            memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
-            limits = max_lengths(batch.src_lengths, max_len_ratio)
-            if beam <= 1:
-                results = greedy(model, memory, state, limits, return_attention)
-            else:
-                results = beam_search(model, memory, state, beam, limits, alpha, n_best, return_attention)
-        return list(zip(indices, results))
-
-    workers = decode_workers(device, inter_threads, len(batches))
-    was_training = model.training
-    model.eval()
-    try:
-        for done in _in_parallel(decode, batches, workers):
-            yield from done
-    finally:
-        model.train(was_training)
-
-
-def translate_lines(model, tokenizer: Tokenizer, lines: Sequence[str], beam: int = 5, n_best: int = 1,
-                    batch_tokens: int = 6000, max_len_ratio: float = 2.0, alpha: float = 1.0,
-                    max_src_len: int = 400, return_attention: bool = False,
-                    on_truncate: Callable[[int], None] | None = None, amp: bool = True, batch_sentences: int = 0,
-                    inter_threads: int = 0) -> list[list[Translation]]:
-    """Translates sentences in input order; empty lines give empty translations."""
-    encoded = tokenizer.encode_src(lines)
-    too_long = sum(1 for ids in encoded if len(ids) + 1 > max_src_len)
-    if too_long and on_truncate is not None:
-        on_truncate(too_long)
-    src = Encoded(encoded)
-    out: list[list[Translation]] = [[] for _ in lines]
-    for index, hyps in translate_ids(model, src, beam, n_best, batch_tokens, max_len_ratio, alpha,
-                                     max_src_len, return_attention, amp, batch_sentences, inter_threads):
-        texts = tokenizer.decode_tgt([h.tokens for h in hyps])
-        out[index] = [Translation(text, h.score, h.tokens, h.attention) for text, h in zip(texts, hyps)]
-    for index, line in enumerate(lines):
-        if not line.strip():
-            out[index] = [Translation("", 0.0, [], None)]
-    return out
-
-
-def translate_stream(model, tokenizer: Tokenizer, lines: Iterable[str], chunk_lines: int = 2000,
-                     **options) -> Iterator[list[Translation]]:
-    """Translates a stream of lines chunk by chunk and yields n-best lists in input order, so
-    memory is bounded by the chunk, not the input."""
-    chunk: list[str] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) >= chunk_lines:
-            yield from translate_lines(model, tokenizer, chunk, **options)
-            chunk = []
-    if chunk:
-        yield from translate_lines(model, tokenizer, chunk, **options)

@@ -1,6 +1,6 @@
 """Prepares the data that the three toolkits share for the peer benchmark.
 
-From the bundled split (data/train.tsv, dev.tsv, test.tsv: tab-separated, a header, columns
+From the bundled split (translate/bundled/train.tsv, dev.tsv, test.tsv: tab-separated, a header, columns
 ``spa`` and ``eng``; Spanish -> English) it writes into bench/peers/work/:
 
   spm.model, spm.vocab         ONE SentencePiece unigram model, joint vocabulary of 8,000,
@@ -15,7 +15,7 @@ From the bundled split (data/train.tsv, dev.tsv, test.tsv: tab-separated, a head
   stats.json                   counts, mean lengths, and the `translate` batch size in tokens
                                that gives about 64 sentences a batch
 
-    python bench/peers/prepare.py [--data data] [--out bench/peers/work] [--force]
+    python bench/peers/prepare.py [--data translate/bundled] [--out bench/peers/work] [--force]
 
 Nothing is redone when stats.json already matches the inputs and settings (use --force).
 """
@@ -106,7 +106,8 @@ def fingerprint(paths: list[Path]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO / "data", help="folder with train/dev/test.tsv")
+    parser.add_argument("--data", type=Path, default=REPO / "translate" / "bundled",
+                        help="folder with train/dev/test.tsv")
     parser.add_argument("--out", type=Path, default=HERE / "work")
     parser.add_argument("--force", action="store_true", help="redo everything")
     args = parser.parse_args()

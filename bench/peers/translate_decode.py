@@ -2,8 +2,8 @@
 sentences taken in length order, model loading left out of the timing.
 
 `translate decode` batches by tokens and has no batch-size option, so run.py calls this instead;
-it uses the same library calls as `translate decode` (load_model, translate_lines), with batches of
---batch sentences; like `translate decode`, two batches are decoded at once on CPU.
+it uses the same library calls as `translate decode` (Translator.load, Translator.translate), with
+batches of --batch sentences; like `translate decode`, two batches are decoded at once on CPU.
 
     python bench/peers/translate_decode.py CHECKPOINT -i SRC -o HYP [--beam 5] [--batch 64]
         [--alpha 1.0] [--max-len-ratio 2.0] [--precision int8] [--inter-threads 0]
@@ -42,30 +42,27 @@ def main() -> None:
     started = time.perf_counter()
     import torch
 
-    from translate.checkpoint import load_model
-    from translate.runtime import configure_process, select_device
-    from translate.search import decode_workers, inference_model, translate_lines
+    from translate.runtime import configure_process
+    from translate.translator import DecodeOptions, Translator, decode_workers
 
     configure_process()  # as the command line does
-    device = select_device("auto")
-    # the checkpoint's payload (a mapped file) is let go: only the model is kept
-    model, tokenizer, config = load_model(args.checkpoint, device)[:3]
-    model = inference_model(model, args.precision)  # as `translate decode [--bf16 | --int8]` does
+    # batches of --batch sentences in length order, as the peers take them
+    options = DecodeOptions(beam=args.beam, alpha=args.alpha, max_len_ratio=args.max_len_ratio,
+                            batch_sentences=args.batch, inter_threads=args.inter_threads)
+    translator = Translator.load(args.checkpoint, options, args.precision)  # as `translate decode` loads
     sources = Path(args.input).read_text(encoding="utf-8").splitlines()
-    kwargs = {"beam": args.beam, "alpha": args.alpha, "max_len_ratio": args.max_len_ratio, "amp": config.train.amp,
-              "inter_threads": args.inter_threads}
     load_seconds = time.perf_counter() - started
 
     start = time.perf_counter()
-    with torch.inference_mode():  # batches of --batch sentences in length order, as the peers take them
-        out = translate_lines(model, tokenizer, sources, batch_sentences=args.batch, **kwargs)
+    with torch.inference_mode():
+        out = translator.translate(sources)
     hyps = [nbest[0].text if nbest else "" for nbest in out]
     seconds = time.perf_counter() - start
     Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    workers = decode_workers(translator.device, args.inter_threads, 2)
     print(json.dumps({"seconds": round(seconds, 3), "sentences": len(sources), "load_seconds": round(load_seconds, 3),
                       "max_len_ratio": args.max_len_ratio, "threads": torch.get_num_threads(),
-                      "amp": kwargs.get("amp"), "inter_threads": decode_workers(device, args.inter_threads, 2)}),
-          flush=True)
+                      "amp": translator.amp, "inter_threads": workers}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+import os
+
+import pytest
+import torch
+
+from translate.build import train
+from translate.checkpoint import (
+    CheckpointSaver,
+    Progress,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    step_checkpoints,
+)
+from translate.errors import CheckpointError
+
+from .conftest import tiny
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "config": {}})
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "config": {}})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "translate-checkpoint", "version": 1, "model": Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    save_checkpoint(tmp_path / "good.pt", {"model": {"w": torch.ones(1000)}, "config": {}})
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a translate checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no best.pt or last.pt"):
+        load_checkpoint(tmp_path)
+
+
+
+
+def test_checkpoint_with_mismatched_tokenizer(corpus, tiny_tokenizer_file, tmp_path):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
+    train(config, tmp_path / "run", log=lambda s: None)
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    payload["tokenizer_fingerprint"] = "0" * 16
+    save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in payload.items() if k not in ("format", "version")})
+    with pytest.raises(CheckpointError, match="tokenizer does not match"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_saver_writes_last_best_and_rotates_step_weights(tmp_path):
+    saver = CheckpointSaver(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        payload = {"model": {"w": torch.full((2,), float(step))}, "config": {}, "optimizer": {"state": {}},
+                   "lr_schedule": {}, "scaler": {}, "rng": {}, "progress": {"step": step}}
+        saver.save(payload, best=step == 20)
+        saver.keep_weights(payload, step)
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step-20.pt", "step-30.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["progress"]["step"] == 30
+    assert load_checkpoint(tmp_path / "best.pt")["progress"]["step"] == 20
+    light = load_checkpoint(tmp_path / "step-30.pt")
+    assert set(light) == {"format", "version", "model", "config", "progress"}
+    CheckpointSaver(tmp_path / "none", keep=0).keep_weights(payload, 40)  # keeps nothing, writes nothing
+    assert not (tmp_path / "none").exists()
+
+
+def test_progress_round_trips_through_a_checkpoint(tmp_path):
+    from dataclasses import asdict
+
+    progress = Progress(step=7, epoch=1, best_bleu=3.5, elapsed=12.25, tf_ratio=0.9)
+    save_checkpoint(tmp_path / "p.pt", {"progress": asdict(progress)})
+    assert Progress(**load_checkpoint(tmp_path / "p.pt")["progress"]) == progress

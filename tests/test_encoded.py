@@ -1,0 +1,73 @@
+"""Tokenized corpora (encoded.py): in memory and on disk behind one interface, Dataset.map
+tokenization cached on disk and reused, ids read back with pread."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from translate.build import build_trainer
+from translate.corpus import load_pairs
+from translate.data import TrainingData, collate
+from translate.encoded import DiskEncoded, Encoded, EncodedCorpus, tokenize_corpus
+
+from .conftest import tiny
+
+
+def test_both_forms_declare_the_corpus_interface(corpus, tokenizer, hf_cache):
+    sentences = [[5, 6, 7], [], [8]]
+    memory = Encoded(sentences)
+    src, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1)
+    for encoded in (memory, src):
+        assert isinstance(encoded, EncodedCorpus)
+        assert len(encoded) == len(encoded.lengths)
+        assert all(encoded[i].dtype == np.int32 and len(encoded[i]) == encoded.lengths[i] for i in range(len(encoded)))
+    assert [memory[i].tolist() for i in range(3)] == sentences
+
+
+def test_tokenized_corpus_matches_the_tokenizer_and_is_reused(corpus, tokenizer, hf_cache):
+    table = load_pairs(str(corpus["train"]), "spa", "eng")
+    lines = []
+    src, tgt = tokenize_corpus(table, tokenizer, "spa", "eng", num_proc=2, log=lines.append)
+    assert lines and lines[0].startswith("tokenizing 600 pairs with 2 process(es)")
+    expected_src = tokenizer.encode_src(list(table["spa"]))
+    expected_tgt = tokenizer.encode_tgt(list(table["eng"]))
+    assert len(src) == len(tgt) == 600
+    for i in (0, 1, 299, 599):
+        assert src[i].tolist() == expected_src[i] and tgt[i].tolist() == expected_tgt[i]
+    assert src.lengths.tolist() == [len(s) for s in expected_src]
+    again = []
+    src2, _ = tokenize_corpus(load_pairs(str(corpus["train"]), "spa", "eng"), tokenizer, "spa", "eng", log=again.append)
+    assert again and again[0].startswith("reusing the tokenized corpus")
+    assert src2.ids_path == src.ids_path
+    assert Path(src.ids_path).is_relative_to(hf_cache)  # beside the Arrow cache
+    with pytest.raises(TypeError, match="pass its paths instead"):
+        pickle.dumps(src)
+    # batches from disk equal batches from memory
+    on_disk = TrainingData(src, tgt, 300, seed=3)
+    in_memory = TrainingData(Encoded(expected_src), Encoded(expected_tgt), 300, seed=3)
+    for a, b in zip(on_disk.epoch_batches(0)[:5], in_memory.epoch_batches(0)[:5]):
+        assert a.tolist() == b.tolist()
+        x, y = collate(src, tgt, a), collate(in_memory.src, in_memory.tgt, b)
+        assert torch.equal(x.src, y.src) and torch.equal(x.tgt_out, y.tgt_out)
+
+
+def test_another_tokenizer_gets_its_own_cache(corpus, tokenizer, hf_cache):
+    from translate.tokenizer import Tokenizer
+
+    table = load_pairs(str(corpus["train"]), "spa", "eng")
+    first, _ = tokenize_corpus(table, tokenizer, "spa", "eng", num_proc=1)
+    other = Tokenizer.train(list(table["spa"]), list(table["eng"]), vocab_size=60)
+    second, _ = tokenize_corpus(table, other, "spa", "eng", num_proc=1)
+    assert first.ids_path != second.ids_path
+
+
+def test_training_reads_the_corpus_from_disk(corpus, tiny_tokenizer_file, tmp_path, hf_cache):
+    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run", log=lambda s: None)
+    assert isinstance(trainer.data.src, DiskEncoded)
+    assert len(trainer.data) == 600 and trainer.data.lengths.dtype == np.uint16
+    assert Path(trainer.data.src.ids_path).is_relative_to(hf_cache)

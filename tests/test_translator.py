@@ -1,0 +1,172 @@
+"""The Translator: options, precisions, batching and threads, streaming, loading a checkpoint."""
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from translate import translator as translator_module
+from translate.checkpoint import save_checkpoint
+from translate.config import load_config
+from translate.errors import ConfigError, UserError
+from translate.model import build_model
+from translate.quantize import Int8Linear
+from translate.search import beam_search
+from translate.translator import DecodeOptions, Translator, decode_workers
+
+from .conftest import SENTENCES, encode
+
+
+def texts(nbests):
+    return [[t.text for t in nbest] for nbest in nbests]
+
+
+def test_options_are_hashable_values():
+    assert DecodeOptions() == DecodeOptions(beam=5) and hash(DecodeOptions()) == hash(DecodeOptions(beam=5))
+    assert len({DecodeOptions(), DecodeOptions(beam=1), DecodeOptions()}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DecodeOptions().beam = 3
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"beam": 2, "n_best": 3}, "n_best (3) cannot exceed the beam size (2)"),
+    ({"beam": 0}, "beam must be at least 1, not 0"),
+    ({"n_best": 0}, "n_best must be at least 1"),
+    ({"batch_tokens": 0}, "batch_tokens must be at least 1"),
+    ({"max_src_len": 0}, "max_src_len must be at least 1"),
+    ({"batch_sentences": -1}, "batch_sentences must be 0 or more"),
+    ({"inter_threads": -2}, "inter_threads must be 0 or more"),
+    ({"max_len_ratio": 0.0}, "max_len_ratio must be a positive number"),
+    ({"max_len_ratio": float("inf")}, "max_len_ratio must be a positive number"),
+    ({"alpha": float("nan")}, "alpha must be a finite number"),
+])
+def test_bad_options_say_what_is_wrong(options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        DecodeOptions(**options)
+
+
+def test_precisions_leave_the_model_alone(search_model, tokenizer, monkeypatch):
+    model = search_model
+    plain = Translator(model, tokenizer)
+    assert plain.model is model and plain.dtype is None
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        Translator(model, tokenizer, precision="fp8")
+    monkeypatch.setattr(translator_module, "cpu_has_bf16", lambda: False)
+    assert Translator(model, tokenizer, precision="bf16").model is model  # no native bf16: nothing to gain
+    monkeypatch.setattr(translator_module, "cpu_has_bf16", lambda: True)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    fast = Translator(model, tokenizer, precision="bf16")
+    assert fast.model is not model and next(fast.model.parameters()).dtype == torch.bfloat16
+    assert fast.dtype == torch.bfloat16  # decodes under autocast, which keeps softmax in fp32
+    small = Translator(model, tokenizer, precision="int8")
+    assert small.model is not model and isinstance(small.model.decoder.output, Int8Linear)
+    assert isinstance(model.decoder.output, torch.nn.Linear) and next(model.parameters()).dtype == torch.float32
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, before[name]), name
+    for translator in (fast, small):
+        out = translator.translate(SENTENCES, DecodeOptions(beam=3))
+        assert len(out) == len(SENTENCES) and all(isinstance(t[0].text, str) for t in out)
+        assert all(torch.isfinite(torch.tensor(t[0].score)) for t in out)
+
+
+def test_translations_are_the_searches_in_input_order(search_model, tokenizer):
+    # batches of two sentences, taken in length order, and put back in the order they came in
+    model = search_model
+    options = DecodeOptions(beam=3, n_best=2, max_len_ratio=1.5, batch_sentences=2, inter_threads=1)
+    out = Translator(model, tokenizer, options).translate(SENTENCES)
+    memory, state, limits = encode(model, tokenizer, SENTENCES, ratio=1.5)
+    for nbest, hyps in zip(out, beam_search(model, memory, state, 3, limits, n_best=2)):
+        assert [t.tokens for t in nbest] == [h.tokens for h in hyps]
+        assert [t.text for t in nbest] == tokenizer.decode_tgt([h.tokens for h in hyps])
+        assert [t.score for t in nbest] == pytest.approx([h.score for h in hyps], abs=1e-4)
+
+
+def test_options_given_to_a_call_replace_the_defaults(search_model, tokenizer):
+    translator = Translator(search_model, tokenizer, DecodeOptions(beam=1))
+    assert all(len(nbest) == 1 for nbest in translator.translate(SENTENCES))
+    three = translator.translate(SENTENCES, DecodeOptions(beam=3, n_best=3))
+    assert texts(three) == texts(Translator(search_model, tokenizer, DecodeOptions(beam=3, n_best=3))
+                                 .translate(SENTENCES))
+    assert max(len(nbest) for nbest in three) == 3
+
+
+def test_batches_in_parallel_equal_one_at_a_time(search_model, tokenizer):
+    threads = torch.get_num_threads()
+    translator = Translator(search_model, tokenizer, DecodeOptions(batch_sentences=2))
+    alone = translator.translate(SENTENCES, DecodeOptions(beam=3, n_best=2, batch_sentences=2, inter_threads=1))
+    for beam in (3, 1):
+        options = DecodeOptions(beam=beam, n_best=min(beam, 2), batch_sentences=2, inter_threads=2)
+        parallel = translator.translate(SENTENCES, options)
+        if beam == 3:
+            assert [[t.tokens for t in n] for n in parallel] == [[t.tokens for t in n] for n in alone]
+            assert [t.score for n in parallel for t in n] == pytest.approx([t.score for n in alone for t in n],
+                                                                           abs=1e-4)
+        assert len(parallel) == len(SENTENCES) and all(len(n) == min(beam, 2) for n in parallel)
+    assert torch.get_num_threads() == threads  # the workers' share is not left behind
+
+
+def test_decode_workers():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode_workers(cpu, 3, 10) == 3 and decode_workers(cpu, 4, 2) == 2 and decode_workers(cuda, 0, 9) == 1
+    assert decode_workers(cpu, 0, 9) == (2 if torch.get_num_threads() >= 2 else 1)
+
+
+def test_empty_and_odd_lines(search_model, tokenizer):
+    lines = ["", "   ", "猫 🐈 ✓", "el gato " * 1250]  # the last: 10,000 characters
+    truncated = []
+    out = Translator(search_model, tokenizer, DecodeOptions(beam=2)).translate(lines, on_truncate=truncated.append)
+    assert out[0][0].text == "" and out[1][0].text == ""
+    assert all(isinstance(t[0].text, str) for t in out)
+    assert truncated == [1]
+
+
+def test_stream_equals_the_whole(search_model, tokenizer):
+    lines = SENTENCES * 2 + ["", "el gato " * 300]
+    translator = Translator(search_model, tokenizer, DecodeOptions(beam=2, max_src_len=50))
+    truncated = []
+    streamed = list(translator.stream(iter(lines), chunk_lines=3, on_truncate=truncated.append))
+    assert texts(streamed) == texts(translator.translate(lines))
+    assert truncated == [1]  # heard from the chunk that had the long line
+
+
+def test_a_model_in_training_decodes_in_eval_mode_and_goes_on_training(tokenizer):
+    # as validation during training uses it: fp32, no copy; dropout would make every decoding differ
+    torch.manual_seed(5)
+    config = load_config(overrides={"model.embed_dim": 16, "model.hidden_dim": 32, "model.dropout": 0.5})
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).train()
+    translator = Translator(model, tokenizer, DecodeOptions(beam=2, inter_threads=1), amp=True)
+    assert translator.model is model
+    first, second = translator.translate(SENTENCES), translator.translate(SENTENCES)
+    assert model.training
+    assert [[t.score for t in n] for n in first] == [[t.score for t in n] for n in second]
+    model.eval()
+    assert texts(first) == texts(translator.translate(SENTENCES))
+
+
+@pytest.fixture()
+def checkpoint(tiny_model, tokenizer, tmp_path):
+    config = load_config(overrides={"model.embed_dim": 16, "model.hidden_dim": 32, "model.dropout": 0.0,
+                                    "train.amp": False})
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, {"config": config.to_dict(), "model": tiny_model.state_dict(),
+                           "tokenizer": {"src": tokenizer.src_proto, "tgt": tokenizer.tgt_proto},
+                           "tokenizer_fingerprint": tokenizer.fingerprint, "progress": {"step": 7}})
+    return path
+
+
+def test_load_reads_a_checkpoint(checkpoint, tiny_model, tokenizer):
+    options = DecodeOptions(beam=2, n_best=2)
+    loaded = Translator.load(checkpoint, options, device=torch.device("cpu"))
+    assert loaded.progress == {"step": 7} and loaded.config.model.hidden_dim == 32
+    assert loaded.amp is False and loaded.options == options and loaded.device.type == "cpu"
+    assert texts(loaded.translate(SENTENCES)) == texts(Translator(tiny_model, tokenizer, options).translate(SENTENCES))
+
+
+def test_load_without_int8_kernels_is_a_user_error(checkpoint, monkeypatch):
+    def no_kernels(model):
+        raise RuntimeError("int8 decoding needs fbgemm")
+
+    monkeypatch.setattr(translator_module, "quantized_copy", no_kernels)
+    with pytest.raises(UserError, match="int8 decoding needs fbgemm"):
+        Translator.load(checkpoint, precision="int8", device=torch.device("cpu"))

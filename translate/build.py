@@ -1,0 +1,162 @@
+"""Setting up a training run and running it. ``build_trainer`` makes everything a run needs ready
+before its loop starts: the process group, the run directory and the resume rules, threads,
+device and seeds, the tokenizer, the batched training corpus and the dev set, the model,
+optimiser, LR schedule and mixed precision; ``training.Trainer`` only runs the loop (the split
+of Sockeye's train.py and OpenNMT-py's build_trainer). ``train`` builds, runs and cleans up."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import CheckpointSaver, Progress, restore, restore_training_state
+from .config import Config, resume_config
+from .corpus import first_sentences, load_pairs, read_parallel, sample_sentences
+from .data import StreamingData, TrainingData
+from .distributed import World, barrier, broadcast, init_world, shutdown
+from .encoded import Encoded, tokenize_corpus
+from .errors import DataError
+from .model import build_model
+from .rundir import MetricsLog, ProgressLine, open_run_dir
+from .runtime import amp_dtype, seed_everything, select_device
+from .schedules import LRSchedule, scaled_lr
+from .tokenizer import Tokenizer
+from .training import Corpora, ScheduledForward, Trainer, TrainResult
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+          progress_bar: bool | None = None) -> TrainResult:
+    """Trains (or resumes) a model in ``run_dir``. Under torchrun every process calls this; the
+    process group is left when training ends."""
+    trainer = build_trainer(config, run_dir, resume, log, progress_bar)
+    try:
+        result = trainer.run()
+    except BaseException:
+        shutdown(trainer.world, finished=False)
+        raise
+    shutdown(trainer.world)
+    return result
+
+
+def build_trainer(config: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+                  progress_bar: bool | None = None) -> Trainer:
+    """A ``Trainer`` for a new run in ``run_dir``, or for the run there with ``resume``. Under
+    torchrun every process calls this; rank 0 alone logs, validates and writes files."""
+    world = init_world(config.train.device)
+    if not world.main:
+        log = _silent
+    payload = broadcast(world, open_run_dir(run_dir, resume) if world.main else None)
+    if payload is not None:
+        config = resume_config(config, Config.from_dict(payload["config"]))
+    cfg = config.train
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    seed_everything(cfg.seed + world.rank)  # each rank its own dropout masks
+
+    corpora = prepare_corpora(config, world, payload, Path(run_dir), log)
+    tokenizer = corpora.tokenizer
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).to(device)
+    peak_lr = scaled_lr(cfg, world.size)
+    optimizer = make_adam(model, peak_lr)
+    lr_schedule = LRSchedule(cfg, peak_lr)
+    precision = amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
+    progress = Progress()
+    if payload is not None:
+        progress = restore_training_state(payload, model, optimizer, lr_schedule, scaler, device)
+        if world.rank:  # the saved RNG state is rank 0's; the others draw their own masks
+            torch.manual_seed(cfg.seed + world.rank + 7919 * progress.step)
+        log(f"resumed {run_dir} at step {progress.step} (epoch {progress.epoch + 1}, "
+            f"best dev BLEU {max(progress.best_bleu, 0):.2f})")
+    forward: nn.Module = ScheduledForward(model, cfg)
+    if world.distributed:  # wrapping broadcasts rank 0's parameters to every rank
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    in_place = (sys.stderr.isatty() if progress_bar is None else progress_bar) and world.main
+    return Trainer(
+        config=config, world=world, run_dir=Path(run_dir), device=device, corpora=corpora, model=model,
+        forward=forward, optimizer=optimizer, lr_schedule=lr_schedule, amp_dtype=precision, scaler=scaler,
+        progress=progress, saver=CheckpointSaver(run_dir, cfg.keep_checkpoints) if world.main else None,
+        metrics=MetricsLog(run_dir, cfg.tensorboard) if world.main else None,
+        line=ProgressLine(log, in_place), log=log)
+
+
+def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir: Path,
+                    log: Callable[[str], None]) -> Corpora:
+    """Reads the training corpus (Arrow, memory-mapped; or a stream with ``data.streaming``) and the
+    dev set, trains or loads the tokenizer (rank 0, then sent to the others), and tokenizes the
+    corpus once into files beside its Arrow cache (rank 0 first; the others reuse them)."""
+    data, cfg = config.data, config.train
+    train = load_pairs(data.train, data.src_lang, data.tgt_lang, "train", streaming=data.streaming)
+    dev = read_parallel(data.dev, data.src_lang, data.tgt_lang, "dev")
+    if payload is not None:
+        _, tokenizer, _ = restore(payload)
+    elif not world.main:
+        tokenizer = Tokenizer(*broadcast(world, None))
+    else:
+        tokenizer = _main_tokenizer(config, train, log)
+        broadcast(world, (tokenizer.src_proto, tokenizer.tgt_proto))
+    if world.main:
+        tokenizer.save(run_dir)
+
+    if data.streaming:
+        batches = StreamingData(train, tokenizer, data.src_lang, data.tgt_lang, cfg.batch_tokens, cfg.seed,
+                                data.max_len)
+    else:
+        if not world.main:
+            barrier(world)
+        # no worker processes once a process group exists: forking a process that holds gloo/NCCL
+        # threads and sockets is unsafe (a child's exit can break the group's connections)
+        workers = 1 if world.distributed else data.num_proc
+        src_ids, tgt_ids = tokenize_corpus(train, tokenizer, data.src_lang, data.tgt_lang, workers, log)
+        if world.main:
+            barrier(world)
+        pairs = len(train)
+        del train  # the Arrow table is done with: training reads the tokenized files
+        batches = TrainingData(src_ids, tgt_ids, cfg.batch_tokens, cfg.seed, data.max_len)
+        if not len(batches):
+            raise DataError(f"{data.train}: no pair is at most data.max_len={data.max_len} pieces long; "
+                            f"raise data.max_len")
+        if batches.dropped:
+            log(f"dropped {batches.dropped:,} of {pairs:,} training pairs longer than {data.max_len} pieces")
+    dev_batches = TrainingData(Encoded(tokenizer.encode_src(dev.src)), Encoded(tokenizer.encode_tgt(dev.tgt)),
+                               cfg.batch_tokens, cfg.seed)
+    return Corpora(tokenizer, batches, dev_batches, dev.src, dev.tgt)
+
+
+def _main_tokenizer(config: Config, train, log: Callable[[str], None]) -> Tokenizer:
+    """``tokenizer.model`` when given, else a SentencePiece model trained on a sample of the corpus."""
+    tok, data = config.tokenizer, config.data
+    if tok.model:
+        return Tokenizer.load(tok.model)
+    log(f"training a SentencePiece {tok.type} tokenizer ({'joint' if tok.joint else 'separate'} "
+        f"vocabulary of {tok.vocab_size}) on "
+        f"{'the first pairs of the stream' if data.streaming else f'{len(train):,} pairs'}")
+    seed = config.train.seed
+    if data.streaming:
+        sample_src, sample_tgt = first_sentences(train, data.src_lang, data.tgt_lang, tok.max_sentences)
+    else:
+        sample_src = sample_sentences(train, data.src_lang, tok.max_sentences, seed)
+        sample_tgt = sample_sentences(train, data.tgt_lang, tok.max_sentences, seed + 1)
+    return Tokenizer.train(sample_src, sample_tgt, tok.vocab_size, tok.type, tok.joint, tok.character_coverage,
+                           tok.max_sentences, seed)
+
+
+def make_adam(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam with its fused kernel where this torch has one for the device (CPU since torch 2.4):
+    one pass over all parameters instead of a dozen elementwise operations each."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0."""

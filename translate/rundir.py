@@ -1,0 +1,92 @@
+"""A training run's directory and what people watch of it: opening it (new or resumed), the
+metrics stream (``metrics.jsonl``, and TensorBoard event files with ``train.tensorboard``), and
+the progress line. Checkpoints in it are written by ``checkpoint.CheckpointSaver``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_checkpoint
+from .errors import CheckpointError, MissingExtraError
+
+
+def open_run_dir(run_dir: str | Path, resume: bool) -> dict[str, Any] | None:
+    """Makes ``run_dir`` ready for a new run (and refuses one that holds a run), or returns the
+    payload of its ``last.pt`` when resuming."""
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise CheckpointError(f"{run_dir}: nothing to resume (no last.pt); drop --resume to start "
+                                  f"a new run there")
+        return load_checkpoint(last)
+    if last.exists() or (run_dir / "best.pt").exists():
+        raise CheckpointError(f"{run_dir} already holds a run; continue it with --resume or choose "
+                              f"another --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"cannot write to run directory {run_dir}: {exc.strerror}; "
+                              f"choose a writable --run-dir") from None
+    return None
+
+
+class MetricsLog:
+    """One JSON object a line in ``metrics.jsonl`` per progress report (``"kind": "train"``) and per
+    validation (``"kind": "dev"``); with ``tensorboard``, the same numbers as TensorBoard scalars
+    in RUN_DIR/tensorboard (``tensorboard --logdir RUN_DIR``)."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False):
+        run_dir = Path(run_dir)
+        self.board = _summary_writer(run_dir / "tensorboard") if tensorboard else None
+        self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step", "epoch", "best") and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _summary_writer(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MissingExtraError("train.tensorboard needs the tensorboard package; install it with "
+                                "pip install 'translate[tensorboard]' or set train.tensorboard=false") from None
+    return SummaryWriter(log_dir=str(directory))
+
+
+class ProgressLine:
+    """The training progress line: redrawn in place about every second on a terminal, else one
+    logged line every 30 seconds. Other messages call ``clear`` first so they start on a clean line."""
+
+    def __init__(self, log: Callable[[str], None], in_place: bool):
+        self.log, self.in_place = log, in_place
+        self.interval = 1.0 if in_place else 30.0
+
+    def show(self, line: str) -> None:
+        if self.in_place:
+            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.flush()
+        else:
+            self.log(line)
+
+    def clear(self) -> None:
+        if self.in_place:
+            sys.stderr.write("\r\033[K")

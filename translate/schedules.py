@@ -1,0 +1,127 @@
+"""What changes over a training run: the teacher-forcing ratio and its masks, and the learning rate.
+
+Scheduled teacher forcing follows Bengio et al. (2015): each decoder input is the gold token with
+probability ``teacher_forcing_ratio(step)`` and the model's own previous prediction otherwise,
+decided per token or per sentence (``gold_mask``).
+
+The learning rate has one mechanism for every ``train.lr_schedule``: ``LRSchedule.apply`` sets
+the rate of the coming optimiser step from the run's step count and training time, and
+``LRSchedule.on_validation`` lets the plateau schedule react to dev BLEU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+
+# ---------------------------------------------------------------- teacher forcing
+
+
+def teacher_forcing_ratio(cfg: TrainConfig, step: int) -> float:
+    """Probability of feeding the gold token at ``step`` (0-based); 1.0 during the warm-up."""
+    if step < cfg.tf_warmup:
+        return 1.0
+    s = step - cfg.tf_warmup
+    if cfg.teacher_forcing == "constant":
+        ratio = cfg.tf_start
+    elif cfg.teacher_forcing == "linear":
+        ratio = cfg.tf_start - s / cfg.tf_k  # tf_k steps for the ratio to fall by 1.0
+    elif cfg.teacher_forcing == "exponential":
+        ratio = cfg.tf_k ** s
+    else:  # inverse sigmoid: k / (k + exp(s / k))
+        ratio = cfg.tf_k / (cfg.tf_k + math.exp(min(s / cfg.tf_k, 700.0)))
+    return max(cfg.tf_floor, min(1.0, ratio))
+
+
+def gold_mask(shape: tuple[int, int], ratio: float, granularity: str, device: torch.device) -> torch.Tensor:
+    """(batch, tgt_len) True where the gold token is fed; position 0 (BOS) is always gold."""
+    batch, length = shape
+    if granularity == "sentence":
+        mask = (torch.rand(batch, 1, device=device) < ratio).expand(batch, length).clone()
+    else:
+        mask = torch.rand(batch, length, device=device) < ratio
+    mask[:, 0] = True
+    return mask
+
+
+# ---------------------------------------------------------------- learning rate
+
+
+def scaled_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """``train.lr`` for the batches one step sees (``accumulate`` x processes), by ``lr_scaling``:
+    the square-root rule suits Adam (Hoffer et al., 2017); linear follows Goyal et al. (2017)."""
+    n = cfg.accumulate * world_size
+    return cfg.lr * {"sqrt": n**0.5, "linear": float(n), "none": 1.0}[cfg.lr_scaling]
+
+
+class LRSchedule:
+    """The learning rate of each optimiser step, by ``train.lr_schedule``:
+
+    - ``constant``: the peak rate;
+    - ``linear``: from the peak down to ``min_lr`` over the run, over ``max_steps`` when set, else
+      over ``max_minutes`` of training time, so a time-limited run ends with a small rate;
+    - ``warmup-decay``: a linear warm-up over ``lr_warmup`` steps, then the inverse square root
+      of the step (Vaswani et al., 2017);
+    - ``plateau``: the rate times ``lr_decay`` whenever dev BLEU has not improved (by a relative
+      1e-4) for more than ``lr_patience`` validations, never below ``min_lr``.
+
+    Only the plateau schedule has state (best BLEU, validations without improvement, its rate);
+    the others are functions of the step and the training time.
+    """
+
+    THRESHOLD = 1e-4  # relative improvement that counts as better (plateau)
+
+    def __init__(self, cfg: TrainConfig, peak: float):
+        self.cfg, self.peak = cfg, peak
+        self.best, self.bad, self.plateau_lr = -math.inf, 0, peak
+
+    def lr(self, step: int, elapsed: float) -> float:
+        """The rate for the optimiser step after ``step`` steps and ``elapsed`` seconds of training."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "linear":
+            if cfg.max_steps:
+                done = step / cfg.max_steps
+            elif cfg.max_minutes:
+                done = elapsed / (cfg.max_minutes * 60)
+            else:
+                return self.peak
+            return max(cfg.min_lr, self.peak * (1.0 - min(done, 1.0)))
+        if cfg.lr_schedule == "warmup-decay":
+            warmup = max(1, cfg.lr_warmup)
+            return self.peak * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+        if cfg.lr_schedule == "plateau":
+            return self.plateau_lr
+        return self.peak
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int, elapsed: float) -> float:
+        """Sets the rate of the coming optimiser step; returns it."""
+        lr = self.lr(step, elapsed)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def on_validation(self, bleu: float) -> None:
+        """Counts a validation for the plateau schedule (the others ignore it)."""
+        if self.cfg.lr_schedule != "plateau":
+            return
+        if bleu > self.best * (1 + self.THRESHOLD):
+            self.best, self.bad = bleu, 0
+            return
+        self.bad += 1
+        if self.bad > self.cfg.lr_patience:
+            self.plateau_lr = max(self.plateau_lr * self.cfg.lr_decay, self.cfg.min_lr)
+            self.bad = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad, "plateau_lr": self.plateau_lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "num_bad_epochs" in state:  # a run saved with torch's ReduceLROnPlateau
+            last = state.get("_last_lr") or [self.peak]
+            state = {"best": state["best"], "bad": state["num_bad_epochs"], "plateau_lr": last[0]}
+        if "plateau_lr" in state:  # (torch's LambdaLR kept nothing the step count does not give)
+            self.best, self.bad, self.plateau_lr = float(state["best"]), int(state["bad"]), float(state["plateau_lr"])

@@ -1,0 +1,235 @@
+"""The one place that decodes text: ``DecodeOptions`` says how, ``Translator`` does it.
+
+A ``Translator`` holds what every caller (``translate eval`` / ``decode`` / ``repl`` /
+``serve`` / ``attend``, validation during training, the benchmarks) would otherwise set up
+again: the model copy for a precision, the tokenizer, the device and its autocast type, default
+options, and the threads that decode batches side by side. Sockeye's ``Translator`` has the
+same job; the searches themselves stay plain functions in ``search.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .config import Config
+from .data import collate, token_batches
+from .encoded import Encoded
+from .errors import ConfigError
+from .quantize import quantized_copy
+from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
+from .search import Hypothesis, beam_search, greedy, max_lengths
+from .tokenizer import Tokenizer
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode. Frozen and hashable, so that the server can group requests by it."""
+
+    beam: int = 5  # 1 is greedy
+    n_best: int = 1  # hypotheses returned per sentence, best first
+    alpha: float = 1.0  # length penalty exponent (Wu et al., 2016)
+    max_len_ratio: float = 2.0  # longest output: ratio x source length + 10 pieces
+    max_src_len: int = 400  # source pieces read (counting EOS); the rest is cut
+    batch_tokens: int = 6000  # source tokens per hypothesis in a batch...
+    batch_sentences: int = 0  # ...or, when above 0, this many sentences a batch
+    inter_threads: int = 0  # batches decoded at once; 0: two on CPU, one on GPU (decode_workers)
+    return_attention: bool = False
+
+    def __post_init__(self):
+        for name in ("beam", "n_best", "max_src_len", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("batch_sentences", "inter_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if self.n_best > self.beam:
+            raise ConfigError(f"n_best ({self.n_best}) cannot exceed the beam size ({self.beam})")
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha must be a finite number, not {self.alpha}")
+        if not (math.isfinite(self.max_len_ratio) and self.max_len_ratio > 0):
+            raise ConfigError(f"max_len_ratio must be a positive number, not {self.max_len_ratio}")
+
+
+@dataclass
+class Translation:
+    """One of a sentence's n-best translations."""
+
+    text: str
+    score: float
+    tokens: list[int]
+    attention: torch.Tensor | None = None  # (target pieces + EOS, source pieces + EOS)
+
+
+def _model_for(model, precision: str):
+    """The model to decode with on CPU, by ``precision``:
+
+    - ``fp32``: the model itself.
+    - ``bf16``: on a CPU that multiplies bf16 natively, a bf16 copy: its matrix products run on
+      the bf16 units at half the memory traffic, and the rounding hardly moves BLEU. Casting once
+      beats CPU autocast, which casts every weight again at every search step. oneDNN keeps
+      compiled kernels per tensor shape, so memory grows with the variety of sentence lengths (up
+      to ONEDNN_PRIMITIVE_CACHE_CAPACITY).
+    - ``int8``: a dynamically quantised copy (``quantize.quantized_copy``).
+
+    On CUDA the model is used as it is and decodes under autocast (``amp``)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    device = next(model.parameters()).device
+    if precision == "fp32" or device.type != "cpu":
+        return model
+    if precision == "int8":
+        return quantized_copy(model)
+    if not cpu_has_bf16():
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
+
+
+def decode_workers(device: torch.device, inter_threads: int, batches: int) -> int:
+    """How many batches to decode at once: ``inter_threads``, or with 0, two on a CPU with at
+    least two torch threads (one on CUDA), as CTranslate2's inter_threads do. A search step is a
+    chain of small operations, many too small to spread over threads, so two batches on half the
+    threads each keep the cores busier than one batch on all of them."""
+    if inter_threads <= 0:
+        inter_threads = 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+    return max(1, min(inter_threads, batches))
+
+
+def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
+    """Yields fn(item) for every item, in order, running ``workers`` at a time on threads that
+    share torch's intra-op threads out between them (one worker: in this thread)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    total = torch.get_num_threads()
+    pending: collections.deque = collections.deque()
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(max(1, total // workers),))
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:  # one queued beyond the running ones, so no worker waits
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(total)  # the workers' setting is also torch's default for new threads
+
+
+class Translator:
+    """Translates lines with one model, tokenizer and set of default ``DecodeOptions``.
+
+    ``precision`` picks the model to decode with on CPU (fp32: the model itself, which is put in
+    eval mode while decoding and given back as it was; bf16 or int8: a copy). ``amp`` is the
+    checkpoint's ``train.amp``: on CUDA it decodes under bf16/fp16 autocast."""
+
+    def __init__(self, model, tokenizer: Tokenizer, options: DecodeOptions = DecodeOptions(),
+                 precision: str = "fp32", amp: bool = True):
+        self.model = _model_for(model, precision)
+        self.tokenizer, self.options, self.precision, self.amp = tokenizer, options, precision, amp
+        param = next(self.model.parameters())
+        self.device = param.device
+        # autocast: AMP on CUDA; on CPU, the type of a copy already cast down (autocast then
+        # keeps softmax and the like in fp32), else none
+        if self.device.type == "cuda":
+            self.dtype = amp_dtype(self.device, amp)
+        else:
+            self.dtype = None if param.dtype == torch.float32 else param.dtype
+        self.config: Config | None = None  # set by ``load``
+        self.progress: dict[str, Any] = {}  # the checkpoint's training progress, set by ``load``
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "fp32",
+             device: torch.device | None = None) -> Translator:
+        """A checkpoint (file or run directory) ready to decode; keeps its ``config`` and training
+        ``progress``, and lets go of the rest of the payload (a mapped file)."""
+        model, tokenizer, config, payload = load_model(checkpoint, device or select_device("auto"))
+        progress = payload.get("progress", {})
+        del payload
+        try:
+            translator = cls(model, tokenizer, options, precision, amp=config.train.amp)
+        except RuntimeError as exc:  # int8 without the kernels for it
+            raise ConfigError(str(exc)) from None
+        translator.config, translator.progress = config, progress
+        return translator
+
+    def translate(self, lines: Sequence[str], options: DecodeOptions | None = None,
+                  on_truncate: Callable[[int], None] | None = None) -> list[list[Translation]]:
+        """The n-best translations of ``lines``, in input order; empty lines give empty translations.
+        ``on_truncate`` hears how many lines were longer than ``max_src_len`` (and cut)."""
+        options = options or self.options
+        encoded = self.tokenizer.encode_src(lines)
+        too_long = sum(1 for ids in encoded if len(ids) + 1 > options.max_src_len)
+        if too_long and on_truncate is not None:
+            on_truncate(too_long)
+        out: list[list[Translation]] = [[] for _ in lines]
+        for index, hyps in self.translate_ids(Encoded(encoded), options):
+            texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
+            out[index] = [Translation(text, h.score, h.tokens, h.attention) for text, h in zip(texts, hyps)]
+        for index, line in enumerate(lines):
+            if not line.strip():
+                out[index] = [Translation("", 0.0, [], None)]
+        return out
+
+    def stream(self, lines: Iterable[str], chunk_lines: int = 2000, options: DecodeOptions | None = None,
+               on_truncate: Callable[[int], None] | None = None) -> Iterator[list[Translation]]:
+        """Translates a stream of lines chunk by chunk and yields n-best lists in input order, so
+        memory is bounded by the chunk, not the input."""
+        chunk: list[str] = []
+        for line in lines:
+            chunk.append(line)
+            if len(chunk) >= chunk_lines:
+                yield from self.translate(chunk, options, on_truncate)
+                chunk = []
+        if chunk:
+            yield from self.translate(chunk, options, on_truncate)
+
+    def translate_ids(self, src: Encoded, options: DecodeOptions | None = None
+                      ) -> Iterator[tuple[int, list[Hypothesis]]]:
+        """Yields (index, n-best) for every encoded source sentence; batches go in length order,
+        for speed, ``decode_workers`` of them at once."""
+        options = options or self.options
+        beam = options.beam
+        lengths = np.minimum(src.lengths + 1, options.max_src_len) * beam
+        if options.batch_sentences > 0:
+            order = np.argsort(lengths, kind="stable")
+            step = options.batch_sentences
+            batches = [order[i: i + step] for i in range(0, len(order), step)]
+        else:
+            batches = token_batches(lengths, options.batch_tokens * beam)
+
+        def decode(indices) -> list[tuple[int, list[Hypothesis]]]:
+            return list(zip(indices, self._search(src, indices, options)))
+
+        workers = decode_workers(self.device, options.inter_threads, len(batches))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for done in _in_parallel(decode, batches, workers):
+                yield from done
+        finally:
+            self.model.train(was_training)
+
+    def _search(self, src: Encoded, indices, options: DecodeOptions) -> list[list[Hypothesis]]:
+        """One batch of ``src``: encode, then greedy or beam search."""
+        model = self.model
+        batch = collate(src, None, indices, max_src_len=options.max_src_len).to(self.device)
+        with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
+            memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+            limits = max_lengths(batch.src_lengths, options.max_len_ratio)
+            if options.beam == 1:
+                return greedy(model, memory, state, limits, options.return_attention)
+            return beam_search(model, memory, state, options.beam, limits, options.alpha, options.n_best,
+                               options.return_attention)
