@@ -8,6 +8,7 @@ and 64 sentences. Prints sentences/s, target tokens/s, peak RSS and the BLEU rea
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def main() -> None:
                         help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
     parser.add_argument("--inter-threads", type=int, default=0,
                         help="batches decoded at once, as `translate decode --inter-threads` (0: two on CPU)")
+    parser.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     args = parser.parse_args()
     configure_process()  # as the command line does
 
@@ -58,6 +60,7 @@ def main() -> None:
     print(f"{len(sources)} sentences from {args.test}; device {param.device}, {param.dtype}, "
           f"{torch.get_num_threads()} threads, {decode_workers(param.device, args.inter_threads, 2)} batch(es) at once")
     print(f"{'search':<8} {'batch':>5} {'sent/s':>9} {'tok/s':>9} {'BLEU':>6} {'peak RSS':>10}")
+    rows = []
     for beam in (int(b) for b in args.beams.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             options = DecodeOptions(beam=beam, batch_sentences=batch, inter_threads=args.inter_threads)
@@ -66,6 +69,12 @@ def main() -> None:
             name = "greedy" if beam == 1 else f"beam {beam}"
             print(f"{name:<8} {batch:>5} {len(sources) / seconds:>9.1f} {tokens / seconds:>9.0f} {bleu:>6.2f} "
                   f"{peak_rss_mb():>7.0f} MB", flush=True)
+            rows.append({"beam": beam, "batch": batch, "sent_per_s": round(len(sources) / seconds, 1),
+                         "tok_per_s": round(tokens / seconds), "bleu": bleu, "peak_rss_mb": round(peak_rss_mb())})
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({
+            "checkpoint": args.checkpoint, "test": args.test, "sentences": len(sources), "precision": args.precision,
+            "threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ matmul FLOPs per second over a dense-matmul peak measured here, in the training 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ def main() -> None:
                         help="teacher-forcing ratio of the timed steps (1.0: pure teacher forcing; "
                              "below 1 times scheduled sampling)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     args = parser.parse_args()
     configure_process()  # as the command line does
 
@@ -83,6 +85,8 @@ def main() -> None:
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             print(f"{key:<{width}}  {value}")
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps(dict(rows), indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,29 @@ def tiny_overrides(corpus: dict[str, Path]) -> dict[str, object]:
     }
 
 
+def cli_train_args(corpus: dict[str, Path], run_dir: Path, **extra: object) -> list[str]:
+    """``translate train`` arguments for a tiny run in ``run_dir`` (``extra``: more config keys)."""
+    args = ["train", "--run-dir", str(run_dir)]
+    for key, value in {**tiny_overrides(corpus), **extra}.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def run_with_steps(corpus, tmp_path_factory):
+    """A tiny run of 30 steps through the command line that kept the weights of its last two
+    validations (step-20.pt, step-30.pt)."""
+    from click.testing import CliRunner
+
+    from translate.cli import main
+
+    run_dir = tmp_path_factory.mktemp("avg") / "run"
+    result = CliRunner().invoke(main, cli_train_args(corpus, run_dir, **{
+        "train.max_steps": 30, "train.eval_every": 10, "train.keep_checkpoints": 2}))
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
 @pytest.fixture()
 def tiny_config(corpus) -> Config:
     return load_config(overrides=tiny_overrides(corpus))

@@ -1,7 +1,9 @@
+import json
 import os
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from translate.build import train
 from translate.checkpoint import (
@@ -12,6 +14,7 @@ from translate.checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
+from translate.cli import main
 from translate.errors import CheckpointError
 
 from .conftest import tiny
@@ -101,3 +104,39 @@ def test_progress_round_trips_through_a_checkpoint(tmp_path):
     progress = Progress(step=7, epoch=1, best_bleu=3.5, elapsed=12.25, tf_ratio=0.9)
     save_checkpoint(tmp_path / "p.pt", {"progress": asdict(progress)})
     assert Progress(**load_checkpoint(tmp_path / "p.pt")["progress"]) == progress
+
+
+def test_keep_checkpoints_keeps_the_newest(run_with_steps):
+    assert sorted(p.name for p in run_with_steps.glob("step-*.pt")) == ["step-20.pt", "step-30.pt"]
+    light = load_checkpoint(run_with_steps / "step-20.pt")
+    assert "optimizer" not in light and light["progress"]["step"] == 20
+    load_model(run_with_steps / "step-20.pt")  # decodable on its own
+
+
+def test_average_is_the_mean_of_the_weights(run_with_steps, tmp_path):
+    out = tmp_path / "avg.pt"
+    result = CliRunner().invoke(main, ["average", str(run_with_steps), "--last", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "averaged 2 checkpoints (step-20.pt, step-30.pt)" in result.output
+    a, b = (load_checkpoint(run_with_steps / f"step-{n}.pt")["model"] for n in (20, 30))
+    averaged = load_checkpoint(out)["model"]
+    for name, value in averaged.items():
+        torch.testing.assert_close(value, (a[name] + b[name]) / 2, msg=name)
+    model, _, _, _ = load_model(out)
+    decoded = CliRunner().invoke(main, ["decode", str(out), "--beam", "2"], input="El gato come pan.\n")
+    assert decoded.exit_code == 0 and decoded.output.strip()
+
+
+def test_average_without_step_checkpoints_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["average", str(tmp_path)])
+    assert result.exit_code == 2 and "train.keep_checkpoints" in result.output and "Traceback" not in result.output
+
+
+def test_info_text_and_json(run_with_steps):
+    text = CliRunner().invoke(main, ["info", str(run_with_steps)])
+    assert text.exit_code == 0, text.output
+    assert "parameters" in text.output and "best dev BLEU" in text.output and "lstm" in text.output
+    raw = CliRunner().invoke(main, ["info", str(run_with_steps / "last.pt"), "--json"])
+    details = json.loads(raw.output)
+    assert details["step"] == 30 and details["parameters"] > 0 and details["config"]["train"]["keep_checkpoints"] == 2
+    assert details["src_vocab"] == details["tgt_vocab"] and details["joint_vocab"] is True

@@ -8,23 +8,14 @@ from click.testing import CliRunner
 from translate.checkpoint import load_model
 from translate.cli import main
 
-from .conftest import tiny_overrides
-
-
-def sets(corpus, **extra):
-    args = []
-    for key, value in {**tiny_overrides(corpus), **extra}.items():
-        if key not in ("data.train", "data.dev"):
-            args += ["--set", f"{key}={value}"]
-    return args
+from .conftest import cli_train_args
 
 
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    result = CliRunner().invoke(main, ["train", "--train", str(corpus["train"]), "--dev", str(corpus["dev"]),
-                                       "--max-steps", "300", "--run-dir", str(run_dir),
-                                       *sets(corpus, **{"train.eval_every": 100, "train.max_steps": 300})])
+    result = CliRunner().invoke(main, cli_train_args(corpus, run_dir, **{"train.eval_every": 100,
+                                                                          "train.max_steps": 300}))
     assert result.exit_code == 0, result.output
     return run_dir, result
 
@@ -194,3 +185,21 @@ def test_split_data_needs_an_input_and_writes_into_data(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "test 4 pairs, dev 3 pairs, train 13 pairs in data"
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dev.tsv", "test.tsv", "train.tsv"]
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("translate, version ")
+
+
+def test_quiet_and_verbose_training(corpus, tmp_path):
+    def args(name):
+        return cli_train_args(corpus, tmp_path / name, **{"train.max_steps": 2})
+
+    quiet = CliRunner().invoke(main, ["--quiet", *args("q")])
+    assert quiet.exit_code == 0, quiet.output
+    assert "done:" in quiet.output and "training pairs" not in quiet.output
+    verbose = CliRunner().invoke(main, ["--verbose", *args("v")])
+    assert verbose.exit_code == 0 and "configuration:" in verbose.output and "hidden_dim: 32" in verbose.output
+    normal = CliRunner().invoke(main, args("n"))
+    assert "training pairs" in normal.output and "configuration:" not in normal.output

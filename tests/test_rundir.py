@@ -1,12 +1,14 @@
 import json
 
 import pytest
+from click.testing import CliRunner
 
 from translate.build import train
+from translate.cli import main
 from translate.errors import CheckpointError
 from translate.rundir import MetricsLog, ProgressLine, open_run_dir
 
-from .conftest import tiny
+from .conftest import cli_train_args, tiny
 
 
 def test_refuses_to_overwrite_a_run(corpus, tiny_tokenizer_file, tmp_path):
@@ -70,3 +72,17 @@ def test_progress_line_logs_when_not_on_a_terminal(capsys):
     in_place.show("step 2")
     in_place.clear()
     assert lines == ["step 1"] and capsys.readouterr().err == "\r\033[Kstep 2\r\033[K"
+
+
+def test_tensorboard_event_files(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = cli_train_args(corpus, tmp_path / "tb", **{"train.max_steps": 10, "train.tensorboard": "true",
+                                                       "train.eval_every": 5})
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/tf_ratio", "dev/dev_bleu", "dev/dev_loss"} <= tags
+    assert [e.step for e in events.Scalars("dev/dev_bleu")] == [5, 10]

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from translate import runtime
@@ -16,12 +17,14 @@ def _run(code: str, **extra: str) -> list[str]:
                           check=True).stdout.split()
 
 
+@pytest.mark.slow  # a fresh interpreter each
 def test_importing_the_package_leaves_the_environment_alone():
     code = ("import os, sys; before = dict(os.environ); import translate.cli, translate.build, "
             "translate.serve; print(dict(os.environ) == before)")
     assert _run(code) == ["True"]
 
 
+@pytest.mark.slow  # a fresh interpreter each
 def test_cpu_caches_are_bounded_by_the_setup_call_unless_the_user_says_otherwise():
     code = ("import os; from translate.runtime import configure_process; configure_process(); "
             "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])")
@@ -29,6 +32,7 @@ def test_cpu_caches_are_bounded_by_the_setup_call_unless_the_user_says_otherwise
     assert _run(code, LRU_CACHE_CAPACITY="7") == ["128", "7"]
 
 
+@pytest.mark.slow  # a fresh interpreter each
 def test_the_command_line_sets_the_bounds(tmp_path):
     code = ("import os, sys; from click.testing import CliRunner; from translate.cli import main; "
             "CliRunner().invoke(main, ['info', 'no-such-checkpoint']); print(os.environ.get('LRU_CACHE_CAPACITY'))")

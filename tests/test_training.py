@@ -11,7 +11,7 @@ from translate.errors import TrainingError
 from translate.schedules import teacher_forcing_ratio
 from translate.training import Trainer, scheduled_logits
 
-from .conftest import tiny, tiny_overrides
+from .conftest import cli_train_args, tiny
 
 
 def tiny_batch(tokenizer):
@@ -101,12 +101,9 @@ def test_non_finite_steps_are_skipped_then_stop(corpus, tiny_tokenizer_file, tmp
 def cli_train(corpus, tokenizer_file, run_dir, *extra):
     import sys
 
-    args = [sys.executable, "-m", "translate.cli", "train", "--run-dir", str(run_dir)]
-    overrides = {**tiny_overrides(corpus), "tokenizer.model": tokenizer_file, "train.max_steps": 300,
-                 "train.eval_every": 20}
-    for key, value in overrides.items():
-        args += ["--set", f"{key}={value}"]
-    return args + list(extra)
+    args = cli_train_args(corpus, run_dir, **{"tokenizer.model": tokenizer_file, "train.max_steps": 300,
+                                               "train.eval_every": 20})
+    return [sys.executable, "-m", "translate", *args, *extra]
 
 
 @pytest.mark.slow

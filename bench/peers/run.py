@@ -468,7 +468,7 @@ def translate_decode(train: dict, beam: int, src: Path, out: Path, precision: st
     if code != 0 or report is None or not hyp.exists():
         raise Failure(f"translate decoding failed (exit {code}); see {proc.log_path}:\n{tail(proc.log_path)}")
     return {"text": hyp, "seconds": report["seconds"],
-            "timing": "translate_decode.py around translate_lines (model loading excluded)",
+            "timing": "translate_decode.py around Translator.translate (model loading excluded)",
             "peak_rss_mb": proc.peak_rss_mb(), "max_len_ratio": report.get("max_len_ratio"), "precision": precision,
             "inter_threads": report.get("inter_threads")}
 
@@ -523,7 +523,7 @@ def table(results: dict) -> str:
 def notes(results: dict, test_limit: int) -> list[str]:
     """What a reader of the table must know about this run."""
     out = [("decode sent/s: decoding wall time of the whole test set, model loading excluded (Joey: its "
-            "'Generation took'; OpenNMT-py: -report_time; translate: timed around translate_lines)"),
+            "'Generation took'; OpenNMT-py: -report_time; translate: timed around Translator.translate)"),
            ("peak RSS: /usr/bin/time -v, the largest single process (OpenNMT-py's data-loader workers "
             "are separate processes, not added)"),
            (f"batches of {BATCH} sentences for every toolkit, in length order; translate decodes two at a "
