@@ -40,7 +40,8 @@ def forward_flops(cfg: ModelConfig, vocab: int, src_tokens: int, tgt_tokens: int
     for layer in range(cfg.layers):
         enc_in = cfg.embed_dim if layer == 0 else enc_out
         flops += src_tokens * dirs * 2 * gates * enc_h * (enc_in + enc_h)
-        dec_in = (cfg.embed_dim + (out_dim if cfg.input_feeding else 0)) if layer == 0 else dec_h
+        fed = enc_out if cfg.decoder == "bahdanau" else out_dim if cfg.input_feeding else 0  # context or feed
+        dec_in = cfg.embed_dim + fed if layer == 0 else dec_h
         flops += tgt_tokens * 2 * gates * dec_h * (dec_in + dec_h)
     if cfg.attention == "bahdanau":
         flops += src_tokens * 2 * enc_out * dec_h + tgt_tokens * 2 * dec_h * dec_h + pairs * 2 * dec_h
@@ -49,6 +50,7 @@ def forward_flops(cfg: ModelConfig, vocab: int, src_tokens: int, tgt_tokens: int
     else:
         flops += pairs * 2 * dec_h
     flops += pairs * 2 * enc_out  # context vectors
-    flops += tgt_tokens * 2 * (dec_h + enc_out) * out_dim  # attentional vector
+    readout_in = dec_h + enc_out + (cfg.embed_dim if cfg.decoder == "bahdanau" else 0)
+    flops += tgt_tokens * 2 * readout_in * out_dim  # attentional vector (luong) or readout (bahdanau)
     flops += tgt_tokens * 2 * out_dim * vocab  # output layer
     return flops

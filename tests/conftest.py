@@ -133,16 +133,17 @@ def encode(model, tokenizer, sentences, ratio: float = 1.5):
     return memory, state, max_lengths(batch.src_lengths, ratio)
 
 
-@pytest.fixture(params=["lstm-bahdanau", "gru-luong-general-feed"])
+@pytest.fixture(params=[("lstm", "bahdanau", "luong", False), ("gru", "luong-general", "luong", True),
+                        ("lstm", "luong-dot", "bahdanau", False)],
+                ids=["lstm-bahdanau", "gru-luong-general-feed", "lstm-luong-dot-bahdanau-decoder"])
 def search_model(request, tokenizer):
-    """A tiny random model, in two architectures, whose output is sharpened so that search makes
+    """A tiny random model, in three architectures, whose output is sharpened so that search makes
     real choices (a random model's is nearly uniform)."""
-    cell, _, attention = request.param.partition("-")
-    feed = attention.endswith("-feed")
-    attention = attention.removesuffix("-feed")
+    cell, attention, decoder, feed = request.param
     torch.manual_seed(3)
-    config = load_config(overrides={"model.cell": cell, "model.attention": attention, "model.input_feeding": feed,
-                                    "model.embed_dim": 16, "model.hidden_dim": 32, "model.dropout": 0.0})
+    config = load_config(overrides={"model.cell": cell, "model.attention": attention, "model.decoder": decoder,
+                                    "model.input_feeding": feed, "model.embed_dim": 16, "model.hidden_dim": 32,
+                                    "model.dropout": 0.0})
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
     with torch.no_grad():
         model.decoder.output.bias.normal_(0, 2)

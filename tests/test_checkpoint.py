@@ -135,7 +135,8 @@ def test_average_without_step_checkpoints_is_a_clear_error(tmp_path):
 def test_info_text_and_json(run_with_steps):
     text = CliRunner().invoke(main, ["info", str(run_with_steps)])
     assert text.exit_code == 0, text.output
-    assert "parameters" in text.output and "best dev BLEU" in text.output and "lstm" in text.output
+    assert "parameters" in text.output and "best dev BLEU" in text.output
+    assert "lstm" in text.output and "luong decoder" in text.output
     raw = CliRunner().invoke(main, ["info", str(run_with_steps / "last.pt"), "--json"])
     details = json.loads(raw.output)
     assert details["step"] == 30 and details["parameters"] > 0 and details["config"]["train"]["keep_checkpoints"] == 2

@@ -51,21 +51,31 @@ def test_dot_attention_needs_equal_sizes():
         LuongAttention(16, 12, general=False)
 
 
-CONFIGS = list(itertools.product(["lstm", "gru"], ["bahdanau", "luong-general", "luong-dot"], [False, True],
-                                 [True, False]))
+# cell x attention score x decoder (luong, luong with input feeding, bahdanau) x tied output x LayerNorm
+DECODERS = {"luong": ("luong", False), "luong-feed": ("luong", True), "bahdanau": ("bahdanau", False)}
+CONFIGS = list(itertools.product(["lstm", "gru"], ["bahdanau", "luong-general", "luong-dot"], list(DECODERS),
+                                 [True, False], [False, True]))
 
 
-def small_model(cell, attention, input_feeding, tie):
-    overrides = {"model.cell": cell, "model.attention": attention, "model.input_feeding": str(input_feeding),
-                 "model.tie_embeddings": str(tie), "model.embed_dim": "8", "model.hidden_dim": "16",
-                 "model.layers": "2"}
+def small_model(cell, attention, decoder, tie, layer_norm=False, layers=2):
+    kind, feeding = DECODERS[decoder]
+    overrides = {"model.cell": cell, "model.attention": attention, "model.decoder": kind,
+                 "model.input_feeding": str(feeding), "model.tie_embeddings": str(tie), "model.layer_norm": layer_norm,
+                 "model.embed_dim": "8", "model.hidden_dim": "16", "model.layers": str(layers)}
     torch.manual_seed(0)
-    return build_model(load_config(overrides=overrides).model, 30, 25).eval()
+    model = build_model(load_config(overrides=overrides).model, 30, 25).eval()
+    if layer_norm:  # away from LayerNorm's identity start, so that a misplaced norm shows
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.5, 0.5)
+    return model
 
 
-@pytest.mark.parametrize("cell,attention,input_feeding,tie", CONFIGS)
-def test_sequence_pass_equals_step_by_step(cell, attention, input_feeding, tie):
-    model = small_model(cell, attention, input_feeding, tie)
+@pytest.mark.parametrize("cell,attention,decoder,tie,layer_norm", CONFIGS)
+def test_sequence_pass_equals_step_by_step(cell, attention, decoder, tie, layer_norm):
+    model = small_model(cell, attention, decoder, tie, layer_norm)
     src, lengths, mask = padded_batch([6, 3, 5])
     tgt = torch.randint(4, 25, (3, 4))
     logits = model(src, lengths, mask, tgt)  # (batch, tgt_len, vocab)
@@ -92,10 +102,10 @@ def test_decode_step_is_pure():
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("cell,attention,input_feeding,tie", CONFIGS)
-def test_memory_per_group_equals_memory_per_row(cell, attention, input_feeding, tie):
+@pytest.mark.parametrize("cell,attention,decoder,tie,layer_norm", CONFIGS)
+def test_memory_per_group_equals_memory_per_row(cell, attention, decoder, tie, layer_norm):
     # beam search keeps one memory entry per sentence for its whole beam of rows
-    model = small_model(cell, attention, input_feeding, tie)
+    model = small_model(cell, attention, decoder, tie, layer_norm)
     src, lengths, mask = padded_batch([6, 3, 5])
     memory, state = model.encode(src, lengths, mask)
     rows = torch.arange(3).repeat_interleave(4)  # 4 rows per sentence
@@ -140,3 +150,89 @@ def test_rnn_step_equals_the_whole_sequence_call(cell, layers):
     final = final if isinstance(final, tuple) else (final,)
     for a, b in zip(states, final):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bahdanau_decoder_follows_the_papers_equations():
+    """Bahdanau et al. (2015), written plainly for one sentence at a time: e_tj = v . tanh(W s_{t-1} +
+    U h_j); a_t = softmax(e_t); c_t = sum_j a_tj h_j; s_t = LSTM([E y_{t-1}; c_t], s_{t-1});
+    readout r_t = tanh(W_r [s_t; c_t; E y_{t-1}]); logits = W_o r_t + b_o."""
+    model = small_model("lstm", "bahdanau", "bahdanau", tie=False, layers=1)
+    dec, att = model.decoder, model.decoder.attention
+    src, lengths, mask = padded_batch([6, 3])
+    tgt = torch.randint(4, 25, (2, 5))
+    with torch.no_grad():
+        logits = model(src, lengths, mask, tgt)
+        states, finals = model.encoder(src, lengths)
+        for b in range(2):
+            n = int(lengths[b])
+            h_j = states[b, :n]  # (n, enc_dim)
+            s, cell = (torch.tanh(layer(f[0, b])) for layer, f in zip(dec.bridge, finals))
+            for t in range(tgt.size(1)):
+                e = att.v.weight[0] @ torch.tanh(att.query_layer.weight @ s + h_j @ att.key_layer.weight.T).T
+                a = torch.softmax(e, 0)  # (n,)
+                c = a @ h_j
+                y = dec.embed.weight[tgt[b, t]]
+                x = torch.cat([y, c])
+                gates = dec.rnn.weight_ih_l0 @ x + dec.rnn.bias_ih_l0 + dec.rnn.weight_hh_l0 @ s + dec.rnn.bias_hh_l0
+                i, f, g, o = gates.chunk(4)
+                cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+                s = torch.sigmoid(o) * torch.tanh(cell)
+                r = torch.tanh(dec.readout.weight @ torch.cat([s, c, y]) + dec.readout.bias)
+                expected = dec.output.weight @ r + dec.output.bias
+                torch.testing.assert_close(logits[b, t], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell,attention,decoder,tie", [c[:4] for c in CONFIGS if not c[4]])
+def test_every_combination_trains_a_step_and_decodes(cell, attention, decoder, tie):
+    from translate.search import greedy, max_lengths
+
+    model = small_model(cell, attention, decoder, tie).train()
+    src, lengths, mask = padded_batch([6, 3, 5])
+    tgt = torch.randint(4, 25, (3, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loss = torch.nn.functional.cross_entropy(model(src, lengths, mask, tgt[:, :-1]).transpose(1, 2), tgt[:, 1:])
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    optimizer.step()
+    model.eval()
+    memory, state = model.encode(src, lengths, mask)
+    hyps = greedy(model, memory, state, max_lengths(lengths, 1.0))
+    assert len(hyps) == 3 and all(len(h[0].tokens) <= 16 for h in hyps)
+
+
+def test_a_checkpoint_from_before_the_bahdanau_decoder_loads(tmp_path):
+    """Checkpoints of earlier versions have no model.decoder or model.layer_norm: they are Luong."""
+    from translate.checkpoint import restore
+    from translate.config import Config
+    from translate.tokenizer import Tokenizer
+
+    from .conftest import make_pairs
+
+    pairs = make_pairs(50)
+    tokenizer = Tokenizer.train([s for s, _ in pairs], [t for _, t in pairs], vocab_size=60)
+    config = load_config(overrides={"model.embed_dim": "8", "model.hidden_dim": "16"})
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    old = config.to_dict()
+    del old["model"]["decoder"], old["model"]["layer_norm"]
+    payload = {"config": old, "tokenizer": {"src": tokenizer.src_proto, "tgt": tokenizer.tgt_proto},
+               "model": model.state_dict()}
+    restored, _, restored_config = restore(payload)
+    assert restored_config.model.decoder == "luong" and not restored_config.model.layer_norm
+    assert Config.from_dict(old) == config
+    for name, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+
+
+def test_input_feeding_belongs_to_the_luong_decoder():
+    from translate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.input_feeding belongs to the Luong decoder"):
+        load_config(overrides={"model.decoder": "bahdanau", "model.input_feeding": "true"})
+
+
+def test_the_luong_decoder_makes_its_layers_in_the_order_of_earlier_versions():
+    """Parameters are initialised in the order they are made, so this order is what lets a seed
+    give the same model as before (and it is the order of a checkpoint's weights)."""
+    model = small_model("lstm", "bahdanau", "luong", tie=False, layers=1)
+    layers = list(dict.fromkeys(name.split(".")[0] for name in model.decoder.state_dict()))
+    assert layers == ["embed", "rnn", "attention", "combine", "output", "bridge"]

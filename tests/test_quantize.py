@@ -61,11 +61,14 @@ def test_int8_rnn_over_a_sequence_follows_the_float_rnn(cell):
     assert type(approx_states) is type(exact_states)
 
 
-@pytest.fixture(params=[("lstm", "bahdanau", "tied"), ("gru", "luong-general", "feed")], ids="-".join)
+@pytest.fixture(params=[("lstm", "bahdanau", "tied"), ("gru", "luong-general", "feed"),
+                        ("lstm", "bahdanau", "bahdanau-decoder"), ("gru", "luong-dot", "bahdanau-decoder")],
+                ids="-".join)
 def pair(request, tokenizer):
     cell, attention, extra = request.param
     torch.manual_seed(4)
     config = load_config(overrides={"model.cell": cell, "model.attention": attention,
+                                    "model.decoder": "bahdanau" if extra == "bahdanau-decoder" else "luong",
                                     "model.input_feeding": extra == "feed", "model.tie_embeddings": extra == "tied",
                                     "model.embed_dim": 32, "model.hidden_dim": 64, "model.dropout": 0.0})
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()

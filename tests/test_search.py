@@ -143,3 +143,17 @@ def test_beam_search_equals_a_plain_reference(search_model, tokenizer):
         tokens, score = reference_beam_search(model, memory.select(rows), state.select(rows), 3, int(limits[i]), 0.6)
         assert hyps[0].tokens == tokens
         assert hyps[0].score == pytest.approx(score, abs=1e-4)
+
+
+def test_pad_and_bos_are_never_produced(search_model, tokenizer):
+    from translate.tokenizer import PAD
+
+    with torch.no_grad():
+        search_model.decoder.output.bias[PAD] += 50.0  # the model now prefers PAD, then BOS, to anything
+        search_model.decoder.output.bias[BOS] += 40.0
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES)
+    by_greedy = greedy(search_model, memory, state, limits)
+    by_beam = beam_search(search_model, memory, state, 1, limits)
+    assert [g[0].tokens for g in by_greedy] == [b[0].tokens for b in by_beam]
+    for hyps in (by_greedy, beam_search(search_model, memory, state, 4, limits, n_best=4)):
+        assert all(PAD not in h.tokens and BOS not in h.tokens for sentence in hyps for h in sentence)

@@ -258,9 +258,10 @@ def info(checkpoint, as_json):
     bleu = details["best_dev_bleu"]
     lines = [
         f"checkpoint      {details['checkpoint']}",
-        f"model           {m['cell']} {'bidirectional ' if m['bidirectional'] else ''}encoder, {m['attention']} "
-        f"attention, embed {m['embed_dim']}, hidden {m['hidden_dim']}, {m['layers']} layer(s)"
-        f"{', input feeding' if m['input_feeding'] else ''}{', tied embeddings' if m['tie_embeddings'] else ''}",
+        f"model           {m['cell']} {'bidirectional ' if m['bidirectional'] else ''}encoder, {m['decoder']} "
+        f"decoder ({m['attention']} attention), embed {m['embed_dim']}, hidden {m['hidden_dim']}, {m['layers']} "
+        f"layer(s){', input feeding' if m['input_feeding'] else ''}{', layer norm' if m['layer_norm'] else ''}"
+        f"{', tied embeddings' if m['tie_embeddings'] else ''}",
         f"parameters      {details['parameters']:,}",
         f"vocabulary      {details['src_vocab']:,} source / {details['tgt_vocab']:,} target"
         f"{' (joint)' if details['joint_vocab'] else ''}, tokenizer {details['tokenizer_fingerprint'][:12]}",

@@ -51,8 +51,11 @@ class ModelConfig:
     hidden_dim: int = 512  # decoder size; a bidirectional encoder uses hidden_dim // 2 per direction
     layers: int = 1
     bidirectional: bool = True
-    attention: Literal["bahdanau", "luong-dot", "luong-general"] = "bahdanau"
-    input_feeding: bool = False
+    attention: Literal["bahdanau", "luong-dot", "luong-general"] = "bahdanau"  # the score
+    # luong: RNN, then attention with its output; bahdanau: attention with the previous state, then the RNN
+    decoder: Literal["luong", "bahdanau"] = "luong"
+    input_feeding: bool = False  # (luong decoder)
+    layer_norm: bool = False  # LayerNorm over the encoder's and decoder's RNN outputs
     dropout: float = 0.2
     tie_embeddings: bool = True
     bridge: bool = True
@@ -135,6 +138,9 @@ class Config:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if m.bidirectional and m.hidden_dim % 2:
             raise ConfigError(f"model.hidden_dim must be even for a bidirectional encoder, got {m.hidden_dim}")
+        if m.decoder == "bahdanau" and m.input_feeding:
+            raise ConfigError("model.input_feeding belongs to the Luong decoder (the Bahdanau decoder already feeds "
+                              "its context to the RNN); set model.input_feeding=false or model.decoder=luong")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         if not 0 <= t.label_smoothing < 1:

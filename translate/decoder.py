@@ -1,10 +1,18 @@
-"""Attention decoder in the style of Luong et al. (2015): the RNN reads the previous token (and,
-with input feeding, the previous attentional vector), attends over the encoder states with its
-output, and combines both into the attentional vector that predicts the next token.
+"""Attention decoders over ``Memory`` (the encoder states, their projected keys and the mask).
 
-Without input feeding nothing flows from one step's attention into the next step's RNN, so a
-teacher-forced pass runs the RNN over the whole target in one fused call; with it the decoder
-steps token by token. Both paths share ``_attentional``, so they compute the same thing.
+- ``luong`` (Luong et al., 2015): the RNN reads the previous token (and, with input feeding, the
+  previous attentional vector), attends over the encoder states with its new output, and a
+  combination of both, the attentional vector, predicts the next token.
+- ``bahdanau`` (Bahdanau et al., 2015): attends with the previous state, feeds the context into the
+  RNN together with the previous token, and predicts from a readout of the new state, the
+  context and the previous token's embedding (the paper's "deep output", one tanh layer).
+
+Where a step's input depends on the previous step's attention (the Bahdanau decoder, and the Luong
+decoder with input feeding), the teacher-forced pass runs the RNN token by token, but keeps out of
+the loop whatever does not depend on the previous step: the embeddings' share of the first RNN
+layer's gates is one product over all steps, the keys are projected once per source, and the
+readout and output layer run once over all steps. The Luong decoder without input feeding runs
+its RNN over the whole target in one fused call.
 """
 
 from __future__ import annotations
@@ -33,13 +41,19 @@ class _SingleStep:
     module's own weights: for one step they cost a fraction of a full RNN call, and decoding is
     almost all single steps."""
 
-    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
+    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...], gates0: torch.Tensor | None = None):
         """x: (batch, input); hidden: each (layers, batch, hidden), (h,) or (h, c). Returns the top
-        layer's output (batch, 1, hidden) and the new states, each (layers, batch, hidden)."""
+        layer's output (batch, 1, hidden) and the new states, each (layers, batch, hidden).
+
+        ``gates0`` (batch, gates x hidden): the first layer's input product for the leading input
+        columns, with its input bias (``input_gates``), computed ahead for many steps at once; ``x``
+        is then only the rest of the input."""
         lstm = self.mode == "LSTM"
         new_h, new_c = [], []
         for layer in range(self.num_layers):
             weights = [getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if layer == 0 and gates0 is not None:  # the cells take a (batch, gates) input bias as well
+                weights[0], weights[2] = weights[0][:, weights[0].size(1) - x.size(1):], gates0
             if layer > 0:
                 x = F.dropout(x, self.dropout, self.training)
             if lstm:
@@ -51,6 +65,13 @@ class _SingleStep:
             x = h
         states = (torch.stack(new_h), torch.stack(new_c)) if lstm else (torch.stack(new_h),)
         return x.unsqueeze(1), states
+
+
+    def input_gates(self, leading: torch.Tensor) -> torch.Tensor:
+        """The first layer's input product for the leading input columns, plus its input bias:
+        leading (batch, steps, n) -> (batch, steps, gates x hidden), for ``step``'s ``gates0``."""
+        weight = self.weight_ih_l0[:, : leading.size(-1)]
+        return torch.nn.functional.linear(leading, weight, self.bias_ih_l0)
 
 
 class StepLSTM(_SingleStep, nn.LSTM):
@@ -86,20 +107,26 @@ class DecoderState(NamedTuple):
 
 
 class Decoder(nn.Module):
-    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, enc_dim: int, layers: int = 1,
-                 cell: str = "lstm", attention: str = "bahdanau", input_feeding: bool = False,
-                 dropout: float = 0.0, tie_embeddings: bool = False, bridge: bool = True, pad_id: int = 0):
+    """What both decoders share: target embeddings, the RNN, attention, the output layer (tied to
+    the embeddings or not), the bridge from the encoder's final states, and optional LayerNorm over
+    the RNN's outputs. Subclasses define the teacher-forced pass (``forward``) and ``step``."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, enc_dim: int, rnn_input: int,
+                 head: tuple[str, int], layers: int = 1, cell: str = "lstm", attention: str = "bahdanau",
+                 dropout: float = 0.0, tie_embeddings: bool = False, bridge: bool = True, pad_id: int = 0,
+                 layer_norm: bool = False):
         super().__init__()
         self.cell, self.layers, self.hidden_dim = cell, layers, hidden_dim
-        self.input_feeding = input_feeding
         self.out_dim = embed_dim if tie_embeddings else hidden_dim
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.dropout = nn.Dropout(dropout)
-        rnn_input = embed_dim + (self.out_dim if input_feeding else 0)
         self.rnn: RNNStep = STEP_CELLS[cell](rnn_input, hidden_dim, num_layers=layers, batch_first=True,
                                              dropout=dropout if layers > 1 else 0.0)
+        self.norm = nn.LayerNorm(hidden_dim) if layer_norm else None
         self.attention = make_attention(attention, hidden_dim, enc_dim)
-        self.combine = nn.Linear(hidden_dim + enc_dim, self.out_dim)
+        # the layer into out_dim (name, input size): Luong's combine, Bahdanau's readout; made here, in
+        # this order, so that a seed gives the same initial weights as it always has
+        setattr(self, head[0], nn.Linear(head[1], self.out_dim))
         self.output = nn.Linear(self.out_dim, vocab_size)
         if tie_embeddings:
             self.output.weight = self.embed.weight  # Press & Wolf (2017)
@@ -118,50 +145,115 @@ class Decoder(nn.Module):
         return DecoderState(hidden, ref.new_zeros(batch, self.out_dim))
 
     def forward(self, tgt_in: torch.Tensor, memory: Memory, state: DecoderState):
-        """Teacher-forced pass over a whole target. tgt_in: (batch, tgt_len).
-        Returns logits (batch, tgt_len, vocab), the final state and the attention weights
-        (batch, tgt_len, src_len)."""
-        if self.input_feeding:  # step by step, but the output layer runs once over all steps
-            vectors, weights = [], []
-            for t in range(tgt_in.size(1)):
-                embedded = self.dropout(self.embed(tgt_in[:, t: t + 1]))  # (batch, 1, embed)
-                attentional, state, step_weights = self._attentional(embedded, memory, state)
-                vectors.append(attentional)
-                weights.append(step_weights)
-            attentional, weights = torch.cat(vectors, 1), torch.cat(weights, 1)
-        else:
-            embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
-            attentional, state, weights = self._attentional(embedded, memory, state)
-        return self.output(self.dropout(attentional)), state, weights
+        """Teacher-forced pass over a whole target. tgt_in: (batch, tgt_len). Returns logits
+        (batch, tgt_len, vocab), the final state and the attention weights (batch, tgt_len, src_len)."""
+        raise NotImplementedError
 
     def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
         """One decoding step. prev: (batch,) previous tokens. Returns logits (batch, vocab), the new
         state and the attention weights (batch, src_len). ``memory`` may hold one entry per group
         of consecutive rows (batch = entries x group): beam search keeps one per sentence for its
         beam, so the encoder states are neither copied per hypothesis nor reordered."""
-        embedded = self.dropout(self.embed(prev)).unsqueeze(1)  # (batch, 1, embed)
-        attentional, state, weights = self._attentional(embedded, memory, state)
-        logits = self.output(self.dropout(attentional.squeeze(1)))  # (batch, vocab)
-        return logits, state, weights.squeeze(1)
+        raise NotImplementedError
 
-    def _attentional(self, embedded: torch.Tensor, memory: Memory, state: DecoderState):
-        """RNN, attention and their combination for ``steps`` positions; returns the attentional
-        vectors (batch, steps, out_dim), the new state and the weights (batch, steps, src_len)."""
-        # embedded: (batch, steps, embed); steps is 1 whenever input feeding is on
-        rnn_in = embedded
-        if self.input_feeding:
-            rnn_in = torch.cat([embedded, state.feed.unsqueeze(1)], dim=-1)  # (batch, 1, embed+out)
-        if rnn_in.size(1) == 1:
-            outputs, hidden = self.rnn.step(rnn_in.squeeze(1), state.hidden)
-        else:
+    def _normed(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The RNN's top-layer outputs as the rest of the decoder reads them (LayerNorm, if on)."""
+        return outputs if self.norm is None else self.norm(outputs)
+
+    def _attend(self, query: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
+        """query: (rows, steps, hidden) -> context (rows, steps, enc_dim), weights (rows, steps, src_len).
+        The rows that share a memory entry (a sentence's beam in beam search, else one row) attend
+        as the steps of one query: (entries, rows per entry * steps, hidden); views, no copies."""
+        rows, steps = query.shape[:2]
+        grouped = query.reshape(memory.mask.size(0), -1, query.size(-1))
+        context, weights = self.attention(grouped, memory.keys, memory.values, memory.mask)
+        return context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
+
+
+class LuongDecoder(Decoder):
+    """Luong et al. (2015): RNN, then attention with its output; tanh(W_c [h; context]) is the
+    attentional vector that predicts the next token and, with input feeding, enters the next
+    step's RNN input."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, enc_dim: int, input_feeding: bool = False,
+                 tie_embeddings: bool = False, **shared):
+        out_dim = embed_dim if tie_embeddings else hidden_dim
+        super().__init__(vocab_size, embed_dim, hidden_dim, enc_dim, embed_dim + (out_dim if input_feeding else 0),
+                         ("combine", hidden_dim + enc_dim), tie_embeddings=tie_embeddings, **shared)
+        self.input_feeding = input_feeding
+
+    def forward(self, tgt_in: torch.Tensor, memory: Memory, state: DecoderState):
+        embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
+        if not self.input_feeding:  # the RNN over the whole target in one call
             hidden = state.hidden if self.cell == "lstm" else state.hidden[0]
-            outputs, hidden = self.rnn(rnn_in, hidden)  # (batch, steps, hidden)
+            outputs, hidden = self.rnn(embedded, hidden)  # (batch, tgt_len, hidden)
             hidden = hidden if isinstance(hidden, tuple) else (hidden,)
-        # the rows that share a memory entry (a sentence's beam in beam search, else one row) attend
-        # as the steps of one query: (entries, rows per entry * steps, hidden); views, no copies
-        rows, steps = outputs.shape[:2]
-        query = outputs.reshape(memory.mask.size(0), -1, outputs.size(-1))
-        context, weights = self.attention(query, memory.keys, memory.values, memory.mask)
-        context, weights = context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
-        attentional = torch.tanh(self.combine(torch.cat([outputs, context], dim=-1)))  # (batch, steps, out)
-        return attentional, DecoderState(hidden, attentional[:, -1]), weights
+            attentional, weights = self._attentional(outputs, memory)  # (batch, tgt_len, out_dim)
+            return self.output(self.dropout(attentional)), DecoderState(hidden, attentional[:, -1]), weights
+        gates0 = self.rnn.input_gates(embedded)  # (batch, tgt_len, gates x hidden), for all steps at once
+        hidden, feed = state.hidden, state.feed
+        vectors, weights = [], []
+        for t in range(tgt_in.size(1)):
+            outputs, hidden = self.rnn.step(feed, hidden, gates0[:, t])  # (batch, 1, hidden)
+            attentional, step_weights = self._attentional(outputs, memory)  # (batch, 1, out_dim)
+            feed = attentional[:, 0]
+            vectors.append(attentional)
+            weights.append(step_weights)
+        attentional = torch.cat(vectors, 1)  # (batch, tgt_len, out_dim)
+        return self.output(self.dropout(attentional)), DecoderState(hidden, feed), torch.cat(weights, 1)
+
+    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
+        rnn_in = self.dropout(self.embed(prev))  # (batch, embed)
+        if self.input_feeding:
+            rnn_in = torch.cat([rnn_in, state.feed], dim=-1)  # (batch, embed + out_dim)
+        outputs, hidden = self.rnn.step(rnn_in, state.hidden)  # (batch, 1, hidden)
+        attentional, weights = self._attentional(outputs, memory)  # (batch, 1, out_dim)
+        logits = self.output(self.dropout(attentional[:, 0]))  # (batch, vocab)
+        return logits, DecoderState(hidden, attentional[:, 0]), weights[:, 0]
+
+    def _attentional(self, outputs: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
+        """outputs: (batch, steps, hidden) -> attentional vectors (batch, steps, out_dim), weights."""
+        outputs = self._normed(outputs)
+        context, weights = self._attend(outputs, memory)  # (batch, steps, enc_dim)
+        return torch.tanh(self.combine(torch.cat([outputs, context], dim=-1))), weights
+
+
+class BahdanauDecoder(Decoder):
+    """Bahdanau et al. (2015): the previous state attends (at the first step, the bridged initial
+    state), the RNN reads [embedding of the previous token; context], and a readout
+    tanh(W_r [new state; context; embedding]) to ``out_dim`` feeds the output layer (so the
+    output layer can share the embeddings' weights)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, enc_dim: int, **shared):
+        super().__init__(vocab_size, embed_dim, hidden_dim, enc_dim, embed_dim + enc_dim,
+                         ("readout", hidden_dim + enc_dim + embed_dim), **shared)
+
+    def forward(self, tgt_in: torch.Tensor, memory: Memory, state: DecoderState):
+        embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
+        gates0 = self.rnn.input_gates(embedded)  # (batch, tgt_len, gates x hidden), for all steps at once
+        hidden = state.hidden
+        outputs, contexts, weights = [], [], []
+        for t in range(tgt_in.size(1)):
+            query = self._normed(hidden[0][-1]).unsqueeze(1)  # (batch, 1, hidden): the previous top state
+            context, step_weights = self._attend(query, memory)  # (batch, 1, enc_dim)
+            top, hidden = self.rnn.step(context[:, 0], hidden, gates0[:, t])  # (batch, 1, hidden)
+            outputs.append(top)
+            contexts.append(context)
+            weights.append(step_weights)
+        readout = self._readout(torch.cat(outputs, 1), torch.cat(contexts, 1), embedded)  # (batch, tgt_len, out)
+        return self.output(self.dropout(readout)), DecoderState(hidden, readout[:, -1]), torch.cat(weights, 1)
+
+    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
+        embedded = self.dropout(self.embed(prev)).unsqueeze(1)  # (batch, 1, embed)
+        query = self._normed(state.hidden[0][-1]).unsqueeze(1)  # (batch, 1, hidden)
+        context, weights = self._attend(query, memory)  # (batch, 1, enc_dim)
+        top, hidden = self.rnn.step(torch.cat([embedded, context], dim=-1)[:, 0], state.hidden)  # (batch, 1, hidden)
+        readout = self._readout(top, context, embedded)[:, 0]  # (batch, out_dim)
+        return self.output(self.dropout(readout)), DecoderState(hidden, readout), weights[:, 0]
+
+    def _readout(self, outputs: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """The deep output: tanh(W_r [state; context; embedding]), each (batch, steps, ·) -> (batch, steps, out)."""
+        return torch.tanh(self.readout(torch.cat([self._normed(outputs), context, embedded], dim=-1)))
+
+
+DECODERS = {"luong": LuongDecoder, "bahdanau": BahdanauDecoder}

@@ -13,7 +13,8 @@ class Encoder(nn.Module):
     """Reads a padded source batch; padding never enters the RNN because the input is packed."""
 
     def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, layers: int = 1,
-                 bidirectional: bool = True, cell: str = "lstm", dropout: float = 0.0, pad_id: int = 0):
+                 bidirectional: bool = True, cell: str = "lstm", dropout: float = 0.0, pad_id: int = 0,
+                 layer_norm: bool = False):
         super().__init__()
         self.directions = 2 if bidirectional else 1
         self.hidden_dim = hidden_dim  # per direction
@@ -22,6 +23,7 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.rnn = RNN_CELLS[cell](embed_dim, hidden_dim, num_layers=layers, batch_first=True,
                                    bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0)
+        self.norm = nn.LayerNorm(self.output_dim) if layer_norm else None  # over the RNN's outputs
 
     def forward(self, src: torch.Tensor, lengths: torch.Tensor):
         """Returns outputs (batch, src_len, directions*hidden), zero at padding, and the final
@@ -31,6 +33,8 @@ class Encoder(nn.Module):
         outputs, final = self.rnn(packed)
         outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=src.size(1))
         finals = final if isinstance(final, tuple) else (final,)
+        if self.norm is not None:
+            outputs = self.norm(outputs)
         return self.dropout(outputs), tuple(self._join_directions(h) for h in finals)
 
     def _join_directions(self, h: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .decoder import Decoder, DecoderState, Memory
+from .decoder import DECODERS, Decoder, DecoderState, Memory
 from .encoder import Encoder
 from .tokenizer import PAD
 
@@ -21,10 +21,14 @@ class Seq2Seq(nn.Module):
         self.config = config
         enc_hidden = config.hidden_dim // 2 if config.bidirectional else config.hidden_dim
         self.encoder = Encoder(src_vocab, config.embed_dim, enc_hidden, config.layers, config.bidirectional,
-                               config.cell, config.dropout, PAD)
-        self.decoder = Decoder(tgt_vocab, config.embed_dim, config.hidden_dim, self.encoder.output_dim,
-                               config.layers, config.cell, config.attention, config.input_feeding,
-                               config.dropout, config.tie_embeddings, config.bridge, PAD)
+                               config.cell, config.dropout, PAD, config.layer_norm)
+        shared = dict(layers=config.layers, cell=config.cell, attention=config.attention, dropout=config.dropout,
+                      tie_embeddings=config.tie_embeddings, bridge=config.bridge, pad_id=PAD,
+                      layer_norm=config.layer_norm)
+        if config.decoder == "luong":
+            shared["input_feeding"] = config.input_feeding
+        self.decoder: Decoder = DECODERS[config.decoder](tgt_vocab, config.embed_dim, config.hidden_dim,
+                                                         self.encoder.output_dim, **shared)
 
     def encode(self, src: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> tuple[Memory, DecoderState]:
         """src, mask: (batch, src_len); lengths: (batch,). Returns the memory to attend over

@@ -6,9 +6,9 @@ Decoding is bound by the decoder's matrix products (the output layer over the vo
 the RNN gates, run once per target token), which fbgemm's int8 kernels run several times faster
 than fp32 on x86. Only what runs per token is quantised: the decoder's RNN step (input and
 recurrent weights joined into one product per layer), the attention query, the combination
-layer, the output layer and the key projection. Embedding lookups, softmaxes and the encoder's
-packed RNN stay in fp32. The model used for training is never changed: ``quantized_copy``
-returns a new one.
+layer (Luong) or readout (Bahdanau), the output layer and the key projection. Embedding lookups,
+softmaxes, LayerNorm and the encoder's packed RNN stay in fp32. The model used for training is
+never changed: ``quantized_copy`` returns a new one.
 """
 
 from __future__ import annotations

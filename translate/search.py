@@ -34,8 +34,12 @@ def max_lengths(src_lengths: torch.Tensor, ratio: float, extra: int = 10, cap: i
     return (src_lengths.float() * ratio).long().add(extra).clamp(min=1, max=cap)
 
 
-def _force_eos(logp: torch.Tensor, force: torch.Tensor) -> torch.Tensor:
-    # logp: (rows, vocab); force: (rows,) rows that must end now get EOS as the only option
+def _allowed(logp: torch.Tensor, force: torch.Tensor) -> torch.Tensor:
+    """What a search may produce. logp: (rows, vocab) log-probabilities, changed in place: PAD and
+    BOS are never an output token (as in fairseq's search); force: (rows,) rows that must end now
+    get EOS as the only option."""
+    logp[:, PAD] = NEG_INF
+    logp[:, BOS] = NEG_INF
     if not bool(force.any()):
         return logp
     only_eos = torch.full_like(logp, NEG_INF)
@@ -61,13 +65,13 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
     scores = torch.zeros(batch, device=device)
     for t in range(limit):
         logits, state, weights = model.decode_step(prev, memory, state)
-        logp = _force_eos(logits.float().log_softmax(-1), t + 1 >= max_lens[live])  # (live, vocab)
+        logp = _allowed(logits.float().log_softmax(-1), t + 1 >= max_lens[live])  # (live, vocab)
         best, prev = logp.max(-1)  # (live,)
         scores = scores + best
         out_tokens[live, t] = prev
         if return_attention:
             out_attn[live, t] = weights.float()
-        ended = prev == EOS  # every row ends by its limit (_force_eos), so all scores get written
+        ended = prev == EOS  # every row ends by its limit (_allowed), so all scores get written
         if bool(ended.any()):
             out_scores[live[ended]] = scores[ended]
             keep = (~ended).nonzero().squeeze(1)
@@ -148,7 +152,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
         logp = logits.float()  # (live*beams, vocab), in place from here: the largest tensors of a step
         torch.log_softmax(logp, -1, out=logp)
         vocab = logp.size(-1)
-        logp = _force_eos(logp, (t + 1 >= max_lens[sent]).repeat_interleave(beams))
+        logp = _allowed(logp, (t + 1 >= max_lens[sent]).repeat_interleave(beams))
         candidates = logp.view(live, beams, vocab).add_(scores.unsqueeze(2))  # (live, beams, vocab)
         top_scores, origin, token = top_candidates(candidates, 2 * k)  # each (live, 2k)
         is_eos = (token == EOS) & torch.isfinite(top_scores)
