@@ -41,19 +41,20 @@ class _SingleStep:
     module's own weights: for one step they cost a fraction of a full RNN call, and decoding is
     almost all single steps."""
 
-    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...], gates0: torch.Tensor | None = None):
+    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...], gates0: torch.Tensor | None = None,
+             weight0: torch.Tensor | None = None):
         """x: (batch, input); hidden: each (layers, batch, hidden), (h,) or (h, c). Returns the top
         layer's output (batch, 1, hidden) and the new states, each (layers, batch, hidden).
 
-        ``gates0`` (batch, gates x hidden): the first layer's input product for the leading input
-        columns, with its input bias (``input_gates``), computed ahead for many steps at once; ``x``
-        is then only the rest of the input."""
+        With ``gates0`` (batch, gates x hidden) and ``weight0`` from ``split_input``, the first
+        layer's input product for the leading input columns was computed ahead, for many steps at
+        once, and ``x`` is only the rest of the input."""
         lstm = self.mode == "LSTM"
         new_h, new_c = [], []
         for layer in range(self.num_layers):
             weights = [getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
             if layer == 0 and gates0 is not None:  # the cells take a (batch, gates) input bias as well
-                weights[0], weights[2] = weights[0][:, weights[0].size(1) - x.size(1):], gates0
+                weights[0], weights[2] = weight0, gates0
             if layer > 0:
                 x = F.dropout(x, self.dropout, self.training)
             if lstm:
@@ -67,11 +68,15 @@ class _SingleStep:
         return x.unsqueeze(1), states
 
 
-    def input_gates(self, leading: torch.Tensor) -> torch.Tensor:
-        """The first layer's input product for the leading input columns, plus its input bias:
-        leading (batch, steps, n) -> (batch, steps, gates x hidden), for ``step``'s ``gates0``."""
-        weight = self.weight_ih_l0[:, : leading.size(-1)]
-        return torch.nn.functional.linear(leading, weight, self.bias_ih_l0)
+    def split_input(self, leading: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """For a step-by-step pass whose first-layer input starts with ``leading`` (batch, steps, n),
+        known for all steps ahead: that share of the input product plus the input bias, one
+        (batch, gates x hidden) tensor a step from a single product, and the first layer's input
+        weight for the remaining columns (``step``'s ``gates0`` and ``weight0``). Unbound, and the
+        weight sliced, once: a slice taken in every step would cost a full-size gradient per step."""
+        n = leading.size(-1)
+        gates = F.linear(leading, self.weight_ih_l0[:, :n], self.bias_ih_l0)  # (batch, steps, gates x hidden)
+        return gates.unbind(1), self.weight_ih_l0[:, n:].contiguous()
 
 
 class StepLSTM(_SingleStep, nn.LSTM):
@@ -190,11 +195,11 @@ class LuongDecoder(Decoder):
             hidden = hidden if isinstance(hidden, tuple) else (hidden,)
             attentional, weights = self._attentional(outputs, memory)  # (batch, tgt_len, out_dim)
             return self.output(self.dropout(attentional)), DecoderState(hidden, attentional[:, -1]), weights
-        gates0 = self.rnn.input_gates(embedded)  # (batch, tgt_len, gates x hidden), for all steps at once
+        gates, weight0 = self.rnn.split_input(embedded)  # a (batch, gates x hidden) tensor a step
         hidden, feed = state.hidden, state.feed
         vectors, weights = [], []
-        for t in range(tgt_in.size(1)):
-            outputs, hidden = self.rnn.step(feed, hidden, gates0[:, t])  # (batch, 1, hidden)
+        for gates0 in gates:
+            outputs, hidden = self.rnn.step(feed, hidden, gates0, weight0)  # (batch, 1, hidden)
             attentional, step_weights = self._attentional(outputs, memory)  # (batch, 1, out_dim)
             feed = attentional[:, 0]
             vectors.append(attentional)
@@ -230,13 +235,13 @@ class BahdanauDecoder(Decoder):
 
     def forward(self, tgt_in: torch.Tensor, memory: Memory, state: DecoderState):
         embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
-        gates0 = self.rnn.input_gates(embedded)  # (batch, tgt_len, gates x hidden), for all steps at once
+        gates, weight0 = self.rnn.split_input(embedded)  # a (batch, gates x hidden) tensor a step
         hidden = state.hidden
         outputs, contexts, weights = [], [], []
-        for t in range(tgt_in.size(1)):
+        for gates0 in gates:
             query = self._normed(hidden[0][-1]).unsqueeze(1)  # (batch, 1, hidden): the previous top state
             context, step_weights = self._attend(query, memory)  # (batch, 1, enc_dim)
-            top, hidden = self.rnn.step(context[:, 0], hidden, gates0[:, t])  # (batch, 1, hidden)
+            top, hidden = self.rnn.step(context[:, 0], hidden, gates0, weight0)  # (batch, 1, hidden)
             outputs.append(top)
             contexts.append(context)
             weights.append(step_weights)
