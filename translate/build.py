@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointSaver, Progress, restore, restore_training_state
+from .checkpoint import CheckpointSaver, Progress, restore_tokenizer, restore_training_state
 from .config import Config, resume_config
 from .corpus import first_sentences, load_pairs, read_parallel, sample_sentences
 from .data import StreamingData, TrainingData
@@ -97,7 +97,7 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
     train = load_pairs(data.train, data.src_lang, data.tgt_lang, "train", streaming=data.streaming)
     dev = read_parallel(data.dev, data.src_lang, data.tgt_lang, "dev")
     if payload is not None:
-        _, tokenizer, _ = restore(payload)
+        tokenizer = restore_tokenizer(payload)  # (the weights are loaded into the run's model below)
     elif not world.main:
         tokenizer = Tokenizer(*broadcast(world, None))
     else:

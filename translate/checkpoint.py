@@ -101,15 +101,24 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return payload
 
 
+def restore_tokenizer(payload: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a checkpoint carries, checked against its recorded fingerprint."""
+    try:
+        tokenizer = Tokenizer(bytes(payload["tokenizer"]["src"]), bytes(payload["tokenizer"]["tgt"]))
+    except (KeyError, TypeError, TokenizerError) as exc:
+        raise CheckpointError(f"checkpoint is incomplete or damaged ({exc}); use another checkpoint") from None
+    if payload.get("tokenizer_fingerprint", tokenizer.fingerprint) != tokenizer.fingerprint:
+        raise CheckpointError("checkpoint's tokenizer does not match its recorded fingerprint; the file is damaged")
+    return tokenizer
+
+
 def restore(payload: dict[str, Any], device: torch.device | str = "cpu") -> tuple[Seq2Seq, Tokenizer, Config]:
     """Rebuilds the model and tokenizer from a checkpoint alone."""
     try:
         config = Config.from_dict(payload["config"])
-        tokenizer = Tokenizer(bytes(payload["tokenizer"]["src"]), bytes(payload["tokenizer"]["tgt"]))
-    except (KeyError, TypeError, ConfigError, TokenizerError) as exc:
+    except (KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"checkpoint is incomplete or damaged ({exc}); use another checkpoint") from None
-    if payload.get("tokenizer_fingerprint", tokenizer.fingerprint) != tokenizer.fingerprint:
-        raise CheckpointError("checkpoint's tokenizer does not match its recorded fingerprint; the file is damaged")
+    tokenizer = restore_tokenizer(payload)
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     try:
         model.load_state_dict(payload["model"])
