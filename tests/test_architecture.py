@@ -18,7 +18,7 @@ LAYERS = [
     {"corpus"},
     {"encoded"},
     {"data"},
-    {"attention", "encoder"},
+    {"attention", "encoder", "unrolled"},
     {"decoder"},
     {"model"},
     {"quantize", "search", "schedules"},

@@ -125,7 +125,7 @@ def test_additive_attention_in_chunks_equals_whole(monkeypatch):
     torch.manual_seed(0)
     attention = BahdanauAttention(12, 10, 8)
     query, memory = torch.randn(7, 3, 12), torch.randn(7, 5, 10)
-    keys = attention.project_keys(memory)
+    keys, query = attention.project_keys(memory), attention.project_query(query)
     with torch.no_grad():
         whole = attention.score(query, keys)
         monkeypatch.setattr(BahdanauAttention, "CHUNK", 3 * 5 * 8 * 2)  # two batch rows a chunk

@@ -16,12 +16,22 @@ class Attention(nn.Module):
     def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def project_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The query's projection where the score has one (``query_layer``, or None)."""
+        return query if self.query_layer is None else self.query_layer(query)
+
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """query projected (``project_query``), keys projected (``project_keys``) -> scores."""
         raise NotImplementedError
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
-        # query: (batch, tgt_len, query_dim); keys: (batch, src_len, key_dim) projected;
-        # values: (batch, src_len, value_dim); mask: (batch, src_len), True on real tokens
+        """query: (batch, tgt_len, query_dim); keys: (batch, src_len, key_dim) projected;
+        values: (batch, src_len, value_dim); mask: (batch, src_len), True on real tokens.
+        Returns the context (batch, tgt_len, value_dim) and the weights (batch, tgt_len, src_len)."""
+        return self.attend(self.project_query(query), keys, values, mask)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+        """``forward`` with the query already projected (a decoder loop projects it itself)."""
         scores = self.score(query, keys)  # (batch, tgt_len, src_len)
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         weights = scores.softmax(dim=-1)  # (batch, tgt_len, src_len)
@@ -47,7 +57,7 @@ class BahdanauAttention(Attention):
         elementwise step of training and decoding (batch x tgt_len x src_len x attn_dim), and
         torch's CPU sigmoid runs it several times faster than its tanh. Without gradients it runs
         in chunks of batch rows, so that long sources do not make a large intermediate."""
-        q = 2 * self.query_layer(query).unsqueeze(2)  # (batch, tgt_len, 1, attn_dim)
+        q = 2 * query.unsqueeze(2)  # (batch, tgt_len, 1, attn_dim)
         rows = max(1, self.CHUNK // (q.size(1) * keys.size(1) * keys.size(2)))  # batch rows per chunk
         if rows >= q.size(0) or torch.is_grad_enabled():  # (training keeps it all for backward anyway)
             return self._score(q, keys)
@@ -69,6 +79,7 @@ class LuongAttention(Attention):
             raise ValueError(f"dot attention needs equal query and key sizes, got {query_dim} and {key_dim}; "
                              f"use luong-general or bahdanau")
         self.key_layer = nn.Linear(key_dim, query_dim, bias=False) if general else None
+        self.query_layer = None
 
     def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
         return memory if self.key_layer is None else self.key_layer(memory)  # (batch, src_len, query_dim)

@@ -11,8 +11,9 @@ Where a step's input depends on the previous step's attention (the Bahdanau deco
 decoder with input feeding), the teacher-forced pass runs the RNN token by token, but keeps out of
 the loop whatever does not depend on the previous step: the embeddings' share of the first RNN
 layer's gates is one product over all steps, the keys are projected once per source, and the
-readout and output layer run once over all steps. The Luong decoder without input feeding runs
-its RNN over the whole target in one fused call.
+readout and output layer run once over all steps; the products inside the loop make their weight
+gradients once over all steps (``unrolled.py``). The Luong decoder without input feeding runs its
+RNN over the whole target in one fused call.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import make_attention
+from .unrolled import LoopWeight, UnrolledRNN, loop_linear, loop_weight
 
 
 class RNNStep(Protocol):
@@ -41,20 +43,13 @@ class _SingleStep:
     module's own weights: for one step they cost a fraction of a full RNN call, and decoding is
     almost all single steps."""
 
-    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...], gates0: torch.Tensor | None = None,
-             weight0: torch.Tensor | None = None):
+    def step(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
         """x: (batch, input); hidden: each (layers, batch, hidden), (h,) or (h, c). Returns the top
-        layer's output (batch, 1, hidden) and the new states, each (layers, batch, hidden).
-
-        With ``gates0`` (batch, gates x hidden) and ``weight0`` from ``split_input``, the first
-        layer's input product for the leading input columns was computed ahead, for many steps at
-        once, and ``x`` is only the rest of the input."""
+        layer's output (batch, 1, hidden) and the new states, each (layers, batch, hidden)."""
         lstm = self.mode == "LSTM"
         new_h, new_c = [], []
         for layer in range(self.num_layers):
             weights = [getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            if layer == 0 and gates0 is not None:  # the cells take a (batch, gates) input bias as well
-                weights[0], weights[2] = weight0, gates0
             if layer > 0:
                 x = F.dropout(x, self.dropout, self.training)
             if lstm:
@@ -66,17 +61,6 @@ class _SingleStep:
             x = h
         states = (torch.stack(new_h), torch.stack(new_c)) if lstm else (torch.stack(new_h),)
         return x.unsqueeze(1), states
-
-
-    def split_input(self, leading: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """For a step-by-step pass whose first-layer input starts with ``leading`` (batch, steps, n),
-        known for all steps ahead: that share of the input product plus the input bias, one
-        (batch, gates x hidden) tensor a step from a single product, and the first layer's input
-        weight for the remaining columns (``step``'s ``gates0`` and ``weight0``). Unbound, and the
-        weight sliced, once: a slice taken in every step would cost a full-size gradient per step."""
-        n = leading.size(-1)
-        gates = F.linear(leading, self.weight_ih_l0[:, :n], self.bias_ih_l0)  # (batch, steps, gates x hidden)
-        return gates.unbind(1), self.weight_ih_l0[:, n:].contiguous()
 
 
 class StepLSTM(_SingleStep, nn.LSTM):
@@ -109,6 +93,14 @@ class DecoderState(NamedTuple):
 
     def select(self, index: torch.Tensor) -> DecoderState:
         return DecoderState(tuple(h.index_select(1, index) for h in self.hidden), self.feed.index_select(0, index))
+
+
+class Loop(NamedTuple):
+    """What one step-by-step teacher-forced pass makes before its loop (nothing stays on the module)."""
+
+    rnn: UnrolledRNN
+    query: LoopWeight | None  # the attention's query projection, if it has one
+    combine: LoopWeight | None  # the Luong decoder's attentional layer
 
 
 class Decoder(nn.Module):
@@ -165,14 +157,27 @@ class Decoder(nn.Module):
         """The RNN's top-layer outputs as the rest of the decoder reads them (LayerNorm, if on)."""
         return outputs if self.norm is None else self.norm(outputs)
 
-    def _attend(self, query: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend(self, query: torch.Tensor, memory: Memory, loop: Loop | None = None):
         """query: (rows, steps, hidden) -> context (rows, steps, enc_dim), weights (rows, steps, src_len).
         The rows that share a memory entry (a sentence's beam in beam search, else one row) attend
         as the steps of one query: (entries, rows per entry * steps, hidden); views, no copies."""
         rows, steps = query.shape[:2]
+        if loop is not None and loop.query is not None:
+            query = loop_linear(query.reshape(rows * steps, -1), loop.query).view(rows, steps, -1)
+        else:
+            query = self.attention.project_query(query)
         grouped = query.reshape(memory.mask.size(0), -1, query.size(-1))
-        context, weights = self.attention(grouped, memory.keys, memory.values, memory.mask)
+        context, weights = self.attention.attend(grouped, memory.keys, memory.values, memory.mask)
         return context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
+
+    def _loop(self, leading: torch.Tensor) -> Loop:
+        """The RNN and the weights of one step-by-step pass whose first-layer input starts with
+        ``leading`` (batch, steps, n)."""
+        query_layer = self.attention.query_layer
+        combine = getattr(self, "combine", None)
+        return Loop(UnrolledRNN(self.rnn, leading),
+                    None if query_layer is None else loop_weight(query_layer.weight),
+                    None if combine is None else loop_weight(combine.weight))
 
 
 class LuongDecoder(Decoder):
@@ -195,12 +200,12 @@ class LuongDecoder(Decoder):
             hidden = hidden if isinstance(hidden, tuple) else (hidden,)
             attentional, weights = self._attentional(outputs, memory)  # (batch, tgt_len, out_dim)
             return self.output(self.dropout(attentional)), DecoderState(hidden, attentional[:, -1]), weights
-        gates, weight0 = self.rnn.split_input(embedded)  # a (batch, gates x hidden) tensor a step
+        loop = self._loop(embedded)
         hidden, feed = state.hidden, state.feed
         vectors, weights = [], []
-        for gates0 in gates:
-            outputs, hidden = self.rnn.step(feed, hidden, gates0, weight0)  # (batch, 1, hidden)
-            attentional, step_weights = self._attentional(outputs, memory)  # (batch, 1, out_dim)
+        for t in range(tgt_in.size(1)):
+            outputs, hidden = loop.rnn.step(t, feed, hidden)  # (batch, hidden)
+            attentional, step_weights = self._attentional(outputs.unsqueeze(1), memory, loop)  # (batch, 1, out_dim)
             feed = attentional[:, 0]
             vectors.append(attentional)
             weights.append(step_weights)
@@ -216,11 +221,15 @@ class LuongDecoder(Decoder):
         logits = self.output(self.dropout(attentional[:, 0]))  # (batch, vocab)
         return logits, DecoderState(hidden, attentional[:, 0]), weights[:, 0]
 
-    def _attentional(self, outputs: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attentional(self, outputs: torch.Tensor, memory: Memory, loop: Loop | None = None):
         """outputs: (batch, steps, hidden) -> attentional vectors (batch, steps, out_dim), weights."""
         outputs = self._normed(outputs)
-        context, weights = self._attend(outputs, memory)  # (batch, steps, enc_dim)
-        return torch.tanh(self.combine(torch.cat([outputs, context], dim=-1))), weights
+        context, weights = self._attend(outputs, memory, loop)  # (batch, steps, enc_dim)
+        both = torch.cat([outputs, context], dim=-1)  # (batch, steps, hidden + enc_dim)
+        if loop is None:
+            return torch.tanh(self.combine(both)), weights
+        combined = loop_linear(both.flatten(0, 1), loop.combine) + self.combine.bias  # (batch x steps, out_dim)
+        return torch.tanh(combined).view(*both.shape[:2], -1), weights
 
 
 class BahdanauDecoder(Decoder):
@@ -235,14 +244,14 @@ class BahdanauDecoder(Decoder):
 
     def forward(self, tgt_in: torch.Tensor, memory: Memory, state: DecoderState):
         embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
-        gates, weight0 = self.rnn.split_input(embedded)  # a (batch, gates x hidden) tensor a step
+        loop = self._loop(embedded)
         hidden = state.hidden
         outputs, contexts, weights = [], [], []
-        for gates0 in gates:
+        for t in range(tgt_in.size(1)):
             query = self._normed(hidden[0][-1]).unsqueeze(1)  # (batch, 1, hidden): the previous top state
-            context, step_weights = self._attend(query, memory)  # (batch, 1, enc_dim)
-            top, hidden = self.rnn.step(context[:, 0], hidden, gates0, weight0)  # (batch, 1, hidden)
-            outputs.append(top)
+            context, step_weights = self._attend(query, memory, loop)  # (batch, 1, enc_dim)
+            top, hidden = loop.rnn.step(t, context[:, 0], hidden)  # (batch, hidden)
+            outputs.append(top.unsqueeze(1))
             contexts.append(context)
             weights.append(step_weights)
         readout = self._readout(torch.cat(outputs, 1), torch.cat(contexts, 1), embedded)  # (batch, tgt_len, out)
