@@ -22,6 +22,7 @@ LAYERS = [
     {"decoder"},
     {"model"},
     {"quantize", "search", "schedules"},
+    {"feeding"},
     {"checkpoint"},
     {"translator"},
     {"evaluate", "rundir", "distributed"},

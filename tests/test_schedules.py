@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from translate.config import load_config
-from translate.schedules import LRSchedule, gold_mask, teacher_forcing_ratio
+from translate.schedules import LRSchedule, teacher_forcing_ratio
 
 
 def schedule(name, **extra):
@@ -42,16 +42,6 @@ def test_inverse_sigmoid_schedule():
     assert ratios == sorted(ratios, reverse=True)
     assert teacher_forcing_ratio(cfg, 110) == pytest.approx(100 / (100 + math.e))
     assert ratios[-1] == 0.2 and ratios[0] == pytest.approx(100 / 101)
-
-
-def test_gold_mask_granularity():
-    torch.manual_seed(0)
-    token = gold_mask((400, 30), 0.7, "token", torch.device("cpu"))
-    assert token[:, 0].all() and abs(token[:, 1:].float().mean().item() - 0.7) < 0.02
-    sentence = gold_mask((400, 30), 0.7, "sentence", torch.device("cpu"))
-    rows = sentence[:, 1:]
-    assert ((rows.all(1)) | (~rows).all(1)).all()  # one decision per sentence
-    assert abs(rows[:, 0].float().mean().item() - 0.7) < 0.08
 
 
 def lr_config(name, **extra):

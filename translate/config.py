@@ -8,6 +8,7 @@ alone can rebuild its model and tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,8 +91,20 @@ class TrainConfig:
     tf_k: float = 300.0  # steps per unit fall (linear), base (exponential) or steepness (inverse sigmoid)
     tf_warmup: int = 1000  # steps of pure teacher forcing before the schedule starts
     tf_granularity: Literal["token", "sentence"] = "token"
-    tf_feed: Literal["argmax", "sample"] = "argmax"
+    # the prediction chance also grows with the target position (Liu et al., 2021b); none: it does not
+    tf_position: Literal["none", "linear", "exponential", "inverse_sigmoid"] = "none"
+    tf_position_k: float = 10.0  # positions to full weight (linear), base (exponential), steepness (inverse sigmoid)
+    # where predictions go: random (by the schedules above) or where the model is confident (Liu et al., 2021a)
+    tf_select: Literal["random", "confidence"] = "random"
+    tf_confidence: float = 0.9  # (confidence) a prediction where the gold token's probability is at least this
+    tf_noise: float = 1.0  # (confidence) a random token where it is above this; 1.0: never
+    # what is fed: the argmax, a sample at temperature tf_tau (Gumbel-max), or the sentence-level oracle
+    # (the best by sentence BLEU of tf_oracle_beam beam candidates of the gold length; Zhang et al., 2019)
+    tf_feed: Literal["argmax", "sample", "sentence"] = "argmax"
+    tf_tau: float = 1.0
+    tf_oracle_beam: int = 4
     scheduled_sampling: Literal["sequential", "parallel"] = "parallel"
+    tf_passes: int = 1  # (parallel) passes that predict before the trained one (Duckworth et al., 2019)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16
     threads: int = 0  # CPU threads; 0: torch's default
@@ -151,6 +164,20 @@ class Config:
             raise ConfigError(f"train.tf_k must be in (0, 1] for the exponential schedule, got {t.tf_k}")
         if t.teacher_forcing == "inverse_sigmoid" and t.tf_k < 1:
             raise ConfigError(f"train.tf_k must be >= 1 for the inverse_sigmoid schedule, got {t.tf_k}")
+        if t.tf_position == "exponential" and not 0 < t.tf_position_k < 1:
+            raise ConfigError(f"train.tf_position_k must be in (0, 1) for the exponential position schedule, "
+                              f"got {t.tf_position_k}")
+        if t.tf_position in ("linear", "inverse_sigmoid") and t.tf_position_k <= 0:
+            raise ConfigError(f"train.tf_position_k must be positive, got {t.tf_position_k}")
+        if not 0 <= t.tf_confidence <= 1 or not 0 <= t.tf_noise <= 1:
+            raise ConfigError("train.tf_confidence and train.tf_noise must be probabilities in [0, 1]")
+        if not (math.isfinite(t.tf_tau) and t.tf_tau > 0):
+            raise ConfigError(f"train.tf_tau must be a positive number, got {t.tf_tau}")
+        if t.tf_oracle_beam < 1 or t.tf_passes < 1:
+            raise ConfigError("train.tf_oracle_beam and train.tf_passes must be at least 1")
+        if t.tf_feed == "sentence" and t.scheduled_sampling != "parallel":
+            raise ConfigError("train.tf_feed=sentence chooses whole candidate sentences, so it needs "
+                              "train.scheduled_sampling=parallel")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
 

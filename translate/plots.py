@@ -40,7 +40,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_training(run_dir: str | Path, output: str | Path) -> Path:
-    """Train and dev loss, dev BLEU and the teacher-forcing ratio against steps, in one PNG."""
+    """Train and dev loss, dev BLEU, and teacher forcing (the step schedule's ratio, the share of
+    positions fed the model's choice and of those fed a token that is not gold) against steps."""
     plt = _pyplot()
     train, dev = read_metrics(run_dir)
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
@@ -61,8 +62,15 @@ def plot_training(run_dir: str | Path, output: str | Path) -> Path:
     bleu_ax.set_ylabel("dev BLEU")
     bleu_ax.margins(y=0.15)  # room for the "best" label
     bleu_ax.grid(alpha=0.3)
-    tf_ax.plot([r["step"] for r in train], [r.get("tf_ratio", 1.0) for r in train], color="tab:purple")
-    tf_ax.set_ylabel("teacher-forcing ratio")
+    steps = [r["step"] for r in train]
+    tf_ax.plot(steps, [r.get("tf_ratio", 1.0) for r in train], color="tab:purple", label="schedule's gold ratio")
+    if any("fed_model" in r for r in train):  # runs before these were logged have only the ratio
+        tf_ax.plot(steps, [r.get("fed_model", 0.0) for r in train], color="tab:red", linewidth=1,
+                   label="fed the model's choice")
+        tf_ax.plot(steps, [r.get("fed_not_gold", 0.0) for r in train], color="tab:gray", linewidth=1,
+                   label="fed a token that is not gold")
+    tf_ax.legend(loc="center right", fontsize="small")
+    tf_ax.set_ylabel("share of positions")
     tf_ax.set_ylim(0, 1.05)
     tf_ax.set_xlabel("step")
     tf_ax.grid(alpha=0.3)

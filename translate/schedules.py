@@ -1,8 +1,8 @@
 """What changes over a training run: the teacher-forcing ratio and its masks, and the learning rate.
 
-Scheduled teacher forcing follows Bengio et al. (2015): each decoder input is the gold token with
-probability ``teacher_forcing_ratio(step)`` and the model's own previous prediction otherwise,
-decided per token or per sentence (``gold_mask``).
+Scheduled teacher forcing follows Bengio et al. (2015): ``teacher_forcing_ratio(step)`` is the
+probability of feeding the decoder the gold token rather than the model's own prediction (which
+positions, and what is fed, is ``feeding``'s part).
 
 The learning rate has one mechanism for every ``train.lr_schedule``: ``LRSchedule.apply`` sets
 the rate of the coming optimiser step from the run's step count and training time, and
@@ -35,17 +35,6 @@ def teacher_forcing_ratio(cfg: TrainConfig, step: int) -> float:
     else:  # inverse sigmoid: k / (k + exp(s / k))
         ratio = cfg.tf_k / (cfg.tf_k + math.exp(min(s / cfg.tf_k, 700.0)))
     return max(cfg.tf_floor, min(1.0, ratio))
-
-
-def gold_mask(shape: tuple[int, int], ratio: float, granularity: str, device: torch.device) -> torch.Tensor:
-    """(batch, tgt_len) True where the gold token is fed; position 0 (BOS) is always gold."""
-    batch, length = shape
-    if granularity == "sentence":
-        mask = (torch.rand(batch, 1, device=device) < ratio).expand(batch, length).clone()
-    else:
-        mask = torch.rand(batch, length, device=device) < ratio
-    mask[:, 0] = True
-    return mask
 
 
 # ---------------------------------------------------------------- learning rate

@@ -34,12 +34,14 @@ def max_lengths(src_lengths: torch.Tensor, ratio: float, extra: int = 10, cap: i
     return (src_lengths.float() * ratio).long().add(extra).clamp(min=1, max=cap)
 
 
-def _allowed(logp: torch.Tensor, force: torch.Tensor) -> torch.Tensor:
+def _allowed(logp: torch.Tensor, force: torch.Tensor, early: torch.Tensor | None = None) -> torch.Tensor:
     """What a search may produce. logp: (rows, vocab) log-probabilities, changed in place: PAD and
     BOS are never an output token (as in fairseq's search); force: (rows,) rows that must end now
-    get EOS as the only option."""
+    get EOS as the only option; early: (rows,) rows too short to end may not produce EOS."""
     logp[:, PAD] = NEG_INF
     logp[:, BOS] = NEG_INF
+    if early is not None:
+        logp[:, EOS].masked_fill_(early, NEG_INF)
     if not bool(force.any()):
         return logp
     only_eos = torch.full_like(logp, NEG_INF)
@@ -116,8 +118,11 @@ def top_candidates(candidates: torch.Tensor, n: int):
 
 @torch.no_grad()
 def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
-                alpha: float = 1.0, n_best: int = 1, return_attention: bool = False) -> list[list[Hypothesis]]:
+                alpha: float = 1.0, n_best: int = 1, return_attention: bool = False,
+                min_lens: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, up to ``n_best`` hypotheses, best first.
+    ``min_lens`` (batch,), counting EOS: no hypothesis ends sooner (``min_lens == max_lens`` asks
+    for outputs of one length, as the sentence-level oracle of scheduled teacher forcing does).
 
     Each step takes the 2*beam best continuations over beam x vocab: those among the first
     ``beam`` that end in EOS are finished (score normalised by the length penalty), the best
@@ -132,6 +137,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     batch, src_len = memory.mask.shape
     device = memory.mask.device
     max_lens = max_lens.to(device)
+    min_lens = None if min_lens is None else min_lens.to(device)
     limit = int(max_lens.max())
     src_real = memory.mask.sum(1).tolist()  # real source length per sentence
     sent = torch.arange(batch, device=device)  # original index of each live sentence
@@ -152,7 +158,8 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
         logp = logits.float()  # (live*beams, vocab), in place from here: the largest tensors of a step
         torch.log_softmax(logp, -1, out=logp)
         vocab = logp.size(-1)
-        logp = _allowed(logp, (t + 1 >= max_lens[sent]).repeat_interleave(beams))
+        early = None if min_lens is None else (t + 1 < min_lens[sent]).repeat_interleave(beams)
+        logp = _allowed(logp, (t + 1 >= max_lens[sent]).repeat_interleave(beams), early)
         candidates = logp.view(live, beams, vocab).add_(scores.unsqueeze(2))  # (live, beams, vocab)
         top_scores, origin, token = top_candidates(candidates, 2 * k)  # each (live, 2k)
         is_eos = (token == EOS) & torch.isfinite(top_scores)

@@ -6,11 +6,8 @@ smoothing, validation by dev BLEU, best/last checkpoints, early stopping and exa
 optimiser step sets the teacher-forcing ratio, trains on its batches, reports, validates every
 ``eval_every`` steps, and checks the run's limits.
 
-Scheduled teacher forcing (``schedules``; Bengio et al., 2015) mixes the model's own predictions
-into the decoder's inputs. ``sequential`` feeds predictions step by step as they are made;
-``parallel`` is the two-pass approximation of Duckworth et al. (2019): a teacher-forced pass
-without gradient predicts every position, the inputs are mixed, and a second teacher-forced pass
-over the mixed inputs is trained, so the decoder RNN still runs over whole sentences.
+Scheduled teacher forcing (Bengio et al., 2015) mixes the model's own predictions into the
+decoder's inputs: ``schedules`` gives the ratio of each step, ``feeding`` decides where and what.
 """
 
 from __future__ import annotations
@@ -34,10 +31,11 @@ from .data import Batch, StreamingData, TrainingData, padding_fraction
 from .distributed import World, broadcast, reduce_step
 from .errors import DataError, TrainingError
 from .evaluate import evaluate
+from .feeding import scheduled_logits
 from .model import Seq2Seq
 from .rundir import MetricsLog, ProgressLine
 from .runtime import autocast_for
-from .schedules import LRSchedule, gold_mask, teacher_forcing_ratio
+from .schedules import LRSchedule, teacher_forcing_ratio
 from .tokenizer import PAD, Tokenizer
 from .translator import DecodeOptions, Translator
 
@@ -45,39 +43,6 @@ MAX_NONFINITE = 5  # consecutive non-finite steps before the run stops
 
 
 # ---------------------------------------------------------------- the forward pass and the loss
-
-def model_tokens(logits: torch.Tensor, feed: str) -> torch.Tensor:
-    """The model's own choice from logits (..., vocab): argmax or a sample of its distribution."""
-    if feed == "sample":
-        flat = logits.float().reshape(-1, logits.size(-1)).softmax(-1)
-        return torch.multinomial(flat, 1).view(logits.shape[:-1])
-    return logits.argmax(-1)
-
-
-def scheduled_logits(model: Seq2Seq, batch: Batch, ratio: float, cfg: TrainConfig) -> torch.Tensor:
-    """Decoder logits (batch, tgt_len, vocab) under teacher forcing with gold ratio ``ratio``."""
-    memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
-    if ratio >= 1.0:
-        logits, _, _ = model.decoder(batch.tgt_in, memory, state)
-        return logits
-    gold = gold_mask(tuple(batch.tgt_in.shape), ratio, cfg.tf_granularity, batch.tgt_in.device)
-    if cfg.scheduled_sampling == "parallel":
-        with torch.no_grad():
-            first, _, _ = model.decoder(batch.tgt_in, memory, state)  # (batch, tgt_len, vocab)
-        predicted = model_tokens(first[:, :-1], cfg.tf_feed)  # prediction for positions 1..
-        mixed = batch.tgt_in.clone()
-        mixed[:, 1:] = torch.where(gold[:, 1:], batch.tgt_in[:, 1:], predicted)
-        logits, _, _ = model.decoder(mixed, memory, state)
-        return logits
-    steps = []
-    prev = batch.tgt_in[:, 0]
-    for t in range(batch.tgt_in.size(1)):
-        if t > 0:
-            prev = torch.where(gold[:, t], batch.tgt_in[:, t], model_tokens(steps[-1].detach(), cfg.tf_feed))
-        logits, state, _ = model.decode_step(prev, memory, state)
-        steps.append(logits)
-    return torch.stack(steps, 1)
-
 
 class ScheduledForward(nn.Module):
     """The training forward pass as a module of its own, so DistributedDataParallel can wrap it
@@ -87,7 +52,7 @@ class ScheduledForward(nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, batch: Batch, ratio: float) -> torch.Tensor:
+    def forward(self, batch: Batch, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
         return scheduled_logits(self.model, batch, ratio, self.cfg)
 
 
@@ -144,6 +109,9 @@ class Trainer:
         self.dev_translator = Translator(model, self.tokenizer, DecodeOptions(beam=config.train.eval_beam,
                                                                               inter_threads=1), amp=config.train.amp)
         self.stop_signal: str | None = None
+        # this process's target positions, those fed the model's choice, those fed a token not gold
+        # (feeding.scheduled_logits), summed on the device since the last report
+        self.fed_counts = torch.zeros(3, dtype=torch.long, device=device)
 
     # -- one optimiser step ---------------------------------------------------------------------
 
@@ -165,10 +133,11 @@ class Trainer:
             accumulating = self.world.distributed and i < len(batches) - 1
             with self.forward.no_sync() if accumulating else contextlib.nullcontext():  # sync once, at the end
                 with autocast_for(self.device, self.amp_dtype):
-                    logits = self.forward(batch, self.progress.tf_ratio)
+                    logits, fed = self.forward(batch, self.progress.tf_ratio)
                 loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing)
                 self.scaler.scale(loss * scale).backward()
             total += loss.detach()
+            self.fed_counts += fed
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
         total, bad = reduce_step(self.world, total, not (torch.isfinite(total) and torch.isfinite(norm)))
@@ -362,11 +331,15 @@ class Trainer:
     def _report(self, window: _Window) -> None:
         p = self.progress
         loss, tok_s = window.flush()
+        positions, fed, wrong = (int(n) for n in self.fed_counts.tolist())
+        self.fed_counts.zero_()
+        fed_share, wrong_share = fed / max(positions, 1), wrong / max(positions, 1)
         lr = self.optimizer.param_groups[0]["lr"]
         self.line.show(f"step {p.step:>6} | epoch {p.epoch + 1} | loss {loss:.3f} | {tok_s:,.0f} tok/s | "
-                       f"tf {p.tf_ratio:.3f} | lr {lr:.2e}")
+                       f"tf {p.tf_ratio:.3f} fed {fed_share:.3f} | lr {lr:.2e}")
         self.write_metrics({"kind": "train", "step": p.step, "epoch": p.epoch, "loss": round(loss, 4),
-                            "tok_per_s": round(tok_s, 1), "tf_ratio": round(p.tf_ratio, 4), "lr": lr})
+                            "tok_per_s": round(tok_s, 1), "tf_ratio": round(p.tf_ratio, 4),
+                            "fed_model": round(fed_share, 4), "fed_not_gold": round(wrong_share, 4), "lr": lr})
 
     def _agree(self, reason: str | None) -> str | None:
         """Rank 0's stop decision and clock on every rank (the LR schedule reads the clock)."""

@@ -1,0 +1,218 @@
+"""Where exposure bias bites: configurations trained over seeds at one wall-clock budget, scored
+in domain, on long sentences and under domain shift, greedy and beam 5.
+
+Each configuration is a name and ``translate train --set`` overrides. For every configuration and
+seed the script trains with ``translate train`` into OUT/<name>-s<seed> (skipping runs that
+finished before, so it resumes where it stopped), decodes the run's best checkpoint on
+
+1. the bundled test split,
+2. its longest fifth by source length (a subset of 1's outputs), and
+3. ``../shared/data/bible-es-en.dev.{es,en}``: Bible verses, a domain the model never saw
+   (evaluation only: nothing trains or tunes on it),
+
+greedy and beam 5, keeps the outputs in the run directory, and prints one table: the mean and
+standard deviation over seeds of BLEU and chrF, the share of degenerate outputs (a word or a
+character repeated four or more times in a row, or more than twice the reference's words: what
+hallucination looks like here) and the length ratio, then a paired bootstrap test (sacrebleu,
+1,000 resamples) of each configuration against the first, on all seeds' outputs together.
+
+    python bench/exposure_bias.py --seeds 1234,2,3                  # the default configurations
+    python bench/exposure_bias.py --variant luong= --variant bahdanau=model.decoder=bahdanau
+
+A configuration is NAME=KEY=VALUE,KEY=VALUE (NAME= for the defaults). The machine must be
+otherwise idle: the budget is wall time, so a busy machine trains fewer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.significance import PairedTest
+
+from translate.corpus import read_lines, read_parallel
+from translate.runtime import configure_process
+from translate.translator import DecodeOptions, Translator
+
+ROOT = Path(__file__).resolve().parents[1]
+BIBLE = ROOT.parent / "shared" / "data" / "bible-es-en.dev"
+BEAMS = (1, 5)
+
+DEFAULT_VARIANTS = [  # teacher forcing first: the baseline of the paired tests
+    "teacher-forcing=train.teacher_forcing=constant,train.tf_start=1.0",
+    "default=",
+    "position=train.tf_floor=0.5,train.tf_position=linear,train.tf_position_k=20",
+    "sample=train.tf_feed=sample,train.tf_tau=0.5",
+    "confidence=train.tf_select=confidence,train.tf_confidence=0.9,train.tf_noise=0.95",
+    "two-passes=train.tf_passes=2",
+    "sentence-oracle=train.tf_feed=sentence",
+]
+
+_WORD_RUN = re.compile(r"(?<!\S)(\S+)(?:\s+\1){3,}(?!\S)")  # a word 4+ times in a row
+_CHAR_RUN = re.compile(r"(\S)\1{3,}")  # a character 4+ times in a row
+
+
+def degenerate(hypothesis: str, reference: str) -> bool:
+    return bool(_WORD_RUN.search(hypothesis) or _CHAR_RUN.search(hypothesis)) or \
+        len(hypothesis.split()) > 2 * max(1, len(reference.split()))
+
+
+def length_ratio(hypotheses: list[str], references: list[str]) -> float:
+    return sum(len(h.split()) for h in hypotheses) / max(1, sum(len(r.split()) for r in references))
+
+
+def figures(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    return {"bleu": BLEU().corpus_score(hypotheses, [references]).score,
+            "chrf": CHRF().corpus_score(hypotheses, [references]).score,
+            "degenerate": 100 * sum(map(degenerate, hypotheses, references)) / max(1, len(hypotheses)),
+            "length_ratio": length_ratio(hypotheses, references)}
+
+
+def train(run_dir: Path, seed: int, overrides: list[str], minutes: float | None) -> None:
+    command = ["translate", "train", "--run-dir", str(run_dir), "--set", f"train.seed={seed}"]
+    for item in overrides:
+        command += ["--set", item]
+    if minutes is not None:
+        command += ["--max-minutes", str(minutes)]
+    print("$", " ".join(command), flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.train.log"
+    with open(log, "w", encoding="utf-8") as out:
+        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code != 0:
+        sys.exit(f"training failed (exit {code}); see {log}")
+    (run_dir / "quality-done").write_text(" ".join(command) + "\n", encoding="utf-8")
+
+
+def outputs(run_dir: Path, sets: dict[str, tuple[list[str], list[str]]]) -> dict[str, list[str]]:
+    """The best checkpoint's translations of every set and beam, decoded once and kept in the run
+    directory (``eval/<set>.b<beam>.txt``)."""
+    found, translator = {}, None
+    for name, (sources, _) in sets.items():
+        for beam in BEAMS:
+            path = run_dir / "eval" / f"{name}.b{beam}.txt"
+            if not path.is_file():
+                translator = translator or Translator.load(run_dir / "best.pt")
+                lines = [nbest[0].text for nbest in translator.translate(sources, DecodeOptions(beam=beam))]
+                path.parent.mkdir(exist_ok=True)
+                path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            found[f"{name}.b{beam}"] = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return found
+
+
+def steps_trained(run_dir: Path) -> int:
+    logged = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
+    return max(entry["step"] for entry in logged)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", metavar="NAME=KEY=VALUE,...",
+                        help="a configuration (repeatable; default: the scheduled-sampling set in DEFAULT_VARIANTS)")
+    parser.add_argument("--seeds", default="1234,2,3", help="comma-separated training seeds")
+    parser.add_argument("--minutes", type=float, help="training budget (default: the config's, 25)")
+    parser.add_argument("--out", default="checkpoints/exposure", help="where the runs go")
+    parser.add_argument("--json", dest="json_path", help="also write every figure to this JSON file")
+    parser.add_argument("--eval-only", action="store_true", help="score the runs that exist; train none")
+    parser.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
+    args = parser.parse_args()
+    configure_process()
+
+    variants = {}
+    for spec in args.variant or DEFAULT_VARIANTS:
+        name, _, sets = spec.partition("=")
+        variants[name] = [item for item in sets.split(",") if item]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    test = read_parallel(str(ROOT / "translate" / "bundled" / "test.tsv"), "spa", "eng", "test")
+    sets = {"test": (test.src, test.tgt), "bible": (read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))}
+    by_length = sorted(range(len(test.src)), key=lambda i: (-len(test.src[i].split()), i))
+    long_fifth = sorted(by_length[: len(by_length) // 5])
+    references = {"test": test.tgt, "long": [test.tgt[i] for i in long_fifth], "bible": sets["bible"][1]}
+
+    runs: list[dict] = []
+    for name, overrides in variants.items():
+        for seed in seeds:
+            run_dir = Path(args.out) / f"{name}-s{seed}"
+            if not (run_dir / "quality-done").is_file():
+                if args.eval_only:
+                    continue
+                train(run_dir, seed, overrides, args.minutes)
+            found = outputs(run_dir, sets)
+            for beam in BEAMS:
+                found[f"long.b{beam}"] = [found[f"test.b{beam}"][i] for i in long_fifth]
+            scores = {key: figures(hyps, references[key.split(".")[0]]) for key, hyps in found.items()}
+            runs.append({"variant": name, "seed": seed, "overrides": overrides, "steps": steps_trained(run_dir),
+                         "scores": scores, "outputs": found})
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in scores.items()),
+                  flush=True)
+    if not runs:
+        sys.exit("no finished runs to score")
+
+    columns = [(f"{s}.b{b}", m) for s in ("test", "long", "bible") for b in BEAMS for m in ("bleu", "chrf")]
+    columns += [("bible.b1", "degenerate"), ("bible.b5", "degenerate"), ("bible.b1", "length_ratio")]
+    summary = {}
+    for name in variants:
+        mine = [r for r in runs if r["variant"] == name]
+        if mine:
+            summary[name] = {"seeds": [r["seed"] for r in mine], "steps": mean_sd([r["steps"] for r in mine]),
+                             **{f"{key} {metric}": mean_sd([r["scores"][key][metric] for r in mine])
+                                for key, metric in columns}}
+    print(f"\nreferences degenerate: Bible {figures(references['bible'], references['bible'])['degenerate']:.1f}%, "
+          f"test {figures(references['test'], references['test'])['degenerate']:.1f}%")
+    header = ["configuration", "seeds", "steps"] + [f"{k} {m}" for k, m in columns]
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name, row in summary.items():
+        cells = [name, str(len(row["seeds"])), f"{row['steps'][0]:,.0f}"]
+        cells += [f"{row[f'{k} {m}'][0]:.2f} ± {row[f'{k} {m}'][1]:.2f}" for k, m in columns]
+        print("| " + " | ".join(cells) + " |")
+
+    tests = paired_tests(runs, variants, references, args.resamples)
+    if tests:
+        print(f"\npaired bootstrap against {next(iter(variants))} (all seeds' outputs together; p: the chance "
+              f"of a difference this large by luck):")
+        for key, results in tests.items():
+            print(f"  {key}: " + "; ".join(f"{name} {r['delta']:+.2f} (p={r['p']:.3f})" for name, r in results.items()))
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        slim = [{k: v for k, v in r.items() if k != "outputs"} for r in runs]
+        Path(args.json_path).write_text(json.dumps({"runs": slim, "summary": summary, "paired_tests": tests},
+                                                   indent=1) + "\n", encoding="utf-8")
+
+
+def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: int) -> dict:
+    """BLEU and chrF of every configuration against the first, paired by seed and sentence: each
+    configuration's outputs of the seeds that all have, one after another, as one system."""
+    names = [n for n in variants if any(r["variant"] == n for r in runs)]
+    if len(names) < 2:
+        return {}
+    common = sorted(set.intersection(*({r["seed"] for r in runs if r["variant"] == n} for n in names)))
+    tests = {}
+    for key in ("bible.b1", "long.b1", "test.b1", "bible.b5"):
+        refs = references[key.split(".")[0]] * len(common)
+        systems = []
+        for name in names:
+            pooled = []
+            for seed in common:
+                pooled += next(r for r in runs if r["variant"] == name and r["seed"] == seed)["outputs"][key]
+            systems.append((name, pooled))
+        for metric_name, metric in (("BLEU", BLEU()), ("chrF", CHRF())):
+            _, scores = PairedTest(systems, {metric_name: metric}, [refs], test_type="bs", n_samples=resamples)()
+            results = next(v for k, v in scores.items() if k != "System")  # the one metric's column
+            base = results[0].score
+            tests[f"{key} {metric_name}"] = {name: {"delta": r.score - base, "p": r.p_value}
+                                             for name, r in zip(names[1:], results[1:])}
+    return tests
+
+
+if __name__ == "__main__":
+    main()
