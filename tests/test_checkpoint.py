@@ -11,6 +11,7 @@ from translate.checkpoint import (
     Progress,
     load_checkpoint,
     load_model,
+    restore_training_state,
     save_checkpoint,
     step_checkpoints,
 )
@@ -141,3 +142,23 @@ def test_info_text_and_json(run_with_steps):
     details = json.loads(raw.output)
     assert details["step"] == 30 and details["parameters"] > 0 and details["config"]["train"]["keep_checkpoints"] == 2
     assert details["src_vocab"] == details["tgt_vocab"] and details["joint_vocab"] is True
+
+
+def test_resuming_with_fp16_a_run_that_had_no_loss_scale(tmp_path):
+    """A run trained on CPU or in bf16 saved an empty scaler state; resumed where fp16 is chosen,
+    the scaler starts afresh instead of failing to load it."""
+    from translate.config import load_config
+    from translate.runtime import rng_state
+    from translate.schedules import LRSchedule
+
+    cpu = torch.device("cpu")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    schedule = LRSchedule(load_config().train, 1e-3)
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(),
+               "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "rng": rng_state(cpu),
+               "progress": {"step": 3}}
+    assert payload["scaler"] == {}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    progress = restore_training_state(payload, model, optimizer, schedule, scaler, cpu)
+    assert progress.step == 3 and scaler.get_scale() == 1024.0

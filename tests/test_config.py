@@ -74,3 +74,24 @@ def test_bad_set_syntax():
 def test_round_trip_through_dict():
     config = load_config(overrides={"model.attention": "luong-general", "train.seed": "7"})
     assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("given,mode", [(True, "auto"), (False, "off"), ("true", "auto"), ("false", "off"),
+                                        ("fp16", "fp16"), ("bf16", "bf16"), ("auto", "auto"), ("off", "off")])
+def test_amp_takes_its_modes_and_the_booleans_of_earlier_versions(given, mode):
+    assert Config.from_dict({"train": {"amp": given}}).train.amp == mode
+    assert load_config(overrides={"train.amp": str(given)}).train.amp == mode
+
+
+def test_amp_rejects_other_values():
+    with pytest.raises(ConfigError, match="train.amp must be one of auto, bf16, fp16, off"):
+        load_config(overrides={"train.amp": "fp8"})
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"train.teacher_forcing": "linear", "train.tf_k": 0}, "tf_k must be positive for the linear"),
+    ({"train.dist_timeout_minutes": 0}, "dist_timeout_minutes must be positive"),
+])
+def test_values_that_would_fail_later_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=values)

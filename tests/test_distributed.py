@@ -91,13 +91,49 @@ def test_two_gloo_processes_equal_one_process_with_the_same_batches(tiny_config,
     assert names["ddp"] == names["single"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_training_step_and_decoding(tiny_config, tmp_path):
-    from translate.translator import DecodeOptions, Translator
+def test_the_process_group_waits_as_long_as_the_config_says(monkeypatch):
+    """Rank 0 alone trains the tokenizer and tokenizes the corpus while the others wait in a
+    collective: the group's timeout is train.dist_timeout_minutes, not the backend's default."""
+    from datetime import timedelta
 
-    config = tiny_config.override({"train.device": "cuda", "train.max_steps": 3})
-    result = train(config, tmp_path / "cuda", log=lambda line: None, progress_bar=False)
-    assert result.progress.step == 3
-    translator = Translator.load(tmp_path / "cuda", DecodeOptions(beam=3), device=torch.device("cuda"))
-    out = translator.translate(["El gato come pan."])
-    assert isinstance(out[0][0].text, str)
+    import torch.distributed as dist
+
+    from translate import distributed
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: seen.update(backend=backend, **kwargs))
+    world = distributed.init_world("cpu", timeout_minutes=90)
+    assert world.rank == 1 and world.size == 2
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=90)}
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_with_its_own_random_state(tiny_config, tmp_path):
+    """With dropout and scheduled sampling each rank draws its own random numbers; a torchrun run
+    stopped half way and resumed equals one never stopped only if every rank's state comes back."""
+    config = tiny_config.override({**EXACT, "model.dropout": 0.3, "train.tf_warmup": 0,
+                                   "train.teacher_forcing": "constant", "train.tf_start": 0.5,
+                                   "train.eval_every": 2})
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def torchrun(run_dir, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "translate", "train",
+               "--run-dir", str(run_dir), "--config", str(config_file), "--set", "train.device=cpu", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun(tmp_path / "whole")
+    torchrun(tmp_path / "split", "--max-steps", "2")
+    assert len(load_checkpoint(tmp_path / "split" / "last.pt")["rank_rng"]) == 2
+    torchrun(tmp_path / "split", "--resume")
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["progress"]["step"] == b["progress"]["step"] == EXACT["train.max_steps"]
+    for name, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -71,3 +71,39 @@ def test_training_reads_the_corpus_from_disk(corpus, tiny_tokenizer_file, tmp_pa
     assert isinstance(trainer.data.src, DiskEncoded)
     assert len(trainer.data) == 600 and trainer.data.lengths.dtype == np.uint16
     assert Path(trainer.data.src.ids_path).is_relative_to(hf_cache)
+
+
+def test_a_damaged_cache_is_tokenized_again(corpus, tokenizer, hf_cache):
+    table = load_pairs(str(corpus["dev"]), "spa", "eng")
+    src, _ = tokenize_corpus(table, tokenizer, "spa", "eng", num_proc=1)
+    expected = [src[i].tolist() for i in range(len(src))]
+    ids = Path(src.ids_path)
+    ids.write_bytes(ids.read_bytes()[:-8])  # a file cut short (a writer killed, a full disk)
+    lines = []
+    again, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1,
+                               log=lines.append)
+    assert "does not match its manifest" in lines[0] and lines[1].startswith("tokenizing")
+    assert [again[i].tolist() for i in range(len(again))] == expected
+    assert not [p for p in ids.parent.parent.iterdir() if ".part-" in p.name or ".stale-" in p.name]
+
+
+def test_a_writer_that_finishes_second_takes_the_first_ones_files(corpus, tokenizer, hf_cache, monkeypatch):
+    """Two writers at once (nodes sharing a file system): each builds in its own directory, the
+    first rename wins, the second drops its copy and reads the winner's."""
+    from translate import encoded
+
+    real = encoded._write_manifest
+    winner = {}
+
+    def slower(directory, key, pairs):  # just before this writer finishes, another one does
+        monkeypatch.setattr(encoded, "_write_manifest", real)
+        winner["src"], _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng",
+                                           num_proc=1)
+        real(directory, key, pairs)
+
+    monkeypatch.setattr(encoded, "_write_manifest", slower)
+    src, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1)
+    assert src.ids_path == winner["src"].ids_path
+    assert [src[i].tolist() for i in range(len(src))] == [winner["src"][i].tolist() for i in range(len(src))]
+    siblings = [p.name for p in Path(src.ids_path).parent.parent.iterdir() if p.name.startswith("translate-")]
+    assert len(siblings) == 1 and ".part-" not in siblings[0]

@@ -236,3 +236,23 @@ def test_the_luong_decoder_makes_its_layers_in_the_order_of_earlier_versions():
     model = small_model("lstm", "bahdanau", "luong", tie=False, layers=1)
     layers = list(dict.fromkeys(name.split(".")[0] for name in model.decoder.state_dict()))
     assert layers == ["embed", "rnn", "attention", "combine", "output", "bridge"]
+
+
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_without_the_bridge_the_decoder_starts_from_zeros(decoder):
+    kind, feeding = DECODERS[decoder]
+    config = load_config(overrides={"model.bridge": False, "model.decoder": kind, "model.input_feeding": feeding,
+                                    "model.embed_dim": 8, "model.hidden_dim": 16})
+    torch.manual_seed(0)
+    model = build_model(config.model, 30, 25).eval()
+    assert model.decoder.bridge is None
+    src, lengths, mask = padded_batch([6, 3])
+    memory, state = model.encode(src, lengths, mask)
+    assert all((h == 0).all() for h in state.hidden) and len(state.hidden) == 2
+    tgt = torch.randint(4, 25, (2, 5))
+    logits = model(src, lengths, mask, tgt)
+    steps = []
+    for t in range(5):
+        step, state, _ = model.decode_step(tgt[:, t], memory, state)
+        steps.append(step)
+    torch.testing.assert_close(torch.stack(steps, 1), logits, atol=1e-5, rtol=1e-4)

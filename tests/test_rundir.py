@@ -24,18 +24,31 @@ def test_refuses_to_overwrite_a_run(corpus, tiny_tokenizer_file, tmp_path):
 
 
 
-def test_writes_stay_inside_the_run_directory(corpus, tiny_tokenizer_file, tmp_path):
-    run_dir = tmp_path / "nested" / "run"
-    sneaky = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "train.eval_every": 2,
-                                                   "data.test": str(tmp_path / ".." / "elsewhere.tsv")})
-    before = set(tmp_path.parent.iterdir())
-    train(sneaky, run_dir, log=lambda s: None)
-    assert set(tmp_path.parent.iterdir()) == before
-    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    expected = {f"nested/run/{n}" for n in ("best.pt", "last.pt", "metrics.jsonl", "src.model", "tgt.model")}
-    assert expected <= set(written) and set(written) - expected <= {"src.model", "tgt.model"}
+def test_writes_stay_inside_the_run_directory(corpus, tokenizer, tmp_path, hf_cache):
+    """A run writes its run directory and the datasets cache, nothing else: not beside its data or
+    tokenizer files, not above the run directory (whose path here climbs out and back in)."""
+    import shutil
 
-
+    data, tok = tmp_path / "data", tmp_path / "tok"
+    data.mkdir()
+    tok.mkdir()
+    for name in ("train", "dev"):
+        shutil.copy(corpus[name], data / f"{name}.tsv")
+    tokenizer.save(tok)
+    config = tiny(corpus, str(tok / "src.model"), **{"train.max_steps": 4, "train.eval_every": 2,
+                                                     "data.train": str(data / "train.tsv"),
+                                                     "data.dev": str(data / "dev.tsv"),
+                                                     "data.test": str(tmp_path / ".." / "elsewhere.tsv")})
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    outside = set(tmp_path.parent.iterdir())
+    run_dir = tmp_path / "nested" / ".." / "nested" / "run"
+    train(config, run_dir, log=lambda s: None)
+    assert set(tmp_path.parent.iterdir()) == outside
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    changed = sorted(p.relative_to(tmp_path).as_posix() for p in after
+                     if before.get(p) != after[p] and not p.is_relative_to(hf_cache))
+    assert changed == [f"nested/run/{n}" for n in ("best.pt", "last.pt", "metrics.jsonl", "src.model", "tgt.model")]
+    assert any(hf_cache.rglob("*.arrow"))  # the cache is where the datasets cache was set to be
 
 
 def test_unwritable_run_directory(corpus, tiny_tokenizer_file, tmp_path):

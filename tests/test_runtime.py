@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from translate import runtime
+from translate.errors import ConfigError
 
 CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
@@ -39,13 +40,33 @@ def test_the_command_line_sets_the_bounds(tmp_path):
     assert _run(code) == ["128"]
 
 
+@pytest.mark.parametrize("capability,auto", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                             ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_gpus_get_bf16_only_where_it_is_native(monkeypatch, capability, auto):
+    """torch.cuda.is_bf16_supported() is true on a V100 or T4 too, where bf16 is emulated."""
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert runtime.amp_dtype(gpu) is auto and runtime.amp_dtype(gpu, "fp16") is torch.float16
+    assert runtime.amp_dtype(gpu, "off") is None
+    if auto is torch.float16:
+        with pytest.raises(ConfigError, match="no native bf16"):
+            runtime.amp_dtype(gpu, "bf16")
+    else:
+        assert runtime.amp_dtype(gpu, "bf16") is torch.bfloat16
+
+
 def test_amp_dtype_and_devices(monkeypatch):
     cpu = torch.device("cpu")
-    assert runtime.amp_dtype(cpu, enabled=False) is None
+    assert runtime.amp_dtype(cpu, "off") is None and runtime.amp_dtype(cpu, False) is None
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
-    assert runtime.amp_dtype(cpu) is torch.bfloat16
+    assert runtime.amp_dtype(cpu) is torch.bfloat16 and runtime.amp_dtype(cpu, True) is torch.bfloat16
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
     assert runtime.amp_dtype(cpu) is None
+    assert runtime.amp_dtype(cpu, "bf16") is torch.bfloat16  # asked for: emulated, but it runs
+    with pytest.raises(ConfigError, match="train.amp=fp16 needs a CUDA GPU"):
+        runtime.amp_dtype(cpu, "fp16")
     assert runtime.select_device("cpu") == cpu
     assert runtime.select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -57,3 +78,21 @@ def test_rng_state_round_trip():
     first = torch.rand(3)
     runtime.set_rng_state(state, cpu)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_the_package_needs_a_recent_enough_torch():
+    import translate
+
+    assert translate._release("2.13.0+cpu") == (2, 13) and translate._release("2.4.1") == (2, 4)
+    assert translate._release("2.10.0a0+git1234") == (2, 10)
+    assert translate._release("2.3.1") < translate.MIN_TORCH <= translate._release("2.4.0")
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_an_old_torch_is_a_one_line_import_error():
+    code = ("import importlib.metadata as m; real = m.version; "
+            "m.version = lambda name: '2.2.0' if name == 'torch' else real(name); "
+            "import translate")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ImportError: translate needs torch >= 2.4, found 2.2.0; upgrade it: pip install -U torch" in proc.stderr

@@ -19,6 +19,12 @@ def test_special_ids(tokenizer):
     assert tokenizer.decode_tgt([[BOS, *tokenizer.encode_tgt(["The cat."])[0], EOS, PAD]]) == ["The cat."]
 
 
+def test_an_unknown_piece_stays_visible(tokenizer):
+    cat = tokenizer.encode_tgt(["The cat."])[0]
+    text = tokenizer.decode_tgt([[*cat[:-1], UNK, cat[-1]]])[0]
+    assert "\u2047" in text and text.startswith("The cat")
+
+
 def test_separate_vocabularies():
     pairs = make_pairs(300, seed=5)
     tok = Tokenizer.train([s for s, _ in pairs], [t for _, t in pairs], vocab_size=60, joint=False,

@@ -6,8 +6,10 @@ import torch
 from translate import training
 from translate.build import build_trainer, train
 from translate.checkpoint import load_checkpoint, load_model
+from translate.data import collate
 from translate.errors import TrainingError
 from translate.schedules import teacher_forcing_ratio
+from translate.tokenizer import PAD
 from translate.training import Trainer
 
 from .conftest import cli_train_args, tiny
@@ -17,27 +19,37 @@ def params(run_dir):
     return load_checkpoint(run_dir / "last.pt")["model"]
 
 
-def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_at", [10, 7])  # at a validation, and between two
+def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monkeypatch, stop_at):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 20, "train.eval_every": 5})
-    train(config, tmp_path / "whole", log=lambda s: None)
+    whole = train(config, tmp_path / "whole", log=lambda s: None)
 
     original = Trainer.train_step
 
-    def stop_after_ten(self, batches, group_tokens=None):
+    def stop(self, batches, group_tokens=None):
         result = original(self, batches, group_tokens)
-        if self.progress.step + 1 >= 10:
+        if self.progress.step + 1 >= stop_at:
             self.stop_signal = "SIGTERM"
         return result
 
-    monkeypatch.setattr(Trainer, "train_step", stop_after_ten)
+    monkeypatch.setattr(Trainer, "train_step", stop)
     first = train(config, tmp_path / "split", log=lambda s: None)
-    assert first.progress.step == 10 and first.stop_reason == "stopped by SIGTERM"
+    assert first.progress.step == stop_at and first.stop_reason == "stopped by SIGTERM"
     monkeypatch.setattr(Trainer, "train_step", original)
     second = train(config, tmp_path / "split", resume=True, log=lambda s: None)
     assert second.progress.step == 20
-    whole, split = params(tmp_path / "whole"), params(tmp_path / "split")
-    for name in whole:
-        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)
+    weights, split = params(tmp_path / "whole"), params(tmp_path / "split")
+    for name in weights:
+        torch.testing.assert_close(split[name], weights[name], atol=1e-6, rtol=1e-5)
+    # the stop validated nothing extra: the same validations, patience and best step
+    assert dev_steps(tmp_path / "split") == dev_steps(tmp_path / "whole") == [5, 10, 15, 20]
+    assert (second.progress.bad_evals, second.progress.best_step) == (whole.progress.bad_evals,
+                                                                      whole.progress.best_step)
+
+
+def dev_steps(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if '"kind": "dev"' in line]
 
 
 def test_checkpoint_carries_config_tokenizer_and_ratio(corpus, tiny_tokenizer_file, tmp_path):
@@ -88,10 +100,10 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, t
         time.sleep(0.01)
     time.sleep(0.3)
     proc.kill()
-    proc.wait()
+    assert proc.wait() == -9, "the run ended before the kill: nothing was interrupted"
     step = load_checkpoint(killed / "last.pt")["progress"]["step"]  # loadable after SIGKILL
     load_checkpoint(killed / "best.pt")
-    assert 0 < step <= 300
+    assert 0 < step < 300
     resumed = subprocess.run(cli_train(corpus, tiny_tokenizer_file, killed, "--resume"), capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -155,7 +167,7 @@ def test_sigterm_saves_and_says_how_to_resume(corpus, tiny_tokenizer_file, tmp_p
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 143, err  # 128 + SIGTERM, as a shell reports it (Ctrl-C: 130)
     assert "stopped by SIGTERM" in err and f"translate train --run-dir {run_dir} --resume" in err
     assert "Traceback" not in err
     step = load_checkpoint(run_dir / "last.pt")["progress"]["step"]
@@ -171,3 +183,113 @@ def test_long_training_pairs_are_dropped_with_a_count(corpus, tiny_tokenizer_fil
     n_dropped = int(dropped[0].split()[1].replace(",", ""))
     assert 0 < n_dropped < 600 and len(trainer.data) == 600 - n_dropped
     trainer.metrics.close()
+
+
+def test_fp16_overflow_steps_belong_to_the_loss_scaler(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    """A loss scale that makes the gradients overflow skips the update and halves the scale; that
+    is the scaler calibrating, not a non-finite step, so a run survives more than five in a row."""
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 8, "train.eval_every": 100})
+    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
+    real = training.sequence_loss  # a finite loss whose scaled gradients overflow at every step here
+    monkeypatch.setattr(training, "sequence_loss", lambda *a, **k: real(*a, **k) * 1e20)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batches = trainer.data.epoch_batches(0)
+    skipped = 0
+    for i in range(8):
+        _, tokens = trainer.train_step(collate(trainer.data.src, trainer.data.tgt, batches[i]))
+        skipped += tokens == 0
+        if tokens == 0:
+            assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert skipped == 8 and trainer.progress.nonfinite_steps == 0
+    assert trainer.scaler.get_scale() == 2.0 ** 92  # halved at each overflow
+    trainer.metrics.close()
+
+
+def test_a_non_finite_loss_still_counts_under_the_loss_scaler(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 30})
+    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    real = training.sequence_loss
+    monkeypatch.setattr(training, "sequence_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(TrainingError, match="non-finite steps in a row"):
+        trainer.run()
+
+
+@pytest.mark.parametrize("metric", ["bleu", "chrf", "loss"])
+def test_the_eval_metric_picks_the_best_validation(corpus, tiny_tokenizer_file, tmp_path, metric):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.eval_metric": metric})
+    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    records = [{"dev_loss": 3.0, "dev_ppl": 20.1, "dev_bleu": 5.0, "dev_chrf": 30.0},
+               {"dev_loss": 2.0, "dev_ppl": 7.4, "dev_bleu": 4.0, "dev_chrf": 29.0},  # best loss only
+               {"dev_loss": 2.5, "dev_ppl": 12.2, "dev_bleu": 4.5, "dev_chrf": 31.0}]  # best chrF only
+    best = {"bleu": 1, "chrf": 3, "loss": 2}[metric]
+    for step, record in enumerate(records, 1):
+        trainer.progress.step = step
+        trainer.on_validation({**record, "example": ""})
+    p = trainer.progress
+    assert p.best_step == best and p.best_bleu == records[best - 1]["dev_bleu"]
+    assert p.bad_evals == 3 - best
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["progress"]["best_step"] == best
+    trainer.metrics.close()
+
+
+def test_a_run_saved_before_eval_metric_keeps_its_best_bleu(corpus, tiny_tokenizer_file, tmp_path):
+    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run", log=lambda s: None)
+    trainer.progress.best_bleu, trainer.progress.best_step = 7.0, 3  # best_score None: an older checkpoint
+    trainer.progress.step = 4
+    trainer.on_validation({"dev_loss": 1.0, "dev_ppl": 2.7, "dev_bleu": 6.0, "dev_chrf": 40.0, "example": ""})
+    assert trainer.progress.best_step == 3 and trainer.progress.bad_evals == 1
+    trainer.metrics.close()
+
+
+def test_label_smoothing_follows_its_definition():
+    """Szegedy et al. (2016): (1 - e) x NLL of the gold token + e x the mean NLL over the vocabulary,
+    summed over real target tokens (PAD is ignored)."""
+    from translate.training import sequence_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 9)
+    target = torch.tensor([[5, 6, 7, PAD], [4, 8, PAD, PAD]])
+    for eps in (0.0, 0.1, 0.3):
+        expected = 0.0
+        for b in range(2):
+            for t in range(4):
+                if target[b, t] == PAD:
+                    continue
+                logp = logits[b, t].log_softmax(-1)
+                expected += (1 - eps) * -logp[target[b, t]] + eps * -logp.mean()
+        torch.testing.assert_close(sequence_loss(logits, target, eps), expected)
+
+
+def test_gradients_are_clipped_to_clip_norm(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.clip_norm": 0.05})
+    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    norms = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", step)
+    batches = trainer.data.epoch_batches(0)
+    for i in range(3):
+        trainer.train_step(collate(trainer.data.src, trainer.data.tgt, batches[i]))
+    assert len(norms) == 3 and all(n <= 0.05 * (1 + 1e-4) for n in norms)
+    assert max(norms) > 0.049  # a random model's gradients are far larger: they were clipped, not small
+    trainer.metrics.close()
+
+
+def test_early_stopping_after_patience_validations_without_a_better_score(corpus, tiny_tokenizer_file, tmp_path,
+                                                                          monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 100, "train.eval_every": 2,
+                                                  "train.patience": 3})
+    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    scores = iter([5.0, 6.0, 6.0, 5.5, 6.0, 9.0])  # best at the 2nd validation, then 3 without better
+    monkeypatch.setattr(trainer, "validate", lambda: {"dev_loss": 1.0, "dev_ppl": 2.7, "dev_bleu": next(scores),
+                                                      "dev_chrf": 1.0, "example": ""})
+    result = trainer.run()
+    assert result.stop_reason == "early stopping: no better dev BLEU in 3 validations"
+    assert result.progress.step == 10 and result.progress.best_step == 4

@@ -9,7 +9,7 @@ import torch
 from translate import translator as translator_module
 from translate.checkpoint import save_checkpoint
 from translate.config import load_config
-from translate.errors import ConfigError, UserError
+from translate.errors import ConfigError
 from translate.model import build_model
 from translate.quantize import Int8Linear
 from translate.search import beam_search
@@ -53,7 +53,8 @@ def test_precisions_leave_the_model_alone(search_model, tokenizer, monkeypatch):
     with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
         Translator(model, tokenizer, precision="fp8")
     monkeypatch.setattr(translator_module, "cpu_has_bf16", lambda: False)
-    assert Translator(model, tokenizer, precision="bf16").model is model  # no native bf16: nothing to gain
+    emulated = Translator(model, tokenizer, precision="bf16")
+    assert emulated.model is model and emulated.precision == "fp32" and "no native bf16" in emulated.note
     monkeypatch.setattr(translator_module, "cpu_has_bf16", lambda: True)
     before = {name: p.clone() for name, p in model.state_dict().items()}
     fast = Translator(model, tokenizer, precision="bf16")
@@ -159,14 +160,37 @@ def test_load_reads_a_checkpoint(checkpoint, tiny_model, tokenizer):
     options = DecodeOptions(beam=2, n_best=2)
     loaded = Translator.load(checkpoint, options, device=torch.device("cpu"))
     assert loaded.progress == {"step": 7} and loaded.config.model.hidden_dim == 32
-    assert loaded.amp is False and loaded.options == options and loaded.device.type == "cpu"
+    assert loaded.amp == "off" and loaded.options == options and loaded.device.type == "cpu"
     assert texts(loaded.translate(SENTENCES)) == texts(Translator(tiny_model, tokenizer, options).translate(SENTENCES))
 
 
-def test_load_without_int8_kernels_is_a_user_error(checkpoint, monkeypatch):
-    def no_kernels(model):
-        raise RuntimeError("int8 decoding needs fbgemm")
+def test_without_the_int8_ops_decoding_falls_back_to_fp32_and_says_so(checkpoint, monkeypatch):
+    """torch is retiring torch.ops.quantized: a build without its ops decodes in fp32 with a note."""
+    from translate import quantize
 
-    monkeypatch.setattr(translator_module, "quantized_copy", no_kernels)
-    with pytest.raises(UserError, match="int8 decoding needs fbgemm"):
-        Translator.load(checkpoint, precision="int8", device=torch.device("cpu"))
+    real = torch.ops.quantized
+
+    class Retired:
+        def __getattr__(self, name):
+            if name in quantize.INT8_OPS:
+                raise AttributeError(f"no op {name}")
+            return getattr(real, name)
+
+    monkeypatch.setattr(torch.ops, "quantized", Retired())
+    assert not quantize.int8_available()
+    loaded = Translator.load(checkpoint, precision="int8", device=torch.device("cpu"))
+    assert loaded.precision == "fp32" and "lacks the int8 kernels" in loaded.note
+    assert not any(isinstance(m, Int8Linear) for m in loaded.model.modules())
+    assert len(loaded.translate(SENTENCES)) == len(SENTENCES)
+    assert Translator.load(checkpoint, device=torch.device("cpu")).note is None
+
+
+def test_a_precision_flag_on_a_gpu_model_is_noted_not_silently_ignored(search_model, tokenizer, monkeypatch):
+    model, precision, note = translator_module._model_for(search_model, "fp32")
+    assert model is search_model and note is None
+    fake = torch.nn.Parameter(torch.zeros(1, device="meta"))  # a model off the CPU
+    monkeypatch.setattr(search_model, "parameters", lambda: iter([fake]))
+    model, precision, note = translator_module._model_for(search_model, "int8")
+    assert model is search_model and precision == "fp32" and "--int8 is for CPU decoding" in note
+
+

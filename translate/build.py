@@ -23,7 +23,7 @@ from .encoded import Encoded, tokenize_corpus
 from .errors import DataError
 from .model import build_model
 from .rundir import MetricsLog, ProgressLine, open_run_dir
-from .runtime import amp_dtype, seed_everything, select_device
+from .runtime import amp_dtype, seed_everything, select_device, set_rng_state
 from .schedules import LRSchedule, scaled_lr
 from .tokenizer import Tokenizer
 from .training import Corpora, ScheduledForward, Trainer, TrainResult
@@ -47,7 +47,7 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False, log
                   progress_bar: bool | None = None) -> Trainer:
     """A ``Trainer`` for a new run in ``run_dir``, or for the run there with ``resume``. Under
     torchrun every process calls this; rank 0 alone logs, validates and writes files."""
-    world = init_world(config.train.device)
+    world = init_world(config.train.device, config.train.dist_timeout_minutes)
     if not world.main:
         log = _silent
     payload = broadcast(world, open_run_dir(run_dir, resume) if world.main else None)
@@ -72,8 +72,12 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False, log
     progress = Progress()
     if payload is not None:
         progress = restore_training_state(payload, model, optimizer, lr_schedule, scaler, device)
-        if world.rank:  # the saved RNG state is rank 0's; the others draw their own masks
-            torch.manual_seed(cfg.seed + world.rank + 7919 * progress.step)
+        if world.rank:  # restore_training_state set rank 0's RNG state; this rank's own, if saved
+            own = payload.get("rank_rng") or []
+            if len(own) == world.size:
+                set_rng_state(own[world.rank], device)
+            else:  # saved by a run of another size (or an earlier version): new masks of its own
+                torch.manual_seed(cfg.seed + world.rank + 7919 * progress.step)
         log(f"resumed {run_dir} at step {progress.step} (epoch {progress.epoch + 1}, "
             f"best dev BLEU {max(progress.best_bleu, 0):.2f})")
     forward: nn.Module = ScheduledForward(model, cfg)
@@ -92,7 +96,8 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
                     log: Callable[[str], None]) -> Corpora:
     """Reads the training corpus (Arrow, memory-mapped; or a stream with ``data.streaming``) and the
     dev set, trains or loads the tokenizer (rank 0, then sent to the others), and tokenizes the
-    corpus once into files beside its Arrow cache (rank 0 first; the others reuse them)."""
+    corpus once into files beside its Arrow cache (the first process of each node; the others
+    reuse them)."""
     data, cfg = config.data, config.train
     train = load_pairs(data.train, data.src_lang, data.tgt_lang, "train", streaming=data.streaming)
     dev = read_parallel(data.dev, data.src_lang, data.tgt_lang, "dev")
@@ -110,13 +115,16 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
         batches = StreamingData(train, tokenizer, data.src_lang, data.tgt_lang, cfg.batch_tokens, cfg.seed,
                                 data.max_len)
     else:
-        if not world.main:
+        # the first process of each node tokenizes (nodes may not share a file system; where they
+        # do, tokenize_corpus lets the first writer win), the others then read its files
+        preparing = world.local_rank == 0
+        if not preparing:
             barrier(world)
         # no worker processes once a process group exists: forking a process that holds gloo/NCCL
         # threads and sockets is unsafe (a child's exit can break the group's connections)
         workers = 1 if world.distributed else data.num_proc
         src_ids, tgt_ids = tokenize_corpus(train, tokenizer, data.src_lang, data.tgt_lang, workers, log)
-        if world.main:
+        if preparing:
             barrier(world)
         pairs = len(train)
         del train  # the Arrow table is done with: training reads the tokenized files

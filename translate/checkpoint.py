@@ -141,7 +141,8 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of ``epoch`` already trained on
-    best_bleu: float = -1.0
+    best_bleu: float = -1.0  # dev BLEU of the best validation
+    best_score: float | None = None  # the best validation's train.eval_metric (loss negated: higher is better)
     best_step: int = 0
     bad_evals: int = 0
     elapsed: float = 0.0  # seconds of training, summed over resumes
@@ -151,7 +152,7 @@ class Progress:
     skipped_batches: int = 0  # batches that did not fit in memory
 
 
-TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng")  # what a resumed run needs beyond the weights
+TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng", "rank_rng")  # what a resumed run needs beyond the weights
 
 
 def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -177,7 +178,7 @@ def restore_training_state(payload: dict[str, Any], model: nn.Module, optimizer:
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     lr_schedule.load_state_dict(payload.get("lr_schedule", payload.get("scheduler", {})))
-    if "scaler" in payload:
+    if payload.get("scaler") and scaler.is_enabled():  # a run saved in bf16 or fp32 has no loss scale to go on with
         scaler.load_state_dict(payload["scaler"])
     set_rng_state(payload["rng"], device)
     return Progress(**payload["progress"])

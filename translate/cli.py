@@ -61,6 +61,14 @@ def _echo_err(line: str) -> None:
     click.echo(line, err=True)
 
 
+def _load_translator(checkpoint: str, options: DecodeOptions, precision: str) -> Translator:
+    """``Translator.load``, with a warning when it cannot decode in the precision asked for."""
+    translator = Translator.load(checkpoint, options, precision)
+    if translator.note:
+        _echo_err(f"warning: {translator.note}")
+    return translator
+
+
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
@@ -95,8 +103,8 @@ def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_
 
         _echo_err("configuration:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
     result = run_training(config, run_dir, resume=resume, log=_log)
-    if result.stop_reason.startswith("stopped by"):
-        sys.exit(130)
+    if result.stop_reason.startswith("stopped by"):  # as a shell reports a process ended by that signal
+        sys.exit(143 if "SIGTERM" in result.stop_reason else 130)
 
 
 DEFAULT_DECODING = DecodeOptions()
@@ -162,7 +170,7 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate
 
-    translator = Translator.load(checkpoint, options, precision)
+    translator = _load_translator(checkpoint, options, precision)
     config = translator.config
     if (src_file is None) != (ref_file is None):
         raise click.UsageError("give both --src and --ref, or neither")
@@ -196,7 +204,7 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
 @decoding_options("beam", "n_best", "max_len_ratio", "alpha", "precision", "inter_threads")
 def decode(checkpoint, input_file, output_file, options, precision):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
-    translator = Translator.load(checkpoint, options, precision)
+    translator = _load_translator(checkpoint, options, precision)
     truncated = []
     stream = translator.stream(iter_lines(input_file), on_truncate=truncated.append)
     with _output(output_file) as out:
@@ -240,7 +248,7 @@ def repl(checkpoint, options, precision):
     """Translate lines as you type them (:help for commands)."""
     from .repl import Repl
 
-    Repl(Translator.load(checkpoint, options, precision)).run(sys.stdin, sys.stdout)
+    Repl(_load_translator(checkpoint, options, precision)).run(sys.stdin, sys.stdout)
 
 
 @main.command()
@@ -309,7 +317,7 @@ def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, options
     """Serve a model over HTTP: POST /translate {"sentences": [...], "beam": 5}; GET /health."""
     from .serve import RequestBatcher, make_server
 
-    translator = Translator.load(checkpoint, options, precision)
+    translator = _load_translator(checkpoint, options, precision)
     batcher = RequestBatcher(translator, max_batch, max_wait_ms)
     info = {"checkpoint": str(checkpoint), "step": translator.progress.get("step")}
     try:

@@ -82,7 +82,8 @@ class TrainConfig:
     eval_every: int = 500
     keep_checkpoints: int = 0  # also keep the weights of the last K validations as step-N.pt (for averaging)
     tensorboard: bool = False  # also write TensorBoard event files into RUN_DIR/tensorboard (needs the extra)
-    eval_beam: int = 1
+    eval_beam: int = 1  # beam of the dev decoding (5: pick best.pt as `translate eval` decodes by default)
+    eval_metric: Literal["bleu", "chrf", "loss"] = "bleu"  # what makes a validation the best, and early stopping
     patience: int = 8  # validations without a better dev BLEU before stopping; 0: never
     seed: int = 1234
     teacher_forcing: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "inverse_sigmoid"
@@ -106,7 +107,10 @@ class TrainConfig:
     scheduled_sampling: Literal["sequential", "parallel"] = "parallel"
     tf_passes: int = 1  # (parallel) passes that predict before the trained one (Duckworth et al., 2019)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16
+    # mixed precision. auto: bf16 on GPUs and CPUs with native bf16, fp16 (with loss scaling) on older
+    # GPUs, none on other CPUs; bf16, fp16: that type (fp16 on CUDA only); off: full precision
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    dist_timeout_minutes: float = 120.0  # (torchrun) how long a rank waits for the others (rank 0 prepares data)
     threads: int = 0  # CPU threads; 0: torch's default
 
 
@@ -178,6 +182,10 @@ class Config:
         if t.tf_feed == "sentence" and t.scheduled_sampling != "parallel":
             raise ConfigError("train.tf_feed=sentence chooses whole candidate sentences, so it needs "
                               "train.scheduled_sampling=parallel")
+        if t.teacher_forcing == "linear" and t.tf_k <= 0:
+            raise ConfigError(f"train.tf_k must be positive for the linear schedule, got {t.tf_k}")
+        if t.dist_timeout_minutes <= 0:
+            raise ConfigError(f"train.dist_timeout_minutes must be positive, got {t.dist_timeout_minutes}")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
 
@@ -187,6 +195,10 @@ SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConf
 
 def valid_keys() -> list[str]:
     return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+# values that earlier versions wrote (and that --set may still give) for keys whose type changed since
+ALIASES = {"train.amp": {True: "auto", False: "off", "true": "auto", "false": "off"}}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -206,6 +218,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, f"{prefix}{name}.")
         else:
+            aliases = ALIASES.get(f"{prefix}{name}", {})
+            if isinstance(value, (bool, str)):
+                value = aliases.get(value.lower() if isinstance(value, str) else value, value)
             values[name] = _coerce(value, hint, f"{prefix}{name}")
     return cls(**values)
 
@@ -279,7 +294,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 # the keys a resumed run may change: how long it runs and where, not what it trains
 RESUMABLE_KEYS = ("max_steps", "max_epochs", "max_minutes", "patience", "eval_every", "keep_checkpoints", "device",
-                  "threads")
+                  "threads", "dist_timeout_minutes")
 
 
 def resume_config(given: Config, saved: Config) -> Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -31,10 +32,12 @@ class World:
         return self.size > 1
 
 
-def init_world(device_name: str = "auto") -> World:
+def init_world(device_name: str = "auto", timeout_minutes: float = 120.0) -> World:
     """Joins the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
     LOCAL_RANK, MASTER_ADDR/PORT); a plain run is a world of one. NCCL when every rank has a GPU,
-    gloo on CPUs."""
+    gloo on CPUs. ``timeout_minutes`` bounds every collective wait: the other ranks wait while rank
+    0 trains the tokenizer, tokenizes a corpus or validates, which can outlast NCCL's default
+    10 minutes on a large corpus."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
@@ -43,8 +46,17 @@ def init_world(device_name: str = "auto") -> World:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return World(rank, size, local_rank)
+
+
+def gather(world: World, value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def broadcast(world: World, value: Any) -> Any:

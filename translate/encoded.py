@@ -11,7 +11,11 @@ for bucketing, and the epoch's order), so memory hardly grows with the corpus.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import socket
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -22,7 +26,7 @@ from .corpus import column_chunks
 from .runtime import release_mapped_pages, return_freed_memory
 from .tokenizer import Tokenizer
 
-FORMAT_VERSION = "1"  # bump when the cached files change layout
+FORMAT_VERSION = "2"  # bump when the cached files change layout (2: a manifest in "done")
 MAP_BATCH = 10_000  # rows tokenized, and written, at a time by Dataset.map
 
 
@@ -114,13 +118,23 @@ def cache_dir_for(table) -> Path:
 def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, num_proc: int = 0,
                     log=lambda line: None) -> tuple[DiskEncoded, DiskEncoded]:
     """Tokenizes ``table`` once with ``Dataset.map`` (cached by the data's and the tokenizer's
-    fingerprints, so a later run with the same tokenizer reuses it) and lays the ids out flat."""
+    fingerprints, so a later run with the same tokenizer reuses it) and lays the ids out flat.
+
+    Safe under concurrent writers (processes on nodes that share the cache's file system, or a
+    second run started at the same time): each writes into a directory of its own, then renames
+    it into place in one step; the first to finish wins and the others take its files. A cache
+    is reused only when its manifest matches its files and the corpus."""
     key = hashlib.sha256(f"{FORMAT_VERSION}|{table._fingerprint}|{tokenizer.fingerprint}|{src_lang}|{tgt_lang}"
                          .encode()).hexdigest()[:16]
     directory = cache_dir_for(table) / f"translate-{key}"
-    done = directory / "done"
-    if not done.exists():
-        directory.mkdir(parents=True, exist_ok=True)
+    if _intact(directory, key, len(table)):
+        log(f"reusing the tokenized corpus in {directory}")
+    else:
+        if directory.exists():  # incomplete or damaged: set aside, then rebuilt
+            log(f"the tokenized corpus in {directory} does not match its manifest; tokenizing again")
+            _set_aside(directory)
+        own = directory.with_name(f"{directory.name}.part-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        own.mkdir(parents=True)
         workers = num_proc or max(1, min(os.cpu_count() or 1, 8))
         log(f"tokenizing {len(table):,} pairs with {workers} process(es) into {directory}")
         tokenized = table.map(
@@ -128,16 +142,51 @@ def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, n
             num_proc=workers if workers > 1 else None,
             fn_kwargs={"src_lang": src_lang, "tgt_lang": tgt_lang,
                        "protos": (tokenizer.src_proto, tokenizer.tgt_proto)},
-            remove_columns=table.column_names, cache_file_name=str(directory / "tokens.arrow"),
+            remove_columns=table.column_names, cache_file_name=str(own / "tokens.arrow"),
             new_fingerprint=key, desc="tokenizing")
         release_mapped_pages()
-        _write_flat(tokenized, directory)
+        _write_flat(tokenized, own)
         del tokenized
-        done.write_text(key + "\n")
+        _write_manifest(own, key, len(table))
+        try:
+            os.rename(own, directory)  # atomic; fails if another writer's directory is already there
+        except OSError:
+            if not _intact(directory, key, len(table)):
+                raise
+            shutil.rmtree(own, ignore_errors=True)  # another writer finished first: its files are the same
         return_freed_memory()
-    else:
-        log(f"reusing the tokenized corpus in {directory}")
     return (_open_side(directory, "src"), _open_side(directory, "tgt"))
+
+
+FLAT_FILES = [f"{side}.{name}" for side in ("src", "tgt") for name in ("ids", "offsets", "lengths")]
+
+
+def _write_manifest(directory: Path, key: str, pairs: int) -> None:
+    sizes = {name: (directory / name).stat().st_size for name in FLAT_FILES}
+    (directory / "done").write_text(json.dumps({"key": key, "pairs": pairs, "sizes": sizes}) + "\n")
+
+
+def _intact(directory: Path, key: str, pairs: int) -> bool:
+    """The manifest names this key and corpus size, and every flat file has its recorded size
+    (which also fits the pair count: one length and one offset a pair)."""
+    try:
+        manifest = json.loads((directory / "done").read_text())
+        sizes = {name: (directory / name).stat().st_size for name in FLAT_FILES}
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("key") == key and manifest.get("pairs") == pairs and manifest.get("sizes") == sizes
+            and all(sizes[f"{side}.lengths"] == 2 * pairs and sizes[f"{side}.offsets"] == 8 * (pairs + 1)
+                    for side in ("src", "tgt")))
+
+
+def _set_aside(directory: Path) -> None:
+    """Moves a damaged cache out of the way (renamed first, so no reader sees it half removed)."""
+    aside = directory.with_name(f"{directory.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(directory, aside)
+    except OSError:  # another process moved it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_flat(tokenized, directory: Path) -> None:

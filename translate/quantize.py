@@ -19,10 +19,17 @@ import warnings
 import torch
 from torch import nn
 
+INT8_OPS = ("linear_prepack", "linear_dynamic")  # of torch.ops.quantized, which torch is retiring
+
 
 def int8_available() -> bool:
-    """True when this torch build has the x86 int8 kernels (fbgemm) that ``quantized_copy`` uses."""
-    return "fbgemm" in torch.backends.quantized.supported_engines
+    """True when this torch build has the x86 int8 kernels (fbgemm) and the ops that ``quantized_copy`` uses."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        return all(getattr(torch.ops.quantized, name) is not None for name in INT8_OPS)
+    except (AttributeError, RuntimeError):  # an op that this build no longer registers
+        return False
 
 
 def _pack(weight: torch.Tensor, bias: torch.Tensor | None):

@@ -54,14 +54,33 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """The mixed-precision type for a device: bf16 on GPUs that have it, else fp16; bf16 on CPUs
-    with native bf16 arithmetic; None (full precision) otherwise."""
-    if not enabled:
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Native bf16 arithmetic: compute capability 8.0 (Ampere) or newer. ``torch.cuda.is_bf16_supported()``
+    also says yes where bf16 is only emulated (V100, T4), which is slow, and cuDNN's RNNs may refuse it."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def amp_dtype(device: torch.device, mode: str | bool = "auto") -> torch.dtype | None:
+    """The mixed-precision type for ``train.amp`` on a device (None: full precision).
+
+    - ``auto``: bf16 on GPUs and CPUs with native bf16; fp16 (with loss scaling) on older GPUs;
+      none on other CPUs and devices;
+    - ``bf16``: bf16 (on a GPU, only one with native bf16);
+    - ``fp16``: fp16, on CUDA only;
+    - ``off``: none. ``True``/``False`` (what earlier versions saved) mean ``auto``/``off``."""
+    mode = {True: "auto", False: "off"}.get(mode, mode)
+    if mode == "off":
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_bf16():
+        if mode == "fp16":
+            return torch.float16
+        if mode == "bf16" and not cuda_has_bf16(device):
+            raise ConfigError(f"train.amp=bf16: {torch.cuda.get_device_name(device)} has no native bf16 (compute "
+                              f"capability below 8.0); use train.amp=fp16 or auto")
+        return torch.bfloat16 if mode == "bf16" or cuda_has_bf16(device) else torch.float16
+    if mode == "fp16":
+        raise ConfigError(f"train.amp=fp16 needs a CUDA GPU; on {device.type} use bf16, auto or off")
+    if device.type == "cpu" and (mode == "bf16" or cpu_has_bf16()):
         return torch.bfloat16
     return None
 

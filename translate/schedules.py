@@ -6,7 +6,7 @@ positions, and what is fed, is ``feeding``'s part).
 
 The learning rate has one mechanism for every ``train.lr_schedule``: ``LRSchedule.apply`` sets
 the rate of the coming optimiser step from the run's step count and training time, and
-``LRSchedule.on_validation`` lets the plateau schedule react to dev BLEU.
+``LRSchedule.on_validation`` lets the plateau schedule react to the dev score.
 """
 
 from __future__ import annotations
@@ -93,12 +93,13 @@ class LRSchedule:
             group["lr"] = lr
         return lr
 
-    def on_validation(self, bleu: float) -> None:
-        """Counts a validation for the plateau schedule (the others ignore it)."""
+    def on_validation(self, score: float) -> None:
+        """Counts a validation of ``train.eval_metric`` (higher is better; a loss comes negated) for
+        the plateau schedule (the others ignore it)."""
         if self.cfg.lr_schedule != "plateau":
             return
-        if bleu > self.best * (1 + self.THRESHOLD):
-            self.best, self.bad = bleu, 0
+        if math.isinf(self.best) or score > self.best + abs(self.best) * self.THRESHOLD:  # relative, either sign
+            self.best, self.bad = score, 0
             return
         self.bad += 1
         if self.bad > self.cfg.lr_patience:

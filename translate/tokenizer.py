@@ -114,7 +114,9 @@ class Tokenizer:
         return self.tgt.encode(list(lines))
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        return [self.tgt.decode([i for i in seq if i > EOS]) for seq in ids]
+        """Text of target ids. PAD, BOS and EOS are left out; an unknown piece (UNK) stays visible as
+        SentencePiece writes it, " ⁇ ", rather than vanishing from the output unseen."""
+        return [self.tgt.decode([i for i in seq if i not in (PAD, BOS, EOS)]) for seq in ids]
 
     def src_pieces(self, line: str) -> list[str]:
         return self.src.encode(line, out_type=str)

@@ -28,13 +28,13 @@ from torch import nn
 from .checkpoint import CheckpointSaver, Progress, training_payload
 from .config import Config, TrainConfig
 from .data import Batch, StreamingData, TrainingData, padding_fraction
-from .distributed import World, broadcast, reduce_step
+from .distributed import World, broadcast, gather, reduce_step
 from .errors import DataError, TrainingError
 from .evaluate import evaluate
 from .feeding import scheduled_logits
 from .model import Seq2Seq
 from .rundir import MetricsLog, ProgressLine
-from .runtime import autocast_for
+from .runtime import autocast_for, rng_state
 from .schedules import LRSchedule, teacher_forcing_ratio
 from .tokenizer import PAD, Tokenizer
 from .translator import DecodeOptions, Translator
@@ -112,6 +112,7 @@ class Trainer:
         # this process's target positions, those fed the model's choice, those fed a token not gold
         # (feeding.scheduled_logits), summed on the device since the last report
         self.fed_counts = torch.zeros(3, dtype=torch.long, device=device)
+        self.rank_rng: list[dict[str, Any]] | None = None  # every rank's RNG state, gathered for a checkpoint
 
     # -- one optimiser step ---------------------------------------------------------------------
 
@@ -140,7 +141,15 @@ class Trainer:
             self.fed_counts += fed
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-        total, bad = reduce_step(self.world, total, not (torch.isfinite(total) and torch.isfinite(norm)))
+        if self.scaler.is_enabled():  # fp16: gradients that overflow at this loss scale are the scaler's
+            total, bad = reduce_step(self.world, total, not bool(torch.isfinite(total)))
+            if not bad and not torch.isfinite(norm):  # (the same on every rank: gradients are all-reduced)
+                self.scaler.step(self.optimizer)  # skips the update, and the scale calibrates down
+                self.scaler.update()
+                self.progress.nonfinite_steps = 0
+                return total, 0
+        else:
+            total, bad = reduce_step(self.world, total, not (torch.isfinite(total) and torch.isfinite(norm)))
         if bad:
             self.progress.nonfinite_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -202,12 +211,16 @@ class Trainer:
     def on_validation(self, record: dict[str, Any]) -> None:
         """Rank 0, after ``validate``: best score, patience, plateau LR, checkpoints, metrics, log."""
         p = self.progress
-        improved = record["dev_bleu"] > p.best_bleu
+        score = {"bleu": record["dev_bleu"], "chrf": record["dev_chrf"],
+                 "loss": -record["dev_loss"]}[self.config.train.eval_metric]  # higher is better
+        if p.best_score is None and p.best_bleu >= 0:  # a run saved before eval_metric existed: BLEU
+            p.best_score = p.best_bleu
+        improved = p.best_score is None or score > p.best_score
         if improved:
-            p.best_bleu, p.best_step, p.bad_evals = record["dev_bleu"], p.step, 0
+            p.best_score, p.best_bleu, p.best_step, p.bad_evals = score, record["dev_bleu"], p.step, 0
         else:
             p.bad_evals += 1
-        self.lr_schedule.on_validation(record["dev_bleu"])
+        self.lr_schedule.on_validation(score)
         payload = self.payload()
         self.saver.save(payload, best=improved)
         self.saver.keep_weights(payload, p.step)
@@ -220,8 +233,16 @@ class Trainer:
                  f"{' (best)' if improved else ''} | lr {lr:.2e} | e.g. {record['example'][:60]!r}")
 
     def payload(self) -> dict[str, Any]:
-        return training_payload(self.config, self.tokenizer, self.model, self.optimizer, self.lr_schedule,
-                                self.scaler, self.progress, self.device)
+        payload = training_payload(self.config, self.tokenizer, self.model, self.optimizer, self.lr_schedule,
+                                   self.scaler, self.progress, self.device)
+        if self.world.distributed and self.rank_rng is not None:
+            payload["rank_rng"] = self.rank_rng  # so that each rank resumes with its own dropout masks
+        return payload
+
+    def _gather_rng(self) -> None:
+        """Every rank, before rank 0 writes a checkpoint: all ranks' RNG states to rank 0."""
+        if self.world.distributed:
+            self.rank_rng = gather(self.world, rng_state(self.device))
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -251,6 +272,7 @@ class Trainer:
                             self._report(window)
                         # 3. validate (rank 0), then every rank takes the plateau schedule's LR
                         if p.step % cfg.eval_every == 0:
+                            self._gather_rng()
                             if self.world.main:
                                 self.on_validation(self.validate())
                             self._share_lr_schedule()
@@ -265,7 +287,12 @@ class Trainer:
                         p.epoch += 1
                         p.batch_in_epoch = 0
                         reason = self._agree(self.limits_reached(started))
-                if validated_at != p.step and self.world.main:
+                # a run that ends gets a last validation; one that is stopped to be resumed does not,
+                # since it would count towards patience and the plateau schedule where an
+                # uninterrupted run validates no extra time
+                stopped = reason.startswith("stopped by")
+                self._gather_rng()
+                if validated_at != p.step and self.world.main and not stopped:
                     self.on_validation(self.validate())
                 elif self.saver is not None:
                     self.saver.save(self.payload())
@@ -308,7 +335,8 @@ class Trainer:
         if cfg.max_minutes and p.elapsed + time.monotonic() - started >= cfg.max_minutes * 60:
             return f"reached max_minutes={cfg.max_minutes:g}"
         if cfg.patience and p.bad_evals >= cfg.patience:
-            return f"early stopping: no better dev BLEU in {cfg.patience} validations"
+            metric = {"bleu": "BLEU", "chrf": "chrF", "loss": "loss"}[cfg.eval_metric]
+            return f"early stopping: no better dev {metric} in {cfg.patience} validations"
         return None
 
     def _announce(self) -> None:

@@ -26,7 +26,7 @@ from .config import Config
 from .data import collate, token_batches
 from .encoded import Encoded
 from .errors import ConfigError
-from .quantize import quantized_copy
+from .quantize import int8_available, quantized_copy
 from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, max_lengths
 from .tokenizer import Tokenizer
@@ -73,8 +73,9 @@ class Translation:
     attention: torch.Tensor | None = None  # (target pieces + EOS, source pieces + EOS)
 
 
-def _model_for(model, precision: str):
-    """The model to decode with on CPU, by ``precision``:
+def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
+    """The model to decode with, by ``precision``, the precision it has, and a note when that is
+    not what was asked for:
 
     - ``fp32``: the model itself.
     - ``bf16``: on a CPU that multiplies bf16 natively, a bf16 copy: its matrix products run on
@@ -82,19 +83,26 @@ def _model_for(model, precision: str):
       beats CPU autocast, which casts every weight again at every search step. oneDNN keeps
       compiled kernels per tensor shape, so memory grows with the variety of sentence lengths (up
       to ONEDNN_PRIMITIVE_CACHE_CAPACITY).
-    - ``int8``: a dynamically quantised copy (``quantize.quantized_copy``).
+    - ``int8``: a dynamically quantised copy (``quantize.quantized_copy``), where this torch has
+      the int8 kernels (torch is retiring ``torch.ops.quantized``); else fp32.
 
     On CUDA the model is used as it is and decodes under autocast (``amp``)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     device = next(model.parameters()).device
-    if precision == "fp32" or device.type != "cpu":
-        return model
+    if precision == "fp32":
+        return model, "fp32", None
+    if device.type != "cpu":
+        return model, "fp32", (f"--{precision} is for CPU decoding; on {device.type} the model decodes under "
+                               f"its checkpoint's train.amp")
     if precision == "int8":
-        return quantized_copy(model)
+        if not int8_available():
+            return model, "fp32", ("this torch build lacks the int8 kernels (fbgemm, torch.ops.quantized); "
+                                   "decoding in fp32")
+        return quantized_copy(model), "int8", None
     if not cpu_has_bf16():
-        return model
-    return copy.deepcopy(model).to(torch.bfloat16).eval()
+        return model, "fp32", "this CPU has no native bf16 arithmetic; decoding in fp32"
+    return copy.deepcopy(model).to(torch.bfloat16).eval(), "bf16", None
 
 
 def decode_workers(device: torch.device, inter_threads: int, batches: int) -> int:
@@ -132,13 +140,14 @@ class Translator:
     """Translates lines with one model, tokenizer and set of default ``DecodeOptions``.
 
     ``precision`` picks the model to decode with on CPU (fp32: the model itself, which is put in
-    eval mode while decoding and given back as it was; bf16 or int8: a copy). ``amp`` is the
-    checkpoint's ``train.amp``: on CUDA it decodes under bf16/fp16 autocast."""
+    eval mode while decoding and given back as it was; bf16 or int8: a copy); ``self.precision``
+    is what it got, and ``note`` says why when that differs. ``amp`` is the checkpoint's
+    ``train.amp``: on CUDA it decodes under bf16/fp16 autocast."""
 
     def __init__(self, model, tokenizer: Tokenizer, options: DecodeOptions = DecodeOptions(),
-                 precision: str = "fp32", amp: bool = True):
-        self.model = _model_for(model, precision)
-        self.tokenizer, self.options, self.precision, self.amp = tokenizer, options, precision, amp
+                 precision: str = "fp32", amp: str | bool = "auto"):
+        self.model, self.precision, self.note = _model_for(model, precision)
+        self.tokenizer, self.options, self.amp = tokenizer, options, amp
         param = next(self.model.parameters())
         self.device = param.device
         # autocast: AMP on CUDA; on CPU, the type of a copy already cast down (autocast then
@@ -158,10 +167,7 @@ class Translator:
         model, tokenizer, config, payload = load_model(checkpoint, device or select_device("auto"))
         progress = payload.get("progress", {})
         del payload
-        try:
-            translator = cls(model, tokenizer, options, precision, amp=config.train.amp)
-        except RuntimeError as exc:  # int8 without the kernels for it
-            raise ConfigError(str(exc)) from None
+        translator = cls(model, tokenizer, options, precision, amp=config.train.amp)
         translator.config, translator.progress = config, progress
         return translator
 
