@@ -28,7 +28,7 @@ LAYERS = [
     {"evaluate", "rundir", "distributed"},
     {"training"},
     {"build"},
-    {"repl", "serve", "plots"},
+    {"repl", "serve", "plots", "export"},
     {"cli"},
     {"__main__"},
 ]

@@ -22,7 +22,7 @@ def trained(corpus, tmp_path_factory):
 
 def test_train_writes_run(trained):
     run_dir, result = trained
-    for name in ("best.pt", "last.pt", "src.model", "tgt.model", "metrics.jsonl"):
+    for name in ("best.pt", "last.pt", "src.model", "tgt.model", "metrics.jsonl", "config.yaml", "train.log"):
         assert (run_dir / name).is_file()
     assert "best dev BLEU" in result.output and "tok/s" in result.output
 
@@ -203,3 +203,87 @@ def test_quiet_and_verbose_training(corpus, tmp_path):
     assert verbose.exit_code == 0 and "configuration:" in verbose.output and "hidden_dim: 32" in verbose.output
     normal = CliRunner().invoke(main, args("n"))
     assert "training pairs" in normal.output and "configuration:" not in normal.output
+
+
+def test_decode_scores_and_the_score_command(trained, tmp_path):
+    from translate.translator import DecodeOptions, Translator
+
+    run_dir, _ = trained
+    runner = CliRunner()
+    with_scores = runner.invoke(main, ["decode", str(run_dir), "--beam", "3", "--scores"],
+                                input="El gato come pan.\nEl perro.\n")
+    rows = [line.split("\t") for line in with_scores.output.strip().split("\n")]
+    plain = runner.invoke(main, ["decode", str(run_dir), "--beam", "3"], input="El gato come pan.\nEl perro.\n")
+    assert [r[1] for r in rows] == plain.output.strip().split("\n") and all(float(r[0]) < 0 for r in rows)
+
+    src, ref = tmp_path / "src.txt", tmp_path / "ref.txt"
+    src.write_text("El gato come pan.\nEl perro bebe agua.\nEl gato come pan.\n", encoding="utf-8")
+    ref.write_text("The cat eats bread.\nThe dog drinks water.\nWater the bread drinks.\n", encoding="utf-8")
+    result = runner.invoke(main, ["score", str(run_dir), "--src", str(src), "--ref", str(ref)])
+    assert result.exit_code == 0, result.output
+    rows = [[float(x) for x in line.split("\t")] for line in result.output.strip().split("\n")]
+    expected = Translator.load(run_dir, DecodeOptions()).score_pairs(src.read_text().split("\n")[:3],
+                                                                      ref.read_text().split("\n")[:3])
+    assert rows == [[round(p.per_piece, 4), round(p.logprob, 4)] for p in expected]
+    assert rows[0][0] > rows[2][0]  # the right translation beats a scrambled one
+    ref.write_text("only one line\n", encoding="utf-8")
+    short = runner.invoke(main, ["score", str(run_dir), "--src", str(src), "--ref", str(ref)])
+    assert short.exit_code == 2 and "must match line for line" in short.output and "Traceback" not in short.output
+
+
+def test_a_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from translate import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    with cli._progress_bar(3) as advance:
+        for _ in range(3):
+            advance(1)
+    assert "0/3" in screen.getvalue() and "lines" in screen.getvalue()
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", piped)
+    with cli._progress_bar(3) as advance:
+        advance(3)
+    assert piped.getvalue() == ""
+
+
+def test_export_writes_a_folder_every_command_takes(trained, tmp_path, corpus):
+    from safetensors.torch import load_file
+
+    from translate.checkpoint import load_model as load
+
+    run_dir, _ = trained
+    folder = tmp_path / "shared"
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(run_dir), "-o", str(folder), "--beam", "2"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                        "src.model", "tgt.model"]
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert "| BLEU | chrF | TER |" in card and "nrefs:1" in card and "parameters" in card
+    weights = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    assert "decoder.output.weight" in config["tied"] and "decoder.output.weight" not in weights  # stored once
+    model, _, saved, _ = load(folder)
+    original, _, _, _ = load(run_dir)
+    for name, value in original.state_dict().items():
+        assert (model.state_dict()[name] == value).all(), name
+    assert model.decoder.output.weight is model.decoder.embed.weight  # still tied once loaded
+    for args in (["decode", str(folder), "--beam", "2"], ["decode", str(run_dir), "--beam", "2"]):
+        out = runner.invoke(main, args, input="El gato come pan.\n")
+        assert out.exit_code == 0, out.output
+    assert runner.invoke(main, ["decode", str(folder)], input="El perro.\n").output == \
+        runner.invoke(main, ["decode", str(run_dir)], input="El perro.\n").output
+    info = runner.invoke(main, ["info", str(folder), "--json"])
+    assert json.loads(info.output)["parameters"] == model.parameter_count()
+    (folder / "model.safetensors").write_bytes(b"junk")
+    broken = runner.invoke(main, ["decode", str(folder)], input="El perro.\n")
+    assert broken.exit_code == 2 and "not a readable exported model" in broken.output
+    assert "Traceback" not in broken.output

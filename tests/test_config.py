@@ -95,3 +95,27 @@ def test_amp_rejects_other_values():
 def test_values_that_would_fail_later_are_config_errors(values, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=values)
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "default", "gpu-large"])
+def test_the_presets_load(name):
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    config = load_config(preset)
+    if name == "default":
+        assert config == Config()  # the defaults written out: kept in step with the code
+    if name == "tiny-cpu":
+        assert config.model.hidden_dim < Config().model.hidden_dim and config.train.max_minutes == 1
+
+
+def test_messages_show_paths_as_a_user_knows_them(tmp_path, monkeypatch):
+    from translate.config import BUNDLED_DATA, shown_path
+
+    assert shown_path(BUNDLED_DATA / "test.tsv") == "the bundled test.tsv"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.tsv").write_text("spa\teng\n")
+    assert shown_path(tmp_path / "data" / "x.tsv") == "data/x.tsv"  # relative to where the user is
+    assert shown_path("data/x.tsv") == "data/x.tsv"
+    assert shown_path("/elsewhere/y.tsv") == "/elsewhere/y.tsv"

@@ -42,7 +42,7 @@ def test_tokenized_corpus_matches_the_tokenizer_and_is_reused(corpus, tokenizer,
     assert src.lengths.tolist() == [len(s) for s in expected_src]
     again = []
     src2, _ = tokenize_corpus(load_pairs(str(corpus["train"]), "spa", "eng"), tokenizer, "spa", "eng", log=again.append)
-    assert again and again[0].startswith("reusing the tokenized corpus")
+    assert again and again[0].startswith("reusing the corpus tokenized by an earlier run")
     assert src2.ids_path == src.ids_path
     assert Path(src.ids_path).is_relative_to(hf_cache)  # beside the Arrow cache
     with pytest.raises(TypeError, match="pass its paths instead"):

@@ -47,7 +47,8 @@ def test_writes_stay_inside_the_run_directory(corpus, tokenizer, tmp_path, hf_ca
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     changed = sorted(p.relative_to(tmp_path).as_posix() for p in after
                      if before.get(p) != after[p] and not p.is_relative_to(hf_cache))
-    assert changed == [f"nested/run/{n}" for n in ("best.pt", "last.pt", "metrics.jsonl", "src.model", "tgt.model")]
+    assert changed == [f"nested/run/{n}" for n in ("best.pt", "config.yaml", "last.pt", "metrics.jsonl", "src.model",
+                                                   "tgt.model", "train.log")]
     assert any(hf_cache.rglob("*.arrow"))  # the cache is where the datasets cache was set to be
 
 
@@ -99,3 +100,19 @@ def test_tensorboard_event_files(corpus, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/tf_ratio", "dev/dev_bleu", "dev/dev_loss"} <= tags
     assert [e.step for e in events.Scalars("dev/dev_bleu")] == [5, 10]
+
+
+def test_the_run_directory_keeps_its_config_and_log(corpus, tiny_tokenizer_file, tmp_path):
+    from translate.config import load_config
+
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "train.eval_every": 2})
+    train(config, tmp_path / "run", log=lambda s: None)
+    assert load_config(tmp_path / "run" / "config.yaml") == config  # usable with --config
+    first = (tmp_path / "run" / "train.log").read_text(encoding="utf-8").splitlines()
+    assert any("dev loss" in line for line in first) and "done: reached max_steps=4" in first[-1]
+    longer = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 6, "train.eval_every": 2})
+    train(longer, tmp_path / "run", resume=True, log=lambda s: None)
+    assert load_config(tmp_path / "run" / "config.yaml").train.max_steps == 6
+    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8").splitlines()
+    assert log[: len(first)] == first and any("resumed" in line for line in log[len(first):])
+    assert "done: reached max_steps=6" in log[-1]

@@ -194,3 +194,30 @@ def test_a_precision_flag_on_a_gpu_model_is_noted_not_silently_ignored(search_mo
     assert model is search_model and precision == "fp32" and "--int8 is for CPU decoding" in note
 
 
+
+
+def test_scoring_pairs_is_forced_decoding_one_pair_at_a_time(search_model, tokenizer):
+    """Reference: each pair alone through the teacher-forced forward pass, its log-probabilities
+    summed over the target pieces and EOS."""
+    from translate.data import collate
+    from translate.encoded import Encoded
+
+    targets = ["The cat eats bread.", "No.", "A big dog drinks the water of the red house.", "Dog.", "Water."]
+    scores = Translator(search_model, tokenizer, DecodeOptions(batch_tokens=12)).score_pairs(SENTENCES, targets)
+    for source, target, got in zip(SENTENCES, targets, scores):
+        batch = collate(Encoded(tokenizer.encode_src([source])), Encoded(tokenizer.encode_tgt([target])), [0])
+        with torch.no_grad():
+            logp = search_model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in).log_softmax(-1)
+        expected = logp[0].gather(1, batch.tgt_out[0].unsqueeze(1)).sum()
+        assert got.logprob == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
+        assert got.pieces == len(tokenizer.encode_tgt([target])[0]) + 1
+        assert got.per_piece == pytest.approx(got.logprob / got.pieces)
+    with pytest.raises(ValueError, match="5 sources but 1 targets"):
+        Translator(search_model, tokenizer).score_pairs(SENTENCES, ["x"])
+
+
+def test_progress_hears_of_every_sentence_translated(search_model, tokenizer):
+    heard = []
+    lines = [*SENTENCES, "", "Otro."]
+    Translator(search_model, tokenizer, DecodeOptions(batch_tokens=10)).translate(lines, on_progress=heard.append)
+    assert sum(heard) == len(lines)

@@ -22,7 +22,7 @@ from .distributed import World, barrier, broadcast, init_world, shutdown
 from .encoded import Encoded, tokenize_corpus
 from .errors import DataError
 from .model import build_model
-from .rundir import MetricsLog, ProgressLine, open_run_dir
+from .rundir import MetricsLog, ProgressLine, TrainLog, open_run_dir, write_config
 from .runtime import amp_dtype, seed_everything, select_device, set_rng_state
 from .schedules import LRSchedule, scaled_lr
 from .tokenizer import Tokenizer
@@ -53,6 +53,11 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False, log
     payload = broadcast(world, open_run_dir(run_dir, resume) if world.main else None)
     if payload is not None:
         config = resume_config(config, Config.from_dict(payload["config"]))
+    train_log = None
+    if world.main:  # the run directory keeps the resolved config and everything the run says
+        write_config(run_dir, config)
+        train_log = TrainLog(run_dir)
+        log = _tee(log, train_log.write)
     cfg = config.train
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -89,7 +94,7 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False, log
         forward=forward, optimizer=optimizer, lr_schedule=lr_schedule, amp_dtype=precision, scaler=scaler,
         progress=progress, saver=CheckpointSaver(run_dir, cfg.keep_checkpoints) if world.main else None,
         metrics=MetricsLog(run_dir, cfg.tensorboard) if world.main else None,
-        line=ProgressLine(log, in_place), log=log)
+        line=ProgressLine(log, in_place, train_log), log=log, train_log=train_log)
 
 
 def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir: Path,
@@ -164,6 +169,14 @@ def make_adam(model: nn.Module, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def _tee(first: Callable[[str], None], second: Callable[[str], None]) -> Callable[[str], None]:
+    def both(line: str) -> None:
+        first(line)
+        second(line)
+
+    return both
 
 
 def _silent(line: str) -> None:

@@ -60,9 +60,15 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
                 pass
 
 
+EXPORT_FILES = ("model.safetensors", "config.json")  # what makes a folder a ``translate export``
+
+
 def resolve(path: str | Path) -> Path:
-    """A .pt file, or a run directory (its best.pt, else last.pt)."""
+    """A .pt file, an exported model folder (``translate export``), or a run directory (its
+    best.pt, else last.pt)."""
     path = Path(path)
+    if path.is_dir() and all((path / name).is_file() for name in EXPORT_FILES):
+        return path
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():
@@ -78,6 +84,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Reads a checkpoint. ``mmap`` maps the file instead of reading it: only the tensors that are
     used become resident, so loading a model for decoding leaves the optimizer's state on disk."""
     path = resolve(path)
+    if path.is_dir():
+        return _load_export(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -99,6 +107,35 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')} is not supported "
                               f"(this translate reads version {VERSION})")
     return payload
+
+
+def _load_export(folder: Path) -> dict[str, Any]:
+    """An exported model folder read back as the payload of a checkpoint with no training state:
+    weights from safetensors (no pickle at all), config and progress from config.json, the
+    SentencePiece models from their files."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        weights = load_file(folder / "model.safetensors")
+        tokenizer = {side: (folder / f"{side}.model").read_bytes() for side in ("src", "tgt")}
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"{folder}: not a readable exported model ({exc}); export it again with "
+                              f"translate export") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{folder}: config.json is not a translate export; give a folder written by "
+                              f"translate export")
+    for copy, source in meta.get("tied", {}).items():  # weights shared in the model are stored once
+        weights[copy] = weights[source]
+    return {"format": FORMAT, "version": VERSION, "config": meta.get("config"), "tokenizer": tokenizer,
+            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "model": weights,
+            "progress": meta.get("progress", {})}
+
+
+EXPORT_FORMAT = "translate-export"
 
 
 def restore_tokenizer(payload: dict[str, Any]) -> Tokenizer:
@@ -152,7 +189,8 @@ class Progress:
     skipped_batches: int = 0  # batches that did not fit in memory
 
 
-TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng", "rank_rng")  # what a resumed run needs beyond the weights
+# what a resumed run needs beyond the weights
+TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng", "rank_rng")
 
 
 def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer,

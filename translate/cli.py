@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import BUNDLED_DATA, load_config, parse_overrides
-from .corpus import iter_lines, read_lines, read_parallel
+from .config import load_config, parse_overrides
+from .corpus import iter_lines, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
 from .runtime import configure_process
 from .translator import DecodeOptions, Translator
@@ -46,7 +46,21 @@ VERBOSITY = {"level": 1}  # 0 quiet, 1 normal, 2 verbose
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings, errors and results.")
 @click.option("-v", "--verbose", is_flag=True, help="Also the resolved configuration and other details.")
 def main(quiet, verbose):
-    """Neural machine translation: train, evaluate and use RNN attention models."""
+    """Neural machine translation: train, evaluate and use RNN attention models.
+
+    \b
+    Examples:
+      translate train                                   # the default model on the bundled es->en data
+      translate train --set model.decoder=bahdanau --run-dir checkpoints/bahdanau
+      translate train --config configs/tiny-cpu.yaml --max-minutes 1
+      translate eval checkpoints/default                # BLEU, chrF, TER on the bundled test split
+      echo "El gato come pan." | translate decode checkpoints/default --beam 5
+      translate score checkpoints/default --src pairs.es --ref pairs.en
+      translate repl checkpoints/default
+
+    Every config key (model.*, train.*, data.*, tokenizer.*) can be set with --set KEY=VALUE or in
+    a YAML --config; the README's "Configuration" table lists them, and a wrong key is an error
+    that lists the valid ones. Run "translate COMMAND --help" for a command's options."""
     VERBOSITY["level"] = 0 if quiet else 2 if verbose else 1
     configure_process()
 
@@ -168,7 +182,7 @@ def decoding_options(*names: str, **fixed):
 @decoding_options("beam", "alpha", "precision", "inter_threads")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
-    from .evaluate import evaluate
+    from .evaluate import evaluate, test_set
 
     translator = _load_translator(checkpoint, options, precision)
     config = translator.config
@@ -181,12 +195,10 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
                             f"they must match line for line")
         origin = src_file
     else:
-        spec = test_path or config.data.test
-        if not test_path and not Path(spec).exists():
-            spec = str(BUNDLED_DATA / "test.tsv")
-        test = read_parallel(spec, config.data.src_lang, config.data.tgt_lang, "test")
+        test = test_set(config, test_path)
         sources, references, origin = test.src, test.tgt, test.origin
-    scores, hyps = evaluate(translator, sources, references)
+    with _progress_bar(len(sources)) as advance:
+        scores, hyps = evaluate(translator, sources, references, on_progress=advance)
     if output:
         Path(output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if as_json:
@@ -201,20 +213,65 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
 @click.argument("checkpoint")
 @click.option("-i", "--input", "input_file", type=click.Path(dir_okay=False), help="Input file (default stdin).")
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
+@click.option("--scores", is_flag=True, help="Print each translation's score (log-probability, length-normalised "
+              "in beam search) before it, tab-separated.")
 @decoding_options("beam", "n_best", "max_len_ratio", "alpha", "precision", "inter_threads")
-def decode(checkpoint, input_file, output_file, options, precision):
+def decode(checkpoint, input_file, output_file, scores, options, precision):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
     translator = _load_translator(checkpoint, options, precision)
     truncated = []
-    stream = translator.stream(iter_lines(input_file), on_truncate=truncated.append)
-    with _output(output_file) as out:
+    total = _count_lines(input_file) if input_file else None
+    with _progress_bar(total, quiet=not input_file) as advance, _output(output_file) as out:
+        stream = translator.stream(iter_lines(input_file), on_truncate=truncated.append, on_progress=advance)
         for index, nbest in enumerate(stream):
             if options.n_best == 1:
-                out.write(nbest[0].text + "\n")
+                out.write(f"{nbest[0].score:.4f}\t{nbest[0].text}\n" if scores else nbest[0].text + "\n")
             else:
                 out.write("".join(f"{index}\t{t.score:.4f}\t{t.text}\n" for t in nbest))
     if truncated:
         _echo_err(f"warning: {sum(truncated)} input line(s) longer than the model reads were truncated")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--src", "src_file", required=True, type=click.Path(dir_okay=False), help="Source sentences, one a line.")
+@click.option("--ref", "ref_file", required=True, type=click.Path(dir_okay=False),
+              help="Their translations, one a line.")
+@click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
+@decoding_options("precision")
+def score(checkpoint, src_file, ref_file, output_file, options, precision):
+    """Score given translations (forced decoding): per pair, the log-probability per target piece
+    and in all, tab-separated, in input order. For ranking or filtering a corpus."""
+    translator = _load_translator(checkpoint, options, precision)
+    sources, references = read_lines(src_file), read_lines(ref_file)
+    if len(sources) != len(references):
+        raise DataError(f"{src_file} has {len(sources)} lines but {ref_file} has {len(references)}; "
+                        f"they must match line for line")
+    with _output(output_file) as out:
+        for pair in translator.score_pairs(sources, references):
+            out.write(f"{pair.per_piece:.4f}\t{pair.logprob:.4f}\n")
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int | None, quiet: bool = False):
+    """A progress bar on stderr while a file is decoded, where stderr is a terminal (and not with
+    --quiet); yields the function that advances it."""
+    if quiet or VERBOSITY["level"] == 0 or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit=" lines", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        yield bar.update
+
+
+def _count_lines(path: str) -> int | None:
+    """Lines in a file, counted in binary chunks (fast, for a progress bar's total)."""
+    try:
+        with open(path, "rb") as file:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+    except OSError:
+        return None  # iter_lines reports the problem
 
 
 @contextlib.contextmanager
@@ -249,6 +306,23 @@ def repl(checkpoint, options, precision):
     from .repl import Repl
 
     Repl(_load_translator(checkpoint, options, precision)).run(sys.stdin, sys.stdout)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("-o", "--output", "folder", required=True, type=click.Path(), help="Folder to write the model into.")
+@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64),
+              help="Beam of the test-set scores on the model card.")
+@click.option("--no-scores", is_flag=True, help="Leave the scores off the card (no test set is decoded).")
+def export(checkpoint, folder, beam, no_scores):
+    """Write a model to share: model.safetensors, config.json, the SentencePiece models and a
+    README.md model card with its test scores. Every command that takes a checkpoint takes it."""
+    from .export import export_model
+
+    card = export_model(checkpoint, folder, beam=beam, scores=not no_scores)
+    scores = card["scores"]
+    summary = f"; BLEU {scores['bleu']:.2f} on {scores['test']}" if scores else ""
+    click.echo(f"exported to {folder} ({card['parameters']:,} parameters{summary})")
 
 
 @main.command()

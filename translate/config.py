@@ -23,6 +23,18 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DATA = PACKAGE_DIR / "bundled"  # the split of data/README.md, installed with the package
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as messages show it: the bundled split by name, a path under the working directory
+    relative to it, any other as it is (so messages do not carry one machine's install paths)."""
+    path = Path(path)
+    absolute = path.resolve() if path.exists() else path
+    if absolute.is_relative_to(BUNDLED_DATA.resolve()):
+        return f"the bundled {absolute.relative_to(BUNDLED_DATA.resolve()).as_posix()}"
+    if path.is_absolute() and absolute.is_relative_to(Path.cwd()):
+        return absolute.relative_to(Path.cwd()).as_posix()
+    return str(path)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     train: str = str(BUNDLED_DATA / "train.tsv")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import shown_path
 from .errors import DataError
 from .runtime import release_mapped_pages
 
@@ -155,7 +156,7 @@ def _load(spec: str, src_lang: str, tgt_lang: str, split: str, streaming: bool):
     datasets.disable_progress_bars()
     kind, path, pair = data_source(spec, src_lang, tgt_lang)
     if kind == "table":
-        table, origin = _load_table(path, src_lang, tgt_lang, streaming), str(path)
+        table, origin = _load_table(path, src_lang, tgt_lang, streaming), shown_path(path)
     elif kind == "pair":
         table = _load_text_pair(pair[0], pair[1], src_lang, tgt_lang, streaming)
         origin = f"{pair[0].with_suffix('')}.{{{pair[0].suffix[1:]},{pair[1].suffix[1:]}}}"

@@ -128,15 +128,15 @@ def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, n
                          .encode()).hexdigest()[:16]
     directory = cache_dir_for(table) / f"translate-{key}"
     if _intact(directory, key, len(table)):
-        log(f"reusing the tokenized corpus in {directory}")
+        log("reusing the corpus tokenized by an earlier run (cached beside its Arrow files)")
     else:
         if directory.exists():  # incomplete or damaged: set aside, then rebuilt
-            log(f"the tokenized corpus in {directory} does not match its manifest; tokenizing again")
+            log(f"the cached tokenized corpus ({directory.name}) does not match its manifest; tokenizing again")
             _set_aside(directory)
         own = directory.with_name(f"{directory.name}.part-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         own.mkdir(parents=True)
         workers = num_proc or max(1, min(os.cpu_count() or 1, 8))
-        log(f"tokenizing {len(table):,} pairs with {workers} process(es) into {directory}")
+        log(f"tokenizing {len(table):,} pairs with {workers} process(es) (cached for later runs)")
         tokenized = table.map(
             _encode_rows, batched=True, batch_size=MAP_BATCH, writer_batch_size=MAP_BATCH,
             num_proc=workers if workers > 1 else None,

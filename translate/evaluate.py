@@ -5,10 +5,13 @@ Validation during training and ``translate eval`` both call ``evaluate``, so the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
+from .config import BUNDLED_DATA, Config
+from .corpus import Parallel, data_source, read_parallel
+from .errors import DataError
 from .translator import DecodeOptions, Translator
 
 
@@ -26,8 +29,23 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 
 
 def evaluate(translator: Translator, sources: Sequence[str], references: Sequence[str],
-             options: DecodeOptions | None = None) -> tuple[dict[str, float | str], list[str]]:
+             options: DecodeOptions | None = None,
+             on_progress: Callable[[int], None] | None = None) -> tuple[dict[str, float | str], list[str]]:
     """Translates ``sources`` (with the translator's options unless given) and scores the best
     translations against ``references``; returns the scores and those translations."""
-    hypotheses = [nbest[0].text for nbest in translator.translate(sources, options)]
+    hypotheses = [nbest[0].text for nbest in translator.translate(sources, options, on_progress=on_progress)]
     return score(hypotheses, references), hypotheses
+
+
+def test_set(config: Config, spec: str | None = None) -> Parallel:
+    """The test pairs of a model: ``spec`` when given, else its config's ``data.test`` where that
+    still exists (a model trained elsewhere may name a file this machine lacks), else the bundled
+    test split."""
+    data = config.data
+    if spec is None:
+        spec = data.test
+        try:
+            data_source(spec, data.src_lang, data.tgt_lang)  # a file or files here, or a hub name
+        except DataError:  # a file on the machine that trained it
+            spec = str(BUNDLED_DATA / "test.tsv")
+    return read_parallel(spec, data.src_lang, data.tgt_lang, "test")

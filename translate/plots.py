@@ -14,7 +14,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise MissingExtraError("plots need matplotlib; install it with: pip install 'translate[plot]' "
+        raise MissingExtraError("plots need matplotlib; install it with: pip install 'translate-rnn[plot]' "
                         "(or pip install matplotlib)") from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

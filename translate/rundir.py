@@ -1,16 +1,19 @@
 """A training run's directory and what people watch of it: opening it (new or resumed), the
-metrics stream (``metrics.jsonl``, and TensorBoard event files with ``train.tensorboard``), and
-the progress line. Checkpoints in it are written by ``checkpoint.CheckpointSaver``."""
+resolved ``config.yaml``, the ``train.log`` of what the run said, the metrics stream
+(``metrics.jsonl``, and TensorBoard event files with ``train.tensorboard``), and the progress
+line. Checkpoints in it are written by ``checkpoint.CheckpointSaver``."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_checkpoint
+from .config import Config
 from .errors import CheckpointError, MissingExtraError
 
 
@@ -36,6 +39,36 @@ def open_run_dir(run_dir: str | Path, resume: bool) -> dict[str, Any] | None:
         raise CheckpointError(f"cannot write to run directory {run_dir}: {exc.strerror}; "
                               f"choose a writable --run-dir") from None
     return None
+
+
+def write_config(run_dir: str | Path, config: Config) -> None:
+    """The run's resolved configuration as ``config.yaml``, readable and usable with ``--config``
+    (every checkpoint holds it too)."""
+    import yaml
+
+    text = "# the resolved configuration of this run (translate train --config accepts it)\n"
+    (Path(run_dir) / "config.yaml").write_text(text + yaml.safe_dump(config.to_dict(), sort_keys=False),
+                                               encoding="utf-8")
+
+
+class TrainLog:
+    """``train.log``: every message of the run, time-stamped, appended as training goes (a resumed
+    run adds to it); progress lines at most every ``progress_every`` seconds."""
+
+    def __init__(self, run_dir: str | Path, progress_every: float = 30.0):
+        self.file = (Path(run_dir) / "train.log").open("a", encoding="utf-8")
+        self.progress_every, self.last_progress = progress_every, -float("inf")
+
+    def write(self, line: str, progress: bool = False) -> None:
+        if progress:
+            if time.monotonic() - self.last_progress < self.progress_every:
+                return
+            self.last_progress = time.monotonic()
+        self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class MetricsLog:
@@ -68,7 +101,7 @@ def _summary_writer(directory: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise MissingExtraError("train.tensorboard needs the tensorboard package; install it with "
-                                "pip install 'translate[tensorboard]' or set train.tensorboard=false") from None
+                                "pip install 'translate-rnn[tensorboard]' or set train.tensorboard=false") from None
     return SummaryWriter(log_dir=str(directory))
 
 
@@ -76,11 +109,13 @@ class ProgressLine:
     """The training progress line: redrawn in place about every second on a terminal, else one
     logged line every 30 seconds. Other messages call ``clear`` first so they start on a clean line."""
 
-    def __init__(self, log: Callable[[str], None], in_place: bool):
-        self.log, self.in_place = log, in_place
+    def __init__(self, log: Callable[[str], None], in_place: bool, record: TrainLog | None = None):
+        self.log, self.in_place, self.record = log, in_place, record
         self.interval = 1.0 if in_place else 30.0
 
     def show(self, line: str) -> None:
+        if self.record is not None and self.in_place:  # (a logged line reaches train.log through log)
+            self.record.write(line, progress=True)
         if self.in_place:
             sys.stderr.write("\r\033[K" + line)
             sys.stderr.flush()

@@ -33,7 +33,7 @@ from .errors import DataError, TrainingError
 from .evaluate import evaluate
 from .feeding import scheduled_logits
 from .model import Seq2Seq
-from .rundir import MetricsLog, ProgressLine
+from .rundir import MetricsLog, ProgressLine, TrainLog
 from .runtime import autocast_for, rng_state
 from .schedules import LRSchedule, teacher_forcing_ratio
 from .tokenizer import PAD, Tokenizer
@@ -97,13 +97,14 @@ class Trainer:
                  model: Seq2Seq, forward: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule: LRSchedule,
                  amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler, progress: Progress,
                  saver: CheckpointSaver | None, metrics: MetricsLog | None, line: ProgressLine,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], train_log: TrainLog | None = None):
         self.config, self.world, self.run_dir, self.device = config, world, run_dir, device
         self.tokenizer, self.data, self.dev_data = corpora.tokenizer, corpora.train, corpora.dev
         self.dev_src, self.dev_ref = corpora.dev_src, corpora.dev_ref
         self.model, self.forward, self.optimizer, self.lr_schedule = model, forward, optimizer, lr_schedule
         self.amp_dtype, self.scaler, self.progress = amp_dtype, scaler, progress
         self.saver, self.metrics, self.line, self.log = saver, metrics, line, log
+        self.train_log = train_log  # (rank 0) train.log, which ``log`` also writes; closed when the run ends
         # dev BLEU decoded as `translate eval` decodes, so the two figures agree; one batch at a time,
         # since two at once would add a second batch's memory to training's peak
         self.dev_translator = Translator(model, self.tokenizer, DecodeOptions(beam=config.train.eval_beam,
@@ -305,6 +306,8 @@ class Trainer:
                      f"translate train --run-dir {self.run_dir} --resume")
         self.log(f"done: {reason} at step {p.step}; best dev BLEU {p.best_bleu:.2f} at step {p.best_step}; "
                  f"checkpoints in {self.run_dir}")
+        if self.train_log is not None:
+            self.train_log.close()
         return TrainResult(self.run_dir, p, reason, {})
 
     def _epoch_steps(self) -> Iterator[tuple[list[Batch], int]]:

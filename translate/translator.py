@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .quantize import int8_available, quantized_copy
 from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, max_lengths
-from .tokenizer import Tokenizer
+from .tokenizer import PAD, Tokenizer
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -71,6 +71,18 @@ class Translation:
     score: float
     tokens: list[int]
     attention: torch.Tensor | None = None  # (target pieces + EOS, source pieces + EOS)
+
+
+@dataclass
+class PairScore:
+    """How likely the model finds a given translation: forced decoding of the target."""
+
+    logprob: float  # summed log-probability of the target's pieces and EOS
+    pieces: int  # target pieces, EOS included
+
+    @property
+    def per_piece(self) -> float:
+        return self.logprob / max(1, self.pieces)
 
 
 def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
@@ -172,9 +184,11 @@ class Translator:
         return translator
 
     def translate(self, lines: Sequence[str], options: DecodeOptions | None = None,
-                  on_truncate: Callable[[int], None] | None = None) -> list[list[Translation]]:
+                  on_truncate: Callable[[int], None] | None = None,
+                  on_progress: Callable[[int], None] | None = None) -> list[list[Translation]]:
         """The n-best translations of ``lines``, in input order; empty lines give empty translations.
-        ``on_truncate`` hears how many lines were longer than ``max_src_len`` (and cut)."""
+        ``on_truncate`` hears how many lines were longer than ``max_src_len`` (and cut);
+        ``on_progress`` hears of each line done, as batches finish (for a progress bar)."""
         options = options or self.options
         encoded = self.tokenizer.encode_src(lines)
         too_long = sum(1 for ids in encoded if len(ids) + 1 > options.max_src_len)
@@ -184,23 +198,26 @@ class Translator:
         for index, hyps in self.translate_ids(Encoded(encoded), options):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             out[index] = [Translation(text, h.score, h.tokens, h.attention) for text, h in zip(texts, hyps)]
+            if on_progress is not None:
+                on_progress(1)
         for index, line in enumerate(lines):
             if not line.strip():
                 out[index] = [Translation("", 0.0, [], None)]
         return out
 
     def stream(self, lines: Iterable[str], chunk_lines: int = 2000, options: DecodeOptions | None = None,
-               on_truncate: Callable[[int], None] | None = None) -> Iterator[list[Translation]]:
+               on_truncate: Callable[[int], None] | None = None,
+               on_progress: Callable[[int], None] | None = None) -> Iterator[list[Translation]]:
         """Translates a stream of lines chunk by chunk and yields n-best lists in input order, so
         memory is bounded by the chunk, not the input."""
         chunk: list[str] = []
         for line in lines:
             chunk.append(line)
             if len(chunk) >= chunk_lines:
-                yield from self.translate(chunk, options, on_truncate)
+                yield from self.translate(chunk, options, on_truncate, on_progress)
                 chunk = []
         if chunk:
-            yield from self.translate(chunk, options, on_truncate)
+            yield from self.translate(chunk, options, on_truncate, on_progress)
 
     def translate_ids(self, src: Encoded, options: DecodeOptions | None = None
                       ) -> Iterator[tuple[int, list[Hypothesis]]]:
@@ -227,6 +244,41 @@ class Translator:
                 yield from done
         finally:
             self.model.train(was_training)
+
+    def score_pairs(self, sources: Sequence[str], targets: Sequence[str],
+                    options: DecodeOptions | None = None) -> list[PairScore]:
+        """The model's log-probability of each target given its source (forced decoding through
+        ``decode_step``, so every precision and decoder scores as it decodes), in input order;
+        batched by ``options.batch_tokens``, in length order. Used to rank or filter pairs."""
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        options = options or self.options
+        src = Encoded(self.tokenizer.encode_src(sources))
+        tgt = Encoded(self.tokenizer.encode_tgt(targets))
+        lengths = np.maximum(np.minimum(src.lengths + 1, options.max_src_len), tgt.lengths + 1)
+        scores: list[PairScore | None] = [None] * len(sources)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for indices in token_batches(lengths, options.batch_tokens):
+                batch = collate(src, tgt, indices, max_src_len=options.max_src_len).to(self.device)
+                for index, logprob, pieces in zip(indices, *self._forced(batch)):
+                    scores[index] = PairScore(logprob, pieces)
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def _forced(self, batch) -> tuple[list[float], list[int]]:
+        model = self.model
+        with torch.no_grad(), autocast_for(self.device, self.dtype):
+            memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+            total = torch.zeros(batch.tgt_in.size(0), device=self.device)  # (batch,)
+            for t in range(batch.tgt_in.size(1)):
+                logits, state, _ = model.decode_step(batch.tgt_in[:, t], memory, state)  # (batch, vocab)
+                gold = batch.tgt_out[:, t]
+                logp = logits.float().log_softmax(-1).gather(1, gold.unsqueeze(1)).squeeze(1)
+                total += logp.masked_fill(gold == PAD, 0.0)
+        return total.tolist(), (batch.tgt_out != PAD).sum(1).tolist()
 
     def _search(self, src: Encoded, indices, options: DecodeOptions) -> list[list[Hypothesis]]:
         """One batch of ``src``: encode, then greedy or beam search."""
