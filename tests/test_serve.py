@@ -4,6 +4,7 @@ bad requests answered with what is wrong."""
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -17,7 +18,10 @@ from translate.translator import DecodeOptions, Translator
 def server(tiny_model, tokenizer):
     translator = Translator(tiny_model, tokenizer)
     batcher = RequestBatcher(translator, max_batch=64, max_wait_ms=200)
-    httpd = make_server(batcher, "127.0.0.1", 0, max_body=4096, max_sentences=8, info={"step": 7})
+    log = []
+    httpd = make_server(batcher, "127.0.0.1", 0, max_body=4096, max_sentences=8, info={"step": 7},
+                        request_timeout=1.0, access_log=log.append, cors="https://example.org")
+    batcher.access = log
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", batcher
@@ -53,7 +57,7 @@ def _all_at_once(fn, count: int) -> list:
 def test_serve_batches_concurrent_requests(server):
     url, batcher = server
     with urllib.request.urlopen(url + "/health", timeout=10) as response:
-        assert json.loads(response.read()) == {"status": "ok", "step": 7}
+        assert json.loads(response.read()) == {"status": "ok", "step": 7, "languages": ["spa", "eng"]}
     sentences = ["El gato come pan.", "El perro bebe agua.", "", "El niño lee el libro.", "Y.", "El sol."]
     answers = _all_at_once(
         lambda i: _post(url + "/translate", json.dumps({"sentences": [sentences[i]], "beam": 3}).encode()),
@@ -94,7 +98,8 @@ def test_jobs_with_different_options_are_not_mixed(tiny_model, tokenizer):
 
 def test_parse_request_gives_options_over_the_defaults():
     defaults = DecodeOptions(batch_sentences=4, inter_threads=1)
-    sentences, options = parse_request(b'{"sentences": "Hola.", "beam": 3, "alpha": 0}', 8, 100, defaults)
+    sentences, options, scores = parse_request(b'{"sentences": "Hola.", "beam": 3, "alpha": 0}', 8, 100, defaults)
+    assert scores is False
     assert sentences == ["Hola."]
     assert options == DecodeOptions(beam=3, alpha=0.0, batch_sentences=4, inter_threads=1)
     assert parse_request(b'{"sentences": []}', 8, 100)[1] == DecodeOptions()
@@ -108,6 +113,7 @@ def test_parse_request_gives_options_over_the_defaults():
     (b"[1, 2]", 400, "JSON object"),
     (b'{"sentences": "x", "beem": 3}', 400, "unknown field"),
     (b'{"sentences": [1]}', 400, "list of strings"),
+    (b'{"sentences": ["a"], "scores": 1}', 400, '"scores" must be true or false'),
     (b'{"sentences": ["a"], "beam": 0}', 400, '"beam" must be'),
     (b'{"sentences": ["a"], "beam": 2, "n_best": 3}', 400, "cannot exceed"),
     (b'{"sentences": ["a"], "max_len_ratio": 0}', 400, '"max_len_ratio" must be positive'),
@@ -120,3 +126,97 @@ def test_serve_rejects_bad_requests(server, body, status, message):
     assert got == status and message in answer["error"]
     ok, _ = _post(url + "/translate", b'{"sentences": ["El gato."]}')  # still serving
     assert ok == 200
+
+
+def _request(url, method="GET", body=None, headers=None):
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_the_page_and_the_methods(server):
+    url, batcher = server
+    status, headers, page = _request(url + "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b"<textarea" in page and b"fetch(\"translate\"" in page
+    assert b"http://" not in page and b"https://" not in page  # nothing from elsewhere
+    status, headers, body = _request(url + "/translate")
+    assert status == 405 and "POST" in headers["Allow"] and b"takes POST" in body
+    assert _request(url + "/health", "PUT", b"{}")[0] == 405
+    assert _request(url + "/nowhere")[0] == 404
+    status, headers, _ = _request(url + "/translate", "OPTIONS")
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://example.org"
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert any('"GET / HTTP/1.1" 200' in line for line in batcher.access)  # the access log
+    assert any('"GET /translate HTTP/1.1" 405' in line for line in batcher.access)
+
+
+def test_scores_and_attention_for_the_page(server):
+    url, batcher = server
+    status, body = _post(url + "/translate", json.dumps({"sentences": ["El gato come pan.", "Y."], "beam": 2,
+                                                          "scores": True, "attention": True}).encode())
+    expected = batcher.translator.translate(["El gato come pan.", "Y."], DecodeOptions(beam=2))
+    assert status == 200 and body["scores"] == [round(e[0].score, 4) for e in expected]
+    first = body["attention"][0]
+    assert len(first["weights"]) == len(first["target"]) == len(expected[0][0].tokens) + 1
+    assert all(len(row) == len(first["source"]) for row in first["weights"])
+    assert all(abs(sum(row) - 1) < 1e-3 for row in first["weights"])
+    assert first["source"][-1] == "</s>" and first["target"][-1] == "</s>"
+
+
+def test_libretranslate_clients_work(server):
+    url, batcher = server
+    status, _, body = _request(url + "/languages")
+    assert status == 200 and json.loads(body) == [{"code": "es", "name": "Spanish", "targets": ["en"]},
+                                                   {"code": "en", "name": "English", "targets": []}]
+    expected = [t[0].text for t in batcher.translator.translate(["El gato come pan.", "Y."])]
+    status, answer = _post(url + "/translate", json.dumps({"q": "El gato come pan.", "source": "es", "target": "en",
+                                                            "format": "text"}).encode())
+    assert status == 200 and answer == {"translatedText": expected[0]}
+    status, answer = _post(url + "/translate", json.dumps({"q": ["El gato come pan.", "Y."], "source": "auto",
+                                                            "target": "eng", "api_key": ""}).encode())
+    assert status == 200 and answer == {"translatedText": expected}
+    form = urllib.parse.urlencode({"q": "El gato come pan.", "source": "es", "target": "en"}).encode()
+    status, _, body = _request(url + "/translate", "POST", form,
+                               {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and json.loads(body) == {"translatedText": expected[0]}
+    status, answer = _post(url + "/translate", json.dumps({"q": "El gato.", "source": "es", "target": "en",
+                                                            "alternatives": 2}).encode())
+    assert status == 200 and len(answer["alternatives"]) == 2
+    for bad, message in (({"q": "x", "source": "fr", "target": "en"}, 'translates from "es"'),
+                         ({"q": "x", "source": "es", "target": "de"}, 'translates into "en"'),
+                         ({"q": "x", "source": "es", "target": "en", "format": "html"}, "not supported"),
+                         ({"q": 3, "source": "es", "target": "en"}, "string or a list")):
+        status, answer = _post(url + "/translate", json.dumps(bad).encode())
+        assert status == 400 and message in answer["error"], answer
+
+
+def test_keep_alive_and_clients_that_stall_or_leave(server, capfd):
+    import http.client
+    import socket
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    for sentence in ("El gato.", "El perro."):  # two requests on one connection
+        connection.request("POST", "/translate", json.dumps({"sentences": [sentence]}),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Connection") != "close"
+        json.loads(response.read())
+    connection.close()
+    stalled = socket.create_connection((host, int(port)))
+    stalled.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"sent")  # and no more
+    gone = socket.create_connection((host, int(port)))
+    gone.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    gone.close()  # leaves mid-body
+    ok, _ = _post(url + "/translate", b'{"sentences": ["El sol."]}')  # others are served meanwhile
+    assert ok == 200
+    stalled.settimeout(10)
+    assert stalled.recv(100) == b""  # dropped after the server's 1 s timeout
+    stalled.close()
+    errors = capfd.readouterr().err
+    assert "Traceback" not in errors and "error serving" not in errors

@@ -386,20 +386,31 @@ def average(run_dir, last, output):
               help="How long a request waits for others to share its batch.")
 @click.option("--max-sentences", default=256, show_default=True, type=click.IntRange(1, 100_000),
               help="Most sentences in one request.")
+@click.option("--timeout", "request_timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a connection may stay silent (mid-request or between requests) before it is dropped.")
+@click.option("--access-log", is_flag=True, help="One line per request on stderr: client, request, status, "
+              "bytes, time.")
+@click.option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN (or * for any) call the API from a browser.")
 @decoding_options("precision")
-def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, options, precision):
-    """Serve a model over HTTP: POST /translate {"sentences": [...], "beam": 5}; GET /health."""
+def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request_timeout, access_log, cors,
+          options, precision):
+    """Serve a model over HTTP: a page to translate in a browser at /; POST /translate with
+    {"sentences": [...], "beam": 5} or LibreTranslate's {"q": ..., "source": ..., "target": ...};
+    GET /languages; GET /health."""
     from .serve import RequestBatcher, make_server
 
     translator = _load_translator(checkpoint, options, precision)
     batcher = RequestBatcher(translator, max_batch, max_wait_ms)
     info = {"checkpoint": str(checkpoint), "step": translator.progress.get("step")}
+    languages = (translator.config.data.src_lang, translator.config.data.tgt_lang)
     try:
-        server = make_server(batcher, host, port, max_sentences=max_sentences, info=info)
+        server = make_server(batcher, host, port, max_sentences=max_sentences, info=info, languages=languages,
+                             request_timeout=request_timeout, access_log=_echo_err if access_log else None,
+                             cors=cors)
     except OSError as exc:
         raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     _echo_err(f"serving {checkpoint} on http://{server.server_address[0]}:{server.server_address[1]} "
-              f"(POST /translate, GET /health); Ctrl-C stops")
+              f"(a page at /, POST /translate, GET /languages, GET /health); Ctrl-C stops")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

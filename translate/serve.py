@@ -1,27 +1,51 @@
-"""A small HTTP JSON API over a loaded model: ``POST /translate``, ``GET /health``.
+"""An HTTP service over a loaded model.
+
+- ``GET /``: a page to translate in a browser (no external resources: it is all in
+  ``page.html``), with the score and the attention of the last sentence;
+- ``POST /translate``: this project's JSON API, ``{"sentences": [...], "beam": 5}``, and the
+  LibreTranslate API on the same path (a body with ``q``, ``source``, ``target``, ``format``,
+  JSON or form-encoded, answered with ``translatedText``), so LibreTranslate clients work
+  unchanged; ``GET /languages`` (LibreTranslate's), ``GET /health``.
 
 Request threads do not run the model: they queue their sentences, and the ``RequestBatcher``'s
 one worker thread takes whatever has queued within ``max_wait_ms`` (up to ``max_batch``
 sentences) and translates it with a ``Translator`` in one batched search per set of decoding
 options, so concurrent clients share batches instead of queueing behind each other.
+
+Connections are HTTP/1.1 with keep-alive. Each connection's socket has a timeout, so a client
+that stalls mid-request is dropped and holds no thread; a client that goes away early is
+forgotten without a trace in the log. ``access_log`` gets one line per request.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
+import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from importlib.resources import files
+from typing import Any, NamedTuple
 
 from .errors import ConfigError, RequestError
 from .translator import DecodeOptions, Translation, Translator
 
 MAX_BEAM = 64
-REQUEST_FIELDS = ("sentences", "beam", "n_best", "alpha", "max_len_ratio")
+REQUEST_FIELDS = ("sentences", "beam", "n_best", "alpha", "max_len_ratio", "scores", "attention")
+LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key")
+# ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1
+# codes, which LibreTranslate clients send; a language outside this table is known by its own name
+ISO_639_1 = {"spa": "es", "eng": "en", "fra": "fr", "deu": "de", "ita": "it", "por": "pt", "nld": "nl",
+             "rus": "ru", "pol": "pl", "tur": "tr", "ara": "ar", "zho": "zh", "cmn": "zh", "jpn": "ja",
+             "kor": "ko", "ukr": "uk", "ces": "cs", "swe": "sv", "fin": "fi", "dan": "da", "ell": "el",
+             "hun": "hu", "ron": "ro", "cat": "ca", "epo": "eo", "heb": "he", "hin": "hi", "vie": "vi"}
+LANGUAGE_NAMES = {"es": "Spanish", "en": "English", "fr": "French", "de": "German", "it": "Italian",
+                  "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "pl": "Polish", "tr": "Turkish"}
 
 
 @dataclass
@@ -91,30 +115,23 @@ class RequestBatcher:
             start += len(job.sentences)
 
 
+class Request(NamedTuple):
+    sentences: list[str]
+    options: DecodeOptions
+    scores: bool = False  # (this project's API) send each translation's score
+
+
 def parse_request(body: bytes, max_sentences: int, max_chars: int,
-                  defaults: DecodeOptions | None = None) -> tuple[list[str], DecodeOptions]:
-    """Validates a /translate body; raises RequestError(400 or 413) saying what is wrong. Returns
-    the sentences and ``defaults`` with the request's beam, n_best, alpha and max_len_ratio."""
+                  defaults: DecodeOptions | None = None) -> Request:
+    """Validates a /translate body of this project's API; raises RequestError(400 or 413) saying
+    what is wrong. Returns the sentences, ``defaults`` with the request's beam, n_best, alpha,
+    max_len_ratio and attention, and whether scores were asked for."""
     defaults = defaults or DecodeOptions()
-    try:
-        request = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(400, f"the body is not JSON ({exc.__class__.__name__}); send "
-                                f'{{"sentences": ["..."]}}') from None
-    if not isinstance(request, dict):
-        raise RequestError(400, 'the body must be a JSON object like {"sentences": ["..."]}')
+    request = _json_object(body)
     unknown = sorted(set(request) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(400, f"unknown field(s) {', '.join(unknown)}; use {', '.join(REQUEST_FIELDS)}")
-    sentences = request.get("sentences")
-    if isinstance(sentences, str):
-        sentences = [sentences]
-    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-        raise RequestError(400, '"sentences" must be a list of strings')
-    if len(sentences) > max_sentences:
-        raise RequestError(413, f"{len(sentences)} sentences in one request; send at most {max_sentences}")
-    if any(len(s) > max_chars for s in sentences):
-        raise RequestError(413, f"a sentence is longer than {max_chars} characters; split it")
+    sentences = _sentences(request.get("sentences"), '"sentences"', max_sentences, max_chars)
     beam, n_best = request.get("beam", defaults.beam), request.get("n_best", defaults.n_best)
     alpha, ratio = request.get("alpha", defaults.alpha), request.get("max_len_ratio", defaults.max_len_ratio)
     for name, value in (("beam", beam), ("n_best", n_best)):
@@ -127,68 +144,281 @@ def parse_request(body: bytes, max_sentences: int, max_chars: int,
             raise RequestError(400, f'"{name}" must be a number from 0 to 100')
     if ratio <= 0:
         raise RequestError(400, '"max_len_ratio" must be positive')
+    flags = {name: request.get(name, False) for name in ("scores", "attention")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise RequestError(400, f'"{name}" must be true or false')
     try:
-        options = replace(defaults, beam=beam, n_best=n_best, alpha=float(alpha), max_len_ratio=float(ratio))
+        options = replace(defaults, beam=beam, n_best=n_best, alpha=float(alpha), max_len_ratio=float(ratio),
+                          return_attention=flags["attention"])
     except ConfigError as exc:  # what the checks above let through, should DecodeOptions ask for more
         raise RequestError(400, str(exc)) from None
-    return sentences, options
+    return Request(sentences, options, flags["scores"])
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, f"the body is not JSON ({exc.__class__.__name__}); send "
+                                f'{{"sentences": ["..."]}}') from None
+    if not isinstance(request, dict):
+        raise RequestError(400, 'the body must be a JSON object like {"sentences": ["..."]}')
+    return request
+
+
+def _sentences(value: Any, name: str, max_sentences: int, max_chars: int) -> list[str]:
+    sentences = [value] if isinstance(value, str) else value
+    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+        raise RequestError(400, f"{name} must be a string or a list of strings")
+    if len(sentences) > max_sentences:
+        raise RequestError(413, f"{len(sentences)} sentences in one request; send at most {max_sentences}")
+    if any(len(s) > max_chars for s in sentences):
+        raise RequestError(413, f"a sentence is longer than {max_chars} characters; split it")
+    return sentences
+
+
+def language_codes(name: str) -> set[str]:
+    """What clients may call a language: its name in the config and its ISO 639-1 code."""
+    return {name, ISO_639_1.get(name, name)}
+
+
+class LibreRequest(NamedTuple):
+    sentences: list[str]
+    single: bool  # ``q`` was one string: answer with one string
+    alternatives: int
+
+
+def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, str], max_sentences: int,
+                         max_chars: int) -> LibreRequest:
+    """A LibreTranslate ``/translate`` body (JSON or form-encoded) for a model that translates
+    ``languages`` (source, target); raises RequestError saying what is wrong."""
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        try:
+            fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise RequestError(400, "the form is not UTF-8") from None
+        request: dict[str, Any] = {k: v if k == "q" and len(v) > 1 else v[0] for k, v in fields.items()}
+    else:
+        request = _json_object(body)
+    unknown = sorted(set(request) - set(LIBRETRANSLATE_FIELDS))
+    if unknown:
+        raise RequestError(400, f"unknown field(s) {', '.join(unknown)}; use {', '.join(LIBRETRANSLATE_FIELDS)}")
+    source, target = request.get("source", "auto"), request.get("target")
+    src_lang, tgt_lang = languages
+    if source != "auto" and source not in language_codes(src_lang):
+        raise RequestError(400, f'this model translates from "{ISO_639_1.get(src_lang, src_lang)}", '
+                                f'not {source!r}; send "source": "{ISO_639_1.get(src_lang, src_lang)}" or "auto"')
+    if target not in language_codes(tgt_lang):
+        raise RequestError(400, f'this model translates into "{ISO_639_1.get(tgt_lang, tgt_lang)}", '
+                                f'not {target!r}; send "target": "{ISO_639_1.get(tgt_lang, tgt_lang)}"')
+    if request.get("format", "text") != "text":
+        raise RequestError(400, f'"format" {request["format"]!r} is not supported; send plain text, "format": "text"')
+    alternatives = request.get("alternatives", 0)
+    try:
+        alternatives = int(alternatives)
+    except (TypeError, ValueError):
+        alternatives = -1
+    if not 0 <= alternatives < MAX_BEAM:
+        raise RequestError(400, f'"alternatives" must be an integer from 0 to {MAX_BEAM - 1}')
+    q = request.get("q")
+    return LibreRequest(_sentences(q, '"q"', max_sentences, max_chars), isinstance(q, str), alternatives)
+
+
+def languages_payload(languages: tuple[str, str]) -> list[dict[str, Any]]:
+    """``GET /languages`` as LibreTranslate answers it."""
+    src, tgt = (ISO_639_1.get(name, name) for name in languages)
+    return [{"code": src, "name": LANGUAGE_NAMES.get(src, languages[0]), "targets": [tgt]},
+            {"code": tgt, "name": LANGUAGE_NAMES.get(tgt, languages[1]), "targets": []}]
+
+
+def attention_payload(translator: Translator, source: str, translation: Translation) -> dict[str, Any]:
+    """The attention of one translation, for the page's heatmap: pieces on both sides (with EOS)
+    and the weights, a row per target piece."""
+    tokenizer = translator.tokenizer
+    source_pieces = tokenizer.src_pieces(source)[: translator.options.max_src_len - 1] + ["</s>"]
+    weights = translation.attention
+    return {"source": source_pieces, "target": tokenizer.tgt_pieces(translation.tokens) + ["</s>"],
+            "weights": [] if weights is None else [[round(float(w), 4) for w in row] for row in weights]}
+
+
+PAGE = "page.html"
 
 
 def make_server(batcher: RequestBatcher, host: str = "127.0.0.1", port: int = 8080, max_body: int = 1 << 20,
-                max_sentences: int = 256, max_chars: int = 10_000,
-                info: dict[str, Any] | None = None) -> ThreadingHTTPServer:
+                max_sentences: int = 256, max_chars: int = 10_000, info: dict[str, Any] | None = None,
+                languages: tuple[str, str] = ("spa", "eng"), request_timeout: float = 30.0,
+                access_log: Callable[[str], None] | None = None, cors: str | None = None) -> ThreadingHTTPServer:
     """An HTTP server (not started) that answers through ``batcher``; a request's options default
-    to its translator's."""
+    to its translator's. ``languages``: the model's (source, target), for the LibreTranslate API;
+    ``request_timeout``: seconds a connection may stay silent mid-request or between requests;
+    ``cors``: the origin allowed to call it from a browser page of its own (``*``: any)."""
     defaults = batcher.translator.options
+    page = files("translate").joinpath(PAGE).read_bytes()
+    routes = {"/": ("GET",), "/health": ("GET",), "/languages": ("GET",), "/translate": ("POST",)}
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "translate"
+        protocol_version = "HTTP/1.1"  # keep-alive
+        timeout = request_timeout  # on the connection's socket: a silent client is dropped
 
-        def log_message(self, *args) -> None:  # quiet: one line per request is noise for a service
+        def setup(self) -> None:
+            super().setup()
+            self.started, self.status, self.sent = time.monotonic(), 0, 0
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (ConnectionError, TimeoutError):  # the client went away or stalled: nothing to report
+                self.close_connection = True
+
+        def log_message(self, *args) -> None:  # the access log below replaces http.server's lines
             pass
 
-        def _send(self, status: int, payload: dict[str, Any]) -> None:
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        def log_request(self, code="-", size="-") -> None:
+            pass
+
+        def _access(self) -> None:
+            if access_log is not None:
+                took = (time.monotonic() - self.started) * 1000
+                access_log(f'{self.client_address[0]} "{self.command} {self.path} {self.request_version}" '
+                           f"{self.status} {self.sent} {took:.1f}ms")
+
+        def _reply(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+            self.status, self.sent = status, len(body)
             self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            if cors:
+                self.send_header("Access-Control-Allow-Origin", cors)
+                self.send_header("Vary", "Origin")
+            for name, value in (extra or {}).items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            self._access()
+
+        def _send(self, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
+            self._reply(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+                        "application/json; charset=utf-8", extra)
+
+        def _route(self) -> tuple[str, ...] | None:
+            """The methods of the request's path, or None after answering 404 or 405."""
+            methods = routes.get(urllib.parse.urlsplit(self.path).path.rstrip("/") or "/")
+            command = "GET" if self.command == "HEAD" else self.command
+            if methods is None:
+                self._send(404, {"error": f"no such path {self.path}; use GET /, POST /translate, "
+                                          f"GET /languages or GET /health"})
+            elif command not in methods and command != "OPTIONS":
+                self._send(405, {"error": f"{self.path} takes {' or '.join(methods)}, not {self.command}"},
+                           {"Allow": ", ".join((*methods, "OPTIONS"))})
+                return None
+            return methods
 
         def do_GET(self) -> None:
-            if self.path.rstrip("/") == "/health":
-                self._send(200, {"status": "ok", **(info or {})})
+            if self._route() is None:
+                return
+            path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
+            if path == "/":
+                self._reply(200, page, "text/html; charset=utf-8")
+            elif path == "/languages":
+                self._send(200, languages_payload(languages))
             else:
-                self._send(404, {"error": f"no such path {self.path}; use POST /translate or GET /health"})
+                self._send(200, {"status": "ok", **(info or {}), "languages": list(languages)})
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def do_OPTIONS(self) -> None:  # a browser's CORS preflight
+            methods = self._route()
+            if methods is not None:
+                extra = {"Allow": ", ".join((*methods, "OPTIONS"))}
+                if cors:
+                    extra.update({"Access-Control-Allow-Methods": ", ".join((*methods, "OPTIONS")),
+                                  "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "600"})
+                self._reply(204, b"", "text/plain", extra)
+
+        def do_PUT(self) -> None:
+            self._route()
+
+        do_DELETE = do_PATCH = do_PUT
 
         def do_POST(self) -> None:
-            if self.path.rstrip("/") != "/translate":
-                self._send(404, {"error": f"no such path {self.path}; use POST /translate"})
+            if self._route() is None or self.command != "POST":
                 return
             try:
                 length = int(self.headers.get("Content-Length") or -1)
             except ValueError:
                 length = -1
             if length < 0:
+                self.close_connection = True  # the body's end is unknown: the connection cannot go on
                 self._send(411, {"error": "send a Content-Length header"})
                 return
             if length > max_body:
                 self.close_connection = True
                 self._send(413, {"error": f"the body has {length} bytes; send at most {max_body}"})
                 return
+            body = self.rfile.read(length)
+            if len(body) < length:  # the client closed mid-body
+                self.close_connection = True
+                return
             try:
-                sentences, options = parse_request(self.rfile.read(length), max_sentences, max_chars, defaults)
-                results = batcher.translate(sentences, options)
+                self._translate(body)
             except RequestError as exc:
                 self._send(exc.status, {"error": str(exc)})
-                return
+            except (ConnectionError, TimeoutError):
+                raise
             except Exception as exc:  # a model failure: report it, keep serving
                 self._send(500, {"error": f"translation failed: {exc}"})
-                return
-            if options.n_best == 1:
-                self._send(200, {"translations": [r[0].text for r in results]})
-            else:
-                self._send(200, {"translations": [[{"text": t.text, "score": round(t.score, 4)} for t in r]
-                                                  for r in results]})
 
-    return ThreadingHTTPServer((host, port), Handler)
+        def _translate(self, body: bytes) -> None:
+            content_type = self.headers.get("Content-Type", "application/json")
+            libre = content_type.startswith("application/x-www-form-urlencoded") or _is_libretranslate(body)
+            if libre:
+                request = parse_libretranslate(body, content_type, languages, max_sentences, max_chars)
+                n = request.alternatives + 1
+                options = replace(defaults, beam=max(defaults.beam, n), n_best=n)
+                results = batcher.translate(request.sentences, options)
+                texts = [r[0].text for r in results]
+                answer: dict[str, Any] = {"translatedText": texts[0] if request.single else texts}
+                if request.alternatives:
+                    others = [[t.text for t in r[1:]] for r in results]
+                    answer["alternatives"] = others[0] if request.single else others
+                self._send(200, answer)
+                return
+            sentences, options, scores = parse_request(body, max_sentences, max_chars, defaults)
+            results = batcher.translate(sentences, options)
+            if options.n_best == 1:
+                answer = {"translations": [r[0].text for r in results]}
+                if scores:
+                    answer["scores"] = [round(r[0].score, 4) for r in results]
+            else:
+                answer = {"translations": [[{"text": t.text, "score": round(t.score, 4)} for t in r]
+                                           for r in results]}
+            if options.return_attention:
+                answer["attention"] = [attention_payload(batcher.translator, s, r[0])
+                                       for s, r in zip(sentences, results)]
+            self._send(200, answer)
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address) -> None:
+            """One line, no traceback (clients that go away are not errors, and are not reported)."""
+            error = sys.exc_info()[1]
+            if not isinstance(error, (ConnectionError, TimeoutError)):
+                print(f"error serving {client_address[0]}: {type(error).__name__}: {error}", file=sys.stderr)
+
+    return Server((host, port), Handler)
+
+
+def _is_libretranslate(body: bytes) -> bool:
+    """A JSON body with ``q`` (LibreTranslate's field) rather than ``sentences``."""
+    try:
+        request = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(request, dict) and "q" in request and "sentences" not in request

@@ -1,0 +1,64 @@
+"""The page of ``translate serve`` in a real browser: headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, which .ci/run installs) loads it, types a sentence, and reads the
+translation and the attention heatmap. Skipped, with the reason, where no browser is installed."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+
+from translate.serve import RequestBatcher, make_server
+from translate.translator import DecodeOptions, Translator
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install '.[test]')")
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (BROWSER and DRIVER), reason="needs Chromium and its driver "
+                                "(apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture()
+def page_url(tiny_model, tokenizer):
+    batcher = RequestBatcher(Translator(tiny_model, tokenizer, DecodeOptions(beam=2)), max_wait_ms=1)
+    server = make_server(batcher, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", batcher.translator
+    server.shutdown()
+    server.server_close()
+    batcher.close()
+
+
+@pytest.fixture()
+def browser():
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=390,844"):
+        options.add_argument(flag)  # a phone-sized window
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_translates_what_is_typed(page_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, translator = page_url
+    browser.get(url)
+    Select(browser.find_element(By.ID, "beam")).select_by_value("1")
+    source = browser.find_element(By.ID, "source")
+    source.send_keys("El gato come pan.")
+    source.send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard alone
+    WebDriverWait(browser, 30).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Score"))
+    expected = translator.translate(["El gato come pan."], DecodeOptions(beam=1))[0][0]
+    assert browser.find_element(By.ID, "target").get_property("value") == expected.text
+    cells = browser.find_elements(By.CSS_SELECTOR, "#heatmap td")
+    assert len(cells) == (len(expected.tokens) + 1) * len(translator.tokenizer.src_pieces("El gato come pan.") + [0])
+    width = browser.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 390  # nothing wider than a phone's screen but the heatmap's own scroll box
