@@ -36,8 +36,11 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = BROWSER
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=390,844"):
-        options.add_argument(flag)  # a phone-sized window
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    # a phone's screen (a headless window itself is never narrower than 500 pixels)
+    options.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": 390, "height": 844,
+                                                                          "pixelRatio": 2}})
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     yield driver
     driver.quit()
@@ -60,5 +63,5 @@ def test_the_page_translates_what_is_typed(page_url, browser):
     assert browser.find_element(By.ID, "target").get_property("value") == expected.text
     cells = browser.find_elements(By.CSS_SELECTOR, "#heatmap td")
     assert len(cells) == (len(expected.tokens) + 1) * len(translator.tokenizer.src_pieces("El gato come pan.") + [0])
-    width = browser.execute_script("return document.documentElement.scrollWidth")
-    assert width <= 390  # nothing wider than a phone's screen but the heatmap's own scroll box
+    screen, width = browser.execute_script("return [window.innerWidth, document.documentElement.scrollWidth]")
+    assert screen == 390 and width <= screen  # nothing wider than the phone's screen (the heatmap scrolls)

@@ -121,17 +121,22 @@ def test_every_rank_resumes_with_its_own_random_state(tiny_config, tmp_path):
     config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
-    def torchrun(run_dir, *extra):
+    def torchrun(run_dir, *extra, steps):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
                "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "translate", "train",
                "--run-dir", str(run_dir), "--config", str(config_file), "--set", "train.device=cpu", *extra]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        if done.returncode != 0 and "SIGABRT" in done.stderr and "done: reached max_steps" in done.stderr:
+            # gloo now and then aborts a process as it tears down, after the run has finished and saved
+            # (rare; the two-process test above meets it too): the files are what this test checks
+            assert load_checkpoint(run_dir / "last.pt")["progress"]["step"] == steps, done.stderr[-3000:]
+            return
         assert done.returncode == 0, done.stderr[-3000:]
 
-    torchrun(tmp_path / "whole")
-    torchrun(tmp_path / "split", "--max-steps", "2")
+    torchrun(tmp_path / "whole", steps=4)
+    torchrun(tmp_path / "split", "--max-steps", "2", steps=2)
     assert len(load_checkpoint(tmp_path / "split" / "last.pt")["rank_rng"]) == 2
-    torchrun(tmp_path / "split", "--resume")
+    torchrun(tmp_path / "split", "--resume", steps=4)
     a = load_checkpoint(tmp_path / "whole" / "last.pt")
     b = load_checkpoint(tmp_path / "split" / "last.pt")
     assert a["progress"]["step"] == b["progress"]["step"] == EXACT["train.max_steps"]
