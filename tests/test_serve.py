@@ -179,6 +179,13 @@ def test_libretranslate_clients_work(server):
     status, answer = _post(url + "/translate", json.dumps({"q": ["El gato come pan.", "Y."], "source": "auto",
                                                             "target": "eng", "api_key": ""}).encode())
     assert status == 200 and answer == {"translatedText": expected}
+    labelled_as_forms = (b'{"q": "El gato come pan.", "source": "es", "target": "en"}',
+                         b'{"sentences": ["El gato come pan."]}')
+    for body in labelled_as_forms:
+        status, _, answer = _request(url + "/translate", "POST", body,  # JSON labelled as a form, as curl -d does
+                                     {"Content-Type": "application/x-www-form-urlencoded"})
+        answer = json.loads(answer)
+        assert status == 200 and (answer.get("translatedText") or answer["translations"][0]) == expected[0]
     form = urllib.parse.urlencode({"q": "El gato come pan.", "source": "es", "target": "en"}).encode()
     status, _, body = _request(url + "/translate", "POST", form,
                                {"Content-Type": "application/x-www-form-urlencoded"})

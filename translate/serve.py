@@ -193,7 +193,7 @@ def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, s
                          max_chars: int) -> LibreRequest:
     """A LibreTranslate ``/translate`` body (JSON or form-encoded) for a model that translates
     ``languages`` (source, target); raises RequestError saying what is wrong."""
-    if content_type.startswith("application/x-www-form-urlencoded"):
+    if _json_dict(body) is None and content_type.startswith("application/x-www-form-urlencoded"):
         try:
             fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
@@ -376,7 +376,9 @@ def make_server(batcher: RequestBatcher, host: str = "127.0.0.1", port: int = 80
 
         def _translate(self, body: bytes) -> None:
             content_type = self.headers.get("Content-Type", "application/json")
-            libre = content_type.startswith("application/x-www-form-urlencoded") or _is_libretranslate(body)
+            as_json = _json_dict(body)  # (curl -d sends JSON labelled as a form: the body decides)
+            libre = "q" in as_json and "sentences" not in as_json if as_json is not None \
+                else content_type.startswith("application/x-www-form-urlencoded")
             if libre:
                 request = parse_libretranslate(body, content_type, languages, max_sentences, max_chars)
                 n = request.alternatives + 1
@@ -415,10 +417,10 @@ def make_server(batcher: RequestBatcher, host: str = "127.0.0.1", port: int = 80
     return Server((host, port), Handler)
 
 
-def _is_libretranslate(body: bytes) -> bool:
-    """A JSON body with ``q`` (LibreTranslate's field) rather than ``sentences``."""
+def _json_dict(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None when it is not one."""
     try:
         request = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(request, dict) and "q" in request and "sentences" not in request
+        return None
+    return request if isinstance(request, dict) else None
