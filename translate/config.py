@@ -24,9 +24,12 @@ BUNDLED_DATA = PACKAGE_DIR / "bundled"  # the split of data/README.md, installed
 
 
 def shown_path(path: str | Path) -> str:
-    """A path as messages show it: the bundled split by name, a path under the working directory
-    relative to it, any other as it is (so messages do not carry one machine's install paths)."""
+    """A path as messages show it: a relative one as given, an absolute one in the bundled split by
+    name or under the working directory relative to it, any other as it is (so messages do not
+    carry one machine's install paths)."""
     path = Path(path)
+    if not path.is_absolute():  # as the user typed it
+        return str(path)
     absolute = path.resolve() if path.exists() else path
     if absolute.is_relative_to(BUNDLED_DATA.resolve()):
         return f"the bundled {absolute.relative_to(BUNDLED_DATA.resolve()).as_posix()}"
