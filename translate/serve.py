@@ -193,14 +193,15 @@ def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, s
                          max_chars: int) -> LibreRequest:
     """A LibreTranslate ``/translate`` body (JSON or form-encoded) for a model that translates
     ``languages`` (source, target); raises RequestError saying what is wrong."""
-    if _json_dict(body) is None and content_type.startswith("application/x-www-form-urlencoded"):
+    request = _json_dict(body)  # parsed once; a form only when the body is not a JSON object
+    if request is None and content_type.startswith("application/x-www-form-urlencoded"):
         try:
             fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
             raise RequestError(400, "the form is not UTF-8") from None
-        request: dict[str, Any] = {k: v if k == "q" and len(v) > 1 else v[0] for k, v in fields.items()}
-    else:
-        request = _json_object(body)
+        request = {k: v if k == "q" and len(v) > 1 else v[0] for k, v in fields.items()}
+    elif request is None:
+        request = _json_object(body)  # raises, saying what is wrong
     unknown = sorted(set(request) - set(LIBRETRANSLATE_FIELDS))
     if unknown:
         raise RequestError(400, f"unknown field(s) {', '.join(unknown)}; use {', '.join(LIBRETRANSLATE_FIELDS)}")
