@@ -21,12 +21,20 @@ hallucination looks like here) and the length ratio, then a paired bootstrap tes
 
 A configuration is NAME=KEY=VALUE,KEY=VALUE (NAME= for the defaults). The machine must be
 otherwise idle: the budget is wall time, so a busy machine trains fewer steps.
+
+Every finished run leaves its translations, steps and command in RESULTS/<name>-s<seed>.json.gz
+(``bench/results/exposure`` by default, kept in git): the table is made again from those, and a
+later session goes on with the runs that are missing, seed by seed (one seed of every
+configuration before the next seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
+import platform
 import re
 import statistics
 import subprocess
@@ -106,6 +114,34 @@ def outputs(run_dir: Path, sets: dict[str, tuple[list[str], list[str]]]) -> dict
     return found
 
 
+def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list[str],
+                 sets: dict[str, tuple[list[str], list[str]]], args: argparse.Namespace) -> dict | None:
+    """One configuration and seed: its kept results, or trained (unless --eval-only), decoded and
+    kept. None when it has neither results nor a run and may not train."""
+    kept = results / f"{name}-s{seed}.json.gz"
+    if kept.is_file():
+        with gzip.open(kept, "rt", encoding="utf-8") as source:
+            run = json.load(source)
+        if run["overrides"] != overrides:
+            sys.exit(f"{kept} was made with {run['overrides']}, not {overrides}; move it away to run it again")
+        return run
+    run_dir = out / f"{name}-s{seed}"
+    if not (run_dir / "quality-done").is_file():
+        if args.eval_only:
+            return None
+        train(run_dir, seed, overrides, args.minutes)
+    run = {"variant": name, "seed": seed, "overrides": overrides, "steps": steps_trained(run_dir),
+           "command": (run_dir / "quality-done").read_text(encoding="utf-8").strip(),
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+           "outputs": outputs(run_dir, sets)}
+    results.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_name(kept.name + ".part")
+    with gzip.open(partial, "wt", encoding="utf-8") as sink:
+        json.dump(run, sink)
+    partial.replace(kept)
+    return run
+
+
 def steps_trained(run_dir: Path) -> int:
     logged = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
     return max(entry["step"] for entry in logged)
@@ -122,6 +158,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="1234,2,3", help="comma-separated training seeds")
     parser.add_argument("--minutes", type=float, help="training budget (default: the config's, 25)")
     parser.add_argument("--out", default="checkpoints/exposure", help="where the runs go")
+    parser.add_argument("--results", default="bench/results/exposure",
+                        help="where each finished run's translations are kept (and found again)")
     parser.add_argument("--json", dest="json_path", help="also write every figure to this JSON file")
     parser.add_argument("--eval-only", action="store_true", help="score the runs that exist; train none")
     parser.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
@@ -140,20 +178,16 @@ def main() -> None:
     references = {"test": test.tgt, "long": [test.tgt[i] for i in long_fifth], "bible": sets["bible"][1]}
 
     runs: list[dict] = []
-    for name, overrides in variants.items():
-        for seed in seeds:
-            run_dir = Path(args.out) / f"{name}-s{seed}"
-            if not (run_dir / "quality-done").is_file():
-                if args.eval_only:
-                    continue
-                train(run_dir, seed, overrides, args.minutes)
-            found = outputs(run_dir, sets)
+    for seed in seeds:  # one seed of every configuration first: the table fills in evenly
+        for name, overrides in variants.items():
+            run = finished_run(Path(args.results), Path(args.out), name, seed, overrides, sets, args)
+            if run is None:
+                continue
             for beam in BEAMS:
-                found[f"long.b{beam}"] = [found[f"test.b{beam}"][i] for i in long_fifth]
-            scores = {key: figures(hyps, references[key.split(".")[0]]) for key, hyps in found.items()}
-            runs.append({"variant": name, "seed": seed, "overrides": overrides, "steps": steps_trained(run_dir),
-                         "scores": scores, "outputs": found})
-            print(f"{name} seed {seed}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in scores.items()),
+                run["outputs"][f"long.b{beam}"] = [run["outputs"][f"test.b{beam}"][i] for i in long_fifth]
+            run["scores"] = {key: figures(hyps, references[key.split(".")[0]]) for key, hyps in run["outputs"].items()}
+            runs.append(run)
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in run["scores"].items()),
                   flush=True)
     if not runs:
         sys.exit("no finished runs to score")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from translate.attention import BahdanauAttention, LuongAttention
-from translate.config import load_config
+from translate.config import Config, load_config
 from translate.decoder import STEP_CELLS
 from translate.encoder import Encoder
 from translate.model import build_model
@@ -203,7 +203,6 @@ def test_every_combination_trains_a_step_and_decodes(cell, attention, decoder, t
 def test_a_checkpoint_from_before_the_bahdanau_decoder_loads(tmp_path):
     """Checkpoints of earlier versions have no model.decoder or model.layer_norm: they are Luong."""
     from translate.checkpoint import restore
-    from translate.config import Config
     from translate.tokenizer import Tokenizer
 
     from .conftest import make_pairs
@@ -228,6 +227,22 @@ def test_input_feeding_belongs_to_the_luong_decoder():
 
     with pytest.raises(ConfigError, match="model.input_feeding belongs to the Luong decoder"):
         load_config(overrides={"model.decoder": "bahdanau", "model.input_feeding": "true"})
+
+
+def test_choosing_the_bahdanau_decoder_alone_turns_input_feeding_off(tmp_path):
+    """Input feeding is on by default, so picking the other decoder must not need a second key."""
+    assert Config().model.input_feeding and Config().model.decoder == "luong"
+    assert not load_config(overrides={"model.decoder": "bahdanau"}).model.input_feeding
+    written = tmp_path / "c.yaml"
+    written.write_text("model:\n  decoder: bahdanau\n", encoding="utf-8")
+    assert not load_config(written).model.input_feeding
+    # the written-out default says input_feeding: true, and --set decoder=bahdanau still works
+    assert not load_config("configs/default.yaml", {"model.decoder": "bahdanau"}).model.input_feeding
+    assert load_config(overrides={"model.decoder": "luong"}).model.input_feeding
+    # a checkpoint's saved config always names both keys, so it is rebuilt as saved
+    saved = Config().to_dict()
+    saved["model"].update(decoder="bahdanau", input_feeding=False)
+    assert Config.from_dict(saved).model.decoder == "bahdanau"
 
 
 def test_the_luong_decoder_makes_its_layers_in_the_order_of_earlier_versions():

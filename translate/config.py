@@ -70,7 +70,9 @@ class ModelConfig:
     attention: Literal["bahdanau", "luong-dot", "luong-general"] = "bahdanau"  # the score
     # luong: RNN, then attention with its output; bahdanau: attention with the previous state, then the RNN
     decoder: Literal["luong", "bahdanau"] = "luong"
-    input_feeding: bool = False  # (luong decoder)
+    # (luong decoder) feed the attentional vector to the RNN; choosing decoder=bahdanau without also
+    # setting this turns it off (that decoder feeds its context instead)
+    input_feeding: bool = True
     layer_norm: bool = False  # LayerNorm over the encoder's and decoder's RNN outputs
     dropout: float = 0.2
     tie_embeddings: bool = True
@@ -141,6 +143,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if isinstance(model, dict) and _bahdanau_alone(model.get("decoder"), "input_feeding" in model):
+            raw = {**raw, "model": {**model, "input_feeding": False}}
         return _build(cls, raw, "")
 
     def override(self, pairs: dict[str, Any]) -> Config:
@@ -153,6 +158,8 @@ class Config:
             if name not in raw[section]:
                 raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
             raw[section][name] = value
+        if _bahdanau_alone(pairs.get("model.decoder"), "model.input_feeding" in pairs):
+            raw["model"]["input_feeding"] = False
         config = Config.from_dict(raw)
         config.validate()
         return config
@@ -203,6 +210,12 @@ class Config:
             raise ConfigError(f"train.dist_timeout_minutes must be positive, got {t.dist_timeout_minutes}")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
+
+
+def _bahdanau_alone(decoder: Any, sets_feeding: bool) -> bool:
+    """Whether a source picks the Bahdanau decoder without saying anything of input feeding, which
+    is on by default but belongs to the Luong decoder: then it is turned off, not an error."""
+    return isinstance(decoder, str) and decoder.strip().lower() == "bahdanau" and not sets_feeding
 
 
 SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig}
