@@ -1,0 +1,88 @@
+"""Which precision CPU decoding should use by default: every precision (fp32, bf16, int8) decodes
+the bundled test split and ``../shared/data/bible-es-en.dev`` (domain shift; evaluation only),
+greedy and beam 5, as ``translate eval`` does (its batch size and threads), timed. Prints
+sentences/s, BLEU and chrF and their difference from fp32, and names the fastest precision whose
+BLEU stays within --tolerance of fp32 everywhere (the rule of the default), then writes JSON.
+
+    python bench/decode_precision.py checkpoints/default --json bench/results/decode_precision.json
+
+The machine must be otherwise idle: the speeds are wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from translate.config import BUNDLED_DATA
+from translate.corpus import read_lines, read_parallel
+from translate.evaluate import score
+from translate.runtime import configure_process
+from translate.translator import PRECISIONS, DecodeOptions, Translator
+
+ROOT = Path(__file__).resolve().parents[1]
+BIBLE = ROOT.parent / "shared" / "data" / "bible-es-en.dev"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/default")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--beams", default="1,5")
+    parser.add_argument("--tolerance", type=float, default=0.1, help="BLEU a precision may lose against fp32")
+    parser.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    configure_process()  # as the command line does
+
+    test = read_parallel(str(BUNDLED_DATA / "test.tsv"), "spa", "eng", "test")
+    sets = {"test": (test.src, test.tgt), "bible": (read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))}
+    beams = [int(b) for b in args.beams.split(",")]
+    print(f"{args.checkpoint}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"{'precision':<9} {'set':<6} {'search':<7} {'sent/s':>8} {'BLEU':>6} {'chrF':>6} {'ΔBLEU':>6} {'speed':>6}")
+    rows, fp32 = [], {}
+    for precision in args.precisions.split(","):
+        translator = Translator.load(args.checkpoint, precision=precision)  # as `translate eval` loads
+        for name, (sources, references) in sets.items():
+            for beam in beams:
+                start = time.perf_counter()
+                hypotheses = [nbest[0].text for nbest in translator.translate(sources, DecodeOptions(beam=beam))]
+                seconds = time.perf_counter() - start
+                figures = score(hypotheses, references)
+                row = {"precision": precision, "set": name, "beam": beam, "sent_per_s": len(sources) / seconds,
+                       "bleu": figures["bleu"], "chrf": figures["chrf"]}
+                base = fp32.setdefault((name, beam), row) if precision == "fp32" else fp32.get((name, beam))
+                row["delta_bleu"] = row["bleu"] - base["bleu"] if base else None
+                row["speedup"] = row["sent_per_s"] / base["sent_per_s"] if base else None
+                rows.append(row)
+                search = "greedy" if beam == 1 else f"beam {beam}"
+                delta = f"{row['delta_bleu']:+6.2f}" if base else f"{'–':>6}"
+                speed = f"{row['speedup']:5.2f}×" if base else f"{'–':>6}"
+                print(f"{precision:<9} {name:<6} {search:<7} {row['sent_per_s']:>8.1f} {row['bleu']:>6.2f} "
+                      f"{row['chrf']:>6.2f} {delta} {speed}", flush=True)
+
+    def keeps_quality(precision: str) -> bool:
+        mine = [r for r in rows if r["precision"] == precision]
+        return bool(mine) and all(r["delta_bleu"] is not None and r["delta_bleu"] >= -args.tolerance for r in mine)
+
+    def speed(precision: str) -> float:  # mean speed-up over sets and searches
+        mine = [r["speedup"] for r in rows if r["precision"] == precision and r["speedup"] is not None]
+        return sum(mine) / len(mine) if mine else 0.0
+
+    eligible = [p for p in args.precisions.split(",") if p == "fp32" or keeps_quality(p)]
+    choice = max(eligible, key=lambda p: 1.0 if p == "fp32" else speed(p)) if fp32 else None  # fp32 is the yardstick
+    print(f"\nfastest within {args.tolerance} BLEU of fp32 on every set and search: {choice}")
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps({
+            "checkpoint": args.checkpoint, "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "tolerance": args.tolerance, "choice": choice, "rows": rows},
+            indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
