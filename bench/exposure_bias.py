@@ -132,7 +132,7 @@ def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list
         train(run_dir, seed, overrides, args.minutes)
     run = {"variant": name, "seed": seed, "overrides": overrides, "steps": steps_trained(run_dir),
            "command": (run_dir / "quality-done").read_text(encoding="utf-8").strip(),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+           "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
            "outputs": outputs(run_dir, sets)}
     results.mkdir(parents=True, exist_ok=True)
     partial = kept.with_name(kept.name + ".part")
@@ -140,6 +140,17 @@ def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list
         json.dump(run, sink)
     partial.replace(kept)
     return run
+
+
+def cpu_model() -> str:
+    """The CPU's name (machines here differ from session to session, and the budget is wall time)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def steps_trained(run_dir: Path) -> int:
