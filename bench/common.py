@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,3 +56,14 @@ def forward_flops(cfg: ModelConfig, vocab: int, src_tokens: int, tgt_tokens: int
     flops += tgt_tokens * 2 * readout_in * out_dim  # attentional vector (luong) or readout (bahdanau)
     flops += tgt_tokens * 2 * out_dim * vocab  # output layer
     return flops
+
+
+def cpu_model() -> str:
+    """The CPU's name (machines here differ from session to session, and the budget is wall time)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -18,6 +18,7 @@ hallucination looks like here) and the length ratio, then a paired bootstrap tes
 
     python bench/exposure_bias.py --seeds 1234,2,3                  # the default configurations
     python bench/exposure_bias.py --variant luong= --variant bahdanau=model.decoder=bahdanau
+    python bench/exposure_bias.py --eval-only --json bench/results/exposure_bias.json --readme README.md
 
 A configuration is NAME=KEY=VALUE,KEY=VALUE (NAME= for the defaults). The machine must be
 otherwise idle: the budget is wall time, so a busy machine trains fewer steps.
@@ -34,7 +35,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -43,6 +43,9 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model
 
 from translate.corpus import read_lines, read_parallel
 from translate.runtime import configure_process
@@ -142,17 +145,6 @@ def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list
     return run
 
 
-def cpu_model() -> str:
-    """The CPU's name (machines here differ from session to session, and the budget is wall time)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def steps_trained(run_dir: Path) -> int:
     logged = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
     return max(entry["step"] for entry in logged)
@@ -173,6 +165,7 @@ def main() -> None:
                         help="where each finished run's translations are kept (and found again)")
     parser.add_argument("--json", dest="json_path", help="also write every figure to this JSON file")
     parser.add_argument("--eval-only", action="store_true", help="score the runs that exist; train none")
+    parser.add_argument("--readme", help="rewrite the table between this file's exposure-bias markers")
     parser.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
     args = parser.parse_args()
     configure_process()
@@ -227,11 +220,71 @@ def main() -> None:
               f"of a difference this large by luck):")
         for key, results in tests.items():
             print(f"  {key}: " + "; ".join(f"{name} {r['delta']:+.2f} (p={r['p']:.3f})" for name, r in results.items()))
+    verdicts = goal(summary)
+    for name, verdict in verdicts.items():
+        print(f"goal against {next(iter(summary))}: {name}: {verdict}")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         slim = [{k: v for k, v in r.items() if k != "outputs"} for r in runs]
-        Path(args.json_path).write_text(json.dumps({"runs": slim, "summary": summary, "paired_tests": tests},
-                                                   indent=1) + "\n", encoding="utf-8")
+        Path(args.json_path).write_text(json.dumps({"runs": slim, "summary": summary, "paired_tests": tests,
+                                                    "goal": verdicts}, indent=1) + "\n", encoding="utf-8")
+    if args.readme:
+        write_readme(Path(args.readme), readme_table(summary, tests, verdicts))
+
+
+# what a configuration must do against the first (plain teacher forcing) to become the default:
+# means over seeds, greedy unless named; (key, least difference)
+GOAL = [("bible.b1 bleu", 1.0), ("bible.b1 chrf", 2.0), ("long.b1 bleu", 0.5), ("test.b1 bleu", -0.3),
+        ("test.b5 bleu", -0.3)]
+
+
+def goal(summary: dict) -> dict[str, str]:
+    """For every configuration but the first: "met", or which of GOAL's differences fall short."""
+    if len(summary) < 2:
+        return {}
+    base_name, *names = summary
+    base, verdicts = summary[base_name], {}
+    for name in names:
+        short = [f"{key} {summary[name][key][0] - base[key][0]:+.2f} (needs {least:+.1f})"
+                 for key, least in GOAL if summary[name][key][0] - base[key][0] < least]
+        verdicts[name] = "met" if not short else "not met: " + ", ".join(short)
+    return verdicts
+
+
+README_BEGIN, README_END = "<!-- exposure-bias table: begin -->", "<!-- exposure-bias table: end -->"
+
+
+def readme_table(summary: dict, tests: dict, verdicts: dict) -> str:
+    """The README's table: the columns the goal is judged on, means ± standard deviations."""
+    columns = [("test.b5 bleu", "test BLEU b5"), ("test.b1 bleu", "test BLEU greedy"),
+               ("long.b1 bleu", "long fifth BLEU greedy"), ("bible.b1 bleu", "Bible BLEU greedy"),
+               ("bible.b1 chrf", "Bible chrF greedy"), ("bible.b5 bleu", "Bible BLEU b5"),
+               ("bible.b1 degenerate", "Bible degenerate % greedy")]
+    lines = ["| configuration | seeds | steps | " + " | ".join(title for _, title in columns) + " | goal |",
+             "|---|---|---|" + "---|" * len(columns) + "---|"]
+    for name, row in summary.items():
+        cells = [f"`{name}`", str(len(row["seeds"])), f"{row['steps'][0]:,.0f}"]
+        cells += [f"{row[key][0]:.2f} ± {row[key][1]:.2f}" for key, _ in columns]
+        cells.append("(baseline)" if name == next(iter(summary)) else verdicts.get(name, "–").split(":")[0])
+        lines.append("| " + " | ".join(cells) + " |")
+    shown = [key for key in ("bible.b1 BLEU", "bible.b1 chrF", "long.b1 BLEU", "test.b1 BLEU") if key in tests]
+    if shown:
+        lines.append(f"\nPaired bootstrap against `{next(iter(summary))}` (all seeds' outputs pooled; p: the chance "
+                     f"of a difference this large by luck):\n")
+    for key in shown:
+        lines.append(f"- {key}: " + "; ".join(
+            f"`{name}` {r['delta']:+.2f} (p = {r['p']:.3f})" for name, r in tests[key].items()))
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, table: str) -> None:
+    """Puts ``table`` between the README's two markers (made by this script, never typed)."""
+    text = path.read_text(encoding="utf-8")
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        sys.exit(f"{path} has no {README_BEGIN} ... {README_END} markers; add them where the table goes")
+    path.write_text(text[: begin + len(README_BEGIN)] + "\n" + table + "\n" + text[end:], encoding="utf-8")
+    print(f"wrote the table into {path}")
 
 
 def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: int) -> dict:

@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--timeout", type=float, default=2.0, help="the server's --timeout")
     parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                        help="as `translate serve` decodes (auto: its default)")
     parser.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     args = parser.parse_args()
     configure_process()
@@ -122,7 +123,7 @@ def main() -> None:
     latencies = sorted(out["latencies"])
     figures = {
         "clients": args.clients, "stalled_clients": args.stalled, "oversized_clients": args.oversized,
-        "seconds": round(elapsed, 1), "beam": args.beam, "precision": args.precision,
+        "seconds": round(elapsed, 1), "beam": args.beam, "precision": translator.precision,
         "requests": len(latencies), "requests_per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
         "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,

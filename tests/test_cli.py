@@ -72,6 +72,30 @@ def test_decode_file_and_n_best(trained, tmp_path):
     assert int8.exit_code == 0 and "cat" in int8.output.split("\n")[0].lower(), int8.output
     both = runner.invoke(main, ["decode", str(run_dir), "--bf16", "--int8"], input="El gato.\n")
     assert both.exit_code == 2 and "exclude each other" in both.output and "Traceback" not in both.output
+    both = runner.invoke(main, ["decode", str(run_dir), "--fp32", "--int8"], input="El gato.\n")
+    assert both.exit_code == 2 and "--fp32 and --int8 exclude each other" in both.output
+
+
+def test_decoding_precision_defaults_to_the_cpu_choice(trained, tmp_path):
+    """With no flag a CPU decodes as --int8 does (the measured default); --fp32 asks for full precision."""
+    from translate.translator import CPU_PRECISION, Translator
+
+    run_dir, _ = trained
+    src = tmp_path / "in.txt"
+    src.write_text("El gato come pan.\nEl perro bebe agua en la casa.\nEl sol.\n", encoding="utf-8")
+    runner = CliRunner()
+    outputs = {}
+    for flags in ([], ["--fp32"], [f"--{CPU_PRECISION}"]):
+        result = runner.invoke(main, ["decode", str(run_dir), "-i", str(src), "--n-best", "2", "--beam", "2", *flags])
+        assert result.exit_code == 0, result.output
+        outputs[" ".join(flags)] = result.output
+    assert outputs[""] == outputs[f"--{CPU_PRECISION}"]
+    for precision, flag in (("fp32", "--fp32"), (CPU_PRECISION, "")):
+        translator = Translator.load(run_dir, precision=precision)
+        nbest = translator.translate(src.read_text(encoding="utf-8").splitlines(),
+                                     translator.options.__class__(beam=2, n_best=2))
+        expected = "".join(f"{i}\t{t.score:.4f}\t{t.text}\n" for i, hyps in enumerate(nbest) for t in hyps)
+        assert outputs[flag] == expected
 
 
 def test_repl_through_stdin(trained):

@@ -60,15 +60,42 @@ def test_gpus_get_bf16_only_where_it_is_native(monkeypatch, capability, auto):
 def test_amp_dtype_and_devices(monkeypatch):
     cpu = torch.device("cpu")
     assert runtime.amp_dtype(cpu, "off") is None and runtime.amp_dtype(cpu, False) is None
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_pays", lambda: True)
     assert runtime.amp_dtype(cpu) is torch.bfloat16 and runtime.amp_dtype(cpu, True) is torch.bfloat16
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_bf16_pays", lambda: False)
     assert runtime.amp_dtype(cpu) is None
     assert runtime.amp_dtype(cpu, "bf16") is torch.bfloat16  # asked for: emulated, but it runs
     with pytest.raises(ConfigError, match="train.amp=fp16 needs a CUDA GPU"):
         runtime.amp_dtype(cpu, "fp16")
     assert runtime.select_device("cpu") == cpu
     assert runtime.select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("bf16_seconds, fp32_seconds, pays", [(1.0, 2.0, True), (2.0, 1.0, False),
+                                                              (0.9, 1.0, False)])  # within the margin: fp32
+def test_cpu_autocast_is_bf16_only_where_it_measures_faster(monkeypatch, bf16_seconds, fp32_seconds, pays):
+    """Some CPUs with AVX512-BF16 multiply bf16 at half fp32's rate: the flags decide nothing alone."""
+    timed = []
+
+    def seconds(dtype):
+        timed.append(dtype)
+        return bf16_seconds if dtype is torch.bfloat16 else fp32_seconds
+
+    monkeypatch.setattr(runtime, "_matmul_seconds", seconds)
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    runtime.cpu_bf16_pays.cache_clear()
+    try:
+        assert runtime.cpu_bf16_pays() is pays and runtime.cpu_bf16_pays() is pays
+        assert len(timed) == 2  # timed once per process
+        monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+        runtime.cpu_bf16_pays.cache_clear()
+        assert runtime.cpu_bf16_pays() is False and len(timed) == 2  # no bf16 units: nothing to time
+    finally:
+        runtime.cpu_bf16_pays.cache_clear()
+
+
+def test_the_matmul_timing_measures_something():
+    assert 0 < runtime._matmul_seconds(torch.float32) < 10
 
 
 def test_rng_state_round_trip():

@@ -293,3 +293,25 @@ def test_early_stopping_after_patience_validations_without_a_better_score(corpus
     result = trainer.run()
     assert result.stop_reason == "early stopping: no better dev BLEU in 3 validations"
     assert result.progress.step == 10 and result.progress.best_step == 4
+
+
+
+def test_validation_decodes_as_eval_does_by_default(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    """best.pt is chosen by the BLEU a user gets from `translate eval`, so validation decodes in
+    eval's default precision, from the weights of the step it validates."""
+    from translate import translator as translator_module
+    from translate.translator import Translator
+
+    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run", log=lambda s: None)
+    for default in ("int8", "fp32"):
+        monkeypatch.setattr(translator_module, "CPU_PRECISION", default)
+        as_eval = Translator(trainer.model, trainer.tokenizer, precision="auto")
+        assert trainer.dev_translator().precision == as_eval.precision
+    monkeypatch.setattr(translator_module, "CPU_PRECISION", "int8")
+    first = trainer.dev_translator()
+    if first.precision == "int8":  # a copy: made again at each validation, so it sees the new weights
+        x = torch.randn(3, trainer.model.decoder.output.in_features)
+        before = first.model.decoder.output(x)
+        with torch.no_grad():
+            trainer.model.decoder.output.weight.mul_(2)
+        assert not torch.allclose(trainer.dev_translator().model.decoder.output(x), before, atol=1e-3)

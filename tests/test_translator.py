@@ -158,10 +158,13 @@ def checkpoint(tiny_model, tokenizer, tmp_path):
 
 def test_load_reads_a_checkpoint(checkpoint, tiny_model, tokenizer):
     options = DecodeOptions(beam=2, n_best=2)
-    loaded = Translator.load(checkpoint, options, device=torch.device("cpu"))
+    loaded = Translator.load(checkpoint, options, precision="fp32", device=torch.device("cpu"))
     assert loaded.progress == {"step": 7} and loaded.config.model.hidden_dim == 32
     assert loaded.amp == "off" and loaded.options == options and loaded.device.type == "cpu"
     assert texts(loaded.translate(SENTENCES)) == texts(Translator(tiny_model, tokenizer, options).translate(SENTENCES))
+    # with no precision given it loads as the command line decodes by default
+    default = Translator.load(checkpoint, options, device=torch.device("cpu"))
+    assert default.precision == Translator(tiny_model, tokenizer, options, precision="auto").precision
 
 
 def test_without_the_int8_ops_decoding_falls_back_to_fp32_and_says_so(checkpoint, monkeypatch):
@@ -221,3 +224,17 @@ def test_progress_hears_of_every_sentence_translated(search_model, tokenizer):
     lines = [*SENTENCES, "", "Otro."]
     Translator(search_model, tokenizer, DecodeOptions(batch_tokens=10)).translate(lines, on_progress=heard.append)
     assert sum(heard) == len(lines)
+
+
+def test_auto_precision_is_the_cpu_default_and_falls_back_quietly(search_model, tokenizer, monkeypatch):
+    monkeypatch.setattr(translator_module, "CPU_PRECISION", "int8")
+    auto = Translator(search_model, tokenizer, precision="auto")
+    if translator_module.int8_available():
+        assert auto.precision == "int8" and isinstance(auto.model.decoder.output, Int8Linear) and auto.note is None
+    monkeypatch.setattr(translator_module, "int8_available", lambda: False)
+    fallback = Translator(search_model, tokenizer, precision="auto")
+    assert fallback.precision == "fp32" and fallback.model is search_model and fallback.note is None
+    asked = Translator(search_model, tokenizer, precision="int8")  # asked for by name: said out loud
+    assert asked.precision == "fp32" and "lacks the int8 kernels" in asked.note
+    monkeypatch.setattr(translator_module, "CPU_PRECISION", "fp32")
+    assert Translator(search_model, tokenizer, precision="auto").model is search_model

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,29 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.cache
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 matrix products run clearly faster than fp32 ones on this CPU, timed once per
+    process (about 0.1 s). The flags alone do not tell: with AVX512-BF16, oneDNN's bf16 products
+    run at about twice fp32's rate on some CPUs and at half of it on others (bench/README.md)."""
+    if not cpu_has_bf16():
+        return False
+    return _matmul_seconds(torch.bfloat16) * 1.25 < _matmul_seconds(torch.float32)
+
+
+def _matmul_seconds(dtype: torch.dtype) -> float:
+    """The best of five timings of a (512, 1024) x (1024, 1024) product in ``dtype`` (a training
+    step's products are of this order), after one untimed."""
+    a, b = torch.ones(512, 1024, dtype=dtype), torch.ones(1024, 1024, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def cuda_has_bf16(device: torch.device) -> bool:
     """Native bf16 arithmetic: compute capability 8.0 (Ampere) or newer. ``torch.cuda.is_bf16_supported()``
     also says yes where bf16 is only emulated (V100, T4), which is slow, and cuDNN's RNNs may refuse it."""
@@ -63,8 +88,8 @@ def cuda_has_bf16(device: torch.device) -> bool:
 def amp_dtype(device: torch.device, mode: str | bool = "auto") -> torch.dtype | None:
     """The mixed-precision type for ``train.amp`` on a device (None: full precision).
 
-    - ``auto``: bf16 on GPUs and CPUs with native bf16; fp16 (with loss scaling) on older GPUs;
-      none on other CPUs and devices;
+    - ``auto``: bf16 on GPUs with native bf16 and on CPUs where it pays (``cpu_bf16_pays``);
+      fp16 (with loss scaling) on older GPUs; none on other CPUs and devices;
     - ``bf16``: bf16 (on a GPU, only one with native bf16);
     - ``fp16``: fp16, on CUDA only;
     - ``off``: none. ``True``/``False`` (what earlier versions saved) mean ``auto``/``off``."""
@@ -80,7 +105,7 @@ def amp_dtype(device: torch.device, mode: str | bool = "auto") -> torch.dtype | 
         return torch.bfloat16 if mode == "bf16" or cuda_has_bf16(device) else torch.float16
     if mode == "fp16":
         raise ConfigError(f"train.amp=fp16 needs a CUDA GPU; on {device.type} use bf16, auto or off")
-    if device.type == "cpu" and (mode == "bf16" or cpu_has_bf16()):
+    if device.type == "cpu" and (mode == "bf16" or cpu_bf16_pays()):
         return torch.bfloat16
     return None
 

@@ -105,10 +105,6 @@ class Trainer:
         self.amp_dtype, self.scaler, self.progress = amp_dtype, scaler, progress
         self.saver, self.metrics, self.line, self.log = saver, metrics, line, log
         self.train_log = train_log  # (rank 0) train.log, which ``log`` also writes; closed when the run ends
-        # dev BLEU decoded as `translate eval` decodes, so the two figures agree; one batch at a time,
-        # since two at once would add a second batch's memory to training's peak
-        self.dev_translator = Translator(model, self.tokenizer, DecodeOptions(beam=config.train.eval_beam,
-                                                                              inter_threads=1), amp=config.train.amp)
         self.stop_signal: str | None = None
         # this process's target positions, those fed the model's choice, those fed a token not gold
         # (feeding.scheduled_logits), summed on the device since the last report
@@ -193,6 +189,13 @@ class Trainer:
 
     # -- validation and checkpoints ---------------------------------------------------------------
 
+    def dev_translator(self) -> Translator:
+        """Dev BLEU decoded as `translate eval` decodes by default (in its precision: on a CPU, a
+        ``CPU_PRECISION`` copy of this step's weights), so the two figures agree; one batch at a
+        time, since two at once would add a second batch's memory to training's peak."""
+        return Translator(self.model, self.tokenizer, DecodeOptions(beam=self.config.train.eval_beam, inter_threads=1),
+                          precision="auto", amp=self.config.train.amp)
+
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Dev loss and perplexity (teacher forced, no smoothing) and dev BLEU/chrF as ``eval`` decodes."""
@@ -204,7 +207,7 @@ class Trainer:
                 logits = self.model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
             total += float(sequence_loss(logits, batch.tgt_out))
             tokens += int((batch.tgt_out != PAD).sum())
-        scores, hyps = evaluate(self.dev_translator, self.dev_src, self.dev_ref)
+        scores, hyps = evaluate(self.dev_translator(), self.dev_src, self.dev_ref)
         loss = total / max(tokens, 1)
         return {"dev_loss": round(loss, 4), "dev_ppl": round(math.exp(min(loss, 50)), 2),
                 "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"], "example": hyps[0] if hyps else ""}

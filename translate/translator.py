@@ -31,7 +31,10 @@ from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, max_lengths
 from .tokenizer import PAD, Tokenizer
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# what ``auto`` decodes with on a CPU: the fastest precision whose BLEU stays within 0.1 of fp32
+# on the bundled test and the Bible verses (bench/decode_precision.py; README, "translate decode")
+CPU_PRECISION = "int8"
 
 
 @dataclass(frozen=True)
@@ -97,11 +100,18 @@ def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
       to ONEDNN_PRIMITIVE_CACHE_CAPACITY).
     - ``int8``: a dynamically quantised copy (``quantize.quantized_copy``), where this torch has
       the int8 kernels (torch is retiring ``torch.ops.quantized``); else fp32.
+    - ``auto``: ``CPU_PRECISION`` on a CPU, falling back quietly where it is not to be had; the
+      model itself elsewhere.
 
     On CUDA the model is used as it is and decodes under autocast (``amp``)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     device = next(model.parameters()).device
+    if precision == "auto":
+        if device.type != "cpu":
+            return model, "fp32", None
+        chosen, precision, _ = _model_for(model, CPU_PRECISION)
+        return chosen, precision, None  # a fallback from the default is no news to the user
     if precision == "fp32":
         return model, "fp32", None
     if device.type != "cpu":
@@ -172,7 +182,7 @@ class Translator:
         self.progress: dict[str, Any] = {}  # the checkpoint's training progress, set by ``load``
 
     @classmethod
-    def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "fp32",
+    def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "auto",
              device: torch.device | None = None) -> Translator:
         """A checkpoint (file or run directory) ready to decode; keeps its ``config`` and training
         ``progress``, and lets go of the rest of the payload (a mapped file)."""

@@ -458,7 +458,7 @@ def translate_train(minutes: float, out: Path, extra: list[str], batch_tokens: i
     return result
 
 
-def translate_decode(train: dict, beam: int, src: Path, out: Path, precision: str = "fp32") -> dict:
+def translate_decode(train: dict, beam: int, src: Path, out: Path, precision: str = "auto") -> dict:
     hyp = out / f"hyp.b{beam}.txt"
     cmd = [sys.executable, str(HERE / "translate_decode.py"), train["checkpoint"], "-i", rel(src), "-o", rel(hyp),
            "--beam", str(beam), "--batch", str(BATCH), "--alpha", str(ALPHA), "--precision", precision]
@@ -469,7 +469,8 @@ def translate_decode(train: dict, beam: int, src: Path, out: Path, precision: st
         raise Failure(f"translate decoding failed (exit {code}); see {proc.log_path}:\n{tail(proc.log_path)}")
     return {"text": hyp, "seconds": report["seconds"],
             "timing": "translate_decode.py around Translator.translate (model loading excluded)",
-            "peak_rss_mb": proc.peak_rss_mb(), "max_len_ratio": report.get("max_len_ratio"), "precision": precision,
+            "peak_rss_mb": proc.peak_rss_mb(), "max_len_ratio": report.get("max_len_ratio"),
+            "precision": report.get("precision", precision),
             "inter_threads": report.get("inter_threads")}
 
 
@@ -554,8 +555,9 @@ def main() -> None:
                         help="extra `translate train --set` for our toolkit (repeatable; overrides the defaults)")
     parser.add_argument("--test-limit", type=int, default=0,
                         help="decode only the first N test sentences (quick checks)")
-    parser.add_argument("--translate-precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                        help="how `translate` decodes on CPU (`translate decode --bf16 / --int8`); the peers use fp32")
+    parser.add_argument("--translate-precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                        help="how `translate` decodes on CPU (auto: as `translate decode` does by default; "
+                             "`--fp32 / --bf16 / --int8`); the peers use fp32")
     parser.add_argument("--skip-train", action="store_true",
                         help="reuse each toolkit's last training (work/<toolkit>/train.json) and only decode")
     args = parser.parse_args()

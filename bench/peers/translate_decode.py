@@ -6,7 +6,7 @@ it uses the same library calls as `translate decode` (Translator.load, Translato
 batches of --batch sentences; like `translate decode`, two batches are decoded at once on CPU.
 
     python bench/peers/translate_decode.py CHECKPOINT -i SRC -o HYP [--beam 5] [--batch 64]
-        [--alpha 1.0] [--max-len-ratio 2.0] [--precision int8] [--inter-threads 0]
+        [--alpha 1.0] [--max-len-ratio 2.0] [--precision auto] [--inter-threads 0]
 
 Prints one JSON line: {"seconds": decode wall time, "sentences": N, "load_seconds": ...}.
 """
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--max-len-ratio", type=float, default=2.0,
                         help="longest output: ratio x source length + 10 pieces (translate has no fixed "
                              "maximum length; 2.0 is `translate decode`'s default)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                         help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
     parser.add_argument("--inter-threads", type=int, default=0,
                         help="batches decoded at once (`translate decode --inter-threads`; 0: two on CPU)")
@@ -62,7 +62,7 @@ def main() -> None:
     workers = decode_workers(translator.device, args.inter_threads, 2)
     print(json.dumps({"seconds": round(seconds, 3), "sentences": len(sources), "load_seconds": round(load_seconds, 3),
                       "max_len_ratio": args.max_len_ratio, "threads": torch.get_num_threads(),
-                      "amp": translator.amp, "inter_threads": workers}), flush=True)
+                      "amp": translator.amp, "precision": translator.precision, "inter_threads": workers}), flush=True)
 
 
 if __name__ == "__main__":
