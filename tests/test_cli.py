@@ -144,15 +144,17 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
 
 
-DECODING_FLAGS = ["--beam", "--n-best", "--max-len-ratio", "--alpha", "--bf16", "--int8", "--inter-threads"]
+DECODING_FLAGS = ["--beam", "--n-best", "--max-len-ratio", "--alpha", "--fp32", "--bf16", "--int8", "--inter-threads"]
+PRECISION_FLAGS = ["--fp32", "--bf16", "--int8"]
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("eval", ["--beam", "--alpha", "--bf16", "--int8", "--inter-threads"]),
+    ("eval", ["--beam", "--alpha", *PRECISION_FLAGS, "--inter-threads"]),
     ("decode", DECODING_FLAGS),
-    ("repl", ["--beam", "--bf16", "--int8"]),
-    ("serve", ["--bf16", "--int8"]),
-    ("attend", ["--beam"]),
+    ("repl", ["--beam", *PRECISION_FLAGS]),
+    ("serve", PRECISION_FLAGS),
+    ("attend", ["--beam", *PRECISION_FLAGS]),
+    ("score", PRECISION_FLAGS),
 ])
 def test_each_command_has_its_decoding_flags(command, flags):
     usage = CliRunner().invoke(main, [command, "--help"]).output
@@ -292,6 +294,8 @@ def test_export_writes_a_folder_every_command_takes(trained, tmp_path, corpus):
                                                         "src.model", "tgt.model"]
     card = (folder / "README.md").read_text(encoding="utf-8")
     assert "| BLEU | chrF | TER |" in card and "nrefs:1" in card and "parameters" in card
+    evaluated = json.loads(runner.invoke(main, ["eval", str(run_dir), "--beam", "2", "--json"]).output)
+    assert f"| {evaluated['bleu']:.2f} | {evaluated['chrf']:.2f} | {evaluated['ter']:.2f} |" in card  # as eval scores
     weights = load_file(folder / "model.safetensors")
     config = json.loads((folder / "config.json").read_text())
     assert "decoder.output.weight" in config["tied"] and "decoder.output.weight" not in weights  # stored once

@@ -63,10 +63,12 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
     tokenizer.save(folder)
     card = {"parameters": model.parameter_count(), "scores": None}
     if scores:
-        translator = Translator(model, tokenizer, DecodeOptions(beam=beam), amp=config.train.amp)
+        # as `translate eval` scores it by default (its precision included)
+        translator = Translator(model, tokenizer, DecodeOptions(beam=beam), precision="auto", amp=config.train.amp)
         test = test_set(config)
         result, _ = evaluate(translator, test.src, test.tgt)
-        card["scores"] = {"test": test.origin, "sentences": len(test.src), "beam": beam, **result}
+        card["scores"] = {"test": test.origin, "sentences": len(test.src), "beam": beam,
+                          "precision": translator.precision, **result}
     (folder / "README.md").write_text(model_card(config, meta, card), encoding="utf-8")
     return card
 
@@ -99,7 +101,8 @@ def model_card(config, meta: dict[str, Any], card: dict[str, Any]) -> str:
         lines += [
             "## Scores",
             "",
-            f"On {s['test']} ({s['sentences']:,} sentences), beam {s['beam']}, from `translate eval`:",
+            f"On {s['test']} ({s['sentences']:,} sentences), beam {s['beam']}, decoded in "
+            f"{s.get('precision', 'fp32')}, from `translate eval`:",
             "",
             "| BLEU | chrF | TER |",
             "|---|---|---|",
