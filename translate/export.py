@@ -102,7 +102,7 @@ def model_card(config, meta: dict[str, Any], card: dict[str, Any]) -> str:
             "## Scores",
             "",
             f"On {s['test']} ({s['sentences']:,} sentences), beam {s['beam']}, decoded in "
-            f"{s.get('precision', 'fp32')}, from `translate eval`:",
+            f"{s['precision']}, from `translate eval`:",
             "",
             "| BLEU | chrF | TER |",
             "|---|---|---|",
