@@ -135,7 +135,7 @@ def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list
         train(run_dir, seed, overrides, args.minutes)
     run = {"variant": name, "seed": seed, "overrides": overrides, "steps": steps_trained(run_dir),
            "command": (run_dir / "quality-done").read_text(encoding="utf-8").strip(),
-           "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
+           "machine": f"{cpu_model()}, {os.cpu_count()} CPUs", "precision": training_precision(run_dir),
            "outputs": outputs(run_dir, sets)}
     results.mkdir(parents=True, exist_ok=True)
     partial = kept.with_name(kept.name + ".part")
@@ -143,6 +143,12 @@ def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list
         json.dump(run, sink)
     partial.replace(kept)
     return run
+
+
+def training_precision(run_dir: Path) -> str:
+    """What the run trained in, from its log's start line ("device cpu with bfloat16; ...")."""
+    found = re.search(r"; device \S+?( with (\w+))?; ", (run_dir / "train.log").read_text(encoding="utf-8"))
+    return "unknown" if found is None else found.group(2) or "float32"
 
 
 def steps_trained(run_dir: Path) -> int:
@@ -203,8 +209,13 @@ def main() -> None:
         mine = [r for r in runs if r["variant"] == name]
         if mine:
             summary[name] = {"seeds": [r["seed"] for r in mine], "steps": mean_sd([r["steps"] for r in mine]),
+                             "trained": sorted({f"{r['machine']}, {r.get('precision', 'unknown')}" for r in mine}),
                              **{f"{key} {metric}": mean_sd([r["scores"][key][metric] for r in mine])
                                 for key, metric in columns}}
+    trained = sorted({t for row in summary.values() for t in row["trained"]})
+    if len(trained) > 1:
+        print("\nwarning: these runs were trained on different machines or in different precisions, so their "
+              "steps differ for more than the configuration: " + "; ".join(trained))
     print(f"\nreferences degenerate: Bible {figures(references['bible'], references['bible'])['degenerate']:.1f}%, "
           f"test {figures(references['test'], references['test'])['degenerate']:.1f}%")
     header = ["configuration", "seeds", "steps"] + [f"{k} {m}" for k, m in columns]
@@ -260,7 +271,9 @@ def readme_table(summary: dict, tests: dict, verdicts: dict) -> str:
                ("long.b1 bleu", "long fifth BLEU greedy"), ("bible.b1 bleu", "Bible BLEU greedy"),
                ("bible.b1 chrf", "Bible chrF greedy"), ("bible.b5 bleu", "Bible BLEU b5"),
                ("bible.b1 degenerate", "Bible degenerate % greedy")]
-    lines = ["| configuration | seeds | steps | " + " | ".join(title for _, title in columns) + " | goal |",
+    trained = sorted({t for row in summary.values() for t in row["trained"]})
+    lines = [f"Trained on {'; '.join(trained)}.\n",
+             "| configuration | seeds | steps | " + " | ".join(title for _, title in columns) + " | goal |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]
     for name, row in summary.items():
         cells = [f"`{name}`", str(len(row["seeds"])), f"{row['steps'][0]:,.0f}"]

@@ -5,6 +5,11 @@ matmul FLOPs per second over a dense-matmul peak measured here, in the training 
 
     python bench/train_speed.py --steps 40
     python bench/train_speed.py --ratio 0.75 --set train.scheduled_sampling=sequential
+    python bench/train_speed.py --profile --set model.input_feeding=true
+
+``--profile`` runs the timed steps a second time under torch's profiler and prints how much of a
+step the matrix products take (their kernels' own time) and the target tokens/s that a step
+doing nothing but those products would reach: a bound that overhead work cannot beat.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def main() -> None:
                              "below 1 times scheduled sampling)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the timed steps: the matrix products' share of a step (CPU)")
     args = parser.parse_args()
     configure_process()  # as the command line does
 
@@ -49,20 +56,25 @@ def main() -> None:
         trainer = build_trainer(config, run_dir, log=lambda line: print(line, file=sys.stderr), progress_bar=False)
         batches = trainer.data.epoch_batches(0)
         ratio = args.ratio
+
+        def run(steps: int, offset: int = 0):
+            for i in range(steps):
+                batch = collate(trainer.data.src, trainer.data.tgt, batches[(i + offset) % len(batches)])
+                trainer.progress.tf_ratio = ratio
+                trainer.train_step(batch)
+                yield batch
+
         tgt_tokens = src_tokens = sentences = pairs = 0
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:
-                start = time.perf_counter()
-            batch = collate(trainer.data.src, trainer.data.tgt, batches[i % len(batches)])
-            trainer.progress.tf_ratio = ratio
-            trainer.train_step(batch)
-            if i >= args.warmup:
-                real_src = batch.src_lengths
-                real_tgt = (batch.tgt_out != 0).sum(1)
-                tgt_tokens += int(real_tgt.sum())
-                src_tokens += int(real_src.sum())
-                sentences += batch.size
-                pairs += int((real_src * real_tgt).sum())
+        for _ in run(args.warmup):
+            pass
+        start = time.perf_counter()
+        for batch in run(args.steps, args.warmup):
+            real_src = batch.src_lengths
+            real_tgt = (batch.tgt_out != 0).sum(1)
+            tgt_tokens += int(real_tgt.sum())
+            src_tokens += int(real_src.sum())
+            sentences += batch.size
+            pairs += int((real_src * real_tgt).sum())
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -82,11 +94,34 @@ def main() -> None:
             ("matmul peak GFLOP/s", f"{peak / 1e9:,.1f}"),
             ("MFU", f"{flops / seconds / peak:.1%}" if peak == peak else "n/a"),
         ]
+        if args.profile:
+            rows += profile_rows(lambda: sum(1 for _ in run(args.steps, args.warmup)), args.steps, tgt_tokens)
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             print(f"{key:<{width}}  {value}")
         if args.json_path:
             Path(args.json_path).write_text(json.dumps(dict(rows), indent=1) + "\n", encoding="utf-8")
+
+
+# the kernels that multiply matrices (self time: what the product itself costs)
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_mkl_linear"}
+
+
+def profile_rows(steps, n_steps: int, tgt_tokens: int) -> list[tuple[str, str]]:
+    """Runs ``steps`` (the timed steps again) under the profiler; the products' share of a step and
+    the bound it sets. The profiler slows the rest more than the products, so the share is a floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        steps()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e3  # ms, all steps
+    products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCTS) / 1e3
+    rnn = sum(e.self_cpu_time_total for e in events if "rnn" in e.key.lower()) / 1e3
+    return [("profiled ms/step", f"{total / n_steps:,.1f}"),
+            ("products ms/step", f"{products / n_steps:,.1f} ({products / total:.0%})"),
+            ("fused RNN ms/step", f"{rnn / n_steps:,.1f} ({rnn / total:.0%})"),
+            ("products-only bound", f"{tgt_tokens / (products / 1e3):,.0f} target tok/s")]
 
 
 if __name__ == "__main__":
