@@ -156,6 +156,11 @@ def steps_trained(run_dir: Path) -> int:
     return max(entry["step"] for entry in logged)
 
 
+def trained_on(summary: dict) -> list[str]:
+    """Every "machine, precision" the summarised runs trained on."""
+    return sorted({t for row in summary.values() for t in row["trained"]})
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -212,7 +217,7 @@ def main() -> None:
                              "trained": sorted({f"{r['machine']}, {r.get('precision', 'unknown')}" for r in mine}),
                              **{f"{key} {metric}": mean_sd([r["scores"][key][metric] for r in mine])
                                 for key, metric in columns}}
-    trained = sorted({t for row in summary.values() for t in row["trained"]})
+    trained = trained_on(summary)
     if len(trained) > 1:
         print("\nwarning: these runs were trained on different machines or in different precisions, so their "
               "steps differ for more than the configuration: " + "; ".join(trained))
@@ -271,8 +276,7 @@ def readme_table(summary: dict, tests: dict, verdicts: dict) -> str:
                ("long.b1 bleu", "long fifth BLEU greedy"), ("bible.b1 bleu", "Bible BLEU greedy"),
                ("bible.b1 chrf", "Bible chrF greedy"), ("bible.b5 bleu", "Bible BLEU b5"),
                ("bible.b1 degenerate", "Bible degenerate % greedy")]
-    trained = sorted({t for row in summary.values() for t in row["trained"]})
-    lines = [f"Trained on {'; '.join(trained)}.\n",
+    lines = [f"Trained on {'; '.join(trained_on(summary))}.\n",
              "| configuration | seeds | steps | " + " | ".join(title for _, title in columns) + " | goal |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]
     for name, row in summary.items():
