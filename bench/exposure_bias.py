@@ -55,14 +55,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BIBLE = ROOT.parent / "shared" / "data" / "bible-es-en.dev"
 BEAMS = (1, 5)
 
+# Every configuration names its schedule, so that a name keeps what it was measured as when the
+# defaults change. inverse-sigmoid was the default schedule up to this bench's decision.
+_SCHEDULED = "train.teacher_forcing=inverse_sigmoid"
 DEFAULT_VARIANTS = [  # teacher forcing first: the baseline of the paired tests
     "teacher-forcing=train.teacher_forcing=constant,train.tf_start=1.0",
-    "default=",
-    "position=train.tf_floor=0.5,train.tf_position=linear,train.tf_position_k=20",
-    "sample=train.tf_feed=sample,train.tf_tau=0.5",
-    "confidence=train.tf_select=confidence,train.tf_confidence=0.9,train.tf_noise=0.95",
-    "two-passes=train.tf_passes=2",
-    "sentence-oracle=train.tf_feed=sentence",
+    f"inverse-sigmoid={_SCHEDULED}",
+    f"position={_SCHEDULED},train.tf_floor=0.5,train.tf_position=linear,train.tf_position_k=20",
+    f"sample={_SCHEDULED},train.tf_feed=sample,train.tf_tau=0.5",
+    f"confidence={_SCHEDULED},train.tf_select=confidence,train.tf_confidence=0.9,train.tf_noise=0.95",
+    f"two-passes={_SCHEDULED},train.tf_passes=2",
+    f"sentence-oracle={_SCHEDULED},train.tf_feed=sentence",
 ]
 
 _WORD_RUN = re.compile(r"(?<!\S)(\S+)(?:\s+\1){3,}(?!\S)")  # a word 4+ times in a row
