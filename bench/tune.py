@@ -58,7 +58,6 @@ CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "smoothing-0=train.label_smoothing=0.0",
     "smoothing-0.2=train.label_smoothing=0.2",
     "bahdanau-decoder=model.decoder=bahdanau",
-    "teacher-forcing=train.teacher_forcing=constant,train.tf_start=1.0",
     "gru=model.cell=gru",
 ]
 
