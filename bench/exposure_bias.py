@@ -330,5 +330,6 @@ def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: 
                     "delta": other.score - base.score, "p": other.p_value, "seeds": len(common)}
     return tests
 
+
 if __name__ == "__main__":
     main()
