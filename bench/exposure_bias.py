@@ -235,7 +235,7 @@ def main() -> None:
 
     tests = paired_tests(runs, variants, references, args.resamples)
     if tests:
-        print(f"\npaired bootstrap against {next(iter(variants))} (the seeds both have, outputs together; "
+        print(f"\npaired bootstrap against {next(iter(summary))} (the seeds both have, outputs together; "
               f"p: the chance of a difference this large by luck):")
         for key, results in tests.items():
             print(f"  {key}: " + "; ".join(f"{name} {r['delta']:+.2f} (n={r['seeds']}, p={r['p']:.3f})"
@@ -311,8 +311,9 @@ def write_readme(path: Path, table: str) -> None:
 def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: int) -> dict:
     """BLEU and chrF of every configuration against the first, paired by seed and sentence: the
     outputs of the seeds both have, one after another, as one system each."""
-    names = [n for n in variants if any(r["variant"] == n for r in runs)]
-    seeds = {n: {r["seed"] for r in runs if r["variant"] == n} for n in names}
+    outputs = {(r["variant"], r["seed"]): r["outputs"] for r in runs}
+    names = [n for n in variants if any(v == n for v, _ in outputs)]
+    seeds = {n: {s for v, s in outputs if v == n} for n in names}
     tests: dict = {}
     for name in names[1:]:
         common = sorted(seeds[names[0]] & seeds[name])
@@ -320,9 +321,7 @@ def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: 
             continue
         for key in ("bible.b1", "long.b1", "test.b1", "bible.b5"):
             refs = references[key.split(".")[0]] * len(common)
-            systems = [(n, [line for seed in common for line in
-                            next(r for r in runs if r["variant"] == n and r["seed"] == seed)["outputs"][key]])
-                       for n in (names[0], name)]
+            systems = [(n, [line for seed in common for line in outputs[n, seed][key]]) for n in (names[0], name)]
             for metric_name, metric in (("BLEU", BLEU()), ("chrF", CHRF())):
                 _, scores = PairedTest(systems, {metric_name: metric}, [refs], test_type="bs", n_samples=resamples)()
                 base, other = next(v for k, v in scores.items() if k != "System")  # the one metric's column
