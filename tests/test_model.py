@@ -19,10 +19,14 @@ def padded_batch(lengths, vocab=30, seed=0):
     return src, lengths, src != 0
 
 
-@pytest.mark.parametrize("cell,bidirectional,layers", [("lstm", True, 1), ("gru", True, 2), ("lstm", False, 2)])
-def test_packed_equals_unpacked(cell, bidirectional, layers):
+@pytest.mark.parametrize("cell,bidirectional,layers,layer_norm",
+                         [("lstm", True, 1, False), ("gru", True, 2, False), ("lstm", False, 2, False),
+                          ("lstm", True, 1, True)])
+def test_packed_equals_unpacked(cell, bidirectional, layers, layer_norm):
     torch.manual_seed(0)
-    encoder = Encoder(30, 8, 12, layers, bidirectional, cell).eval()
+    encoder = Encoder(30, 8, 12, layers, bidirectional, cell, layer_norm=layer_norm).eval()
+    if layer_norm:  # a trained bias, which padding must not take
+        torch.nn.init.uniform_(encoder.norm.bias, 0.5, 1.5)
     src, lengths, _ = padded_batch([5, 2, 4])
     outputs, finals = encoder(src, lengths)
     for row, n in enumerate(lengths.tolist()):

@@ -33,8 +33,8 @@ class Encoder(nn.Module):
         outputs, final = self.rnn(packed)
         outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=src.size(1))
         finals = final if isinstance(final, tuple) else (final,)
-        if self.norm is not None:
-            outputs = self.norm(outputs)
+        if self.norm is not None:  # LayerNorm would give padding its bias: padding stays zero
+            outputs = self.norm(outputs).masked_fill((src == self.embed.padding_idx).unsqueeze(-1), 0.0)
         return self.dropout(outputs), tuple(self._join_directions(h) for h in finals)
 
     def _join_directions(self, h: torch.Tensor) -> torch.Tensor:
