@@ -53,6 +53,7 @@ CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "lr-3e-3=train.lr=0.003",
     "lr-1e-3=train.lr=0.001",
     "warmup-decay=train.lr_schedule=warmup-decay",
+    "dropout-0=model.dropout=0.0",
     "dropout-0.1=model.dropout=0.1",
     "dropout-0.3=model.dropout=0.3",
     "smoothing-0=train.label_smoothing=0.0",
