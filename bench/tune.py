@@ -15,10 +15,11 @@ README, and so are BLEU and chrF on ``../shared/data/bible-es-en.dev`` (greedy a
 domain-shift set a new default must not get worse on (evaluation only: it chooses nothing).
 Screen at 10 minutes with one seed, then confirm the best few at the full budget:
 
-    python bench/tune.py --stage screen --minutes 10 --seeds 1234
-    python bench/tune.py --stage confirm --seeds 1234,2 --only default,hidden-768,vocab-16k
+    python bench/tune.py --stage screen2 --minutes 10 --seeds 1234
+    python bench/tune.py --stage confirm2 --seeds 1234,2 --only default,earlier-default,dropout-0
 
-It prints a table (mean over seeds) and writes JSON.
+It prints a table (mean over seeds) and writes JSON. A kept run whose settings are no longer its
+candidate's (after the defaults changed) is refused: start another stage.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ BIBLE = ROOT.parent / "shared" / "data" / "bible-es-en.dev"
 
 CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "default=",
-    "hidden-384=model.hidden_dim=384",
-    "hidden-768=model.hidden_dim=768",
+    # the defaults before the search of 2026-11-30, which screened the others against them
+    "earlier-default=model.hidden_dim=512,model.dropout=0.2,train.lr=0.002",
+    "hidden-256=model.hidden_dim=256",
+    "hidden-512=model.hidden_dim=512",
     "embed-384=model.embed_dim=384",
     "layers-2=model.layers=2",
     "vocab-4k=tokenizer.vocab_size=4000",
@@ -54,12 +57,11 @@ CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "bpe=tokenizer.type=bpe",
     "batch-1000=train.batch_tokens=1000",
     "batch-2500=train.batch_tokens=2500",
-    "lr-3e-3=train.lr=0.003",
-    "lr-1e-3=train.lr=0.001",
+    "lr-2e-3=train.lr=0.002",
+    "lr-4e-3=train.lr=0.004",
     "warmup-decay=train.lr_schedule=warmup-decay",
     "dropout-0=model.dropout=0.0",
-    "dropout-0.1=model.dropout=0.1",
-    "dropout-0.3=model.dropout=0.3",
+    "dropout-0.2=model.dropout=0.2",
     "smoothing-0=train.label_smoothing=0.0",
     "smoothing-0.2=train.label_smoothing=0.2",
     "bahdanau-decoder=model.decoder=bahdanau",

@@ -64,7 +64,7 @@ class TokenizerConfig:
 class ModelConfig:
     cell: Literal["lstm", "gru"] = "lstm"
     embed_dim: int = 256
-    hidden_dim: int = 512  # decoder size; a bidirectional encoder uses hidden_dim // 2 per direction
+    hidden_dim: int = 384  # decoder size; a bidirectional encoder uses hidden_dim // 2 per direction
     layers: int = 1
     bidirectional: bool = True
     attention: Literal["bahdanau", "luong-dot", "luong-general"] = "bahdanau"  # the score
@@ -74,7 +74,7 @@ class ModelConfig:
     # setting this turns it off (that decoder feeds its context instead)
     input_feeding: bool = True
     layer_norm: bool = False  # LayerNorm over the encoder's and decoder's RNN outputs
-    dropout: float = 0.2
+    dropout: float = 0.1
     tie_embeddings: bool = True
     bridge: bool = True
 
@@ -83,7 +83,7 @@ class ModelConfig:
 class TrainConfig:
     batch_tokens: int = 1500
     accumulate: int = 1  # batches whose gradients add up to one optimiser step (per process)
-    lr: float = 2e-3
+    lr: float = 3e-3
     # the LR grows with the batches a step sees (accumulate x processes): lr * n ** 0.5 for sqrt
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
     lr_schedule: Literal["linear", "plateau", "warmup-decay", "constant"] = "linear"
