@@ -29,6 +29,32 @@ def test_int8_linear_is_close_to_the_float_layer():
     assert not torch.equal(approx, exact)
 
 
+def test_int8_activations_keep_8_bits_only_where_products_accumulate_in_int32(monkeypatch):
+    import translate.quantize as quantize
+    from translate.runtime import cpu_has_vnni
+
+    layer = nn.Linear(256, 512)
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+    assert Int8Linear.from_linear(layer).reduce_range  # 7 bits: the int16 sums cannot saturate
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: True)
+    assert not Int8Linear.from_linear(layer).reduce_range
+    if not cpu_has_vnni():
+        return  # 8-bit activations are not safe to run here
+    # every u8 activation 255 and every weight 127: pairs of products past int16 would saturate
+    ones = nn.Linear(512, 16, bias=False)
+    nn.init.ones_(ones.weight)
+    x = torch.ones(4, 512)
+    x[:, 0] = 0.0  # the range [0, 1]: 1.0 quantises to 255
+    full = Int8Linear(ones.weight, None, reduce_range=False)(x)
+    assert torch.allclose(full, ones(x), rtol=1e-4)
+    torch.manual_seed(3)
+    x = torch.randn(64, 256)
+    exact = layer(x)
+    reduced = Int8Linear(layer.weight, layer.bias, reduce_range=True)(x)
+    assert relative_error(Int8Linear(layer.weight, layer.bias, reduce_range=False)(x), exact) < \
+        relative_error(reduced, exact)
+
+
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
 def test_int8_rnn_step_follows_the_float_rnn(cell):
     torch.manual_seed(1)

@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch import nn
 
+from .runtime import cpu_has_vnni
+
 INT8_OPS = ("linear_prepack", "linear_dynamic")  # of torch.ops.quantized, which torch is retiring
 
 
@@ -44,18 +46,20 @@ def _pack(weight: torch.Tensor, bias: torch.Tensor | None):
 
 
 class Int8Linear(nn.Module):
-    """Drop-in for ``nn.Linear`` at inference: y = x W^T + b with W in int8, any leading dims."""
+    """Drop-in for ``nn.Linear`` at inference: y = x W^T + b with W in int8, any leading dims.
+    Activations are quantised to 8 bits where the CPU accumulates int8 products in int32 (VNNI),
+    else to 7 bits (``reduce_range``), which keeps the products clear of int16 saturation."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool | None = None):
         super().__init__()
         self.in_features, self.out_features = weight.size(1), weight.size(0)
+        self.reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
         self._packed = _pack(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., in)
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
-        # reduce_range=True keeps fbgemm's u8 x s8 products clear of int16 saturation
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)  # (rows, out)
+        out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)  # (rows, out)
         return out.view(*shape[:-1], self.out_features)
 
     @classmethod

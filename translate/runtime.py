@@ -47,13 +47,24 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """True when fbgemm's int8 products accumulate straight into int32 (AVX512-VNNI). Without it
+    they add pairs of u8 x s8 products in int16, which saturates unless activations keep to 7 bits."""
+    return "avx512_vnni" in _cpu_flags()
 
 
 @functools.cache
