@@ -50,12 +50,13 @@ def main() -> None:
     test = read_parallel(str(BUNDLED_DATA / "test.tsv"), "spa", "eng", "test")
     sets = {"test": (test.src, test.tgt), "bible": (read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))}
     beams = [int(b) for b in args.beams.split(",")]
+    precisions = args.precisions.split(",")
     print(f"{', '.join(args.checkpoints)}; {cpu_model()}, {torch.get_num_threads()} threads")
     print(f"{'precision':<9} {'set':<6} {'search':<7} {'sent/s':>8} {'BLEU':>6} {'chrF':>6} {'ΔBLEU':>6} {'speed':>6}")
     rows, fp32 = [], {}
-    for checkpoint, precision in ((c, p) for c in args.checkpoints for p in args.precisions.split(",")):
+    for checkpoint, precision in ((c, p) for c in args.checkpoints for p in precisions):
         translator = Translator.load(checkpoint, precision=precision)  # as `translate eval` loads
-        if len(args.checkpoints) > 1 and precision == args.precisions.split(",")[0]:
+        if len(args.checkpoints) > 1 and precision == precisions[0]:
             print(checkpoint)
         for name, (sources, references) in sets.items():
             for beam in beams:
@@ -90,9 +91,9 @@ def main() -> None:
         mine = [r["speedup"] for r in rows if r["precision"] == precision and r["speedup"] is not None]
         return sum(mine) / len(mine) if mine else 0.0
 
-    eligible = [p for p in args.precisions.split(",") if p == "fp32" or keeps_quality(p)]
+    eligible = [p for p in precisions if p == "fp32" or keeps_quality(p)]
     choice = max(eligible, key=lambda p: 1.0 if p == "fp32" else speed(p)) if fp32 else None  # fp32 is the yardstick
-    for precision in args.precisions.split(",")[1:] if len(args.checkpoints) > 1 else []:
+    for precision in precisions[1:] if len(args.checkpoints) > 1 else []:
         print(f"mean ΔBLEU of {precision} over the checkpoints: " + ", ".join(
             f"{name} {'greedy' if beam == 1 else f'beam {beam}'} {mean_delta(precision, name, beam):+.2f}"
             for name in sets for beam in beams if mean_delta(precision, name, beam) is not None))

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from exposure_bias import steps_trained, train  # one way to train a configuration
+from exposure_bias import BIBLE, steps_trained, train  # one way to train a configuration
 
 from translate.checkpoint import average_checkpoints, save_checkpoint, step_checkpoints
 from translate.config import load_config, parse_overrides
@@ -42,7 +42,6 @@ from translate.translator import DecodeOptions, Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "translate" / "bundled"
-BIBLE = ROOT.parent / "shared" / "data" / "bible-es-en.dev"
 
 CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "default=",
@@ -110,10 +109,13 @@ def score_run(run_dir: Path, dev, test, averages: list[int], alphas: list[float]
     better of them, and the test and Bible scores of the checkpoint dev chose (cached in the run
     directory; a cache from before the Bible was scored gains it)."""
     cache = run_dir / "tune.json"
-    result = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else dev_choice(
-        run_dir, dev, test, averages, alphas)
+    cached = cache.is_file()
+    result = (json.loads(cache.read_text(encoding="utf-8")) if cached
+              else dev_choice(run_dir, dev, test, averages, alphas))
     if "bible" not in result and Path(f"{BIBLE}.es").is_file():
         result["bible"] = bible_scores(Translator.load(chosen_path(run_dir, result["chosen"])))
+    elif cached:
+        return result
     cache.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
 
@@ -212,6 +214,7 @@ def main() -> None:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps({"runs": rows, "summary": summary}, indent=1) + "\n",
                                         encoding="utf-8")
+
 
 if __name__ == "__main__":
     main()
