@@ -17,7 +17,7 @@ LAYERS = [
     {"runtime", "config", "tokenizer"},
     {"corpus"},
     {"encoded"},
-    {"data"},
+    {"data", "shortlist"},
     {"attention", "encoder", "unrolled"},
     {"decoder"},
     {"model"},

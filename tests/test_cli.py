@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
-from translate.checkpoint import load_model
+from translate.checkpoint import load_checkpoint, load_model
 from translate.cli import main
 
 from .conftest import cli_train_args
@@ -290,8 +291,10 @@ def test_export_writes_a_folder_every_command_takes(trained, tmp_path, corpus):
     runner = CliRunner()
     result = runner.invoke(main, ["export", str(run_dir), "-o", str(folder), "--beam", "2"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                        "src.model", "tgt.model"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "lexicon.safetensors",
+                                                        "model.safetensors", "src.model", "tgt.model"]
+    assert torch.equal(load_file(folder / "lexicon.safetensors")["translations"],
+                       load_checkpoint(run_dir / "best.pt")["lexicon"]["translations"])
     card = (folder / "README.md").read_text(encoding="utf-8")
     assert "| BLEU | chrF | TER |" in card and "nrefs:1" in card and "parameters" in card
     evaluated = json.loads(runner.invoke(main, ["eval", str(run_dir), "--beam", "2", "--json"]).output)

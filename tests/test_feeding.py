@@ -10,7 +10,6 @@ from translate.data import collate
 from translate.encoded import Encoded
 from translate.errors import ConfigError
 from translate.feeding import (
-    SPECIALS,
     confidence_choice,
     gold_mask,
     model_tokens,
@@ -20,7 +19,7 @@ from translate.feeding import (
 )
 from translate.model import build_model
 from translate.search import beam_search
-from translate.tokenizer import PAD
+from translate.tokenizer import PAD, SPECIAL
 
 from .conftest import encode
 from .test_model import DECODERS
@@ -176,7 +175,7 @@ def test_confidence_choice_follows_the_thresholds():
     assert (fed[:, 0] == 0).all() and (fed[:, 1] == 2).all()  # unsure: gold; confident: the prediction
     assert chosen[:, 1:].all() and not chosen[:, 0].any()
     noise = fed[:, 2]
-    assert ((noise >= SPECIALS) | (noise == 0)).all() and (noise != 2).any()  # very confident: random tokens
+    assert ((noise >= SPECIAL) | (noise == 0)).all() and (noise != 2).any()  # very confident: random tokens
     fed, _ = confidence_choice(train_cfg(tf_select="confidence", tf_confidence=0.9), logits, gold, predicted)
     assert (fed[:, 2] == 2).all()  # tf_noise=1: never noise
 

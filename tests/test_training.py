@@ -41,6 +41,8 @@ def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monk
     weights, split = params(tmp_path / "whole"), params(tmp_path / "split")
     for name in weights:
         torch.testing.assert_close(split[name], weights[name], atol=1e-6, rtol=1e-5)
+    lexicons = [load_checkpoint(tmp_path / run / "last.pt")["lexicon"] for run in ("whole", "split")]
+    assert all(torch.equal(lexicons[0][key], lexicons[1][key]) for key in ("translations", "frequent"))
     # the stop validated nothing extra: the same validations, patience and best step
     assert dev_steps(tmp_path / "split") == dev_steps(tmp_path / "whole") == [5, 10, 15, 20]
     assert (second.progress.bad_evals, second.progress.best_step) == (whole.progress.bad_evals,

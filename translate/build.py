@@ -7,6 +7,7 @@ of Sockeye's train.py and OpenNMT-py's build_trainer). ``train`` builds, runs an
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .model import build_model
 from .rundir import MetricsLog, ProgressLine, TrainLog, open_run_dir, write_config
 from .runtime import amp_dtype, seed_everything, select_device, set_rng_state
 from .schedules import LRSchedule, scaled_lr
+from .shortlist import Lexicon, build_lexicon
 from .tokenizer import Tokenizer
 from .training import Corpora, ScheduledForward, Trainer, TrainResult
 
@@ -132,7 +134,7 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
         if preparing:
             barrier(world)
         pairs = len(train)
-        del train  # the Arrow table is done with: training reads the tokenized files
+        train = None  # the Arrow table is done with: training reads the tokenized files
         batches = TrainingData(src_ids, tgt_ids, cfg.batch_tokens, cfg.seed, data.max_len)
         if not len(batches):
             raise DataError(f"{data.train}: no pair is at most data.max_len={data.max_len} pieces long; "
@@ -141,7 +143,33 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
             log(f"dropped {batches.dropped:,} of {pairs:,} training pairs longer than {data.max_len} pieces")
     dev_batches = TrainingData(Encoded(tokenizer.encode_src(dev.src)), Encoded(tokenizer.encode_tgt(dev.tgt)),
                                cfg.batch_tokens, cfg.seed)
-    return Corpora(tokenizer, batches, dev_batches, dev.src, dev.tgt)
+    lexicon = None
+    if world.main:  # only rank 0 validates and saves; a resumed run goes on with its own
+        if payload is not None and payload.get("lexicon"):
+            lexicon = Lexicon.from_state(payload["lexicon"])
+        else:
+            started = time.monotonic()
+            encoded = None if data.streaming else (batches.src, batches.tgt)
+            lexicon = fit_lexicon(config, tokenizer, train, encoded)
+            log(f"fitted the lexicon of decoding shortlists (IBM Model 1) in {time.monotonic() - started:.0f} s")
+    return Corpora(tokenizer, batches, dev_batches, dev.src, dev.tgt, lexicon)
+
+
+def fit_lexicon(config: Config, tokenizer: Tokenizer, train=None, encoded=None) -> Lexicon:
+    """IBM Model 1 for decoding shortlists (``shortlist.py``) on a run's training pairs: ``encoded``
+    (source and target ``EncodedCorpus``), else ``train`` (or ``config.data.train``, read as
+    training reads it) tokenized, cached as for training; a stream's first
+    ``tokenizer.max_sentences`` pairs."""
+    data = config.data
+    if encoded is None:
+        if train is None:
+            train = load_pairs(data.train, data.src_lang, data.tgt_lang, "train", streaming=data.streaming)
+        if data.streaming:
+            src, tgt = first_sentences(train, data.src_lang, data.tgt_lang, config.tokenizer.max_sentences)
+            encoded = Encoded(tokenizer.encode_src(src)), Encoded(tokenizer.encode_tgt(tgt))
+        else:
+            encoded = tokenize_corpus(train, tokenizer, data.src_lang, data.tgt_lang, data.num_proc)
+    return build_lexicon(*encoded, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, seed=config.train.seed)
 
 
 def _main_tokenizer(config: Config, train, log: Callable[[str], None]) -> Tokenizer:

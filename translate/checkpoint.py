@@ -130,9 +130,16 @@ def _load_export(folder: Path) -> dict[str, Any]:
                               f"translate export")
     for copy, source in meta.get("tied", {}).items():  # weights shared in the model are stored once
         weights[copy] = weights[source]
+    lexicon = None
+    if (folder / "lexicon.safetensors").exists():  # (exports of earlier versions have none)
+        try:
+            lexicon = load_file(folder / "lexicon.safetensors")
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"{folder}: lexicon.safetensors is not readable ({exc}); export it again with "
+                                  f"translate export") from None
     return {"format": FORMAT, "version": VERSION, "config": meta.get("config"), "tokenizer": tokenizer,
             "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "model": weights,
-            "progress": meta.get("progress", {})}
+            "progress": meta.get("progress", {}), "lexicon": lexicon}
 
 
 EXPORT_FORMAT = "translate-export"
@@ -274,7 +281,8 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     averaged = {name: (value / len(paths)).to(first["model"][name].dtype) if value.is_floating_point() else value
                 for name, value in total.items()}
     newest = load_checkpoint(paths[-1])
-    kept = {key: newest[key] for key in ("config", "tokenizer", "tokenizer_fingerprint", "progress") if key in newest}
+    kept = {key: newest[key] for key in ("config", "tokenizer", "tokenizer_fingerprint", "progress", "lexicon")
+            if key in newest}
     return {**kept, "model": averaged, "averaged_from": [str(p) for p in paths]}
 
 
@@ -294,5 +302,6 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "training_minutes": round(progress.get("elapsed", 0.0) / 60, 1),
         "tf_ratio": progress.get("tf_ratio"),
         "averaged_from": payload.get("averaged_from"),
+        "shortlist_lexicon": bool(payload.get("lexicon")),
         "config": config.to_dict(),
     }

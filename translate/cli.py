@@ -142,6 +142,11 @@ DECODING_FLAGS = {
                      "uses bf16/fp16 whenever the checkpoint's train.amp is on.)"),
         click.option("--int8", is_flag=True, help="On CPU, decode with int8 weights (dynamic quantisation)."),
     ],
+    "shortlist": [click.option("--shortlist", default=DEFAULT_DECODING.shortlist, show_default=True,
+                               type=click.IntRange(0, 64), help="Score only the K likeliest translations of "
+                               "each source piece (the checkpoint's lexicon) and the "
+                               f"{DEFAULT_DECODING.shortlist_frequent} most frequent target pieces; 0: the whole "
+                               "vocabulary.")],
     "inter_threads": [click.option("--inter-threads", default=DEFAULT_DECODING.inter_threads, show_default=True,
                                    type=click.IntRange(0, 64), help="Batches decoded at once, each on its share "
                                    "of the threads; 0: two on CPU, one on GPU.")],
@@ -181,7 +186,7 @@ def decoding_options(*names: str, **fixed):
 @click.option("--test", "test_path", help="A TSV/CSV/JSON-lines test set (default: the bundled test split).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@decoding_options("beam", "alpha", "precision", "inter_threads")
+@decoding_options("beam", "alpha", "shortlist", "precision", "inter_threads")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate, test_set
@@ -217,7 +222,7 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
 @click.option("--scores", is_flag=True, help="Print each translation's score (log-probability, length-normalised "
               "in beam search) before it, tab-separated.")
-@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "precision", "inter_threads")
+@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "shortlist", "precision", "inter_threads")
 def decode(checkpoint, input_file, output_file, scores, options, precision):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
     translator = _load_translator(checkpoint, options, precision)
@@ -302,7 +307,7 @@ def _output(path: str | None):
 
 @main.command()
 @click.argument("checkpoint")
-@decoding_options("beam", "precision")
+@decoding_options("beam", "shortlist", "precision")
 def repl(checkpoint, options, precision):
     """Translate lines as you type them (:help for commands)."""
     from .repl import Repl
@@ -353,6 +358,8 @@ def info(checkpoint, as_json):
         f"{details['training_minutes']} min",
         f"best dev BLEU   {bleu:.2f} at step {details['best_step']:,}" if bleu is not None and bleu >= 0
         else "best dev BLEU   not validated yet",
+        "shortlists      " + ("from its lexicon (--shortlist)" if details["shortlist_lexicon"]
+                               else "none: no lexicon (written before lexicons were saved); the whole vocabulary"),
     ]
     if details["averaged_from"]:
         lines.append(f"averaged from   {len(details['averaged_from'])} checkpoints")
@@ -393,7 +400,7 @@ def average(run_dir, last, output):
 @click.option("--access-log", is_flag=True, help="One line per request on stderr: client, request, status, "
               "bytes, time.")
 @click.option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN (or * for any) call the API from a browser.")
-@decoding_options("precision")
+@decoding_options("shortlist", "precision")
 def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request_timeout, access_log, cors,
           options, precision):
     """Serve a model over HTTP: a page to translate in a browser at /; POST /translate with
@@ -436,7 +443,7 @@ def plot(run_dir, output):
 @click.argument("checkpoint")
 @click.argument("sentence")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-@decoding_options("beam", "precision", return_attention=True)
+@decoding_options("beam", "shortlist", "precision", return_attention=True)
 def attend(checkpoint, sentence, output, options, precision):
     """Translate SENTENCE and draw its attention as a heatmap PNG (pieces on the axes)."""
     from .plots import plot_attention

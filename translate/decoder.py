@@ -18,6 +18,7 @@ RNN over the whole target in one fused call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import make_attention
+from .tokenizer import SPECIAL
 from .unrolled import LoopWeight, UnrolledRNN, loop_linear, loop_weight
 
 
@@ -83,6 +85,14 @@ class Memory(NamedTuple):
 
     def select(self, index: torch.Tensor) -> Memory:
         return Memory(*(t.index_select(0, index) for t in self))
+
+
+class OutputVocab(NamedTuple):
+    """The part of the target vocabulary a search scores (a batch's shortlist, ``shortlist.py``)
+    and the output layer over just those tokens; made once per batch by ``Decoder.restrict``."""
+
+    ids: torch.Tensor  # (n,) token ids, sorted, from the special tokens on (column i is token i for i < 4)
+    output: Callable[[torch.Tensor], torch.Tensor]  # (rows, out_dim) -> (rows, n) logits
 
 
 class DecoderState(NamedTuple):
@@ -146,12 +156,29 @@ class Decoder(nn.Module):
         (batch, tgt_len, vocab), the final state and the attention weights (batch, tgt_len, src_len)."""
         raise NotImplementedError
 
-    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
-        """One decoding step. prev: (batch,) previous tokens. Returns logits (batch, vocab), the new
-        state and the attention weights (batch, src_len). ``memory`` may hold one entry per group
-        of consecutive rows (batch = entries x group): beam search keeps one per sentence for its
-        beam, so the encoder states are neither copied per hypothesis nor reordered."""
+    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState, vocab: OutputVocab | None = None):
+        """One decoding step. prev: (batch,) previous tokens. Returns logits (batch, vocab), or
+        (batch, n) over ``vocab.ids`` when given, the new state and the attention weights
+        (batch, src_len). ``memory`` may hold one entry per group of consecutive rows (batch =
+        entries x group): beam search keeps one per sentence for its beam, so the encoder states
+        are neither copied per hypothesis nor reordered."""
         raise NotImplementedError
+
+    def restrict(self, ids: torch.Tensor) -> OutputVocab:
+        """The output layer's rows for the token ids ``ids`` (n,), sorted, from the special tokens on
+        (the searches read PAD, BOS and EOS by column); taken out once for a batch's search."""
+        if ids.numel() < SPECIAL or ids[:SPECIAL].tolist() != list(range(SPECIAL)):
+            raise ValueError(f"a shortlist starts with the special tokens 0 to {SPECIAL - 1}")
+        layer = self.output
+        if hasattr(layer, "rows"):  # the int8 copy's layer (quantize.Int8Linear)
+            return OutputVocab(ids, layer.rows(ids))
+        weight = layer.weight.index_select(0, ids)  # (n, out_dim)
+        bias = None if layer.bias is None else layer.bias.index_select(0, ids)  # (n,)
+        return OutputVocab(ids, lambda x: F.linear(x, weight, bias))
+
+    def _logits(self, x: torch.Tensor, vocab: OutputVocab | None) -> torch.Tensor:
+        """x: (batch, out_dim) -> logits over the vocabulary, or over ``vocab.ids``."""
+        return self.output(x) if vocab is None else vocab.output(x)
 
     def _normed(self, outputs: torch.Tensor) -> torch.Tensor:
         """The RNN's top-layer outputs as the rest of the decoder reads them (LayerNorm, if on)."""
@@ -212,13 +239,13 @@ class LuongDecoder(Decoder):
         attentional = torch.cat(vectors, 1)  # (batch, tgt_len, out_dim)
         return self.output(self.dropout(attentional)), DecoderState(hidden, feed), torch.cat(weights, 1)
 
-    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
+    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState, vocab: OutputVocab | None = None):
         rnn_in = self.dropout(self.embed(prev))  # (batch, embed)
         if self.input_feeding:
             rnn_in = torch.cat([rnn_in, state.feed], dim=-1)  # (batch, embed + out_dim)
         outputs, hidden = self.rnn.step(rnn_in, state.hidden)  # (batch, 1, hidden)
         attentional, weights = self._attentional(outputs, memory)  # (batch, 1, out_dim)
-        logits = self.output(self.dropout(attentional[:, 0]))  # (batch, vocab)
+        logits = self._logits(self.dropout(attentional[:, 0]), vocab)  # (batch, vocab or n)
         return logits, DecoderState(hidden, attentional[:, 0]), weights[:, 0]
 
     def _attentional(self, outputs: torch.Tensor, memory: Memory, loop: Loop | None = None):
@@ -257,13 +284,13 @@ class BahdanauDecoder(Decoder):
         readout = self._readout(torch.cat(outputs, 1), torch.cat(contexts, 1), embedded)  # (batch, tgt_len, out)
         return self.output(self.dropout(readout)), DecoderState(hidden, readout[:, -1]), torch.cat(weights, 1)
 
-    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
+    def step(self, prev: torch.Tensor, memory: Memory, state: DecoderState, vocab: OutputVocab | None = None):
         embedded = self.dropout(self.embed(prev)).unsqueeze(1)  # (batch, 1, embed)
         query = self._normed(state.hidden[0][-1]).unsqueeze(1)  # (batch, 1, hidden)
         context, weights = self._attend(query, memory)  # (batch, 1, enc_dim)
         top, hidden = self.rnn.step(torch.cat([embedded, context], dim=-1)[:, 0], state.hidden)  # (batch, 1, hidden)
         readout = self._readout(top, context, embedded)[:, 0]  # (batch, out_dim)
-        return self.output(self.dropout(readout)), DecoderState(hidden, readout), weights[:, 0]
+        return self._logits(self.dropout(readout), vocab), DecoderState(hidden, readout), weights[:, 0]
 
     def _readout(self, outputs: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         """The deep output: tanh(W_r [state; context; embedding]), each (batch, steps, ·) -> (batch, steps, out)."""

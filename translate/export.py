@@ -1,7 +1,8 @@
 """A model to share: ``translate export`` writes a folder in the layout people share translation
 models in (as on the Hugging Face hub): the weights as ``model.safetensors`` (no pickle, so
 loading it can run no code), ``config.json`` (the resolved config, training progress and
-tokenizer fingerprint), the SentencePiece models, and a ``README.md`` model card with the
+tokenizer fingerprint), the SentencePiece models, the lexicon for decoding shortlists as
+``lexicon.safetensors``, and a ``README.md`` model card with the
 model's scores. Every command that takes a checkpoint takes such a folder
 (``checkpoint.load_checkpoint`` reads it back).
 """
@@ -19,6 +20,7 @@ from .checkpoint import EXPORT_FORMAT, load_model
 from .config import BUNDLED_DATA, shown_path
 from .errors import CheckpointError
 from .evaluate import evaluate, test_set
+from .shortlist import Lexicon
 from .translator import DecodeOptions, Translator
 
 BUNDLED_LICENCE = ("the bundled split of Tatoeba Spanish-English sentence pairs (tatoeba.org, via "
@@ -55,7 +57,13 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items() if k not in tied},
               str(folder / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
     progress = dict(payload.get("progress", {}))
+    lexicon = Lexicon.from_state(payload["lexicon"]) if payload.get("lexicon") else None
     del payload
+    if lexicon is not None:
+        save_file({k: v.contiguous() for k, v in lexicon.state().items()}, str(folder / "lexicon.safetensors"),
+                  metadata={"format": EXPORT_FORMAT})
+    else:  # a file of an earlier export into this folder would be read as this model's
+        (folder / "lexicon.safetensors").unlink(missing_ok=True)
     meta = {"format": EXPORT_FORMAT, "translate_version": __version__, "config": config.to_dict(),
             "tied": tied, "tokenizer_fingerprint": tokenizer.fingerprint, "progress": progress,
             "parameters": model.parameter_count()}
@@ -64,7 +72,8 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
     card = {"parameters": model.parameter_count(), "scores": None}
     if scores:
         # as `translate eval` scores it by default (its precision included)
-        translator = Translator(model, tokenizer, DecodeOptions(beam=beam), precision="auto", amp=config.train.amp)
+        translator = Translator(model, tokenizer, DecodeOptions(beam=beam), precision="auto", amp=config.train.amp,
+                                lexicon=lexicon)
         test = test_set(config)
         result, _ = evaluate(translator, test.src, test.tgt)
         card["scores"] = {"test": test.origin, "sentences": len(test.src), "beam": beam,
@@ -121,7 +130,7 @@ def model_card(config, meta: dict[str, Any], card: dict[str, Any]) -> str:
         "```",
         "",
         "Files: `model.safetensors` (weights), `config.json` (configuration and training progress), "
-        "`src.model` / `tgt.model` (SentencePiece).",
+        "`src.model` / `tgt.model` (SentencePiece), `lexicon.safetensors` (the lexicon of decoding shortlists).",
         "",
     ]
     return "\n".join(lines)

@@ -35,9 +35,7 @@ from .config import TrainConfig
 from .data import Batch
 from .model import Seq2Seq
 from .search import beam_search
-from .tokenizer import EOS, PAD
-
-SPECIALS = EOS + 1  # ids below this are PAD, UNK, BOS, EOS: never fed as noise
+from .tokenizer import PAD, SPECIAL
 
 
 def position_weight(cfg: TrainConfig, length: int, device: torch.device) -> torch.Tensor:
@@ -87,7 +85,7 @@ def confidence_choice(cfg: TrainConfig, logits: torch.Tensor, gold: torch.Tensor
     confident = confidence >= cfg.tf_confidence
     fed = torch.where(confident, predicted, gold)
     if cfg.tf_noise < 1.0:
-        noise = torch.randint(SPECIALS, logits.size(-1), gold.shape, device=gold.device)
+        noise = torch.randint(SPECIAL, logits.size(-1), gold.shape, device=gold.device)  # no special token
         fed = torch.where(confidence > cfg.tf_noise, noise, fed)
     return fed, confident
 

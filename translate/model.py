@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .decoder import DECODERS, Decoder, DecoderState, Memory
+from .decoder import DECODERS, Decoder, DecoderState, Memory, OutputVocab
 from .encoder import Encoder
 from .tokenizer import PAD
 
@@ -37,9 +37,14 @@ class Seq2Seq(nn.Module):
         memory = Memory(outputs, self.decoder.attention.project_keys(outputs), mask)
         return memory, self.decoder.init_state(finals, src.size(0))
 
-    def decode_step(self, prev: torch.Tensor, memory: Memory, state: DecoderState):
-        """prev: (batch,) last tokens -> logits (batch, vocab), next state, attention (batch, src_len)."""
-        return self.decoder.step(prev, memory, state)
+    def decode_step(self, prev: torch.Tensor, memory: Memory, state: DecoderState, vocab: OutputVocab | None = None):
+        """prev: (batch,) last tokens -> logits (batch, vocab), or (batch, n) over ``vocab.ids``, next
+        state, attention (batch, src_len)."""
+        return self.decoder.step(prev, memory, state, vocab)
+
+    def output_vocab(self, ids: torch.Tensor) -> OutputVocab:
+        """What ``decode_step`` takes to score only the target tokens ``ids`` (n,), sorted."""
+        return self.decoder.restrict(ids)
 
     def forward(self, src: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, tgt_in: torch.Tensor):
         """Teacher-forced logits (batch, tgt_len, vocab) for a whole target."""

@@ -7,8 +7,10 @@ the RNN gates, run once per target token), which fbgemm's int8 kernels run sever
 than fp32 on x86. Only what runs per token is quantised: the decoder's RNN step (input and
 recurrent weights joined into one product per layer), the attention query, the combination
 layer (Luong) or readout (Bahdanau), the output layer and the key projection. Embedding lookups,
-softmaxes, LayerNorm and the encoder's packed RNN stay in fp32. The model used for training is
-never changed: ``quantized_copy`` returns a new one.
+softmaxes, LayerNorm and the encoder's packed RNN stay in fp32 (the encoder's RNN is one call
+into torch's kernels, which lets other decoding threads run; a step-by-step int8 RNN in Python
+holds the interpreter lock and was slower with two batches decoding at once). The model used
+for training is never changed: ``quantized_copy`` returns a new one.
 """
 
 from __future__ import annotations
@@ -34,15 +36,23 @@ def int8_available() -> bool:
         return False
 
 
-def _pack(weight: torch.Tensor, bias: torch.Tensor | None):
-    """int8 weight (per output row, symmetric) packed for fbgemm's dynamic linear."""
+def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values (out, in) and scales (out,) of a weight, per output row, symmetric."""
     weight = weight.detach().float().contiguous()  # (out, in)
     scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()  # (out,)
     zeros = torch.zeros(weight.size(0), dtype=torch.long)
     with warnings.catch_warnings():  # the quantised-tensor constructors warn of their future removal
         warnings.simplefilter("ignore")
-        qweight = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+        return torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8).int_repr(), scales
+
+
+def _pack(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """``_quantize``'s weight packed for fbgemm's dynamic linear."""
+    zeros = torch.zeros(values.size(0), dtype=torch.long)
+    with warnings.catch_warnings():  # the quantised-tensor constructors warn of their future removal
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
+        return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
 class Int8Linear(nn.Module):
@@ -50,11 +60,32 @@ class Int8Linear(nn.Module):
     Activations are quantised to 8 bits where the CPU accumulates int8 products in int32 (VNNI),
     else to 7 bits (``reduce_range``), which keeps the products clear of int16 saturation."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool | None = None,
+                 keep_weight: bool = False):
         super().__init__()
-        self.in_features, self.out_features = weight.size(1), weight.size(0)
-        self.reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
-        self._packed = _pack(weight, bias)
+        values, scales = _quantize(weight)
+        self._build(values, scales, None if bias is None else bias.detach().float().contiguous(),
+                    not cpu_has_vnni() if reduce_range is None else reduce_range, keep_weight)
+
+    def _build(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool,
+               keep_weight: bool) -> None:
+        self.in_features, self.out_features = values.size(1), values.size(0)
+        self.reduce_range = reduce_range
+        self._packed = _pack(values, scales, bias)
+        # the int8 weight unpacked, for ``rows`` (the output layer's, a quarter of its fp32 size)
+        self._unpacked = (values, scales, bias) if keep_weight else None
+
+    def rows(self, index: torch.Tensor) -> Int8Linear:
+        """The layer for the outputs ``index`` (n,) alone: a shortlist's output layer. Weights are
+        quantised per row, so its outputs are exactly those columns of this layer's."""
+        if self._unpacked is None:
+            raise RuntimeError("this Int8Linear keeps no unpacked weight to take rows from (keep_weight=False)")
+        values, scales, bias = self._unpacked
+        layer = Int8Linear.__new__(Int8Linear)
+        nn.Module.__init__(layer)
+        layer._build(values.index_select(0, index), scales.index_select(0, index),
+                     None if bias is None else bias.index_select(0, index), self.reduce_range, False)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., in)
@@ -143,5 +174,7 @@ def quantized_copy(model: nn.Module) -> nn.Module:
     quantized = copy.deepcopy(model).float().cpu().eval()
     decoder = quantized.decoder
     decoder.rnn = Int8RNNStep(decoder.rnn)
-    _swap_linears(decoder)  # output (tied or not), combine, attention layers, bridge
+    output = decoder.output  # tied or not; keeps its int8 weight unpacked for shortlists (``Decoder.restrict``)
+    decoder.output = Int8Linear(output.weight, output.bias, keep_weight=True)
+    _swap_linears(decoder)  # combine, attention layers, bridge
     return quantized

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoder import DecoderState, Memory
+from .decoder import DecoderState, Memory, OutputVocab
 from .tokenizer import BOS, EOS, PAD
 
 NEG_INF = float("-inf")
@@ -51,9 +51,10 @@ def _allowed(logp: torch.Tensor, force: torch.Tensor, early: torch.Tensor | None
 
 @torch.no_grad()
 def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
-           return_attention: bool = False) -> list[list[Hypothesis]]:
-    """Picks the most probable token at each step; max_lens: (batch,) limits counting EOS.
-    Sentences that have ended leave the batch, so later steps only pay for the ones still going."""
+           return_attention: bool = False, vocab: OutputVocab | None = None) -> list[list[Hypothesis]]:
+    """Picks the most probable token at each step; max_lens: (batch,) limits counting EOS; ``vocab``:
+    a shortlist, the only tokens scored. Sentences that have ended leave the batch, so later
+    steps only pay for the ones still going."""
     batch, src_len = memory.mask.shape
     device = memory.mask.device
     max_lens = max_lens.to(device)
@@ -66,9 +67,11 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
     prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
     for t in range(limit):
-        logits, state, weights = model.decode_step(prev, memory, state)
-        logp = _allowed(logits.float().log_softmax(-1), t + 1 >= max_lens[live])  # (live, vocab)
+        logits, state, weights = model.decode_step(prev, memory, state, vocab)
+        logp = _allowed(logits.float().log_softmax(-1), t + 1 >= max_lens[live])  # (live, vocab or n)
         best, prev = logp.max(-1)  # (live,)
+        if vocab is not None:
+            prev = vocab.ids[prev]  # column -> token
         scores = scores + best
         out_tokens[live, t] = prev
         if return_attention:
@@ -119,10 +122,11 @@ def top_candidates(candidates: torch.Tensor, n: int):
 @torch.no_grad()
 def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
                 alpha: float = 1.0, n_best: int = 1, return_attention: bool = False,
-                min_lens: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+                min_lens: torch.Tensor | None = None, vocab: OutputVocab | None = None) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, up to ``n_best`` hypotheses, best first.
     ``min_lens`` (batch,), counting EOS: no hypothesis ends sooner (``min_lens == max_lens`` asks
     for outputs of one length, as the sentence-level oracle of scheduled teacher forcing does).
+    ``vocab``: a shortlist, the only tokens scored.
 
     Each step takes the 2*beam best continuations over beam x vocab: those among the first
     ``beam`` that end in EOS are finished (score normalised by the length penalty), the best
@@ -154,14 +158,16 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
 
     for t in range(limit):
         live = sent.numel()
-        logits, state, weights = model.decode_step(prev, memory, state)
-        logp = logits.float()  # (live*beams, vocab), in place from here: the largest tensors of a step
+        logits, state, weights = model.decode_step(prev, memory, state, vocab)
+        logp = logits.float()  # (live*beams, vocab or n), in place from here: the largest tensors of a step
         torch.log_softmax(logp, -1, out=logp)
-        vocab = logp.size(-1)
+        columns = logp.size(-1)
         early = None if min_lens is None else (t + 1 < min_lens[sent]).repeat_interleave(beams)
         logp = _allowed(logp, (t + 1 >= max_lens[sent]).repeat_interleave(beams), early)
-        candidates = logp.view(live, beams, vocab).add_(scores.unsqueeze(2))  # (live, beams, vocab)
+        candidates = logp.view(live, beams, columns).add_(scores.unsqueeze(2))  # (live, beams, columns)
         top_scores, origin, token = top_candidates(candidates, 2 * k)  # each (live, 2k)
+        if vocab is not None:
+            token = vocab.ids[token]  # column -> token
         is_eos = (token == EOS) & torch.isfinite(top_scores)
         base = torch.arange(live, device=device).unsqueeze(1) * beams  # (live, 1)
 

@@ -17,6 +17,7 @@ import sentencepiece as spm
 from .errors import TokenizerError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+SPECIAL = 4  # the ids below are the special tokens above
 
 
 def train_sentencepiece(sentences: Sequence[str], vocab_size: int, model_type: str = "unigram",

@@ -36,6 +36,7 @@ from .model import Seq2Seq
 from .rundir import MetricsLog, ProgressLine, TrainLog
 from .runtime import autocast_for, rng_state
 from .schedules import LRSchedule, teacher_forcing_ratio
+from .shortlist import Lexicon
 from .tokenizer import PAD, Tokenizer
 from .translator import DecodeOptions, Translator
 
@@ -79,6 +80,7 @@ class Corpora:
     dev: TrainingData  # for the dev loss
     dev_src: list[str]  # for dev BLEU, decoded as `translate eval` decodes
     dev_ref: list[str]
+    lexicon: Lexicon | None = None  # for decoding shortlists (rank 0's only), saved in every checkpoint
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Trainer:
                  log: Callable[[str], None], train_log: TrainLog | None = None):
         self.config, self.world, self.run_dir, self.device = config, world, run_dir, device
         self.tokenizer, self.data, self.dev_data = corpora.tokenizer, corpora.train, corpora.dev
+        self.lexicon = corpora.lexicon
         self.dev_src, self.dev_ref = corpora.dev_src, corpora.dev_ref
         self.model, self.forward, self.optimizer, self.lr_schedule = model, forward, optimizer, lr_schedule
         self.amp_dtype, self.scaler, self.progress = amp_dtype, scaler, progress
@@ -194,7 +197,7 @@ class Trainer:
         ``CPU_PRECISION`` copy of this step's weights), so the two figures agree; one batch at a
         time, since two at once would add a second batch's memory to training's peak."""
         return Translator(self.model, self.tokenizer, DecodeOptions(beam=self.config.train.eval_beam, inter_threads=1),
-                          precision="auto", amp=self.config.train.amp)
+                          precision="auto", amp=self.config.train.amp, lexicon=self.lexicon)
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
@@ -241,6 +244,8 @@ class Trainer:
                                    self.scaler, self.progress, self.device)
         if self.world.distributed and self.rank_rng is not None:
             payload["rank_rng"] = self.rank_rng  # so that each rank resumes with its own dropout masks
+        if self.lexicon is not None:
+            payload["lexicon"] = self.lexicon.state()
         return payload
 
     def _gather_rng(self) -> None:

@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .quantize import int8_available, quantized_copy
 from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, max_lengths
+from .shortlist import TOP, Lexicon
 from .tokenizer import PAD, Tokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -50,15 +51,22 @@ class DecodeOptions:
     batch_tokens: int = 6000  # source tokens per hypothesis in a batch...
     batch_sentences: int = 0  # ...or, when above 0, this many sentences a batch
     inter_threads: int = 0  # batches decoded at once; 0: two on CPU, one on GPU (decode_workers)
+    # a batch scores only the ``shortlist`` likeliest translations of each of its source pieces and
+    # the ``shortlist_frequent`` most frequent target pieces (the checkpoint's lexicon, shortlist.py);
+    # 0: the whole vocabulary, as with a checkpoint that has no lexicon
+    shortlist: int = 20
+    shortlist_frequent: int = 300
     return_attention: bool = False
 
     def __post_init__(self):
         for name in ("beam", "n_best", "max_src_len", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("batch_sentences", "inter_threads"):
+        for name in ("batch_sentences", "inter_threads", "shortlist_frequent"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if not 0 <= self.shortlist <= TOP:
+            raise ConfigError(f"shortlist must be from 0 (the whole vocabulary) to {TOP}, not {self.shortlist}")
         if self.n_best > self.beam:
             raise ConfigError(f"n_best ({self.n_best}) cannot exceed the beam size ({self.beam})")
         if not math.isfinite(self.alpha):
@@ -168,9 +176,10 @@ class Translator:
     ``train.amp``: on CUDA it decodes under bf16/fp16 autocast."""
 
     def __init__(self, model, tokenizer: Tokenizer, options: DecodeOptions = DecodeOptions(),
-                 precision: str = "fp32", amp: str | bool = "auto"):
+                 precision: str = "fp32", amp: str | bool = "auto", lexicon: Lexicon | None = None):
         self.model, self.precision, self.note = _model_for(model, precision)
         self.tokenizer, self.options, self.amp = tokenizer, options, amp
+        self.lexicon = lexicon  # for shortlists; None: the whole vocabulary is always scored
         param = next(self.model.parameters())
         self.device = param.device
         # autocast: AMP on CUDA; on CPU, the type of a copy already cast down (autocast then
@@ -185,12 +194,13 @@ class Translator:
     @classmethod
     def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "auto",
              device: torch.device | None = None) -> Translator:
-        """A checkpoint (file or run directory) ready to decode; keeps its ``config`` and training
-        ``progress``, and lets go of the rest of the payload (a mapped file)."""
+        """A checkpoint (file or run directory) ready to decode; keeps its ``config``, training
+        ``progress`` and lexicon, and lets go of the rest of the payload (a mapped file)."""
         model, tokenizer, config, payload = load_model(checkpoint, device or select_device("auto"))
         progress = payload.get("progress", {})
+        lexicon = Lexicon.from_state(payload["lexicon"]) if payload.get("lexicon") else None
         del payload
-        translator = cls(model, tokenizer, options, precision, amp=config.train.amp)
+        translator = cls(model, tokenizer, options, precision, amp=config.train.amp, lexicon=lexicon)
         translator.config, translator.progress = config, progress
         return translator
 
@@ -294,11 +304,16 @@ class Translator:
     def _search(self, src: Encoded, indices, options: DecodeOptions) -> list[list[Hypothesis]]:
         """One batch of ``src``: encode, then greedy or beam search."""
         model = self.model
-        batch = collate(src, None, indices, max_src_len=options.max_src_len).to(self.device)
+        batch = collate(src, None, indices, max_src_len=options.max_src_len)
+        shortlist = None
+        if self.lexicon is not None and options.shortlist > 0:
+            shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
+        batch = batch.to(self.device)
         with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
+            vocab = None if shortlist is None else model.output_vocab(shortlist.to(self.device))
             memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
             limits = max_lengths(batch.src_lengths, options.max_len_ratio)
             if options.beam == 1:
-                return greedy(model, memory, state, limits, options.return_attention)
+                return greedy(model, memory, state, limits, options.return_attention, vocab)
             return beam_search(model, memory, state, options.beam, limits, options.alpha, options.n_best,
-                               options.return_attention)
+                               options.return_attention, vocab=vocab)

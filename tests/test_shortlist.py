@@ -1,0 +1,208 @@
+"""Decoding shortlists: the IBM Model 1 lexicon against a plain reference, the shortlists it gives,
+and searches over a shortlist against searches over the whole vocabulary masked to it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from translate.checkpoint import load_checkpoint
+from translate.cli import main
+from translate.encoded import Encoded
+from translate.quantize import int8_available, quantized_copy
+from translate.search import beam_search, greedy
+from translate.shortlist import SPECIAL, TOP, Lexicon, build_lexicon
+from translate.tokenizer import EOS
+from translate.translator import DecodeOptions, Translator
+
+from .conftest import SENTENCES, encode
+
+
+def ibm1_reference(pairs, iterations):
+    """IBM Model 1 as the textbook writes it (Koehn, 2010, figure 4.3), the source EOS as the empty word."""
+    t = {}
+    for src, tgt in pairs:
+        for s in [*src, EOS]:
+            for w in tgt:
+                t[(s, w)] = 1.0
+    for _ in range(iterations):
+        count, total = {}, {}
+        for src, tgt in pairs:
+            src = [*src, EOS]
+            for w in tgt:
+                norm = sum(t[(s, w)] for s in src)
+                for s in src:
+                    share = t[(s, w)] / norm
+                    count[(s, w)] = count.get((s, w), 0.0) + share
+                    total[s] = total.get(s, 0.0) + share
+        t = {(s, w): c / total[s] for (s, w), c in count.items()}
+    return t
+
+
+def random_pairs(n, src_vocab, tgt_vocab, seed=0):
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        src = [rng.randrange(SPECIAL, src_vocab) for _ in range(rng.randint(1, 6))]
+        tgt = [rng.randrange(SPECIAL, tgt_vocab) for _ in range(rng.randint(1, 6))]
+        pairs.append((src, tgt))
+    return pairs
+
+
+def test_the_lexicon_ranks_as_plain_ibm_model_1():
+    pairs = random_pairs(60, 14, 12)
+    lexicon = build_lexicon(Encoded([s for s, _ in pairs]), Encoded([t for _, t in pairs]), 14, 12, iterations=4)
+    reference = ibm1_reference(pairs, 4)
+    compared = 0
+    for s in range(14):
+        ranked = sorted(((p, -w) for (src, w), p in reference.items() if src == s), reverse=True)
+        expected = [-negative for _, negative in ranked]
+        got = [w for w in lexicon.translations[s].tolist() if w >= 0]
+        assert len(got) == len(expected), s
+        for i in range(len(expected) - 1):  # positions whose probabilities are not a near tie
+            if ranked[i][0] - ranked[i + 1][0] > 1e-4:
+                assert set(got[: i + 1]) == set(expected[: i + 1]), (s, i)
+                compared += 1
+    assert compared > 20
+    assert (lexicon.translations[:SPECIAL - 1] == -1).all()  # PAD, UNK, BOS never occur in a source
+
+
+def test_the_lexicon_finds_a_word_for_word_mapping():
+    rng = random.Random(1)
+    mapping = {s: 40 - s for s in range(SPECIAL, 30)}  # source piece s is target piece 40 - s
+    pairs = []
+    for _ in range(400):
+        src = [rng.randrange(SPECIAL, 30) for _ in range(rng.randint(2, 7))]
+        tgt = [mapping[s] for s in src]
+        rng.shuffle(tgt)  # in any order
+        pairs.append((src, tgt))
+    lexicon = build_lexicon(Encoded([s for s, _ in pairs]), Encoded([t for _, t in pairs]), 30, 41)
+    assert all(int(lexicon.translations[s, 0]) == t for s, t in mapping.items())
+    counts = torch.bincount(torch.tensor([w for _, tgt in pairs for w in tgt]), minlength=41)
+    assert (counts[lexicon.frequent.long()].diff() <= 0).all()  # most frequent first
+    assert sorted(lexicon.frequent.tolist()) == list(range(41))
+
+
+def test_a_shortlist_is_the_specials_the_frequent_and_the_translations_of_the_batch():
+    translations = torch.full((10, TOP), -1, dtype=torch.int32)
+    translations[5, :3] = torch.tensor([20, 21, 22])
+    translations[6, :2] = torch.tensor([23, 7])
+    translations[EOS, :1] = torch.tensor([24])
+    lexicon = Lexicon(translations, torch.tensor([9, 8, 30, 31, 0, 1], dtype=torch.int32))
+    src = torch.tensor([[5, 6, EOS], [6, EOS, 0]])  # 0: padding
+    assert lexicon.shortlist(src, per_piece=2, frequent=2).tolist() == [0, 1, 2, 3, 7, 8, 9, 20, 21, 23, 24]
+    assert lexicon.shortlist(src, per_piece=1, frequent=0).tolist() == [0, 1, 2, 3, 20, 23, 24]
+    with pytest.raises(ValueError, match="per_piece must be from 1 to 64"):
+        lexicon.shortlist(src, per_piece=0, frequent=2)
+    again = Lexicon.from_state(lexicon.state())
+    assert torch.equal(again.translations, translations) and torch.equal(again.frequent, lexicon.frequent)
+
+
+def shortlist_ids(vocab_size, seed=0):
+    ids = torch.randperm(vocab_size - SPECIAL, generator=torch.Generator().manual_seed(seed))[: vocab_size // 3]
+    return torch.cat([torch.arange(SPECIAL), ids + SPECIAL]).sort().values
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_a_restricted_step_gives_the_full_steps_columns(search_model, tokenizer, int8):
+    if int8 and not int8_available():
+        pytest.skip("this torch build has no int8 kernels")
+    model = quantized_copy(search_model) if int8 else search_model
+    memory, state, _ = encode(model, tokenizer, SENTENCES)
+    ids = shortlist_ids(tokenizer.tgt_vocab_size)
+    prev = torch.tensor([EOS, 5, 9, 12, 30])
+    with torch.no_grad():
+        full, full_state, _ = model.decode_step(prev, memory, state)
+        part, part_state, _ = model.decode_step(prev, memory, state, model.output_vocab(ids))
+    assert part.shape == (len(SENTENCES), len(ids))
+    torch.testing.assert_close(part, full[:, ids], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part_state.hidden, full_state.hidden)
+
+
+class Masked:
+    """The reference: the whole vocabulary scored, every token outside ``ids`` at -inf."""
+
+    def __init__(self, model, ids):
+        self.model = model
+        self.outside = torch.ones(model.decoder.output.out_features, dtype=torch.bool)
+        self.outside[ids] = False
+
+    def decode_step(self, prev, memory, state, vocab=None):
+        assert vocab is None
+        logits, state, weights = self.model.decode_step(prev, memory, state)
+        return logits.masked_fill(self.outside, float("-inf")), state, weights
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_search_over_a_shortlist_is_search_over_the_vocabulary_masked_to_it(search_model, tokenizer, beam):
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES)
+    ids = shortlist_ids(tokenizer.tgt_vocab_size, seed=beam)
+    vocab = search_model.output_vocab(ids)
+    if beam == 1:
+        got = greedy(search_model, memory, state, limits, vocab=vocab)
+        expected = greedy(Masked(search_model, ids), memory, state, limits)
+    else:
+        got = beam_search(search_model, memory, state, beam, limits, n_best=beam, vocab=vocab)
+        expected = beam_search(Masked(search_model, ids), memory, state, beam, limits, n_best=beam)
+    allowed = set(ids.tolist())
+    for mine, theirs in zip(got, expected):
+        assert [h.tokens for h in mine] == [h.tokens for h in theirs]
+        assert [h.score for h in mine] == pytest.approx([h.score for h in theirs], abs=1e-4)
+        assert all(set(h.tokens) <= allowed for h in mine)
+    whole = search_model.output_vocab(torch.arange(tokenizer.tgt_vocab_size))
+    unrestricted = greedy(search_model, memory, state, limits)
+    assert [h[0].tokens for h in greedy(search_model, memory, state, limits, vocab=whole)] == \
+        [h[0].tokens for h in unrestricted]
+
+
+def lexicon_for(tokenizer, per_source=3):
+    """A lexicon that lets each source piece through to a few target pieces of its own."""
+    translations = torch.full((tokenizer.src_vocab_size, TOP), -1, dtype=torch.int32)
+    rng = torch.Generator().manual_seed(0)
+    for s in range(SPECIAL, tokenizer.src_vocab_size):
+        translations[s, :per_source] = torch.randint(SPECIAL, tokenizer.tgt_vocab_size, (per_source,), generator=rng)
+    frequent = torch.arange(tokenizer.tgt_vocab_size, dtype=torch.int32)
+    return Lexicon(translations, frequent)
+
+
+def test_the_translator_scores_each_batchs_shortlist_or_with_0_the_whole_vocabulary(search_model, tokenizer):
+    lexicon = lexicon_for(tokenizer)
+    one_by_one = DecodeOptions(beam=2, batch_sentences=1, inter_threads=1, shortlist_frequent=5)
+    plain = Translator(search_model, tokenizer, one_by_one)
+    listed = Translator(search_model, tokenizer, one_by_one, lexicon=lexicon)
+    off = DecodeOptions(beam=2, batch_sentences=1, inter_threads=1, shortlist=0)
+    assert [[t.tokens for t in n] for n in listed.translate(SENTENCES, off)] == \
+        [[t.tokens for t in n] for n in plain.translate(SENTENCES)]
+    encoded = tokenizer.encode_src(SENTENCES)
+    for ids, nbest, full in zip(encoded, listed.translate(SENTENCES), plain.translate(SENTENCES)):
+        allowed = set(lexicon.shortlist(torch.tensor([ids + [EOS]]), 20, 5).tolist())
+        assert set(nbest[0].tokens) <= allowed
+        if not set(full[0].tokens) <= allowed:
+            assert nbest[0].tokens != full[0].tokens
+
+
+def test_bad_shortlist_options():
+    from translate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="shortlist must be from 0 .the whole vocabulary. to 64, not 65"):
+        DecodeOptions(shortlist=65)
+    with pytest.raises(ConfigError, match="shortlist_frequent must be 0 or more"):
+        DecodeOptions(shortlist_frequent=-1)
+    result = CliRunner().invoke(main, ["decode", "nowhere.pt", "--shortlist", "65"])
+    assert result.exit_code == 2 and "65 is not in the range 0<=x<=64" in result.output
+
+
+def test_runs_keep_their_lexicon_in_every_checkpoint_and_average(run_with_steps, tmp_path):
+    last = load_checkpoint(run_with_steps / "last.pt")["lexicon"]
+    assert last["translations"].shape[1] == TOP and (last["translations"][EOS] >= 0).any()
+    for name in ("best.pt", "step-20.pt", "step-30.pt"):
+        saved = load_checkpoint(run_with_steps / name)["lexicon"]
+        assert torch.equal(saved["translations"], last["translations"]), name
+    out = tmp_path / "avg.pt"
+    assert CliRunner().invoke(main, ["average", str(run_with_steps), "--last", "2", "-o", str(out)]).exit_code == 0
+    assert torch.equal(load_checkpoint(out)["lexicon"]["frequent"], last["frequent"])
+    translator = Translator.load(out)
+    assert translator.lexicon is not None and torch.equal(translator.lexicon.frequent, last["frequent"])
