@@ -16,7 +16,7 @@ domain-shift set a new default must not get worse on (evaluation only: it choose
 Screen at 10 minutes with one seed, then confirm the best few at the full budget:
 
     python bench/tune.py --stage screen2 --minutes 10 --seeds 1234
-    python bench/tune.py --stage confirm2 --seeds 1234,2 --only default,earlier-default,dropout-0
+    python bench/tune.py --stage confirm2 --seeds 1234,2 --only dropout-0.2
 
 It prints a table (mean over seeds) and writes JSON. A kept run whose settings are no longer its
 candidate's (after the defaults changed) is refused: start another stage.
@@ -59,7 +59,7 @@ CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "lr-2e-3=train.lr=0.002",
     "lr-4e-3=train.lr=0.004",
     "warmup-decay=train.lr_schedule=warmup-decay",
-    "dropout-0=model.dropout=0.0",
+    "dropout-0.1=model.dropout=0.1",
     "dropout-0.2=model.dropout=0.2",
     "smoothing-0=train.label_smoothing=0.0",
     "smoothing-0.2=train.label_smoothing=0.2",

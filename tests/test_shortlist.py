@@ -178,7 +178,7 @@ def test_the_translator_scores_each_batchs_shortlist_or_with_0_the_whole_vocabul
         [[t.tokens for t in n] for n in plain.translate(SENTENCES)]
     encoded = tokenizer.encode_src(SENTENCES)
     for ids, nbest, full in zip(encoded, listed.translate(SENTENCES), plain.translate(SENTENCES)):
-        allowed = set(lexicon.shortlist(torch.tensor([ids + [EOS]]), 20, 5).tolist())
+        allowed = set(lexicon.shortlist(torch.tensor([ids + [EOS]]), one_by_one.shortlist, 5).tolist())
         assert set(nbest[0].tokens) <= allowed
         if not set(full[0].tokens) <= allowed:
             assert nbest[0].tokens != full[0].tokens

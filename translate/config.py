@@ -74,7 +74,7 @@ class ModelConfig:
     # setting this turns it off (that decoder feeds its context instead)
     input_feeding: bool = True
     layer_norm: bool = False  # LayerNorm over the encoder's and decoder's RNN outputs
-    dropout: float = 0.1
+    dropout: float = 0.15
     tie_embeddings: bool = True
     bridge: bool = True
 

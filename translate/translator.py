@@ -54,7 +54,7 @@ class DecodeOptions:
     # a batch scores only the ``shortlist`` likeliest translations of each of its source pieces and
     # the ``shortlist_frequent`` most frequent target pieces (the checkpoint's lexicon, shortlist.py);
     # 0: the whole vocabulary, as with a checkpoint that has no lexicon
-    shortlist: int = 20
+    shortlist: int = 50
     shortlist_frequent: int = 300
     return_attention: bool = False
 

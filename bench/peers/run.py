@@ -471,7 +471,7 @@ def translate_decode(train: dict, beam: int, src: Path, out: Path, precision: st
             "timing": "translate_decode.py around Translator.translate (model loading excluded)",
             "peak_rss_mb": proc.peak_rss_mb(), "max_len_ratio": report.get("max_len_ratio"),
             "precision": report.get("precision", precision),
-            "inter_threads": report.get("inter_threads")}
+            "inter_threads": report.get("inter_threads"), "shortlist": report.get("shortlist")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ it uses the same library calls as `translate decode` (Translator.load, Translato
 batches of --batch sentences; like `translate decode`, two batches are decoded at once on CPU.
 
     python bench/peers/translate_decode.py CHECKPOINT -i SRC -o HYP [--beam 5] [--batch 64]
-        [--alpha 1.0] [--max-len-ratio 2.0] [--precision auto] [--inter-threads 0]
+        [--alpha 1.0] [--max-len-ratio 2.0] [--precision auto] [--inter-threads 0] [--shortlist K]
 
 Prints one JSON line: {"seconds": decode wall time, "sentences": N, "load_seconds": ...}.
 """
@@ -35,6 +35,8 @@ def main() -> None:
                              "maximum length; 2.0 is `translate decode`'s default)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                         help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
+    parser.add_argument("--shortlist", type=int, default=None,
+                        help="`translate decode --shortlist K` (default: its default; 0: the whole vocabulary)")
     parser.add_argument("--inter-threads", type=int, default=0,
                         help="batches decoded at once (`translate decode --inter-threads`; 0: two on CPU)")
     args = parser.parse_args()
@@ -47,8 +49,9 @@ def main() -> None:
 
     configure_process()  # as the command line does
     # batches of --batch sentences in length order, as the peers take them
+    shortlist = {} if args.shortlist is None else {"shortlist": args.shortlist}
     options = DecodeOptions(beam=args.beam, alpha=args.alpha, max_len_ratio=args.max_len_ratio,
-                            batch_sentences=args.batch, inter_threads=args.inter_threads)
+                            batch_sentences=args.batch, inter_threads=args.inter_threads, **shortlist)
     translator = Translator.load(args.checkpoint, options, args.precision)  # as `translate decode` loads
     sources = Path(args.input).read_text(encoding="utf-8").splitlines()
     load_seconds = time.perf_counter() - started
@@ -62,7 +65,8 @@ def main() -> None:
     workers = decode_workers(translator.device, args.inter_threads, 2)
     print(json.dumps({"seconds": round(seconds, 3), "sentences": len(sources), "load_seconds": round(load_seconds, 3),
                       "max_len_ratio": args.max_len_ratio, "threads": torch.get_num_threads(),
-                      "amp": translator.amp, "precision": translator.precision, "inter_threads": workers}), flush=True)
+                      "amp": translator.amp, "precision": translator.precision, "inter_threads": workers,
+                      "shortlist": options.shortlist if translator.lexicon is not None else 0}), flush=True)
 
 
 if __name__ == "__main__":
