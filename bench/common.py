@@ -9,7 +9,17 @@ from pathlib import Path
 
 import torch
 
-from translate.config import ModelConfig
+from translate.config import BUNDLED_DATA, ModelConfig
+from translate.corpus import read_lines, read_parallel
+
+# the domain-shift set: evaluation only, never training or tuning the tokenizer
+BIBLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "bible-es-en.dev"
+
+
+def evaluation_sets() -> dict[str, tuple[list[str], list[str]]]:
+    """Sources and references of the bundled test split ("test") and the Bible verses ("bible")."""
+    test = read_parallel(str(BUNDLED_DATA / "test.tsv"), "spa", "eng", "test")
+    return {"test": (test.src, test.tgt), "bible": (read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))}
 
 
 def peak_rss_mb() -> float:

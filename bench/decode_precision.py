@@ -24,16 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model
+from common import cpu_model, evaluation_sets
 
-from translate.config import BUNDLED_DATA
-from translate.corpus import read_lines, read_parallel
 from translate.evaluate import score
 from translate.runtime import configure_process
 from translate.translator import PRECISIONS, DecodeOptions, Translator
-
-ROOT = Path(__file__).resolve().parents[1]
-BIBLE = ROOT.parent / "shared" / "data" / "bible-es-en.dev"
 
 
 def main() -> None:
@@ -47,8 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_process()  # as the command line does
 
-    test = read_parallel(str(BUNDLED_DATA / "test.tsv"), "spa", "eng", "test")
-    sets = {"test": (test.src, test.tgt), "bible": (read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))}
+    sets = evaluation_sets()
     beams = [int(b) for b in args.beams.split(",")]
     precisions = args.precisions.split(",")
     print(f"{', '.join(args.checkpoints)}; {cpu_model()}, {torch.get_num_threads()} threads")

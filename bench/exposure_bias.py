@@ -45,14 +45,12 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model
+from common import cpu_model, evaluation_sets
 
-from translate.corpus import read_lines, read_parallel
 from translate.runtime import configure_process
 from translate.translator import DecodeOptions, Translator
 
 ROOT = Path(__file__).resolve().parents[1]
-BIBLE = ROOT.parent / "shared" / "data" / "bible-es-en.dev"
 BEAMS = (1, 5)
 
 # Every configuration names its schedule, so that a name keeps what it was measured as when the
@@ -192,11 +190,11 @@ def main() -> None:
         name, _, sets = spec.partition("=")
         variants[name] = [item for item in sets.split(",") if item]
     seeds = [int(s) for s in args.seeds.split(",")]
-    test = read_parallel(str(ROOT / "translate" / "bundled" / "test.tsv"), "spa", "eng", "test")
-    sets = {"test": (test.src, test.tgt), "bible": (read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))}
-    by_length = sorted(range(len(test.src)), key=lambda i: (-len(test.src[i].split()), i))
+    sets = evaluation_sets()
+    test_src, test_tgt = sets["test"]
+    by_length = sorted(range(len(test_src)), key=lambda i: (-len(test_src[i].split()), i))
     long_fifth = sorted(by_length[: len(by_length) // 5])
-    references = {"test": test.tgt, "long": [test.tgt[i] for i in long_fifth], "bible": sets["bible"][1]}
+    references = {"test": test_tgt, "long": [test_tgt[i] for i in long_fifth], "bible": sets["bible"][1]}
 
     runs: list[dict] = []
     for seed in seeds:  # one seed of every configuration first: the table fills in evenly

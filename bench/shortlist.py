@@ -25,12 +25,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model
-from exposure_bias import BIBLE
+from common import cpu_model, evaluation_sets
 
 from translate.build import fit_lexicon
-from translate.config import BUNDLED_DATA
-from translate.corpus import read_lines, read_parallel
 from translate.data import collate, token_batches
 from translate.encoded import Encoded
 from translate.evaluate import score
@@ -58,8 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_process()  # as the command line does
 
-    test = read_parallel(str(BUNDLED_DATA / "test.tsv"), "spa", "eng", "test")
-    sets = {"test": (test.src, test.tgt), "bible": (read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))}
+    sets = evaluation_sets()
     beams = [int(b) for b in args.beams.split(",")]
     shortlists = [int(k) for k in args.shortlists.split(",")]
     print(f"{', '.join(args.checkpoints)}; {cpu_model()}, {torch.get_num_threads()} threads")

@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from exposure_bias import BIBLE, steps_trained, train  # one way to train a configuration
+from common import BIBLE
+from exposure_bias import steps_trained, train  # one way to train a configuration
 
 from translate.checkpoint import average_checkpoints, save_checkpoint, step_checkpoints
 from translate.config import load_config, parse_overrides
