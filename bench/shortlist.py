@@ -28,19 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, evaluation_sets
 
 from translate.build import fit_lexicon
-from translate.data import collate, token_batches
+from translate.data import collate
 from translate.encoded import Encoded
 from translate.evaluate import score
 from translate.runtime import configure_process
-from translate.translator import DecodeOptions, Translator
+from translate.translator import DecodeOptions, Translator, decode_batches
 
 
 def mean_shortlist(translator: Translator, sources: list[str], options: DecodeOptions) -> float:
-    """The mean size of the batches' shortlists, batched as ``Translator.translate_ids`` batches."""
+    """The mean size of the shortlists of the batches ``translator`` decodes ``sources`` in."""
     encoded = Encoded(translator.tokenizer.encode_src(sources))
-    lengths = np.minimum(encoded.lengths + 1, options.max_src_len) * options.beam
     sizes = []
-    for indices in token_batches(lengths, options.batch_tokens * options.beam):
+    for indices in decode_batches(encoded, options):
         batch = collate(encoded, None, indices, max_src_len=options.max_src_len)
         sizes.append(len(translator.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)))
     return float(np.mean(sizes))

@@ -145,9 +145,8 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
                                cfg.batch_tokens, cfg.seed)
     lexicon = None
     if world.main:  # only rank 0 validates and saves; a resumed run goes on with its own
-        if payload is not None and payload.get("lexicon"):
-            lexicon = Lexicon.from_state(payload["lexicon"])
-        else:
+        lexicon = None if payload is None else Lexicon.of_checkpoint(payload)
+        if lexicon is None:
             started = time.monotonic()
             encoded = None if data.streaming else (batches.src, batches.tgt)
             lexicon = fit_lexicon(config, tokenizer, train, encoded)

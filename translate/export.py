@@ -57,7 +57,7 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items() if k not in tied},
               str(folder / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
     progress = dict(payload.get("progress", {}))
-    lexicon = Lexicon.from_state(payload["lexicon"]) if payload.get("lexicon") else None
+    lexicon = Lexicon.of_checkpoint(payload)
     del payload
     if lexicon is not None:
         save_file({k: v.contiguous() for k, v in lexicon.state().items()}, str(folder / "lexicon.safetensors"),

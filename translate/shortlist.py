@@ -48,6 +48,11 @@ class Lexicon:
     def from_state(cls, state: dict[str, torch.Tensor]) -> Lexicon:
         return cls(state["translations"].to(torch.int32), state["frequent"].to(torch.int32))
 
+    @classmethod
+    def of_checkpoint(cls, payload: dict) -> Lexicon | None:
+        """A checkpoint's lexicon; None for one written before lexicons were saved."""
+        return cls.from_state(payload["lexicon"]) if payload.get("lexicon") else None
+
 
 def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vocab: int, iterations: int = 5,
                   max_links: int = 20_000_000, max_len: int = 200, seed: int = 0) -> Lexicon:

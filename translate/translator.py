@@ -146,6 +146,18 @@ def decode_workers(device: torch.device, inter_threads: int, batches: int) -> in
     return max(1, min(inter_threads, batches))
 
 
+def decode_batches(src: Encoded, options: DecodeOptions) -> list[np.ndarray]:
+    """The batches ``Translator.translate_ids`` decodes ``src`` in: indices in length order,
+    ``options.batch_sentences`` a batch, or up to ``options.batch_tokens`` source tokens per
+    hypothesis."""
+    lengths = np.minimum(src.lengths + 1, options.max_src_len) * options.beam
+    if options.batch_sentences > 0:
+        order = np.argsort(lengths, kind="stable")
+        step = options.batch_sentences
+        return [order[i: i + step] for i in range(0, len(order), step)]
+    return token_batches(lengths, options.batch_tokens * options.beam)
+
+
 def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
     """Yields fn(item) for every item, in order, running ``workers`` at a time on threads that
     share torch's intra-op threads out between them (one worker: in this thread)."""
@@ -198,7 +210,7 @@ class Translator:
         ``progress`` and lexicon, and lets go of the rest of the payload (a mapped file)."""
         model, tokenizer, config, payload = load_model(checkpoint, device or select_device("auto"))
         progress = payload.get("progress", {})
-        lexicon = Lexicon.from_state(payload["lexicon"]) if payload.get("lexicon") else None
+        lexicon = Lexicon.of_checkpoint(payload)
         del payload
         translator = cls(model, tokenizer, options, precision, amp=config.train.amp, lexicon=lexicon)
         translator.config, translator.progress = config, progress
@@ -245,14 +257,7 @@ class Translator:
         """Yields (index, n-best) for every encoded source sentence; batches go in length order,
         for speed, ``decode_workers`` of them at once."""
         options = options or self.options
-        beam = options.beam
-        lengths = np.minimum(src.lengths + 1, options.max_src_len) * beam
-        if options.batch_sentences > 0:
-            order = np.argsort(lengths, kind="stable")
-            step = options.batch_sentences
-            batches = [order[i: i + step] for i in range(0, len(order), step)]
-        else:
-            batches = token_batches(lengths, options.batch_tokens * beam)
+        batches = decode_batches(src, options)
 
         def decode(indices) -> list[tuple[int, list[Hypothesis]]]:
             return list(zip(indices, self._search(src, indices, options)))
