@@ -1,11 +1,12 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from translate.attention import BahdanauAttention
 from translate.config import load_config
 from translate.model import build_model
-from translate.quantize import Int8Linear, Int8RNNStep, int8_available, quantized_copy
+from translate.quantize import Int8Linear, Int8PackedRNN, Int8RNNStep, int8_available, quantized_copy
 from translate.search import beam_search, greedy
 
 from .test_search import SENTENCES, encode
@@ -85,6 +86,27 @@ def test_int8_rnn_over_a_sequence_follows_the_float_rnn(cell):
     assert approx_out.shape == exact_out.shape == (5, 7, 32)
     assert relative_error(approx_out, exact_out) < 0.03
     assert type(approx_states) is type(exact_states)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_int8_packed_rnn_follows_the_float_rnn(cell, bidirectional):
+    torch.manual_seed(5)
+    rnn = cell(24, 32, num_layers=2, batch_first=True, bidirectional=bidirectional).eval()
+    x = torch.randn(5, 7, 24)
+    lengths = torch.tensor([3, 7, 1, 5, 7])  # unsorted: the final states must come back in batch order
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        exact_out, exact_final = rnn(packed)
+        approx_out, approx_final = Int8PackedRNN(rnn)(packed)
+    assert torch.equal(approx_out.batch_sizes, exact_out.batch_sizes)
+    assert torch.equal(approx_out.unsorted_indices, exact_out.unsorted_indices)
+    assert relative_error(approx_out.data, exact_out.data) < 0.03
+    assert not torch.equal(approx_out.data, exact_out.data)  # really quantised
+    assert type(approx_final) is type(exact_final)
+    for approx, exact in zip(*((f,) if cell is nn.GRU else f for f in (approx_final, exact_final))):
+        assert approx.shape == exact.shape == (2 * (2 if bidirectional else 1), 5, 32)
+        assert relative_error(approx, exact) < 0.03
 
 
 @pytest.fixture(params=[("lstm", "bahdanau", "tied"), ("gru", "luong-general", "feed"),

@@ -1,7 +1,9 @@
 """The Translator: options, precisions, batching and threads, streaming, loading a checkpoint."""
 
 import dataclasses
+import os
 import re
+import threading
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from translate import translator as translator_module
 from translate.checkpoint import save_checkpoint
 from translate.config import load_config
-from translate.errors import ConfigError
+from translate.errors import ConfigError, UserError
 from translate.model import build_model
 from translate.quantize import Int8Linear
 from translate.search import beam_search
@@ -92,25 +94,57 @@ def test_options_given_to_a_call_replace_the_defaults(search_model, tokenizer):
     assert max(len(nbest) for nbest in three) == 3
 
 
-def test_batches_in_parallel_equal_one_at_a_time(search_model, tokenizer):
+@pytest.mark.parametrize("processes", [False, True])
+def test_batches_in_parallel_equal_one_at_a_time(search_model, tokenizer, monkeypatch, processes):
     threads = torch.get_num_threads()
+    assert threading.active_count() == 1  # no test leaves a thread behind, so a fork here is safe
+    monkeypatch.setattr(translator_module, "can_fork", lambda device: processes)
+    runs = []
+    for name in ("_in_parallel", "_in_processes"):
+        run = getattr(translator_module, name)
+        monkeypatch.setattr(translator_module, name, lambda *args, run=run, name=name: runs.append(name) or run(*args))
     translator = Translator(search_model, tokenizer, DecodeOptions(batch_sentences=2))
-    alone = translator.translate(SENTENCES, DecodeOptions(beam=3, n_best=2, batch_sentences=2, inter_threads=1))
+    alone = translator.translate(SENTENCES, DecodeOptions(beam=3, n_best=2, batch_sentences=2, inter_threads=1,
+                                                          return_attention=True))
     for beam in (3, 1):
-        options = DecodeOptions(beam=beam, n_best=min(beam, 2), batch_sentences=2, inter_threads=2)
+        options = DecodeOptions(beam=beam, n_best=min(beam, 2), batch_sentences=2, inter_threads=2,
+                                return_attention=True)
         parallel = translator.translate(SENTENCES, options)
         if beam == 3:
             assert [[t.tokens for t in n] for n in parallel] == [[t.tokens for t in n] for n in alone]
             assert [t.score for n in parallel for t in n] == pytest.approx([t.score for n in alone for t in n],
                                                                            abs=1e-4)
+            for n, m in zip(parallel, alone):  # attention comes back from a process as a tensor too
+                assert all(torch.allclose(t.attention, u.attention, atol=1e-5) for t, u in zip(n, m))
         assert len(parallel) == len(SENTENCES) and all(len(n) == min(beam, 2) for n in parallel)
+    assert runs == ["_in_parallel"] + 2 * ["_in_processes" if processes else "_in_parallel"]
     assert torch.get_num_threads() == threads  # the workers' share is not left behind
 
 
-def test_decode_workers():
+def _die(item):
+    os._exit(3)  # as a process that the kernel kills for memory
+
+
+def test_a_decoding_process_that_dies_is_a_one_line_error(search_model, tokenizer, monkeypatch):
+    assert threading.active_count() == 1
+    monkeypatch.setattr(translator_module, "can_fork", lambda device: True)
+    monkeypatch.setattr(translator_module, "_run_in_process", _die)
+    translator = Translator(search_model, tokenizer, DecodeOptions(batch_sentences=2, inter_threads=2))
+    with pytest.raises(UserError, match="a decoding process ended without a result"):
+        translator.translate(SENTENCES)
+
+
+def test_decode_workers(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert decode_workers(cpu, 3, 10) == 3 and decode_workers(cpu, 4, 2) == 2 and decode_workers(cuda, 0, 9) == 1
-    assert decode_workers(cpu, 0, 9) == (2 if torch.get_num_threads() >= 2 else 1)
+    threads = torch.get_num_threads()
+    assert decode_workers(cpu, 3, 10, fork=False) == (3, False) and decode_workers(cpu, 3, 10, fork=True) == (3, True)
+    assert decode_workers(cpu, 4, 2, fork=True) == (2, True) and decode_workers(cpu, 4, 1, fork=True) == (1, False)
+    assert decode_workers(cuda, 0, 9, fork=True) == (1, False) and decode_workers(cuda, 3, 9) == (3, False)
+    assert decode_workers(cpu, 0, 99, fork=False) == (min(2, threads), False)
+    assert decode_workers(cpu, 0, 99, fork=True) == (threads, threads > 1)  # one process a thread
+    assert not translator_module.can_fork(cuda)
+    monkeypatch.setattr(translator_module.threading, "active_count", lambda: 2)  # as in a server
+    assert not translator_module.can_fork(cpu)
 
 
 def test_empty_and_odd_lines(search_model, tokenizer):

@@ -2,15 +2,15 @@
 dynamic linear): weights are stored once as int8 with one scale per output row, activations are
 quantised per call from their observed range, and the products accumulate in int32.
 
-Decoding is bound by the decoder's matrix products (the output layer over the vocabulary and
-the RNN gates, run once per target token), which fbgemm's int8 kernels run several times faster
-than fp32 on x86. Only what runs per token is quantised: the decoder's RNN step (input and
-recurrent weights joined into one product per layer), the attention query, the combination
-layer (Luong) or readout (Bahdanau), the output layer and the key projection. Embedding lookups,
-softmaxes, LayerNorm and the encoder's packed RNN stay in fp32 (the encoder's RNN is one call
-into torch's kernels, which lets other decoding threads run; a step-by-step int8 RNN in Python
-holds the interpreter lock and was slower with two batches decoding at once). The model used
-for training is never changed: ``quantized_copy`` returns a new one.
+Decoding is bound by the matrix products (the output layer over the vocabulary and the RNN
+gates, run once per target token; the encoder's RNN, once per source token), which fbgemm's
+int8 kernels run several times faster than fp32 on x86. What is quantised: the decoder's RNN
+step (input and recurrent weights joined into one product per layer), the attention query, the
+combination layer (Luong) or readout (Bahdanau), the output layer, the key projection, and the
+encoder's RNN, in torch's fused dynamic int8 RNN over the packed source (one call, like the fp32
+one; a step-by-step int8 RNN in Python was slower, holding the interpreter lock at every step).
+Embedding lookups, softmaxes and LayerNorm stay in fp32. The model used for training is never
+changed: ``quantized_copy`` returns a new one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .runtime import cpu_has_vnni
 
@@ -46,19 +47,27 @@ def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8).int_repr(), scales
 
 
-def _pack(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-    """``_quantize``'s weight packed for fbgemm's dynamic linear."""
-    zeros = torch.zeros(values.size(0), dtype=torch.long)
+def _pack(values: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None):
+    """``_quantize``'s weight packed for fbgemm's dynamic linear; with no ``scales``, the integers
+    alone (one scale of 1 for the whole matrix), which packs in half the time."""
     with warnings.catch_warnings():  # the quantised-tensor constructors warn of their future removal
         warnings.simplefilter("ignore")
-        qweight = torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
+        if scales is None:
+            qweight = torch._make_per_tensor_quantized_tensor(values, 1.0, 0)
+        else:
+            zeros = torch.zeros(values.size(0), dtype=torch.long)
+            qweight = torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
         return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
 class Int8Linear(nn.Module):
     """Drop-in for ``nn.Linear`` at inference: y = x W^T + b with W in int8, any leading dims.
     Activations are quantised to 8 bits where the CPU accumulates int8 products in int32 (VNNI),
-    else to 7 bits (``reduce_range``), which keeps the products clear of int16 saturation."""
+    else to 7 bits (``reduce_range``), which keeps the products clear of int16 saturation.
+
+    ``keep_weight`` (the output layer) keeps the int8 weight unpacked for ``rows`` and packs only
+    its integers, applying the row scales and the bias after the product: a shortlist's rows are
+    packed again for every batch, and that is half the work without the scales."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool | None = None,
                  keep_weight: bool = False):
@@ -71,9 +80,10 @@ class Int8Linear(nn.Module):
                keep_weight: bool) -> None:
         self.in_features, self.out_features = values.size(1), values.size(0)
         self.reduce_range = reduce_range
-        self._packed = _pack(values, scales, bias)
         # the int8 weight unpacked, for ``rows`` (the output layer's, a quarter of its fp32 size)
         self._unpacked = (values, scales, bias) if keep_weight else None
+        self._after = (scales.float(), bias) if keep_weight else None  # applied after the product
+        self._packed = _pack(values, None, None) if keep_weight else _pack(values, scales, bias)
 
     def rows(self, index: torch.Tensor) -> Int8Linear:
         """The layer for the outputs ``index`` (n,) alone: a shortlist's output layer. Weights are
@@ -84,13 +94,16 @@ class Int8Linear(nn.Module):
         layer = Int8Linear.__new__(Int8Linear)
         nn.Module.__init__(layer)
         layer._build(values.index_select(0, index), scales.index_select(0, index),
-                     None if bias is None else bias.index_select(0, index), self.reduce_range, False)
+                     None if bias is None else bias.index_select(0, index), self.reduce_range, True)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., in)
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
         out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)  # (rows, out)
+        if self._after is not None:
+            scales, bias = self._after
+            out = out.mul_(scales) if bias is None else torch.addcmul(bias, out, scales)
         return out.view(*shape[:-1], self.out_features)
 
     @classmethod
@@ -154,6 +167,47 @@ class Int8RNNStep(nn.Module):
         return x.unsqueeze(1), states
 
 
+class Int8PackedRNN(nn.Module):
+    """The encoder's ``nn.LSTM``/``nn.GRU`` over a packed sequence with int8 weights, per row, in
+    torch's fused dynamic int8 RNN (``torch.quantized_lstm`` / ``quantized_gru``: one call, which
+    releases the interpreter lock as the fp32 one does); returns what the module it replaces returns.
+    Its activations are quantised to 7 bits (``reduce_range``) only where ``Int8Linear``'s are."""
+
+    def __init__(self, rnn: nn.LSTM | nn.GRU, reduce_range: bool | None = None):
+        super().__init__()
+        self.cell = "lstm" if isinstance(rnn, nn.LSTM) else "gru"
+        self.layers, self.bidirectional, self.hidden_dim = rnn.num_layers, rnn.bidirectional, rnn.hidden_size
+        reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
+        self._params = []
+        for layer in range(rnn.num_layers):
+            for suffix in ("", "_reverse")[: 2 if rnn.bidirectional else 1]:
+                weights = [getattr(rnn, f"{name}_l{layer}{suffix}").detach().float()
+                           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                w_ih, w_hh, b_ih, b_hh = weights
+                self._params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
+                    _pack(*_quantize(w_ih), b_ih), _pack(*_quantize(w_hh), b_hh), b_ih, b_hh, reduce_range))
+
+    def forward(self, packed: PackedSequence):
+        """packed: the embedded source, packed; returns the outputs, packed, and the final states
+        (h, c) or h, each (layers * directions, batch, hidden), as ``nn.LSTM``/``nn.GRU`` started
+        from zero states."""
+        data, batch_sizes = packed.data, packed.batch_sizes
+        directions = 2 if self.bidirectional else 1
+        zeros = data.new_zeros(self.layers * directions, int(batch_sizes[0]), self.hidden_dim)
+        args = (data, batch_sizes)
+        rest = (self._params, True, self.layers, 0.0, False, self.bidirectional)
+        if self.cell == "lstm":
+            output, h, c = torch.quantized_lstm(*args, [zeros, zeros], *rest, dtype=torch.qint8, use_dynamic=True)
+            final = (h, c)
+        else:
+            output, h = torch.quantized_gru(*args, zeros, *rest)
+            final = (h,)
+        if packed.unsorted_indices is not None:  # the states come in the packed (sorted) order
+            final = tuple(x.index_select(1, packed.unsorted_indices) for x in final)
+        out = PackedSequence(output, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        return out, final if self.cell == "lstm" else final[0]
+
+
 def _swap_linears(module: nn.Module) -> None:
     """Every linear layer but those with a handful of outputs (the additive attention's v): their
     product is a pass over the input, which int8 would only lengthen by quantising it first."""
@@ -172,6 +226,7 @@ def quantized_copy(model: nn.Module) -> nn.Module:
                            "decode without --int8")
     torch.backends.quantized.engine = "fbgemm"
     quantized = copy.deepcopy(model).float().cpu().eval()
+    quantized.encoder.rnn = Int8PackedRNN(quantized.encoder.rnn)
     decoder = quantized.decoder
     decoder.rnn = Int8RNNStep(decoder.rnn)
     output = decoder.output  # tied or not; keeps its int8 weight unpacked for shortlists (``Decoder.restrict``)

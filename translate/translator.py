@@ -12,11 +12,17 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import multiprocessing
+import pickle
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +31,7 @@ from .checkpoint import load_model
 from .config import Config
 from .data import collate, token_batches
 from .encoded import Encoded
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .quantize import int8_available, quantized_copy
 from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, max_lengths
@@ -136,14 +142,38 @@ def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
     return copy.deepcopy(model).to(torch.bfloat16).eval(), "bf16", None
 
 
-def decode_workers(device: torch.device, inter_threads: int, batches: int) -> int:
-    """How many batches to decode at once: ``inter_threads``, or with 0, two on a CPU with at
-    least two torch threads (one on CUDA), as CTranslate2's inter_threads do. A search step is a
-    chain of small operations, many too small to spread over threads, so two batches on half the
-    threads each keep the cores busier than one batch on all of them."""
+class Workers(NamedTuple):
+    """How ``Translator.translate_ids`` decodes its batches side by side."""
+
+    count: int  # batches decoded at once
+    processes: bool  # in forked processes of one thread each, else in threads sharing torch's threads
+
+
+def can_fork(device: torch.device) -> bool:
+    """Whether batches may be decoded in forked processes: on a Linux CPU, from a process that runs
+    no other Python thread (a lock that another thread held at the fork would stay held in the
+    child, as in a server) and is not a daemon process itself."""
+    return (device.type == "cpu" and sys.platform.startswith("linux") and threading.active_count() == 1
+            and not multiprocessing.current_process().daemon)
+
+
+def decode_workers(device: torch.device, inter_threads: int, batches: int, fork: bool | None = None) -> Workers:
+    """How many batches to decode at once, and how. ``inter_threads``, or with 0: one per torch
+    thread on a CPU where ``can_fork`` (``fork`` overrides it), two on another CPU with at least two
+    torch threads, one on CUDA.
+
+    A search step is a chain of small operations, mostly too small to share out over threads, so
+    several batches at once keep the cores busier than one batch on all of them (CTranslate2's
+    inter_threads). In threads, Python's interpreter lock still runs the steps' Python one at a
+    time; forked processes of one thread each do not share it. One thread each, because GNU
+    OpenMP, which torch's CPU builds use, hangs in a forked child that starts a parallel region
+    of more than one thread."""
+    fork = can_fork(device) if fork is None else fork and device.type == "cpu"
     if inter_threads <= 0:
-        inter_threads = 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
-    return max(1, min(inter_threads, batches))
+        threads = torch.get_num_threads()
+        inter_threads = 1 if device.type != "cpu" else threads if fork else min(2, threads)
+    count = max(1, min(inter_threads, batches))
+    return Workers(count, fork and count > 1)
 
 
 def decode_batches(src: Encoded, options: DecodeOptions) -> list[np.ndarray]:
@@ -177,6 +207,42 @@ def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(total)  # the workers' setting is also torch's default for new threads
+
+
+_WORK: Callable | None = None  # in a decoding process: what it runs (``_in_processes``)
+
+
+def _start_process(fn: Callable) -> None:
+    global _WORK
+    _WORK = fn
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _run_in_process(item) -> bytes:
+    """fn(item) in a decoding process, pickled here with the plain pickler: the one that
+    ``multiprocessing`` uses, as torch sets it up, would send tensors through shared memory."""
+    return pickle.dumps(_WORK(item))
+
+
+def _in_processes(fn: Callable, items: Sequence, workers: int) -> Iterator:
+    """``_in_parallel`` in ``workers`` forked processes of one thread each: they inherit the model
+    and ``fn`` as they are (nothing is pickled but the items and the results) and leave when done."""
+    context = multiprocessing.get_context("fork")
+    pending: collections.deque = collections.deque()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_process, initargs=(fn,))
+    try:
+        for item in items:
+            pending.append(pool.submit(_run_in_process, item))
+            if len(pending) > workers:
+                yield pickle.loads(pending.popleft().result())
+        while pending:
+            yield pickle.loads(pending.popleft().result())
+    except BrokenProcessPool:
+        raise UserError("a decoding process ended without a result (out of memory?); decode with "
+                        "--inter-threads 1, or fewer, shorter lines at a time") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Translator:
@@ -266,7 +332,9 @@ class Translator:
         was_training = self.model.training
         self.model.eval()
         try:
-            for done in _in_parallel(decode, batches, workers):
+            run = _in_processes if workers.processes else _in_parallel
+            # longest first, so that no worker is left with a long batch after the others are done
+            for done in run(decode, batches[::-1] if workers.count > 1 else batches, workers.count):
                 yield from done
         finally:
             self.model.train(was_training)
