@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="a bf16 or int8 copy on CPU, as `translate decode --bf16 / --int8`")
     parser.add_argument("--inter-threads", type=int, default=0,
-                        help="batches decoded at once, as `translate decode --inter-threads` (0: two on CPU)")
+                        help="batches decoded at once, as `translate decode --inter-threads` (0: its default)")
     parser.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     args = parser.parse_args()
     configure_process()  # as the command line does
@@ -58,7 +58,7 @@ def main() -> None:
     if args.limit:
         sources, refs = sources[: args.limit], refs[: args.limit]
     print(f"{len(sources)} sentences from {args.test}; device {param.device}, {param.dtype}, "
-          f"{torch.get_num_threads()} threads, {decode_workers(param.device, args.inter_threads, 2)} batch(es) at once")
+          f"{torch.get_num_threads()} threads, {decode_workers(param.device, args.inter_threads, 99).count} batch(es) at once")
     print(f"{'search':<8} {'batch':>5} {'sent/s':>9} {'tok/s':>9} {'BLEU':>6} {'peak RSS':>10}")
     rows = []
     for beam in (int(b) for b in args.beams.split(",")):

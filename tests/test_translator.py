@@ -97,7 +97,7 @@ def test_options_given_to_a_call_replace_the_defaults(search_model, tokenizer):
 @pytest.mark.parametrize("processes", [False, True])
 def test_batches_in_parallel_equal_one_at_a_time(search_model, tokenizer, monkeypatch, processes):
     threads = torch.get_num_threads()
-    assert threading.active_count() == 1  # no test leaves a thread behind, so a fork here is safe
+    assert threading.active_count() == 1, threading.enumerate()  # no test leaves a thread behind: forking is safe
     monkeypatch.setattr(translator_module, "can_fork", lambda device: processes)
     runs = []
     for name in ("_in_parallel", "_in_processes"):

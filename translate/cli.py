@@ -148,8 +148,8 @@ DECODING_FLAGS = {
                                f"{DEFAULT_DECODING.shortlist_frequent} most frequent target pieces; 0: the whole "
                                "vocabulary.")],
     "inter_threads": [click.option("--inter-threads", default=DEFAULT_DECODING.inter_threads, show_default=True,
-                                   type=click.IntRange(0, 64), help="Batches decoded at once, each on its share "
-                                   "of the threads; 0: two on CPU, one on GPU.")],
+                                   type=click.IntRange(0, 64), help="Batches decoded at once; 0: on a Linux CPU "
+                                   "one per thread, each in a process of its own; two on other CPUs; one on GPU.")],
 }
 
 
@@ -268,6 +268,7 @@ def _progress_bar(total: int | None, quiet: bool = False):
         return
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no monitor thread: decoding forks processes only where no other thread runs
     with tqdm(total=total, unit=" lines", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield bar.update
 

@@ -47,27 +47,19 @@ def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8).int_repr(), scales
 
 
-def _pack(values: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None):
-    """``_quantize``'s weight packed for fbgemm's dynamic linear; with no ``scales``, the integers
-    alone (one scale of 1 for the whole matrix), which packs in half the time."""
+def _pack(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """``_quantize``'s weight packed for fbgemm's dynamic linear."""
+    zeros = torch.zeros(values.size(0), dtype=torch.long)
     with warnings.catch_warnings():  # the quantised-tensor constructors warn of their future removal
         warnings.simplefilter("ignore")
-        if scales is None:
-            qweight = torch._make_per_tensor_quantized_tensor(values, 1.0, 0)
-        else:
-            zeros = torch.zeros(values.size(0), dtype=torch.long)
-            qweight = torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
+        qweight = torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
         return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
 class Int8Linear(nn.Module):
     """Drop-in for ``nn.Linear`` at inference: y = x W^T + b with W in int8, any leading dims.
     Activations are quantised to 8 bits where the CPU accumulates int8 products in int32 (VNNI),
-    else to 7 bits (``reduce_range``), which keeps the products clear of int16 saturation.
-
-    ``keep_weight`` (the output layer) keeps the int8 weight unpacked for ``rows`` and packs only
-    its integers, applying the row scales and the bias after the product: a shortlist's rows are
-    packed again for every batch, and that is half the work without the scales."""
+    else to 7 bits (``reduce_range``), which keeps the products clear of int16 saturation."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool | None = None,
                  keep_weight: bool = False):
@@ -80,10 +72,9 @@ class Int8Linear(nn.Module):
                keep_weight: bool) -> None:
         self.in_features, self.out_features = values.size(1), values.size(0)
         self.reduce_range = reduce_range
+        self._packed = _pack(values, scales, bias)
         # the int8 weight unpacked, for ``rows`` (the output layer's, a quarter of its fp32 size)
         self._unpacked = (values, scales, bias) if keep_weight else None
-        self._after = (scales.float(), bias) if keep_weight else None  # applied after the product
-        self._packed = _pack(values, None, None) if keep_weight else _pack(values, scales, bias)
 
     def rows(self, index: torch.Tensor) -> Int8Linear:
         """The layer for the outputs ``index`` (n,) alone: a shortlist's output layer. Weights are
@@ -94,16 +85,13 @@ class Int8Linear(nn.Module):
         layer = Int8Linear.__new__(Int8Linear)
         nn.Module.__init__(layer)
         layer._build(values.index_select(0, index), scales.index_select(0, index),
-                     None if bias is None else bias.index_select(0, index), self.reduce_range, True)
+                     None if bias is None else bias.index_select(0, index), self.reduce_range, False)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., in)
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
         out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)  # (rows, out)
-        if self._after is not None:
-            scales, bias = self._after
-            out = out.mul_(scales) if bias is None else torch.addcmul(bias, out, scales)
         return out.view(*shape[:-1], self.out_features)
 
     @classmethod

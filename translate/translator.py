@@ -3,7 +3,7 @@
 A ``Translator`` holds what every caller (``translate eval`` / ``decode`` / ``repl`` /
 ``serve`` / ``attend``, validation during training, the benchmarks) would otherwise set up
 again: the model copy for a precision, the tokenizer, the device and its autocast type, default
-options, and the threads that decode batches side by side. Sockeye's ``Translator`` has the
+options, and the threads or processes that decode batches side by side. Sockeye's ``Translator`` has the
 same job; the searches themselves stay plain functions in ``search.py``.
 """
 
@@ -56,7 +56,9 @@ class DecodeOptions:
     max_src_len: int = 400  # source pieces read (counting EOS); the rest is cut
     batch_tokens: int = 6000  # source tokens per hypothesis in a batch...
     batch_sentences: int = 0  # ...or, when above 0, this many sentences a batch
-    inter_threads: int = 0  # batches decoded at once; 0: two on CPU, one on GPU (decode_workers)
+    # batches decoded at once; 0: on a Linux CPU one per torch thread, each in a process of its own;
+    # two on other CPUs; one on GPU (decode_workers)
+    inter_threads: int = 0
     # a batch scores only the ``shortlist`` likeliest translations of each of its source pieces and
     # the ``shortlist_frequent`` most frequent target pieces (the checkpoint's lexicon, shortlist.py);
     # 0: the whole vocabulary, as with a checkpoint that has no lexicon

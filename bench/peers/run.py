@@ -527,9 +527,10 @@ def notes(results: dict, test_limit: int) -> list[str]:
             "'Generation took'; OpenNMT-py: -report_time; translate: timed around Translator.translate)"),
            ("peak RSS: /usr/bin/time -v, the largest single process (OpenNMT-py's data-loader workers "
             "are separate processes, not added)"),
-           (f"batches of {BATCH} sentences for every toolkit, in length order; translate decodes two at a "
-            f"time on CPU, each on half of the {THREADS} threads (its default, `--inter-threads 0`), the "
-            f"peers one at a time on all of them")]
+           (f"batches of {BATCH} sentences for every toolkit, in length order; translate decodes {THREADS} at a "
+            f"time on CPU, each in a process of one thread forked from it (its default on Linux, "
+            f"`--inter-threads 0`; their peak RSS counts the pages they share with it), the peers one at a "
+            f"time on all {THREADS} threads")]
     for r in results.values():
         t = r.get("train", {})
         if t.get("checkpoint_seconds_over_budget"):

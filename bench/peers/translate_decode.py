@@ -3,7 +3,8 @@ sentences taken in length order, model loading left out of the timing.
 
 `translate decode` batches by tokens and has no batch-size option, so run.py calls this instead;
 it uses the same library calls as `translate decode` (Translator.load, Translator.translate), with
-batches of --batch sentences; like `translate decode`, two batches are decoded at once on CPU.
+batches of --batch sentences; like `translate decode`, it decodes several batches at once on CPU
+(`translator.decode_workers`).
 
     python bench/peers/translate_decode.py CHECKPOINT -i SRC -o HYP [--beam 5] [--batch 64]
         [--alpha 1.0] [--max-len-ratio 2.0] [--precision auto] [--inter-threads 0] [--shortlist K]
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--shortlist", type=int, default=None,
                         help="`translate decode --shortlist K` (default: its default; 0: the whole vocabulary)")
     parser.add_argument("--inter-threads", type=int, default=0,
-                        help="batches decoded at once (`translate decode --inter-threads`; 0: two on CPU)")
+                        help="batches decoded at once (`translate decode --inter-threads`; 0: its default)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -62,10 +63,11 @@ def main() -> None:
     hyps = [nbest[0].text if nbest else "" for nbest in out]
     seconds = time.perf_counter() - start
     Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    workers = decode_workers(translator.device, args.inter_threads, 2)
+    workers = decode_workers(translator.device, options.inter_threads, len(sources))
     print(json.dumps({"seconds": round(seconds, 3), "sentences": len(sources), "load_seconds": round(load_seconds, 3),
                       "max_len_ratio": args.max_len_ratio, "threads": torch.get_num_threads(),
-                      "amp": translator.amp, "precision": translator.precision, "inter_threads": workers,
+                      "amp": translator.amp, "precision": translator.precision, "inter_threads": workers.count,
+                      "processes": workers.processes,
                       "shortlist": options.shortlist if translator.lexicon is not None else 0}), flush=True)
 
 
