@@ -57,8 +57,10 @@ def main() -> None:
     sources, refs = test.src, test.tgt
     if args.limit:
         sources, refs = sources[: args.limit], refs[: args.limit]
+    workers = decode_workers(param.device, args.inter_threads, len(sources))
     print(f"{len(sources)} sentences from {args.test}; device {param.device}, {param.dtype}, "
-          f"{torch.get_num_threads()} threads, {decode_workers(param.device, args.inter_threads, 99).count} batch(es) at once")
+          f"{torch.get_num_threads()} threads, {workers.count} batch(es) at once"
+          f"{' (processes)' if workers.processes else ''}")
     print(f"{'search':<8} {'batch':>5} {'sent/s':>9} {'tok/s':>9} {'BLEU':>6} {'peak RSS':>10}")
     rows = []
     for beam in (int(b) for b in args.beams.split(",")):
