@@ -54,9 +54,7 @@ class DecodeOptions:
     alpha: float = 1.0  # length penalty exponent (Wu et al., 2016)
     max_len_ratio: float = 2.0  # longest output: ratio x source length + 10 pieces
     max_src_len: int = 400  # source pieces read (counting EOS); the rest is cut
-    # source tokens a batch holds, counted once per hypothesis: a beam-5 batch has a fifth of the
-    # sentences of a greedy one, so the steps of both searches are about the same size...
-    batch_tokens: int = 6000
+    batch_tokens: int = 6000  # source tokens per hypothesis in a batch...
     batch_sentences: int = 0  # ...or, when above 0, this many sentences a batch
     # batches decoded at once; 0: on a Linux CPU one per torch thread, each in a process of its own;
     # two on other CPUs; one on GPU (decode_workers)
@@ -182,14 +180,14 @@ def decode_workers(device: torch.device, inter_threads: int, batches: int, fork:
 
 def decode_batches(src: Encoded, options: DecodeOptions) -> list[np.ndarray]:
     """The batches ``Translator.translate_ids`` decodes ``src`` in: indices in length order,
-    ``options.batch_sentences`` a batch, or up to ``options.batch_tokens`` source tokens, each
-    sentence's counted once per hypothesis (``beam`` times)."""
+    ``options.batch_sentences`` a batch, or up to ``options.batch_tokens`` source tokens per
+    hypothesis."""
     lengths = np.minimum(src.lengths + 1, options.max_src_len) * options.beam
     if options.batch_sentences > 0:
         order = np.argsort(lengths, kind="stable")
         step = options.batch_sentences
         return [order[i: i + step] for i in range(0, len(order), step)]
-    return token_batches(lengths, options.batch_tokens)
+    return token_batches(lengths, options.batch_tokens * options.beam)
 
 
 def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
