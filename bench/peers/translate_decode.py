@@ -8,6 +8,7 @@ batches of --batch sentences; like `translate decode`, it decodes several batche
 
     python bench/peers/translate_decode.py CHECKPOINT -i SRC -o HYP [--beam 5] [--batch 64]
         [--alpha 1.0] [--max-len-ratio 2.0] [--precision auto] [--inter-threads 0] [--shortlist K]
+        [--threads]
 
 Prints one JSON line: {"seconds": decode wall time, "sentences": N, "load_seconds": ...}.
 """
@@ -40,6 +41,8 @@ def main() -> None:
                         help="`translate decode --shortlist K` (default: its default; 0: the whole vocabulary)")
     parser.add_argument("--inter-threads", type=int, default=0,
                         help="batches decoded at once (`translate decode --inter-threads`; 0: its default)")
+    parser.add_argument("--threads", action="store_true",
+                        help="decode the batches in threads, as where processes cannot be forked (translator.can_fork)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -49,6 +52,10 @@ def main() -> None:
     from translate.translator import DecodeOptions, Translator, decode_workers
 
     configure_process()  # as the command line does
+    if args.threads:
+        import translate.translator as translator_module
+
+        translator_module.can_fork = lambda device: False
     # batches of --batch sentences in length order, as the peers take them
     shortlist = {} if args.shortlist is None else {"shortlist": args.shortlist}
     options = DecodeOptions(beam=args.beam, alpha=args.alpha, max_len_ratio=args.max_len_ratio,
