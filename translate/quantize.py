@@ -89,6 +89,8 @@ class Int8Linear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():  # a search step's input as it is
+            return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)  # (rows, out)
         shape = x.shape  # (..., in)
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
         out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)  # (rows, out)

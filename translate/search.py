@@ -20,6 +20,7 @@ from .decoder import DecoderState, Memory, OutputVocab
 from .tokenizer import BOS, EOS, PAD
 
 NEG_INF = float("-inf")
+NOT_OUTPUT = (PAD, BOS)  # tokens a search never produces
 
 
 @dataclass
@@ -34,15 +35,15 @@ def max_lengths(src_lengths: torch.Tensor, ratio: float, extra: int = 10, cap: i
     return (src_lengths.float() * ratio).long().add(extra).clamp(min=1, max=cap)
 
 
-def _allowed(logp: torch.Tensor, force: torch.Tensor, early: torch.Tensor | None = None) -> torch.Tensor:
+def _allowed(logp: torch.Tensor, force: torch.Tensor | None, early: torch.Tensor | None = None) -> torch.Tensor:
     """What a search may produce. logp: (rows, vocab) log-probabilities, changed in place: PAD and
     BOS are never an output token (as in fairseq's search); force: (rows,) rows that must end now
-    get EOS as the only option; early: (rows,) rows too short to end may not produce EOS."""
-    logp[:, PAD] = NEG_INF
-    logp[:, BOS] = NEG_INF
+    get EOS as the only option (None: no row must); early: (rows,) rows too short to end may not
+    produce EOS."""
+    logp.index_fill_(1, torch.tensor(NOT_OUTPUT, device=logp.device), NEG_INF)
     if early is not None:
         logp[:, EOS].masked_fill_(early, NEG_INF)
-    if not bool(force.any()):
+    if force is None or not bool(force.any()):
         return logp
     only_eos = torch.full_like(logp, NEG_INF)
     only_eos[:, EOS] = logp[:, EOS]
@@ -66,9 +67,11 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
     live = torch.arange(batch, device=device)  # original index of each row still decoding
     prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
+    soonest = int(max_lens.min())  # the first step at which a live row reaches its limit
     for t in range(limit):
         logits, state, weights = model.decode_step(prev, memory, state, vocab)
-        logp = _allowed(logits.float().log_softmax(-1), t + 1 >= max_lens[live])  # (live, vocab or n)
+        force = t + 1 >= max_lens[live] if t + 1 >= soonest else None
+        logp = _allowed(logits.float().log_softmax(-1), force)  # (live, vocab or n)
         best, prev = logp.max(-1)  # (live,)
         if vocab is not None:
             prev = vocab.ids[prev]  # column -> token
@@ -84,6 +87,7 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
                 break
             live, prev, scores = live[keep], prev[keep], scores[keep]
             memory, state = memory.select(keep), state.select(keep)
+            soonest = int(max_lens[live].min())
     ids, final = out_tokens.tolist(), out_scores.tolist()
     results = []
     for b, row in enumerate(ids):
@@ -155,6 +159,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     fin_attn = torch.zeros(batch, k, limit, src_len, device=device) if return_attention else None
     fin_count = torch.zeros(batch, dtype=torch.long, device=device)
     beam_offsets = torch.arange(k, device=device)
+    soonest = int(max_lens.min())  # the first step at which a live sentence reaches its limit
 
     for t in range(limit):
         live = sent.numel()
@@ -163,7 +168,8 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
         torch.log_softmax(logp, -1, out=logp)
         columns = logp.size(-1)
         early = None if min_lens is None else (t + 1 < min_lens[sent]).repeat_interleave(beams)
-        logp = _allowed(logp, (t + 1 >= max_lens[sent]).repeat_interleave(beams), early)
+        force = (t + 1 >= max_lens[sent]).repeat_interleave(beams) if t + 1 >= soonest else None
+        logp = _allowed(logp, force, early)
         candidates = logp.view(live, beams, columns).add_(scores.unsqueeze(2))  # (live, beams, columns)
         top_scores, origin, token = top_candidates(candidates, 2 * k)  # each (live, 2k)
         if vocab is not None:
@@ -205,6 +211,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
                 break
             keep_rows = (keep.unsqueeze(1) * k + beam_offsets).view(-1)
             sent, scores = sent[keep], scores[keep]
+            soonest = int(max_lens[sent].min())
             seqs, prev = seqs[keep_rows], prev[keep_rows]
             memory, state = memory.select(keep), state.select(keep_rows)
             if return_attention:
