@@ -3,8 +3,8 @@
 A ``Translator`` holds what every caller (``translate eval`` / ``decode`` / ``repl`` /
 ``serve`` / ``attend``, validation during training, the benchmarks) would otherwise set up
 again: the model copy for a precision, the tokenizer, the device and its autocast type, default
-options, and the threads or processes that decode batches side by side. Sockeye's ``Translator`` has the
-same job; the searches themselves stay plain functions in ``search.py``.
+options, and the threads or processes that decode batches side by side. Sockeye's
+``Translator`` has the same job; the searches themselves stay plain functions in ``search.py``.
 """
 
 from __future__ import annotations
