@@ -16,7 +16,7 @@ from . import __version__
 from .config import load_config, parse_overrides
 from .corpus import iter_lines, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
-from .runtime import configure_process
+from .runtime import configure_process, no_tqdm_monitor
 from .translator import CPU_PRECISION, DecodeOptions, Translator
 
 
@@ -268,7 +268,7 @@ def _progress_bar(total: int | None, quiet: bool = False):
         return
     from tqdm import tqdm
 
-    tqdm.monitor_interval = 0  # no monitor thread: decoding forks processes only where no other thread runs
+    no_tqdm_monitor()
     with tqdm(total=total, unit=" lines", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield bar.update
 

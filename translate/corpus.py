@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import shown_path
 from .errors import DataError
-from .runtime import release_mapped_pages
+from .runtime import no_tqdm_monitor, release_mapped_pages
 
 TABLE_SUFFIXES = {".tsv": "\t", ".csv": ","}
 JSON_SUFFIXES = {".json", ".jsonl"}
@@ -152,13 +152,9 @@ def _load(spec: str, src_lang: str, tgt_lang: str, split: str, streaming: bool):
     """``load_pairs``' Dataset and how messages name the corpus: the file, ``PATH.{src,tgt}`` for a
     text pair, the hub name."""
     import datasets
-    import tqdm
 
     datasets.disable_progress_bars()
-    # datasets makes (disabled) tqdm bars all the same, and tqdm's first bar starts a monitor
-    # thread that stays; a process with another thread decodes in threads, not forked processes
-    # (translator.can_fork)
-    tqdm.tqdm.monitor_interval = 0
+    no_tqdm_monitor()
     kind, path, pair = data_source(spec, src_lang, tgt_lang)
     if kind == "table":
         table, origin = _load_table(path, src_lang, tgt_lang, streaming), shown_path(path)

@@ -171,9 +171,8 @@ class Int8PackedRNN(nn.Module):
         self._params = []
         for layer in range(rnn.num_layers):
             for suffix in ("", "_reverse")[: 2 if rnn.bidirectional else 1]:
-                weights = [getattr(rnn, f"{name}_l{layer}{suffix}").detach().float()
-                           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-                w_ih, w_hh, b_ih, b_hh = weights
+                w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}{suffix}").detach().float()
+                                          for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                 self._params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
                     _pack(*_quantize(w_ih), b_ih), _pack(*_quantize(w_hh), b_hh), b_ih, b_hh, reduce_range))
 

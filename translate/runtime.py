@@ -190,3 +190,12 @@ def return_freed_memory() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:  # glibc only
         trim(0)
+
+
+def no_tqdm_monitor() -> None:
+    """Keeps tqdm from starting its monitor thread, which stays once its first bar (even a
+    disabled one, as ``datasets`` makes) has started it: a process with another thread decodes
+    in threads, not forked processes (``translator.can_fork``). Called where bars are made."""
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0

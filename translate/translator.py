@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +190,18 @@ def decode_batches(src: Encoded, options: DecodeOptions) -> list[np.ndarray]:
     return token_batches(lengths, options.batch_tokens * options.beam)
 
 
+def _in_order(pool: Executor, fn: Callable, items: Sequence, workers: int) -> Iterator:
+    """The results of ``pool`` running fn(item) for every item, in order, with one item queued
+    beyond the ``workers`` running ones, so that no worker waits."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > workers:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
     """Yields fn(item) for every item, in order, running ``workers`` at a time on threads that
     share torch's intra-op threads out between them (one worker: in this thread)."""
@@ -197,15 +209,9 @@ def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
         yield from map(fn, items)
         return
     total = torch.get_num_threads()
-    pending: collections.deque = collections.deque()
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(max(1, total // workers),))
     try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > workers:  # one queued beyond the running ones, so no worker waits
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        yield from _in_order(pool, fn, items, workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(total)  # the workers' setting is also torch's default for new threads
@@ -231,15 +237,10 @@ def _in_processes(fn: Callable, items: Sequence, workers: int) -> Iterator:
     """``_in_parallel`` in ``workers`` forked processes of one thread each: they inherit the model
     and ``fn`` as they are (nothing is pickled but the items and the results) and leave when done."""
     context = multiprocessing.get_context("fork")
-    pending: collections.deque = collections.deque()
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_process, initargs=(fn,))
     try:
-        for item in items:
-            pending.append(pool.submit(_run_in_process, item))
-            if len(pending) > workers:
-                yield pickle.loads(pending.popleft().result())
-        while pending:
-            yield pickle.loads(pending.popleft().result())
+        for result in _in_order(pool, _run_in_process, items, workers):
+            yield pickle.loads(result)
     except BrokenProcessPool:
         raise UserError("a decoding process ended without a result (out of memory?); decode with "
                         "--inter-threads 1, or fewer, shorter lines at a time") from None
