@@ -66,6 +66,7 @@ CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "smoothing-0.2=train.label_smoothing=0.2",
     "bahdanau-decoder=model.decoder=bahdanau",
     "gru=model.cell=gru",
+    "init-uniform=model.init_uniform=0.1",
 ]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from translate.attention import BahdanauAttention, LuongAttention
-from translate.config import Config, load_config
+from translate.config import Config, ConfigError, load_config
 from translate.decoder import STEP_CELLS
 from translate.encoder import Encoder
 from translate.model import build_model
@@ -275,3 +275,28 @@ def test_without_the_bridge_the_decoder_starts_from_zeros(decoder):
         step, state, _ = model.decode_step(tgt[:, t], memory, state)
         steps.append(step)
     torch.testing.assert_close(torch.stack(steps, 1), logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_uniform_initialisation_bounds_every_weight_and_keeps_padding_zero(tie):
+    overrides = {"model.embed_dim": 8, "model.hidden_dim": 16, "model.tie_embeddings": tie}
+    torch.manual_seed(0)
+    default = build_model(load_config(overrides=overrides).model, 30, 25)
+    assert default.encoder.embed.weight.abs().max() > 1  # PyTorch's unit-variance embeddings
+    config = load_config(overrides={**overrides, "model.init_uniform": 0.05}).model
+    torch.manual_seed(0)
+    model = build_model(config, 30, 25)
+    for name, parameter in model.named_parameters():
+        assert parameter.abs().max() <= 0.05, name
+        assert parameter.std() > 0.01, name  # drawn, not zero
+    assert (model.encoder.embed.weight[0] == 0).all() and (model.decoder.embed.weight[0] == 0).all()
+    torch.manual_seed(0)
+    again = build_model(config, 30, 25)
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)  # the seed decides it
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_initialisation_bound_is_an_error(value):
+    with pytest.raises(ConfigError, match="model.init_uniform"):
+        load_config(overrides={"model.init_uniform": value})

@@ -77,6 +77,9 @@ class ModelConfig:
     dropout: float = 0.15
     tie_embeddings: bool = True
     bridge: bool = True
+    # 0: each layer's own PyTorch initialisation; above 0: every weight uniform in +-init_uniform
+    # (OpenNMT-py's param_init), padding embeddings zero
+    init_uniform: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,9 @@ class Config:
                               "its context to the RNN); set model.input_feeding=false or model.decoder=luong")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if not (math.isfinite(m.init_uniform) and m.init_uniform >= 0):
+            raise ConfigError(f"model.init_uniform must be 0 (PyTorch's initialisation) or a positive bound, "
+                              f"got {m.init_uniform}")
         if not 0 <= t.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
         if not 0 <= t.tf_floor <= 1 or not 0 <= t.tf_start <= 1:

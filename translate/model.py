@@ -57,4 +57,15 @@ class Seq2Seq(nn.Module):
 
 
 def build_model(config: ModelConfig, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
-    return Seq2Seq(config, src_vocab, tgt_vocab)
+    """A new model; with ``config.init_uniform`` above 0, every parameter is drawn again uniformly in
+    +-init_uniform, as OpenNMT-py initialises its RNN models (its ``param_init``), with the padding
+    rows of the embeddings kept at zero. (PyTorch's per-layer defaults give the embeddings unit
+    variance, far more than any other weight.)"""
+    model = Seq2Seq(config, src_vocab, tgt_vocab)
+    if config.init_uniform > 0:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.uniform_(-config.init_uniform, config.init_uniform)
+            model.encoder.embed.weight[PAD].zero_()
+            model.decoder.embed.weight[PAD].zero_()
+    return model
