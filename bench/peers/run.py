@@ -53,12 +53,12 @@ TRANSLATE_PROGRESS = ("import json, sys, torch; p = torch.load(sys.argv[1], map_
 STEPS_PER_MINUTE = {"joey": 113, "onmt": 210}
 
 # The `translate` settings that match the protocol (the peers' configs/*.yaml): the same model,
-# pure teacher forcing, no label smoothing, separate output layer, full precision, no validation
-# inside the budget. --translate-set KEY=VALUE adds to or overrides these.
+# initialised as OpenNMT-py does (uniform in +-0.1), pure teacher forcing, no label smoothing,
+# separate output layer, full precision, no validation inside the budget. --translate-set KEY=VALUE adds to or overrides these.
 TRANSLATE_SETTINGS = {
     "model.cell": "lstm", "model.embed_dim": 256, "model.hidden_dim": 512, "model.layers": 1,
     "model.bidirectional": "true", "model.attention": "bahdanau", "model.input_feeding": "true",
-    "model.bridge": "true", "model.dropout": 0.2, "model.tie_embeddings": "false",
+    "model.bridge": "true", "model.dropout": 0.2, "model.tie_embeddings": "false", "model.init_uniform": 0.1,
     "train.lr": 0.001, "train.lr_schedule": "constant", "train.clip_norm": 1.0, "train.label_smoothing": 0.0,
     "train.teacher_forcing": "constant", "train.tf_start": 1.0, "train.seed": 42, "train.threads": THREADS,
     "train.amp": "false", "train.device": "cpu", "train.eval_every": 10 ** 9, "train.patience": 0,
