@@ -54,7 +54,8 @@ STEPS_PER_MINUTE = {"joey": 113, "onmt": 210}
 
 # The `translate` settings that match the protocol (the peers' configs/*.yaml): the same model,
 # initialised as OpenNMT-py does (uniform in +-0.1), pure teacher forcing, no label smoothing,
-# separate output layer, full precision, no validation inside the budget. --translate-set KEY=VALUE adds to or overrides these.
+# separate output layer, full precision, no validation inside the budget. --translate-set
+# KEY=VALUE adds to or overrides these.
 TRANSLATE_SETTINGS = {
     "model.cell": "lstm", "model.embed_dim": 256, "model.hidden_dim": 512, "model.layers": 1,
     "model.bidirectional": "true", "model.attention": "bahdanau", "model.input_feeding": "true",
