@@ -47,7 +47,7 @@ BUNDLED = ROOT / "translate" / "bundled"
 CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "default=",
     # the defaults before the search of 2026-11-30, which screened the others against them
-    "earlier-default=model.hidden_dim=512,model.dropout=0.2,train.lr=0.002",
+    "earlier-default=model.hidden_dim=512,model.dropout=0.2,train.lr=0.002,model.init_uniform=0",
     "hidden-256=model.hidden_dim=256",
     "hidden-512=model.hidden_dim=512",
     "embed-384=model.embed_dim=384",
@@ -66,7 +66,7 @@ CANDIDATES = [  # one change from the defaults each; "default" is the reference
     "smoothing-0.2=train.label_smoothing=0.2",
     "bahdanau-decoder=model.decoder=bahdanau",
     "gru=model.cell=gru",
-    "init-uniform=model.init_uniform=0.1",
+    "pytorch-init=model.init_uniform=0",
 ]
 
 

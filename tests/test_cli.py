@@ -125,6 +125,22 @@ def test_resume_continues_a_run(trained, corpus, tmp_path):
     assert "resumed" in result.output and "at step 310" in result.output
 
 
+
+def test_the_default_initialisation_trains_saves_and_decodes(corpus, tmp_path):
+    """The tiny runs above start from PyTorch's initialisation; the default's uniform one goes
+    through training, the checkpoint and decoding too."""
+    run_dir = tmp_path / "uniform"
+    result = CliRunner().invoke(main, cli_train_args(corpus, run_dir, **{"model.init_uniform": 0.1,
+                                                                         "train.max_steps": 3}))
+    assert result.exit_code == 0, result.output
+    model, _, config, _ = load_model(run_dir / "last.pt")
+    assert config.model.init_uniform == 0.1
+    # three steps at LR 0.01 move no weight far from +-0.1 (PyTorch's embeddings reach past 2)
+    assert max(p.abs().max().item() for p in model.parameters()) < 0.2
+    decoded = CliRunner().invoke(main, ["decode", str(run_dir), "--beam", "2"], input="El gato come pan.\n")
+    assert decoded.exit_code == 0, decoded.output
+
+
 BAD = [
     (["train", "--set", "model.hiden_dim=3"], "unknown config key 'model.hiden_dim'; valid keys:"),
     (["train", "--set", "model.layers=two"], "model.layers must be of type int"),

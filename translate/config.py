@@ -77,9 +77,9 @@ class ModelConfig:
     dropout: float = 0.15
     tie_embeddings: bool = True
     bridge: bool = True
-    # 0: each layer's own PyTorch initialisation; above 0: every weight uniform in +-init_uniform
-    # (OpenNMT-py's param_init), padding embeddings zero
-    init_uniform: float = 0.0
+    # above 0: every weight uniform in +-init_uniform (OpenNMT-py's param_init), padding embeddings
+    # zero; 0: each layer's own PyTorch initialisation
+    init_uniform: float = 0.1
 
 
 @dataclass(frozen=True)
