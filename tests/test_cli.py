@@ -125,7 +125,6 @@ def test_resume_continues_a_run(trained, corpus, tmp_path):
     assert "resumed" in result.output and "at step 310" in result.output
 
 
-
 def test_the_default_initialisation_trains_saves_and_decodes(corpus, tmp_path):
     """The tiny runs above start from PyTorch's initialisation; the default's uniform one goes
     through training, the checkpoint and decoding too."""
