@@ -5,6 +5,11 @@ ended; beam search flattens batch x beam into one dimension, reorders states wit
 ``index_select``, moves finished hypotheses out with tensor ops and drops finished sentences
 from the batch. Length penalty: Wu et al. (2016), ((5 + length) / 6) ** alpha.
 
+A beam-search step is cut into small parts, each tested against a plain version (as Sockeye cuts
+its search): ``step_bounds`` and ``step_candidates`` score the continuations,
+``best_continuations`` ranks them, ``finish`` moves the ended ones into ``Finished``, ``advance``
+makes the next ``Beams`` from the rest and ``drop_done`` lets finished sentences leave the batch.
+
 Batching, precision and threads belong to ``translator.Translator``: these functions take one
 encoded batch and return its hypotheses.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -123,6 +129,177 @@ def top_candidates(candidates: torch.Tensor, n: int):
     return scores, torch.div(index, n, rounding_mode="floor"), tokens.gather(1, index % n)
 
 
+class Beams(NamedTuple):
+    """The hypotheses still going, one row per (live sentence, beam), sentence by sentence. A value
+    that each step replaces, as ``DecoderState`` is, so the parts of a step are plain functions."""
+
+    sent: torch.Tensor  # (live,) original index of each live sentence
+    scores: torch.Tensor  # (live, beams) summed log-probabilities; beams is 1 before the first step, k after
+    seqs: torch.Tensor  # (live*beams, t) the tokens so far
+    prev: torch.Tensor  # (live*beams,) the last token: the next step's input
+    memory: Memory  # (live, ...) one entry per sentence: ``Decoder.step`` attends with a sentence's beams together
+    state: DecoderState  # (live*beams) rows, the next step's
+    history: torch.Tensor | None  # (live*beams, t, src_len) the attention so far, when asked for
+    soonest: int  # the first step at which a live sentence reaches its limit: only then is a row forced to end
+
+
+def start_beams(memory: Memory, state: DecoderState, max_lens: torch.Tensor, return_attention: bool) -> Beams:
+    """One hypothesis per sentence, before anything is produced: the first step runs once per
+    sentence, since its ``k`` beams would all be the same."""
+    batch, src_len = memory.mask.shape
+    device = memory.mask.device
+    return Beams(sent=torch.arange(batch, device=device),
+                 scores=torch.zeros(batch, 1, device=device),  # (batch, 1)
+                 seqs=torch.zeros(batch, 0, dtype=torch.long, device=device),  # (batch, 0)
+                 prev=torch.full((batch,), BOS, dtype=torch.long, device=device),  # (batch,)
+                 memory=memory, state=state,
+                 history=torch.zeros(batch, 0, src_len, device=device) if return_attention else None,
+                 soonest=int(max_lens.min()))
+
+
+def step_bounds(t: int, beams: Beams, max_lens: torch.Tensor, min_lens: torch.Tensor | None):
+    """The rows of step ``t`` too short to end (``early``) and those that must end now (``force``),
+    each (live*beams,) or None where no row can be: masks only when the lengths ask for them.
+    max_lens, min_lens: (batch,) counting EOS."""
+    beams_per = beams.scores.size(1)
+    early = None if min_lens is None else (t + 1 < min_lens[beams.sent]).repeat_interleave(beams_per)
+    force = (t + 1 >= max_lens[beams.sent]).repeat_interleave(beams_per) if t + 1 >= beams.soonest else None
+    return early, force
+
+
+def step_candidates(logits: torch.Tensor, scores: torch.Tensor, early: torch.Tensor | None,
+                    force: torch.Tensor | None) -> torch.Tensor:
+    """Every continuation's summed score: the hypothesis' score plus the token's log-probability,
+    over what ``_allowed`` lets the row produce. logits: (live*beams, columns); scores: (live, beams)
+    -> (live, beams, columns). Works in place on ``logits.float()``, the largest tensor of a step."""
+    live, beams = scores.shape
+    logp = logits.float()  # (live*beams, columns)
+    torch.log_softmax(logp, -1, out=logp)
+    logp = _allowed(logp, force, early)
+    return logp.view(live, beams, -1).add_(scores.unsqueeze(2))  # (live, beams, columns)
+
+
+class Continuations(NamedTuple):
+    """A step's best continuations of each sentence, best first: what the finished and the alive
+    hypotheses are both taken from."""
+
+    scores: torch.Tensor  # (live, n) summed log-probabilities
+    rows: torch.Tensor  # (live, n) the parent hypothesis' row in (live*beams)
+    tokens: torch.Tensor  # (live, n) the token added (a vocabulary id, also with a shortlist)
+    ends: torch.Tensor  # (live, n) bool: a real continuation (finite score) that adds EOS
+
+
+def best_continuations(candidates: torch.Tensor, n: int, vocab: OutputVocab | None) -> Continuations:
+    """The ``n`` best of beam x columns per sentence, and the rows they continue, so the beams can
+    be reordered with ``index_select``. candidates: (live, beams, columns)."""
+    live, beams, _ = candidates.shape
+    scores, origin, tokens = top_candidates(candidates, n)  # each (live, n)
+    if vocab is not None:
+        tokens = vocab.ids[tokens]  # column -> token
+    rows = torch.arange(live, device=candidates.device).unsqueeze(1) * beams + origin  # (live, n)
+    return Continuations(scores, rows, tokens, (tokens == EOS) & torch.isfinite(scores))
+
+
+class Finished(NamedTuple):
+    """The hypotheses that have ended, up to ``k`` per sentence in the order they ended, kept in
+    tensors of a fixed size and written in place, so a step moves them with a few tensor ops."""
+
+    scores: torch.Tensor  # (batch, k) normalised by the length penalty; -inf in a free slot
+    tokens: torch.Tensor  # (batch, k, limit) without EOS, PAD after the end
+    attention: torch.Tensor | None  # (batch, k, limit, src_len), row len(tokens) for EOS; None when not asked for
+    count: torch.Tensor  # (batch,) slots taken
+
+    @classmethod
+    def empty(cls, batch: int, k: int, limit: int, src_len: int, device: torch.device,
+              return_attention: bool) -> Finished:
+        return cls(torch.full((batch, k), NEG_INF, device=device),
+                   torch.full((batch, k, limit), PAD, dtype=torch.long, device=device),
+                   torch.zeros(batch, k, limit, src_len, device=device) if return_attention else None,
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    def best(self, n_best: int, src_real: list[int]) -> list[list[Hypothesis]]:
+        """Per sentence, its ``n_best`` finished hypotheses, best first (fewer where fewer ended);
+        src_real: the real source length of each sentence, to cut the attention's padding."""
+        order = self.scores.argsort(dim=1, descending=True)[:, :n_best]  # (batch, n_best)
+        best_scores = self.scores.gather(1, order).tolist()
+        best_tokens = self.tokens.gather(1, order.unsqueeze(2).expand(-1, -1, self.tokens.size(2))).tolist()
+        results = []
+        for b, (scores, rows) in enumerate(zip(best_scores, best_tokens)):
+            hyps = []
+            for j, (score, row) in enumerate(zip(scores, rows)):
+                if not math.isfinite(score):
+                    continue
+                length = row.index(PAD) if PAD in row else len(row)
+                attn = None
+                if self.attention is not None:
+                    attn = self.attention[b, order[b, j], : length + 1, : src_real[b]].cpu()
+                hyps.append(Hypothesis(row[:length], score, attn))
+            results.append(hyps)
+        return results
+
+
+def finish(finished: Finished, beams: Beams, top: Continuations, weights: torch.Tensor, t: int,
+           alpha: float) -> None:
+    """Writes the EOS continuations among each sentence's first ``k`` into its free slots, best
+    first, while it has any (only the first ``k``: a lower one would not have made the beam), with
+    the score normalised by the length penalty. weights: (live*beams, src_len) this step's attention."""
+    k = finished.scores.size(1)
+    ended = top.ends[:, :k]  # (live, k)
+    slot = finished.count[beams.sent].unsqueeze(1) + ended.long().cumsum(1) - 1  # (live, k)
+    take_b, take_k = (ended & (slot < k)).nonzero(as_tuple=True)  # each (taken,)
+    if not take_b.numel():
+        return
+    target, where, rows = beams.sent[take_b], slot[take_b, take_k], top.rows[take_b, take_k]  # each (taken,)
+    finished.scores[target, where] = top.scores[take_b, take_k] / length_penalty(t + 1, alpha)
+    finished.tokens[target, where, :t] = beams.seqs[rows]
+    if finished.attention is not None:
+        finished.attention[target, where, :t] = beams.history[rows]
+        finished.attention[target, where, t] = weights[rows].float()
+    finished.count.index_add_(0, target, torch.ones_like(target))
+
+
+def survivors(scores: torch.Tensor, ends: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ``k`` of a sentence's continuations stay alive: the first that do not end, in rank
+    order (a sort on rank + n for the ending ones keeps the rest in their order). scores, ends:
+    (live, n) -> pick (live, k), indices into n, and their scores (live, k), -inf for one that ends."""
+    n = scores.size(1)
+    rank = ends.long() * n + torch.arange(n, device=scores.device)  # (live, n)
+    pick = rank.argsort(dim=1)[:, :k]  # (live, k)
+    return pick, scores.gather(1, pick).masked_fill(ends.gather(1, pick), NEG_INF)
+
+
+def advance(beams: Beams, state: DecoderState, weights: torch.Tensor, top: Continuations, k: int) -> Beams:
+    """The next step's beams: each survivor is its parent's row (tokens, attention, decoder state),
+    reordered with ``index_select``, plus its token. state: this step's, (live*beams) rows;
+    weights: (live*beams, src_len)."""
+    pick, scores = survivors(top.scores, top.ends, k)  # each (live, k)
+    rows = top.rows.gather(1, pick).view(-1)  # (live*k,)
+    prev = top.tokens.gather(1, pick).view(-1)  # (live*k,)
+    seqs = torch.cat([beams.seqs.index_select(0, rows), prev.unsqueeze(1)], dim=1)  # (live*k, t + 1)
+    history = beams.history
+    if history is not None:  # (live*k, t + 1, src_len)
+        history = torch.cat([history.index_select(0, rows), weights.float().index_select(0, rows).unsqueeze(1)], dim=1)
+    return beams._replace(scores=scores, seqs=seqs, prev=prev, state=state.select(rows), history=history)
+
+
+def drop_done(beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, k: int) -> Beams | None:
+    """The beams without the sentences that are done after step ``t`` (``k`` finished, the length
+    limit reached, or nothing left alive), so later steps only pay for the others; None when none
+    are left. max_lens: (batch,) counting EOS."""
+    done = ((finished.count[beams.sent] >= k) | (t + 1 >= max_lens[beams.sent])
+            | ~torch.isfinite(beams.scores).any(1))  # (live,)
+    if not bool(done.any()):
+        return beams
+    keep = (~done).nonzero().squeeze(1)  # (kept,)
+    if keep.numel() == 0:
+        return None
+    keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=keep.device)).view(-1)  # (kept*k,)
+    sent = beams.sent[keep]
+    return Beams(sent, beams.scores[keep], beams.seqs[keep_rows], beams.prev[keep_rows], beams.memory.select(keep),
+                 beams.state.select(keep_rows), None if beams.history is None else beams.history[keep_rows],
+                 int(max_lens[sent].min()))
+
+
 @torch.no_grad()
 def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
                 alpha: float = 1.0, n_best: int = 1, return_attention: bool = False,
@@ -141,96 +318,19 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     """
     if n_best > beam:
         raise ValueError(f"n_best ({n_best}) cannot exceed the beam size ({beam})")
-    k = beam
     batch, src_len = memory.mask.shape
     device = memory.mask.device
     max_lens = max_lens.to(device)
     min_lens = None if min_lens is None else min_lens.to(device)
     limit = int(max_lens.max())
-    src_real = memory.mask.sum(1).tolist()  # real source length per sentence
-    sent = torch.arange(batch, device=device)  # original index of each live sentence
-    beams = 1  # hypotheses per live sentence: one before the first step, k after it
-    scores = torch.zeros(batch, beams, device=device)  # (live, beams) summed log-probabilities
-    seqs = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (live*beams, t)
-    prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
-    history = torch.zeros(batch, 0, src_len, device=device) if return_attention else None
-    fin_scores = torch.full((batch, k), NEG_INF, device=device)
-    fin_tokens = torch.full((batch, k, limit), PAD, dtype=torch.long, device=device)
-    fin_attn = torch.zeros(batch, k, limit, src_len, device=device) if return_attention else None
-    fin_count = torch.zeros(batch, dtype=torch.long, device=device)
-    beam_offsets = torch.arange(k, device=device)
-    soonest = int(max_lens.min())  # the first step at which a live sentence reaches its limit
-
+    beams = start_beams(memory, state, max_lens, return_attention)
+    finished = Finished.empty(batch, beam, limit, src_len, device, return_attention)
     for t in range(limit):
-        live = sent.numel()
-        logits, state, weights = model.decode_step(prev, memory, state, vocab)
-        logp = logits.float()  # (live*beams, vocab or n), in place from here: the largest tensors of a step
-        torch.log_softmax(logp, -1, out=logp)
-        columns = logp.size(-1)
-        early = None if min_lens is None else (t + 1 < min_lens[sent]).repeat_interleave(beams)
-        force = (t + 1 >= max_lens[sent]).repeat_interleave(beams) if t + 1 >= soonest else None
-        logp = _allowed(logp, force, early)
-        candidates = logp.view(live, beams, columns).add_(scores.unsqueeze(2))  # (live, beams, columns)
-        top_scores, origin, token = top_candidates(candidates, 2 * k)  # each (live, 2k)
-        if vocab is not None:
-            token = vocab.ids[token]  # column -> token
-        is_eos = (token == EOS) & torch.isfinite(top_scores)
-        base = torch.arange(live, device=device).unsqueeze(1) * beams  # (live, 1)
-
-        # finished: EOS candidates among the first k, written into free slots of fin_*
-        ended = is_eos[:, :k]
-        slot = fin_count[sent].unsqueeze(1) + ended.long().cumsum(1) - 1  # (live, k)
-        take_b, take_k = (ended & (slot < k)).nonzero(as_tuple=True)
-        if take_b.numel():
-            target, where = sent[take_b], slot[take_b, take_k]
-            src_rows = (base.squeeze(1)[take_b] + origin[take_b, take_k])
-            fin_scores[target, where] = top_scores[take_b, take_k] / length_penalty(t + 1, alpha)
-            fin_tokens[target, where, :t] = seqs[src_rows]
-            if return_attention:
-                fin_attn[target, where, :t] = history[src_rows]
-                fin_attn[target, where, t] = weights[src_rows].float()
-            fin_count.index_add_(0, target, torch.ones_like(target))
-
-        # alive: the first k candidates that do not end
-        rank = is_eos.long() * (2 * k) + torch.arange(2 * k, device=device)
-        pick = rank.argsort(dim=1)[:, :k]  # (live, k)
-        scores = top_scores.gather(1, pick).masked_fill(is_eos.gather(1, pick), NEG_INF)
-        src_rows = (base + origin.gather(1, pick)).view(-1)  # (live*k,)
-        prev = token.gather(1, pick).view(-1)
-        seqs = torch.cat([seqs.index_select(0, src_rows), prev.unsqueeze(1)], dim=1)
-        state = state.select(src_rows)
-        if return_attention:
-            history = torch.cat([history.index_select(0, src_rows),
-                                 weights.float().index_select(0, src_rows).unsqueeze(1)], dim=1)
-        beams = k
-
-        done = (fin_count[sent] >= k) | (t + 1 >= max_lens[sent]) | ~torch.isfinite(scores).any(1)
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            keep_rows = (keep.unsqueeze(1) * k + beam_offsets).view(-1)
-            sent, scores = sent[keep], scores[keep]
-            soonest = int(max_lens[sent].min())
-            seqs, prev = seqs[keep_rows], prev[keep_rows]
-            memory, state = memory.select(keep), state.select(keep_rows)
-            if return_attention:
-                history = history[keep_rows]
-
-    order = fin_scores.argsort(dim=1, descending=True)[:, :n_best]  # (batch, n_best)
-    best_scores = fin_scores.gather(1, order).tolist()
-    best_tokens = fin_tokens.gather(1, order.unsqueeze(2).expand(-1, -1, limit)).tolist()
-    results = []
-    for b in range(batch):
-        hyps = []
-        for j in range(order.size(1)):
-            if not math.isfinite(best_scores[b][j]):
-                continue
-            row = best_tokens[b][j]
-            length = row.index(PAD) if PAD in row else len(row)
-            attn = None
-            if return_attention:
-                attn = fin_attn[b, order[b, j], : length + 1, : src_real[b]].cpu()
-            hyps.append(Hypothesis(row[:length], best_scores[b][j], attn))
-        results.append(hyps)
-    return results
+        logits, step_state, weights = model.decode_step(beams.prev, beams.memory, beams.state, vocab)
+        candidates = step_candidates(logits, beams.scores, *step_bounds(t, beams, max_lens, min_lens))
+        top = best_continuations(candidates, 2 * beam, vocab)  # each (live, 2*beam)
+        finish(finished, beams, top, weights, t, alpha)
+        beams = drop_done(advance(beams, step_state, weights, top, beam), finished, t, max_lens, beam)
+        if beams is None:
+            break
+    return finished.best(n_best, memory.mask.sum(1).tolist())
