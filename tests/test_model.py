@@ -257,6 +257,23 @@ def test_the_luong_decoder_makes_its_layers_in_the_order_of_earlier_versions():
     assert layers == ["embed", "rnn", "attention", "combine", "output", "bridge"]
 
 
+def test_the_bahdanau_decoder_names_its_readout_where_the_luong_decoder_has_its_combine():
+    """The same order and the same names as before: a checkpoint's keys do not change."""
+    model = small_model("lstm", "bahdanau", "bahdanau", tie=False, layers=1)
+    layers = list(dict.fromkeys(name.split(".")[0] for name in model.decoder.state_dict()))
+    assert layers == ["embed", "rnn", "attention", "readout", "output", "bridge"]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_output_layers_rows_are_the_whole_layers_columns(tie):
+    model = small_model("gru", "bahdanau", "luong", tie=tie)
+    ids = torch.tensor([0, 1, 2, 3, 7, 19, 24])
+    x = torch.randn(5, model.decoder.out_dim)
+    torch.testing.assert_close(model.decoder.output.rows(ids)(x), model.decoder.output(x)[:, ids])
+    vocab = model.output_vocab(ids)
+    assert torch.equal(vocab.ids, ids) and torch.equal(vocab.output(x), model.decoder.output.rows(ids)(x))
+
+
 @pytest.mark.parametrize("decoder", list(DECODERS))
 def test_without_the_bridge_the_decoder_starts_from_zeros(decoder):
     kind, feeding = DECODERS[decoder]

@@ -140,6 +140,23 @@ def test_int8_copy_decodes_like_the_float_model(pair, tokenizer):
     assert model.decoder.output.weight.dtype == torch.float32  # the float model is untouched
 
 
+def test_int8_copy_keeps_the_layers_names_and_gives_shortlist_rows(pair):
+    """The int8 layers sit under the float layers' names; its output layer's rows, like the float
+    one's (``decoder.OutputLayer``), are exactly those columns of the whole layer."""
+    model, small = pair
+    int8 = {name for name, module in small.named_modules()
+            if isinstance(module, (Int8Linear, Int8RNNStep)) and not name.startswith("decoder.rnn.")}
+    floats = {name for name, module in model.named_modules()}
+    assert int8 <= floats and "decoder.output" in int8 and "decoder.rnn" in int8
+    assert {"decoder.combine", "decoder.readout"} & int8
+    assert "decoder.attention.key_layer" in int8 or model.decoder.attention.key_layer is None  # dot attention
+    ids = torch.tensor([0, 1, 2, 3, 8, 30, 41])
+    x = torch.randn(6, small.decoder.out_dim)
+    with torch.no_grad():
+        assert torch.equal(small.decoder.output.rows(ids)(x), small.decoder.output(x)[:, ids])
+        assert torch.equal(small.output_vocab(ids).output(x), small.decoder.output(x)[:, ids])
+
+
 def test_int8_beam_one_equals_int8_greedy(pair, tokenizer):
     _, small = pair
     memory, state, limits = encode(small, tokenizer, SENTENCES)

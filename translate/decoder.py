@@ -18,6 +18,7 @@ RNN over the whole target in one fused call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -50,8 +51,7 @@ class _SingleStep:
         layer's output (batch, 1, hidden) and the new states, each (layers, batch, hidden)."""
         lstm = self.mode == "LSTM"
         new_h, new_c = [], []
-        for layer in range(self.num_layers):
-            weights = [getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        for layer, weights in enumerate(self.all_weights):  # each [weight_ih, weight_hh, bias_ih, bias_hh]
             if layer > 0:
                 x = F.dropout(x, self.dropout, self.training)
             if lstm:
@@ -87,6 +87,26 @@ class Memory(NamedTuple):
         return Memory(*(t.index_select(0, index) for t in self))
 
 
+class OutputLayer(Protocol):
+    """What the decoder's output layer offers: logits over the whole vocabulary (``__call__``) and
+    the layer for a few of its rows (``rows``), a shortlist's. ``OutputLinear`` below and the int8
+    copy for decoding (``quantize.Int8Linear``) both provide it."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rows(self, index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]: ...
+
+
+class OutputLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and names) with ``rows``."""
+
+    def rows(self, index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The layer for the outputs ``index`` (n,) alone: (rows, in) -> (rows, n)."""
+        weight = self.weight.index_select(0, index)  # (n, in)
+        bias = None if self.bias is None else self.bias.index_select(0, index)  # (n,)
+        return functools.partial(F.linear, weight=weight, bias=bias)
+
+
 class OutputVocab(NamedTuple):
     """The part of the target vocabulary a search scores (a batch's shortlist, ``shortlist.py``)
     and the output layer over just those tokens; made once per batch by ``Decoder.restrict``."""
@@ -119,7 +139,7 @@ class Decoder(nn.Module):
     the RNN's outputs. Subclasses define the teacher-forced pass (``forward``) and ``step``."""
 
     def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, enc_dim: int, rnn_input: int,
-                 head: tuple[str, int], layers: int = 1, cell: str = "lstm", attention: str = "bahdanau",
+                 head_input: int, layers: int = 1, cell: str = "lstm", attention: str = "bahdanau",
                  dropout: float = 0.0, tie_embeddings: bool = False, bridge: bool = True, pad_id: int = 0,
                  layer_norm: bool = False):
         super().__init__()
@@ -131,14 +151,30 @@ class Decoder(nn.Module):
                                              dropout=dropout if layers > 1 else 0.0)
         self.norm = nn.LayerNorm(hidden_dim) if layer_norm else None
         self.attention = make_attention(attention, hidden_dim, enc_dim)
-        # the layer into out_dim (name, input size): Luong's combine, Bahdanau's readout; made here, in
-        # this order, so that a seed gives the same initial weights as it always has
-        setattr(self, head[0], nn.Linear(head[1], self.out_dim))
-        self.output = nn.Linear(self.out_dim, vocab_size)
+        # the subclass's layer into out_dim (Luong's combine, Bahdanau's readout) is made here, in this
+        # order, so that a seed gives the same initial weights as it always has
+        self._make_head(head_input)
+        self.output: OutputLayer = OutputLinear(self.out_dim, vocab_size)
         if tie_embeddings:
             self.output.weight = self.embed.weight  # Press & Wolf (2017)
         n_states = 2 if cell == "lstm" else 1
         self.bridge = nn.ModuleList(nn.Linear(enc_dim, hidden_dim) for _ in range(n_states)) if bridge else None
+
+    def _make_head(self, in_features: int) -> None:
+        """Makes the subclass's layer from ``in_features`` into ``out_dim``, under its own name."""
+        raise NotImplementedError
+
+    def replace_linears(self, convert: Callable[[nn.Linear], nn.Module]) -> None:
+        """Replaces the linear layers between the RNN and the output layer (the attention's query and
+        key projections, the bridge; subclasses add their own layer) by ``convert(layer)``, each under
+        its name, so that the weights keep their keys: the int8 copy (``quantize.quantized_copy``)."""
+        attention = self.attention
+        if attention.key_layer is not None:
+            attention.key_layer = convert(attention.key_layer)
+        if attention.query_layer is not None:
+            attention.query_layer = convert(attention.query_layer)
+        if self.bridge is not None:
+            self.bridge = nn.ModuleList(convert(layer) for layer in self.bridge)
 
     def init_state(self, finals: tuple[torch.Tensor, ...], batch: int) -> DecoderState:
         """Bridges the encoder's final states (layers, batch, enc_dim) into the decoder's."""
@@ -169,12 +205,7 @@ class Decoder(nn.Module):
         (the searches read PAD, BOS and EOS by column); taken out once for a batch's search."""
         if ids.numel() < SPECIAL or ids[:SPECIAL].tolist() != list(range(SPECIAL)):
             raise ValueError(f"a shortlist starts with the special tokens 0 to {SPECIAL - 1}")
-        layer = self.output
-        if hasattr(layer, "rows"):  # the int8 copy's layer (quantize.Int8Linear)
-            return OutputVocab(ids, layer.rows(ids))
-        weight = layer.weight.index_select(0, ids)  # (n, out_dim)
-        bias = None if layer.bias is None else layer.bias.index_select(0, ids)  # (n,)
-        return OutputVocab(ids, lambda x: F.linear(x, weight, bias))
+        return OutputVocab(ids, self.output.rows(ids))
 
     def _logits(self, x: torch.Tensor, vocab: OutputVocab | None) -> torch.Tensor:
         """x: (batch, out_dim) -> logits over the vocabulary, or over ``vocab.ids``."""
@@ -197,11 +228,10 @@ class Decoder(nn.Module):
         context, weights = self.attention.attend(grouped, memory.keys, memory.values, memory.mask)
         return context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
 
-    def _loop(self, leading: torch.Tensor) -> Loop:
+    def _loop(self, leading: torch.Tensor, combine: nn.Linear | None = None) -> Loop:
         """The RNN and the weights of one step-by-step pass whose first-layer input starts with
-        ``leading`` (batch, steps, n)."""
+        ``leading`` (batch, steps, n); ``combine``: the Luong decoder's attentional layer."""
         query_layer = self.attention.query_layer
-        combine = getattr(self, "combine", None)
         return Loop(UnrolledRNN(self.rnn, leading),
                     None if query_layer is None else loop_weight(query_layer.weight),
                     None if combine is None else loop_weight(combine.weight))
@@ -216,8 +246,15 @@ class LuongDecoder(Decoder):
                  tie_embeddings: bool = False, **shared):
         out_dim = embed_dim if tie_embeddings else hidden_dim
         super().__init__(vocab_size, embed_dim, hidden_dim, enc_dim, embed_dim + (out_dim if input_feeding else 0),
-                         ("combine", hidden_dim + enc_dim), tie_embeddings=tie_embeddings, **shared)
+                         hidden_dim + enc_dim, tie_embeddings=tie_embeddings, **shared)
         self.input_feeding = input_feeding
+
+    def _make_head(self, in_features: int) -> None:
+        self.combine = nn.Linear(in_features, self.out_dim)  # W_c over [h; context]
+
+    def replace_linears(self, convert: Callable[[nn.Linear], nn.Module]) -> None:
+        super().replace_linears(convert)
+        self.combine = convert(self.combine)
 
     def forward(self, tgt_in: torch.Tensor, memory: Memory, state: DecoderState):
         embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)
@@ -227,7 +264,7 @@ class LuongDecoder(Decoder):
             hidden = hidden if isinstance(hidden, tuple) else (hidden,)
             attentional, weights = self._attentional(outputs, memory)  # (batch, tgt_len, out_dim)
             return self.output(self.dropout(attentional)), DecoderState(hidden, attentional[:, -1]), weights
-        loop = self._loop(embedded)
+        loop = self._loop(embedded, self.combine)
         hidden, feed = state.hidden, state.feed
         vectors, weights = [], []
         for t in range(tgt_in.size(1)):
@@ -267,7 +304,14 @@ class BahdanauDecoder(Decoder):
 
     def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, enc_dim: int, **shared):
         super().__init__(vocab_size, embed_dim, hidden_dim, enc_dim, embed_dim + enc_dim,
-                         ("readout", hidden_dim + enc_dim + embed_dim), **shared)
+                         hidden_dim + enc_dim + embed_dim, **shared)
+
+    def _make_head(self, in_features: int) -> None:
+        self.readout = nn.Linear(in_features, self.out_dim)  # W_r over [state; context; embedding]
+
+    def replace_linears(self, convert: Callable[[nn.Linear], nn.Module]) -> None:
+        super().replace_linears(convert)
+        self.readout = convert(self.readout)
 
     def forward(self, tgt_in: torch.Tensor, memory: Memory, state: DecoderState):
         embedded = self.dropout(self.embed(tgt_in))  # (batch, tgt_len, embed)

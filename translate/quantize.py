@@ -57,9 +57,11 @@ def _pack(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None)
 
 
 class Int8Linear(nn.Module):
-    """Drop-in for ``nn.Linear`` at inference: y = x W^T + b with W in int8, any leading dims.
-    Activations are quantised to 8 bits where the CPU accumulates int8 products in int32 (VNNI),
-    else to 7 bits (``reduce_range``), which keeps the products clear of int16 saturation."""
+    """Drop-in for ``nn.Linear`` at inference: y = x W^T + b with W in int8, any leading dims. As the
+    output layer (kept with ``keep_weight``), it provides the decoder's ``OutputLayer`` interface, as
+    the float ``decoder.OutputLinear`` does: ``rows`` gives a shortlist's layer. Activations are
+    quantised to 8 bits where the CPU accumulates int8 products in int32 (VNNI), else to 7 bits
+    (``reduce_range``), which keeps the products clear of int16 saturation."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool | None = None,
                  keep_weight: bool = False):
@@ -112,9 +114,9 @@ class Int8RNNStep(nn.Module):
         self.cell = "lstm" if isinstance(rnn, nn.LSTM) else "gru"
         self.layers, self.hidden_dim = rnn.num_layers, rnn.hidden_size
         joined, inputs, recurrents = [], [], []
-        for layer in range(rnn.num_layers):
-            w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
-            b_ih, b_hh = getattr(rnn, f"bias_ih_l{layer}", None), getattr(rnn, f"bias_hh_l{layer}", None)
+        for weights in rnn.all_weights:  # per layer: [weight_ih, weight_hh], then [bias_ih, bias_hh] if it has them
+            w_ih, w_hh = weights[:2]
+            b_ih, b_hh = weights[2:] or (None, None)
             if self.cell == "lstm":
                 bias = None if b_ih is None else b_ih + b_hh
                 joined.append(Int8Linear(torch.cat([w_ih, w_hh], dim=1), bias))  # (4*hidden, in+hidden)
@@ -169,12 +171,10 @@ class Int8PackedRNN(nn.Module):
         self.layers, self.bidirectional, self.hidden_dim = rnn.num_layers, rnn.bidirectional, rnn.hidden_size
         reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
         self._params = []
-        for layer in range(rnn.num_layers):
-            for suffix in ("", "_reverse")[: 2 if rnn.bidirectional else 1]:
-                w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}{suffix}").detach().float()
-                                          for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                self._params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
-                    _pack(*_quantize(w_ih), b_ih), _pack(*_quantize(w_hh), b_hh), b_ih, b_hh, reduce_range))
+        for weights in rnn.all_weights:  # per layer, forward then reverse: [weight_ih, weight_hh, bias_ih, bias_hh]
+            w_ih, w_hh, b_ih, b_hh = (w.detach().float() for w in weights)
+            self._params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
+                _pack(*_quantize(w_ih), b_ih), _pack(*_quantize(w_hh), b_hh), b_ih, b_hh, reduce_range))
 
     def forward(self, packed: PackedSequence):
         """packed: the embedded source, packed; returns the outputs, packed, and the final states
@@ -197,14 +197,10 @@ class Int8PackedRNN(nn.Module):
         return out, final if self.cell == "lstm" else final[0]
 
 
-def _swap_linears(module: nn.Module) -> None:
-    """Every linear layer but those with a handful of outputs (the additive attention's v): their
-    product is a pass over the input, which int8 would only lengthen by quantising it first."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear) and child.out_features >= 16:
-            setattr(module, name, Int8Linear.from_linear(child))
-        else:
-            _swap_linears(child)
+def _int8_linear(layer: nn.Linear) -> nn.Module:
+    """The layer in int8, but for one with a handful of outputs: its product is a pass over the
+    input, which int8 would only lengthen by quantising it first."""
+    return Int8Linear.from_linear(layer) if layer.out_features >= 16 else layer
 
 
 def quantized_copy(model: nn.Module) -> nn.Module:
@@ -220,5 +216,5 @@ def quantized_copy(model: nn.Module) -> nn.Module:
     decoder.rnn = Int8RNNStep(decoder.rnn)
     output = decoder.output  # tied or not; keeps its int8 weight unpacked for shortlists (``Decoder.restrict``)
     decoder.output = Int8Linear(output.weight, output.bias, keep_weight=True)
-    _swap_linears(decoder)  # combine, attention layers, bridge
+    decoder.replace_linears(_int8_linear)  # combine or readout, the attention's projections, the bridge
     return quantized
