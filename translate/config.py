@@ -7,8 +7,11 @@ alone can rebuild its model and tokenizer.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import io
 import math
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,11 +43,15 @@ def shown_path(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The corpora and their languages."""
+
+    # the training corpus (as --train): a TSV/CSV/JSON-lines file with one column per language, a prefix `PATH`
+    # of plain-text files `PATH.<src_lang>` and `PATH.<tgt_lang>`, or a hub dataset (`NAME` or `NAME:CONFIG`)
     train: str = str(BUNDLED_DATA / "train.tsv")
-    dev: str = str(BUNDLED_DATA / "dev.tsv")
-    test: str = str(BUNDLED_DATA / "test.tsv")
-    src_lang: str = "spa"
-    tgt_lang: str = "eng"
+    dev: str = str(BUNDLED_DATA / "dev.tsv")  # validated on during training (as --dev), in the same forms
+    test: str = str(BUNDLED_DATA / "test.tsv")  # what `translate eval` scores by default
+    src_lang: str = "spa"  # the source language: a column name or a file suffix
+    tgt_lang: str = "eng"  # the target language: a column name or a file suffix
     max_len: int = 80  # training pairs with more pieces on either side are dropped
     num_proc: int = 0  # processes that tokenize the training corpus (0: one per CPU, up to 8)
     streaming: bool = False  # read the training corpus as a stream, never materialised
@@ -52,31 +59,39 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    type: Literal["unigram", "bpe"] = "unigram"
-    vocab_size: int = 8000
-    joint: bool = True
-    character_coverage: float = 1.0
-    model: str | None = None  # an existing SentencePiece .model (joint) to use instead of training
-    max_sentences: int = 400_000  # sentences sampled to train it
+    """The SentencePiece tokenizer a run trains (or is given)."""
+
+    type: Literal["unigram", "bpe"] = "unigram"  # SentencePiece's model type
+    vocab_size: int = 8000  # pieces in the vocabulary (in each, when not joint)
+    joint: bool = True  # one vocabulary for both languages
+    character_coverage: float = 1.0  # the share of the corpus's characters the pieces cover (SentencePiece's)
+    model: str | None = None  # an existing SentencePiece .model (joint) to use instead of training one
+    max_sentences: int = 400_000  # sentences sampled to train the tokenizer
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    cell: Literal["lstm", "gru"] = "lstm"
-    embed_dim: int = 256
+    """The network: encoder, attention and decoder."""
+
+    cell: Literal["lstm", "gru"] = "lstm"  # the RNN cell of encoder and decoder
+    embed_dim: int = 256  # embedding size
     hidden_dim: int = 384  # decoder size; a bidirectional encoder uses hidden_dim // 2 per direction
-    layers: int = 1
-    bidirectional: bool = True
-    attention: Literal["bahdanau", "luong-dot", "luong-general"] = "bahdanau"  # the score
-    # luong: RNN, then attention with its output; bahdanau: attention with the previous state, then the RNN
+    layers: int = 1  # encoder and decoder layers
+    bidirectional: bool = True  # a bidirectional encoder
+    # the attention score: additive (bahdanau), luong-dot or luong-general
+    attention: Literal["bahdanau", "luong-dot", "luong-general"] = "bahdanau"
+    # luong: the RNN steps, then attends with its new state (Luong et al. 2015); bahdanau: attends with the
+    # previous state, feeds the context into the RNN with the previous token, and predicts from a deep-output
+    # readout (Bahdanau et al. 2015), stepping token by token in training
     decoder: Literal["luong", "bahdanau"] = "luong"
-    # (luong decoder) feed the attentional vector to the RNN; choosing decoder=bahdanau without also
-    # setting this turns it off (that decoder feeds its context instead)
+    # (luong decoder) feed the attentional vector to the RNN (Luong et al. 2015), stepping token by token in
+    # training; choosing decoder=bahdanau without also setting this turns it off (that decoder feeds its
+    # context instead)
     input_feeding: bool = True
     layer_norm: bool = False  # LayerNorm over the encoder's and decoder's RNN outputs
-    dropout: float = 0.15
-    tie_embeddings: bool = True
-    bridge: bool = True
+    dropout: float = 0.15  # dropout probability
+    tie_embeddings: bool = True  # share the target embedding with the output layer (Press & Wolf 2017)
+    bridge: bool = True  # start the decoder from the encoder's final states (through a tanh layer); false: zeros
     # above 0: every weight uniform in +-init_uniform (OpenNMT-py's param_init), padding embeddings
     # zero; 0: each layer's own PyTorch initialisation
     init_uniform: float = 0.1
@@ -84,35 +99,41 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_tokens: int = 1500
+    """The training run: batches, optimiser, limits, validation, teacher forcing, devices."""
+
+    batch_tokens: int = 1500  # padded tokens per batch (batches are bucketed by length)
     accumulate: int = 1  # batches whose gradients add up to one optimiser step (per process)
-    lr: float = 3e-3
-    # the LR grows with the batches a step sees (accumulate x processes): lr * n ** 0.5 for sqrt
+    lr: float = 3e-3  # Adam's peak learning rate, before lr_scaling
+    # the LR grows with the batches a step sees (accumulate x processes): `lr * n ** 0.5` for sqrt
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    # linear: down to min_lr over max_steps, else over max_minutes; warmup-decay: up over lr_warmup steps, then
+    # the inverse square root of the step (Vaswani et al. 2017); plateau: times lr_decay when the dev score has
+    # not improved for more than lr_patience validations; constant: lr throughout
     lr_schedule: Literal["linear", "plateau", "warmup-decay", "constant"] = "linear"
-    lr_warmup: int = 500
-    lr_decay: float = 0.5
-    lr_patience: int = 2
-    min_lr: float = 1e-5
-    clip_norm: float = 1.0
-    label_smoothing: float = 0.1
-    max_steps: int = 0  # 0: no limit
-    max_epochs: int = 0  # 0: no limit
-    max_minutes: float = 25.0  # 0: no limit
-    eval_every: int = 500
+    lr_warmup: int = 500  # (warmup-decay) steps of linear warm-up
+    lr_decay: float = 0.5  # (plateau) the factor the rate is multiplied by
+    lr_patience: int = 2  # (plateau) validations without improvement before the rate falls
+    min_lr: float = 1e-5  # (linear, plateau) the rate never goes below this
+    clip_norm: float = 1.0  # gradients are clipped to this norm
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
+    max_steps: int = 0  # stop after this many optimiser steps; 0: no limit
+    max_epochs: int = 0  # stop after this many passes over the training data; 0: no limit
+    max_minutes: float = 25.0  # stop after this many minutes of training; 0: no limit
+    eval_every: int = 500  # steps between validations
     keep_checkpoints: int = 0  # also keep the weights of the last K validations as step-N.pt (for averaging)
     tensorboard: bool = False  # also write TensorBoard event files into RUN_DIR/tensorboard (needs the extra)
     eval_beam: int = 1  # beam of the dev decoding (5: pick best.pt as `translate eval` decodes by default)
     eval_metric: Literal["bleu", "chrf", "loss"] = "bleu"  # what makes a validation the best, and early stopping
     patience: int = 8  # validations without a better dev BLEU before stopping; 0: never
-    seed: int = 1234
-    # plain teacher forcing by default: no schedule beat it at the default budget (README, exposure bias)
+    seed: int = 1234  # the random seed of the run
+    # the schedule of the gold token's probability after tf_warmup (docs/training.md); plain teacher forcing by
+    # default: no schedule beat it at the default budget (docs/benchmarks.md, "Does scheduled teacher forcing pay?")
     teacher_forcing: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
     tf_start: float = 1.0  # constant ratio, and the start of the linear schedule
     tf_floor: float = 0.75  # no schedule goes below this
     tf_k: float = 300.0  # steps per unit fall (linear), base (exponential) or steepness (inverse sigmoid)
     tf_warmup: int = 1000  # steps of pure teacher forcing before the schedule starts
-    tf_granularity: Literal["token", "sentence"] = "token"
+    tf_granularity: Literal["token", "sentence"] = "token"  # one draw per token, or one per sentence
     # the prediction chance also grows with the target position (Liu et al., 2021b); none: it does not
     tf_position: Literal["none", "linear", "exponential", "inverse_sigmoid"] = "none"
     tf_position_k: float = 10.0  # positions to full weight (linear), base (exponential), steepness (inverse sigmoid)
@@ -123,13 +144,15 @@ class TrainConfig:
     # what is fed: the argmax, a sample at temperature tf_tau (Gumbel-max), or the sentence-level oracle
     # (the best by sentence BLEU of tf_oracle_beam beam candidates of the gold length; Zhang et al., 2019)
     tf_feed: Literal["argmax", "sample", "sentence"] = "argmax"
-    tf_tau: float = 1.0
-    tf_oracle_beam: int = 4
+    tf_tau: float = 1.0  # (sample) the temperature
+    tf_oracle_beam: int = 4  # (sentence) the beam candidates the oracle chooses from
+    # parallel (Duckworth et al., 2019): passes without gradient predict every position, then one trained pass
+    # reads the mixed inputs; sequential: exact, token by token
     scheduled_sampling: Literal["sequential", "parallel"] = "parallel"
     tf_passes: int = 1  # (parallel) passes that predict before the trained one (Duckworth et al., 2019)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU is visible, else the CPU
     # mixed precision. auto: bf16 on GPUs and CPUs with native bf16, fp16 (with loss scaling) on older
-    # GPUs, none on other CPUs; bf16, fp16: that type (fp16 on CUDA only); off: full precision
+    # GPUs, none on other CPUs; bf16, fp16: that type (fp16 on CUDA only); off: full precision (docs/training.md)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     dist_timeout_minutes: float = 120.0  # (torchrun) how long a rank waits for the others (rank 0 prepares data)
     threads: int = 0  # CPU threads; 0: torch's default
@@ -350,3 +373,76 @@ def resume_config(given: Config, saved: Config) -> Config:
                                   f"to change it")
     return saved.override(changed)
 
+
+REFERENCE_INTRO = """# Configuration
+
+<!-- Made by `python docs/configuration.py` from translate/config.py: edit the comments there, not this page. -->
+
+Every key can go in a YAML file (`translate train --config FILE`) or on the command line
+(`--set section.key=value`, repeatable; the command line wins over the file). An unknown or
+ill-typed key is an error that lists the valid keys. The resolved configuration is saved in every
+checkpoint and as `config.yaml` in the run directory. [`configs/default.yaml`](../configs/default.yaml)
+writes every default out, to copy and edit. A resumed run keeps its configuration, except the keys
+marked *resume may change*. How training uses them: [training.md](training.md)."""
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every key with its type, its default and the comment written beside
+    or above its field here, so that the page is made from the code and cannot drift from it."""
+    meanings = _field_comments()
+    lines = [REFERENCE_INTRO]
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        lines += ["", f"## `{section}`", "", (cls.__doc__ or "").strip(), "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            meaning = meanings.get((cls.__name__, f.name), "")
+            if section == "train" and f.name in RESUMABLE_KEYS:
+                meaning += " (*resume may change*)"
+            meaning = meaning.replace("|", "\\|")  # a bar would end the table's cell
+            lines.append(f"| `{section}.{f.name}` | {_shown_type(hints[f.name])} | {_shown_default(f.default)} | "
+                         f"{meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """(class, field) -> the comment lines right above the field, then the comment beside it, read
+    from this file's source (``ast`` for the fields' lines, ``tokenize`` for the comments)."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, alone on its line)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = (token.string.lstrip("#").strip(), not token.line[:token.start[1]].strip())
+    meanings = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.ClassDef) and node.name in {c.__name__ for c in SECTIONS.values()}):
+            continue
+        for item in node.body:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                above, line = [], item.lineno - 1
+                while line in comments and comments[line][1]:
+                    above.insert(0, comments[line][0])
+                    line -= 1
+                text, alone = comments.get(item.lineno, ("", True))
+                meanings[(node.name, item.target.id)] = " ".join(above + ([text] if not alone else []))
+    return meanings
+
+
+def _shown_type(hint: Any) -> str:
+    """A field's type as the reference shows it: the choices of a Literal, "or none" for an Optional."""
+    if typing.get_origin(hint) is Literal:
+        return ", ".join(f"`{choice}`" for choice in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("none" if arg is type(None) else arg.__name__ for arg in typing.get_args(hint))
+    return hint.__name__
+
+
+def _shown_default(value: Any) -> str:
+    """A default as YAML would write it, with the bundled split's install paths by name."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(BUNDLED_DATA):
+        return f"the bundled {Path(value).stem} split"
+    return f"`{value}`"
