@@ -1,6 +1,7 @@
 """The Translator: options, precisions, batching and threads, streaming, loading a checkpoint."""
 
 import dataclasses
+import json
 import os
 import re
 import threading
@@ -33,19 +34,72 @@ def test_options_are_hashable_values():
 
 @pytest.mark.parametrize("options, message", [
     ({"beam": 2, "n_best": 3}, "n_best (3) cannot exceed the beam size (2)"),
-    ({"beam": 0}, "beam must be at least 1, not 0"),
-    ({"n_best": 0}, "n_best must be at least 1"),
-    ({"batch_tokens": 0}, "batch_tokens must be at least 1"),
-    ({"max_src_len": 0}, "max_src_len must be at least 1"),
+    ({"beam": 0}, "beam must be an integer from 1 to 64, not 0"),
+    ({"n_best": 0}, "n_best must be an integer from 1 to 64"),
+    ({"batch_tokens": 0}, "batch_tokens must be 1 or more"),
+    ({"max_src_len": 0}, "max_src_len must be 1 or more"),
     ({"batch_sentences": -1}, "batch_sentences must be 0 or more"),
-    ({"inter_threads": -2}, "inter_threads must be 0 or more"),
-    ({"max_len_ratio": 0.0}, "max_len_ratio must be a positive number"),
-    ({"max_len_ratio": float("inf")}, "max_len_ratio must be a positive number"),
-    ({"alpha": float("nan")}, "alpha must be a finite number"),
+    ({"inter_threads": -2}, "inter_threads must be an integer from 0 to 64"),
+    ({"max_len_ratio": 0.0}, "max_len_ratio must be positive and at most 100, not 0.0"),
+    ({"max_len_ratio": float("inf")}, "max_len_ratio must be positive and at most 100, not inf"),
+    ({"alpha": float("nan")}, "alpha must be a number from 0 to 100, not nan"),
+    ({"beam": "3"}, "beam must be an integer from 1 to 64, not '3'"),
+    ({"return_attention": 1}, "return_attention must be True or False"),
 ])
 def test_bad_options_say_what_is_wrong(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         DecodeOptions(**options)
+
+
+def _outside(name: str) -> list[tuple[str, float]]:
+    """Values of option ``name`` just outside its bounds, below and (where it has one) above."""
+    bound = DecodeOptions.BOUNDS[name]
+    step = 1 if bound.kind is int else 0.5
+    values = [bound.low if bound.low_open else bound.low - step]
+    if bound.high is not None:
+        values.append(bound.high + step)
+    return [(name, value) for value in values]
+
+
+def test_every_option_but_the_attention_flag_has_its_bounds():
+    fields = {f.name for f in dataclasses.fields(DecodeOptions)}
+    assert set(DecodeOptions.BOUNDS) == fields - {"return_attention"}
+    assert DecodeOptions.BOUNDS["beam"].high == DecodeOptions.MAX_BEAM
+    edges = {name: bound.high if bound.high is not None else bound.low + 1 for name, bound in
+             DecodeOptions.BOUNDS.items()}
+    edges["n_best"] = edges["beam"]  # at most the beam
+    assert DecodeOptions(**edges) == DecodeOptions(**edges)  # the highest values are allowed...
+    lowest = {name: bound.low for name, bound in DecodeOptions.BOUNDS.items() if not bound.low_open}
+    assert DecodeOptions(**lowest).beam == 1  # ...and so are the lowest
+
+
+@pytest.mark.parametrize("name, value", [case for name in DecodeOptions.BOUNDS for case in _outside(name)])
+def test_cli_serve_and_repl_reject_what_decode_options_rejects(name, value):
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from translate.cli import DECODING_FLAGS, main
+    from translate.errors import RequestError
+    from translate.repl import Repl
+    from translate.serve import OPTION_FIELDS, parse_request
+
+    message = f"must be {DecodeOptions.BOUNDS[name].describe()}, not {value!r}"
+    with pytest.raises(ConfigError, match=re.escape(f"{name} {message}")):
+        DecodeOptions(**{name: value})
+    if name in DECODING_FLAGS:  # the flag's range is the bound (checked before the checkpoint is looked for)
+        flag = "--" + name.replace("_", "-")
+        result = CliRunner().invoke(main, ["decode", "nowhere.pt", flag, str(value)])
+        assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output
+        assert "is not in the range" in result.output
+    if name in OPTION_FIELDS:  # a request's field, named as the request names it
+        with pytest.raises(RequestError, match=re.escape(f'"{name}" {message}')) as error:
+            parse_request(json.dumps({"sentences": ["a"], name: value}).encode(), 8, 100)
+        assert error.value.status == 400
+    if name == "beam":
+        repl = Repl(SimpleNamespace(tokenizer=None, options=DecodeOptions()))
+        assert repl.command(f":beam {value}") == (f"usage: :beam N; {name} {message}", False)
+        assert repl.options.beam == DecodeOptions().beam
 
 
 def test_precisions_leave_the_model_alone(search_model, tokenizer, monkeypatch):

@@ -14,9 +14,9 @@ import click
 
 from . import __version__
 from .config import load_config, parse_overrides
-from .corpus import iter_lines, read_lines
+from .corpus import iter_lines, no_tqdm_monitor, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
-from .runtime import configure_process, no_tqdm_monitor
+from .runtime import configure_process
 from .translator import CPU_PRECISION, DecodeOptions, Translator
 
 
@@ -122,17 +122,27 @@ def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_
 
 
 DEFAULT_DECODING = DecodeOptions()
+
+
+def _bounded(name: str) -> click.ParamType:
+    """The click type of a DecodeOptions field, with the bounds that DecodeOptions checks."""
+    bound = DecodeOptions.BOUNDS[name]
+    if bound.kind is int:
+        return click.IntRange(bound.low, bound.high)
+    return click.FloatRange(bound.low, bound.high, min_open=bound.low_open)
+
+
 # the flags of the commands that decode, by the DecodeOptions field they set ("precision": --fp32 / --bf16 / --int8)
 DECODING_FLAGS = {
-    "beam": [click.option("--beam", default=DEFAULT_DECODING.beam, show_default=True, type=click.IntRange(1, 64),
+    "beam": [click.option("--beam", default=DEFAULT_DECODING.beam, show_default=True, type=_bounded("beam"),
                           help="Beam size; 1 is greedy.")],
     "n_best": [click.option("--n-best", default=DEFAULT_DECODING.n_best, show_default=True,
-                            type=click.IntRange(1, 64),
+                            type=_bounded("n_best"),
                             help="Print the K best translations with their scores, tab-separated.")],
     "max_len_ratio": [click.option("--max-len-ratio", default=DEFAULT_DECODING.max_len_ratio, show_default=True,
-                                   type=click.FloatRange(0.1, 100),
+                                   type=_bounded("max_len_ratio"),
                                    help="Longest output as a multiple of the source length (plus 10).")],
-    "alpha": [click.option("--alpha", default=DEFAULT_DECODING.alpha, show_default=True,
+    "alpha": [click.option("--alpha", default=DEFAULT_DECODING.alpha, show_default=True, type=_bounded("alpha"),
                            help="Length penalty exponent.")],
     "precision": [
         click.option("--fp32", is_flag=True, help=f"Decode in full precision. (By default a CPU decodes in "
@@ -143,12 +153,12 @@ DECODING_FLAGS = {
         click.option("--int8", is_flag=True, help="On CPU, decode with int8 weights (dynamic quantisation)."),
     ],
     "shortlist": [click.option("--shortlist", default=DEFAULT_DECODING.shortlist, show_default=True,
-                               type=click.IntRange(0, 64), help="Score only the K likeliest translations of "
+                               type=_bounded("shortlist"), help="Score only the K likeliest translations of "
                                "each source piece (the checkpoint's lexicon) and the "
                                f"{DEFAULT_DECODING.shortlist_frequent} most frequent target pieces; 0: the whole "
                                "vocabulary.")],
     "inter_threads": [click.option("--inter-threads", default=DEFAULT_DECODING.inter_threads, show_default=True,
-                                   type=click.IntRange(0, 64), help="Batches decoded at once; 0: on a Linux CPU "
+                                   type=_bounded("inter_threads"), help="Batches decoded at once; 0: on a Linux CPU "
                                    "one per thread, each in a process of its own; two on other CPUs; one on GPU.")],
 }
 
@@ -319,7 +329,7 @@ def repl(checkpoint, options, precision):
 @main.command()
 @click.argument("checkpoint")
 @click.option("-o", "--output", "folder", required=True, type=click.Path(), help="Folder to write the model into.")
-@click.option("--beam", default=5, show_default=True, type=click.IntRange(1, 64),
+@click.option("--beam", default=DEFAULT_DECODING.beam, show_default=True, type=_bounded("beam"),
               help="Beam of the test-set scores on the model card.")
 @click.option("--no-scores", is_flag=True, help="Leave the scores off the card (no test set is decoded).")
 def export(checkpoint, folder, beam, no_scores):

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+from .errors import ConfigError
 from .tokenizer import Tokenizer
 from .translator import DecodeOptions, Translation, Translator
 
@@ -59,14 +60,22 @@ class Repl:
         if name == "help":
             return HELP, False
         if name == "beam":
-            if not arg.strip().isdigit() or not 1 <= int(arg) <= 64:
-                return "usage: :beam N with N from 1 to 64", False
-            beam = int(arg)
-            self.options = replace(self.options, beam=beam, n_best=min(self.options.n_best, beam))
-            return f"beam {beam}", False
+            return self.set_beam(arg), False
         if name == "attn":
             return self.attention(), False
         return f"unknown command :{name}; :help lists them", False
+
+    def set_beam(self, arg: str) -> str:
+        """``:beam N``; DecodeOptions says what a beam may be."""
+        try:
+            beam = int(arg)
+        except ValueError:
+            return f"usage: :beam N with N {DecodeOptions.BOUNDS['beam'].describe()}"
+        try:
+            self.options = replace(self.options, beam=beam, n_best=min(self.options.n_best, beam))
+        except ConfigError as exc:
+            return f"usage: :beam N; {exc}"
+        return f"beam {beam}"
 
     def attention(self) -> str:
         if self.last is None or self.last[1].attention is None:

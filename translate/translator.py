@@ -13,6 +13,7 @@ import collections
 import copy
 import math
 import multiprocessing
+import numbers
 import pickle
 import signal
 import sys
@@ -22,7 +23,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -45,9 +46,45 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 CPU_PRECISION = "int8"
 
 
+class Bound(NamedTuple):
+    """The values one ``DecodeOptions`` field takes, which every caller (the CLI's flags, the
+    server's requests, the repl's commands) reads from ``DecodeOptions.BOUNDS``: a ``kind`` from
+    ``low`` (excluded when ``low_open``) to ``high`` (None: no upper limit)."""
+
+    kind: type  # int or float
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    note: str = ""  # what ``low`` means, when it means something of its own
+
+    def describe(self) -> str:
+        """The valid values, as the error messages say them: "an integer from 1 to 64"."""
+        low, high = f"{self.low:g}", None if self.high is None else f"{self.high:g}"
+        if high is None:
+            return f"above {low}" if self.low_open else f"{low} or more"
+        if self.low_open:
+            return f"{'positive' if self.low == 0 else f'above {low}'} and at most {high}"
+        if self.note:
+            return f"from {low} ({self.note}) to {high}"
+        return f"{'an integer' if self.kind is int else 'a number'} from {low} to {high}"
+
+    def check(self, label: str, value: Any) -> int | float:
+        """``value`` as the field's type, or a ConfigError that names ``label`` and the valid values."""
+        if self.kind is int:
+            valid = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        else:
+            valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        valid = valid and (value > self.low if self.low_open else value >= self.low)
+        if not valid or (self.high is not None and value > self.high):
+            raise ConfigError(f"{label} must be {self.describe()}, not {value!r}")
+        return self.kind(value)
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How to decode. Frozen and hashable, so that the server can group requests by it."""
+    """How to decode. Frozen and hashable, so that the server can group requests by it. The one
+    owner of each option's bounds (``BOUNDS``): every field is checked here, and the CLI, the
+    server and the repl take their limits and error messages from here."""
 
     beam: int = 5  # 1 is greedy
     n_best: int = 1  # hypotheses returned per sentence, best first
@@ -66,21 +103,36 @@ class DecodeOptions:
     shortlist_frequent: int = 300
     return_attention: bool = False
 
+    MAX_BEAM: ClassVar[int] = 64  # the widest beam, and so the most n-best, a decode may ask for
+    ALPHA_RANGE: ClassVar[tuple[float, float]] = (0.0, 100.0)  # the length penalty exponent
+    MAX_LEN_RATIO: ClassVar[float] = 100.0  # longest output per source piece (above 0)
+    MAX_INTER_THREADS: ClassVar[int] = 64
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "beam": Bound(int, 1, MAX_BEAM),
+        "n_best": Bound(int, 1, MAX_BEAM),
+        "alpha": Bound(float, *ALPHA_RANGE),
+        "max_len_ratio": Bound(float, 0, MAX_LEN_RATIO, low_open=True),
+        "max_src_len": Bound(int, 1),
+        "batch_tokens": Bound(int, 1),
+        "batch_sentences": Bound(int, 0),
+        "inter_threads": Bound(int, 0, MAX_INTER_THREADS),
+        "shortlist": Bound(int, 0, TOP, note="the whole vocabulary"),  # TOP: what the lexicon keeps
+        "shortlist_frequent": Bound(int, 0),
+    }
+
     def __post_init__(self):
-        for name in ("beam", "n_best", "max_src_len", "batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("batch_sentences", "inter_threads", "shortlist_frequent"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be 0 or more, not {getattr(self, name)}")
-        if not 0 <= self.shortlist <= TOP:
-            raise ConfigError(f"shortlist must be from 0 (the whole vocabulary) to {TOP}, not {self.shortlist}")
+        for name, bound in self.BOUNDS.items():
+            object.__setattr__(self, name, bound.check(name, getattr(self, name)))  # 3 -> 3.0 for a float
         if self.n_best > self.beam:
             raise ConfigError(f"n_best ({self.n_best}) cannot exceed the beam size ({self.beam})")
-        if not math.isfinite(self.alpha):
-            raise ConfigError(f"alpha must be a finite number, not {self.alpha}")
-        if not (math.isfinite(self.max_len_ratio) and self.max_len_ratio > 0):
-            raise ConfigError(f"max_len_ratio must be a positive number, not {self.max_len_ratio}")
+        if not isinstance(self.return_attention, bool):
+            raise ConfigError(f"return_attention must be True or False, not {self.return_attention!r}")
+
+    @classmethod
+    def check(cls, name: str, value: Any, label: str | None = None) -> int | float:
+        """One field's ``value``, checked as ``__post_init__`` checks it, in its type; the error
+        calls it ``label`` (a request's "beam", say) and gives the valid values."""
+        return cls.BOUNDS[name].check(label or name, value)
 
 
 @dataclass
