@@ -19,13 +19,13 @@ from translate.corpus import (
     column_chunks,
     iter_lines,
     load_pairs,
+    no_tqdm_monitor,
     read_lines,
     read_parallel,
     sample_sentences,
     split_corpus,
 )
 from translate.errors import DataError
-from translate.runtime import release_mapped_pages
 
 PAIRS = [("Hola.", "Hello."), ("Adiós, amigo.", "Bye, friend."), ("1984", "1984"), ("NA", "null")]
 
@@ -206,26 +206,6 @@ def test_arrow_files_are_written_in_large_record_batches(tmp_path, hf_cache):
     assert batches == 1  # not one per 1,000 rows, as datasets writes by default
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
-def test_released_arrow_pages_leave_the_process_and_the_data_stays(tmp_path):
-    import pyarrow as pa
-
-    def resident_file_kb() -> int:
-        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return int(status["RssFile"].split()[0])
-
-    path = tmp_path / "data.arrow"
-    table = pa.table({"s": [f"sentence number {i} " * 4 for i in range(200_000)]})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    mapped = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-    text = mapped.column("s").to_pylist()  # every page of the file read through the map
-    before = resident_file_kb()
-    assert release_mapped_pages() >= path.stat().st_size
-    assert resident_file_kb() < before - path.stat().st_size // 2048  # at least half the file gone
-    assert mapped.column("s").to_pylist() == text  # and still readable
-
-
 def test_split_by_english_sentence(tmp_path):
     rows = [f"es{i}-{j}\ten{i}\tattr" for i in range(300) for j in range(1 + i % 3)]
     src = tmp_path / "all.tsv"
@@ -250,3 +230,16 @@ def test_the_bundled_split_is_inside_the_package():
     for name in (data.train, data.dev, data.test):
         assert Path(name).is_file() and Path(name).parent == BUNDLED_DATA
     assert check_utf8(BUNDLED_DATA / "dev.tsv").split("\t")[:2] == ["spa", "eng"]
+
+
+def test_the_tqdm_switch_keeps_bars_from_starting_the_monitor_thread(monkeypatch):
+    """A monitor thread would stay for the process's life, and a process with another thread
+    decodes in threads, not forked processes (translator.can_fork)."""
+    import tqdm
+
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 10)
+    monkeypatch.setattr(tqdm.tqdm, "monitor", None)
+    no_tqdm_monitor()
+    with tqdm.tqdm(total=3, file=io.StringIO()) as bar:
+        bar.update(3)
+    assert tqdm.tqdm.monitor is None

@@ -3,8 +3,8 @@
 into memory-mapped Arrow files and checked the same way, with the same one-line messages: the
 training set is kept as that Dataset (``load_pairs``), dev and test sets are taken whole as lists
 (``read_parallel``). Arrow data is read as streams (``column_chunks``), so a large corpus never
-becomes resident memory. Also: plain-text line readers (decoding input) and the split that made
-the bundled data.
+becomes resident memory. Also: plain-text line readers (decoding input), the split that made the
+bundled data, and the switch that keeps tqdm (whose bars ``datasets`` makes) from starting a thread.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import shown_path
 from .errors import DataError
-from .runtime import no_tqdm_monitor, release_mapped_pages
+from .memory import release_mapped_pages
 
 TABLE_SUFFIXES = {".tsv": "\t", ".csv": ","}
 JSON_SUFFIXES = {".json", ".jsonl"}
@@ -146,6 +146,16 @@ def read_parallel(spec: str, src_lang: str, tgt_lang: str, split: str = "train")
     src, tgt = ([str(s) for chunk in column_chunks(table, lang) for s in chunk.to_pylist()]
                 for lang in (src_lang, tgt_lang))
     return Parallel(src, tgt, origin)
+
+
+def no_tqdm_monitor() -> None:
+    """Keeps tqdm from starting its monitor thread, which stays once its first bar (even a
+    disabled one, as ``datasets`` makes) has started it: a process with another thread decodes
+    in threads, not forked processes (``translator.can_fork``). Called where bars are made: reading
+    a corpus through ``datasets`` (``_load``) and the command line's progress bar."""
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
 
 
 def _load(spec: str, src_lang: str, tgt_lang: str, split: str, streaming: bool):

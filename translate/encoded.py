@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .corpus import column_chunks
-from .runtime import release_mapped_pages, return_freed_memory
+from .memory import release_mapped_pages, return_freed_memory
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = "2"  # bump when the cached files change layout (2: a manifest in "done")

@@ -1,5 +1,5 @@
 """Where and how the process computes: the device, the mixed-precision type, bounds on the CPU
-kernel caches, random-number state, and handing unused memory back to the system.
+kernel caches and random-number state. (The process's memory: ``memory.py``.)
 
 Nothing here runs on import: the command line calls ``configure_process`` once at its entry
 (library users may call it too), so importing the package leaves the process as it was.
@@ -8,7 +8,6 @@ Nothing here runs on import: the command line calls ``configure_process`` once a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import random
@@ -25,7 +24,6 @@ from .errors import ConfigError
 # 1,024 each. Training and decoding meet many shapes, so the caches grow to GBs; 128 entries keep
 # the speed (bench/README.md has the figures). Both libraries read these when they first run.
 CPU_CACHE_BOUNDS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
-MADV_DONTNEED = 4  # Linux
 
 
 def configure_process() -> dict[str, str]:
@@ -149,53 +147,3 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
-
-# ---------------------------------------------------------------- memory
-
-def _libc():
-    """The C library this process runs on (its functions looked up by name), or None."""
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except (OSError, TypeError):  # no C library to open by that name (Windows)
-        return None
-
-
-def release_mapped_pages(suffix: str = ".arrow") -> int:
-    """Unmaps the resident pages of this process's read-only memory maps of ``suffix`` files
-    (madvise MADV_DONTNEED), so reading a corpus through ``datasets``' memory maps does not leave
-    every page read counted in the process's memory. The data stays valid: a later read maps the
-    page again from the page cache (or the file). Returns the bytes of the mappings released; 0
-    where /proc or madvise is missing."""
-    madvise = getattr(_libc(), "madvise", None)
-    if madvise is None:
-        return 0
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            regions = [line.split() for line in maps]
-    except OSError:  # no /proc
-        return 0
-    released = 0
-    for fields in regions:
-        if len(fields) < 6 or not fields[5].endswith(suffix) or "w" in fields[1]:
-            continue
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
-            released += end - start
-    return released
-
-
-def return_freed_memory() -> None:
-    """Hands the heap that the process has freed back to the system (glibc keeps it otherwise),
-    so a long job after a large temporary one starts as small as it will stay."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:  # glibc only
-        trim(0)
-
-
-def no_tqdm_monitor() -> None:
-    """Keeps tqdm from starting its monitor thread, which stays once its first bar (even a
-    disabled one, as ``datasets`` makes) has started it: a process with another thread decodes
-    in threads, not forked processes (``translator.can_fork``). Called where bars are made."""
-    import tqdm
-
-    tqdm.tqdm.monitor_interval = 0
