@@ -1,8 +1,9 @@
-"""What changes over a training run: the teacher-forcing ratio and its masks, and the learning rate.
+"""What changes over a training run: the teacher-forcing ratio and the learning rate.
 
 Scheduled teacher forcing follows Bengio et al. (2015): ``teacher_forcing_ratio(step)`` is the
-probability of feeding the decoder the gold token rather than the model's own prediction (which
-positions, and what is fed, is ``feeding``'s part).
+probability of feeding the decoder the gold token rather than the model's own prediction. Which
+positions get a prediction (the masks, ``feeding.gold_mask`` and ``feeding.position_weight``) and
+what is fed are ``feeding``'s part.
 
 The learning rate has one mechanism for every ``train.lr_schedule``: ``LRSchedule.apply`` sets
 the rate of the coming optimiser step from the run's step count and training time, and
