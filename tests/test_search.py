@@ -1,11 +1,31 @@
 """The searches over ``model.encode`` / ``model.decode_step``, against each other and against
 plain reference implementations."""
 
+import math
+
 import pytest
 import torch
 
-from translate.search import beam_search, greedy, length_penalty, max_lengths, top_candidates
-from translate.tokenizer import BOS, EOS
+from translate.decoder import DecoderState, Memory, OutputVocab
+from translate.search import (
+    Beams,
+    Continuations,
+    Finished,
+    advance,
+    beam_search,
+    best_continuations,
+    drop_done,
+    finish,
+    greedy,
+    length_penalty,
+    max_lengths,
+    start_beams,
+    step_bounds,
+    step_candidates,
+    survivors,
+    top_candidates,
+)
+from translate.tokenizer import BOS, EOS, PAD, SPECIAL, UNK
 
 from .conftest import SENTENCES, encode  # test_quantize imports them from here too
 
@@ -157,3 +177,229 @@ def test_pad_and_bos_are_never_produced(search_model, tokenizer):
     assert [g[0].tokens for g in by_greedy] == [b[0].tokens for b in by_beam]
     for hyps in (by_greedy, beam_search(search_model, memory, state, 4, limits, n_best=4)):
         assert all(PAD not in h.tokens and BOS not in h.tokens for sentence in hyps for h in sentence)
+
+
+# ---------------------------------------------------------------- a beam-search step's parts, against plain versions
+
+def random_beams(gen, sent, beams, t, src_len=5, hidden=4, soonest=99) -> Beams:
+    """Beams of the live sentences ``sent`` with random tokens, scores, attention and states."""
+    live, rows = len(sent), len(sent) * beams
+    memory = Memory(torch.randn(live, src_len, 3, generator=gen), torch.randn(live, src_len, 2, generator=gen),
+                    torch.ones(live, src_len, dtype=torch.bool))
+    state = DecoderState((torch.randn(2, rows, hidden, generator=gen), torch.randn(2, rows, hidden, generator=gen)),
+                         torch.randn(rows, hidden, generator=gen))
+    return Beams(torch.tensor(sent), torch.randn(live, beams, generator=gen),
+                 torch.randint(SPECIAL, 50, (rows, t), generator=gen),
+                 torch.randint(SPECIAL, 50, (rows,), generator=gen), memory, state,
+                 torch.rand(rows, t, src_len, generator=gen), soonest)
+
+
+def random_continuations(gen, live, beams, n, eos_every=3) -> Continuations:
+    """n continuations per sentence, best first, each of one of its beams; about one in ``eos_every`` adds EOS."""
+    scores = torch.randn(live, n, generator=gen).sort(dim=1, descending=True).values
+    rows = torch.arange(live).unsqueeze(1) * beams + torch.randint(0, beams, (live, n), generator=gen)
+    tokens = torch.randint(SPECIAL, 50, (live, n), generator=gen)
+    tokens[torch.randint(0, eos_every, (live, n), generator=gen) == 0] = EOS
+    return Continuations(scores, rows, tokens, tokens == EOS)
+
+
+def test_start_beams_and_step_bounds_against_plain_loops():
+    gen = torch.Generator().manual_seed(0)
+    max_lens, min_lens = torch.tensor([5, 9, 4, 6]), torch.tensor([2, 3, 7, 1])
+    memory = Memory(torch.randn(4, 5, 3, generator=gen), torch.randn(4, 5, 2, generator=gen),
+                    torch.ones(4, 5, dtype=torch.bool))
+    start = start_beams(memory, None, max_lens, return_attention=True)
+    assert start.sent.tolist() == [0, 1, 2, 3] and start.scores.tolist() == [[0.0]] * 4 and start.soonest == 4
+    assert start.prev.tolist() == [BOS] * 4 and start.seqs.shape == (4, 0) and start.history.shape == (4, 0, 5)
+    assert start_beams(memory, None, max_lens, return_attention=False).history is None
+    sent, beams_per = [0, 2, 3], 2
+    beams = random_beams(gen, sent, beams_per, 0, soonest=int(max_lens[sent].min()))
+    for t in range(10):
+        early, force = step_bounds(t, beams, max_lens, min_lens)
+        plain_early = [t + 1 < int(min_lens[s]) for s in sent for _ in range(beams_per)]
+        plain_force = [t + 1 >= int(max_lens[s]) for s in sent for _ in range(beams_per)]
+        assert early.tolist() == plain_early
+        assert force.tolist() == plain_force if any(plain_force) else force is None
+        assert step_bounds(t, beams, max_lens, None)[0] is None
+
+
+def plain_step_candidates(logits, scores, early, force):
+    """Per row: log-softmax by hand, PAD and BOS never, EOS only when allowed, plus the hypothesis' score."""
+    beams = len(scores[0])
+    out = []
+    for row, values in enumerate(logits):
+        lse = math.log(sum(math.exp(v) for v in values))
+        logp = [v - lse for v in values]
+        for token in range(len(logp)):
+            never = token in (PAD, BOS) or (token == EOS and early[row]) or (token != EOS and force[row])
+            logp[token] = -math.inf if never else logp[token]
+        out.append([v + scores[row // beams][row % beams] for v in logp])
+    return out
+
+
+@pytest.mark.parametrize("bounds", [True, False])
+def test_step_candidates_against_a_plain_loop(bounds):
+    gen = torch.Generator().manual_seed(1)
+    live, beams, columns = 3, 2, 9
+    logits = torch.randn(live * beams, columns, generator=gen) * 3
+    scores = torch.randn(live, beams, generator=gen)
+    scores[1, 1] = -math.inf  # a beam out of the race
+    early = torch.tensor([True, False, False, True, False, False]) if bounds else None
+    force = torch.tensor([False, False, True, True, False, False]) if bounds else None
+    got = step_candidates(logits.clone(), scores, early, force)
+    plain = plain_step_candidates(logits.tolist(), scores.tolist(), early.tolist() if bounds else [False] * 6,
+                                  force.tolist() if bounds else [False] * 6)
+    torch.testing.assert_close(got, torch.tensor(plain).view(live, beams, columns))
+
+
+@pytest.mark.parametrize("shortlist", [False, True])
+def test_best_continuations_against_a_brute_force_loop(shortlist):
+    gen = torch.Generator().manual_seed(2)
+    live, beams, columns, n = 4, 3, 11, 6
+    candidates = torch.randn(live, beams, columns, generator=gen)
+    candidates[0, :, EOS] += 5.0  # EOS among the best, from every beam
+    candidates[2, 1:] = -math.inf  # one beam alone
+    candidates[3, :, 2:] = -math.inf  # fewer real continuations (6 - 2) than n
+    ids = torch.tensor([PAD, UNK, BOS, 7, 8, 9, EOS, 20, 21, 30, 40]) if shortlist else None
+    vocab = OutputVocab(ids, None) if shortlist else None
+    top = best_continuations(candidates, n, vocab)
+    for s in range(live):
+        plain = sorted(((candidates[s, b, c].item(), s * beams + b, c) for b in range(beams) for c in range(columns)
+                        if math.isfinite(candidates[s, b, c].item())), reverse=True)[:n]
+        real = len(plain)
+        assert top.scores[s, :real].tolist() == [score for score, _, _ in plain]
+        assert top.rows[s, :real].tolist() == [row for _, row, _ in plain]
+        tokens = [int(ids[c]) if shortlist else c for _, _, c in plain]
+        assert top.tokens[s, :real].tolist() == tokens
+        assert top.ends[s, :real].tolist() == [token == EOS for token in tokens]
+        assert top.scores[s, real:].tolist() == [-math.inf] * (n - real) and not top.ends[s, real:].any()
+    candidates = torch.randn(2, 2, 4, generator=gen)  # n == beams x columns: every continuation is taken
+    candidates[:, :, EOS] = -math.inf  # EOS not allowed (a row too short to end): an impossible EOS does not end
+    top = best_continuations(candidates, 8, None)
+    assert (top.tokens == EOS).sum() == 4 and not top.ends.any()
+
+
+def test_survivors_against_a_plain_loop():
+    gen = torch.Generator().manual_seed(3)
+    k = 3
+    top = random_continuations(gen, 6, k, 2 * k, eos_every=2)
+    pick, scores = survivors(top.scores, top.ends, k)
+    for s, (row_scores, row_ends) in enumerate(zip(top.scores.tolist(), top.ends.tolist())):
+        order = [j for j in range(2 * k) if not row_ends[j]] + [j for j in range(2 * k) if row_ends[j]]
+        assert pick[s].tolist() == order[:k]
+        assert scores[s].tolist() == [-math.inf if row_ends[j] else row_scores[j] for j in order[:k]]
+
+
+def plain_finish(finished, sent, top, seqs, history, weights, t, alpha, k):
+    """``finished``: per sentence a list of (tokens, score, attention rows); the EOS continuations among
+    each sentence's first k join it, best first, while it has fewer than k."""
+    for i, s in enumerate(sent):
+        for j in range(k):
+            if top.ends[i, j] and len(finished[s]) < k:
+                row = int(top.rows[i, j])
+                finished[s].append((seqs[row].tolist(), top.scores[i, j].item() / length_penalty(t + 1, alpha),
+                                    history[row].tolist() + [weights[row].tolist()]))
+
+
+def test_finish_against_a_plain_list_version():
+    gen = torch.Generator().manual_seed(4)
+    batch, k, limit, t, src_len, alpha = 5, 3, 7, 4, 5, 0.6
+    sent = [0, 1, 3, 4]  # sentence 2 has left the batch
+    finished = Finished.empty(batch, k, limit, src_len, torch.device("cpu"), return_attention=True)
+    plain = [[] for _ in range(batch)]
+    for s, ended_before in [(1, 2), (3, 3), (4, 1)]:  # sentence 3 is full: its EOS continuations are ignored
+        for j in range(ended_before):
+            tokens, score = [5 + j] * (j + 1), -1.0 - j
+            finished.scores[s, j], finished.tokens[s, j, : len(tokens)] = score, torch.tensor(tokens)
+            plain[s].append((tokens, score, None))
+        finished.count[s] = ended_before
+    beams = random_beams(gen, sent, k, t, src_len)
+    top = random_continuations(gen, len(sent), k, 2 * k, eos_every=2)
+    ends = torch.tensor([[0, 1, 0, 1, 0, 0], [1, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]).bool()
+    top = top._replace(tokens=top.tokens.masked_fill(ends, EOS).masked_fill(~ends, 9), ends=ends)
+    weights = torch.rand(len(sent) * k, src_len, generator=gen)
+    finish(finished, beams, top, weights, t, alpha)
+    plain_finish(plain, sent, top, beams.seqs, beams.history, weights, t, alpha, k)
+    # sentence 0's second EOS ranks below k; 1, 3 and 4 have more EOS than room
+    assert finished.count.tolist() == [len(hyps) for hyps in plain] == [1, 3, 0, 3, 3]
+    for s in range(batch):
+        for j, (tokens, score, attention) in enumerate(plain[s]):
+            assert finished.tokens[s, j].tolist() == tokens + [PAD] * (limit - len(tokens))
+            assert finished.scores[s, j].item() == pytest.approx(score, rel=1e-6)
+            if attention is not None:
+                torch.testing.assert_close(finished.attention[s, j, : t + 1], torch.tensor(attention))
+        assert finished.scores[s, len(plain[s]):].tolist() == [-math.inf] * (k - len(plain[s]))
+
+
+@pytest.mark.parametrize("beams_before", [1, 3])  # the first step continues one beam per sentence
+def test_advance_against_a_plain_loop(beams_before):
+    gen = torch.Generator().manual_seed(5)
+    k, t, live, src_len = 3, 2, 4, 5
+    beams = random_beams(gen, [0, 2, 3, 5], beams_before, t, src_len)
+    step_state = random_beams(gen, [0, 2, 3, 5], beams_before, t, src_len).state  # the step's new states
+    weights = torch.rand(live * beams_before, src_len, generator=gen)
+    top = random_continuations(gen, live, beams_before, 2 * k)
+    top = top._replace(ends=top.ends & (torch.arange(2 * k) < k + 1))  # at most k - 1 of the later ones end
+    after = advance(beams, step_state, weights, top, k)
+    rows, tokens, scores = [], [], []
+    for s in range(live):
+        alive = [j for j in range(2 * k) if not top.ends[s, j]][:k]
+        rows += [int(top.rows[s, j]) for j in alive]
+        tokens += [int(top.tokens[s, j]) for j in alive]
+        scores.append([top.scores[s, j].item() for j in alive])
+    assert after.scores.tolist() == scores and after.prev.tolist() == tokens
+    assert after.seqs.tolist() == [beams.seqs[row].tolist() + [token] for row, token in zip(rows, tokens)]
+    assert after.history.tolist() == [beams.history[row].tolist() + [weights[row].tolist()] for row in rows]
+    assert [h[:, rows].tolist() for h in step_state.hidden] == [h.tolist() for h in after.state.hidden]
+    assert after.state.feed.tolist() == step_state.feed[rows].tolist()
+    assert after.sent is beams.sent and after.memory is beams.memory
+
+
+def test_drop_done_against_a_plain_loop():
+    gen = torch.Generator().manual_seed(6)
+    k, t = 2, 3
+    sent = [0, 1, 3, 4, 6]
+    max_lens = torch.tensor([9, 9, 9, 4, 9, 9, 7])
+    finished = Finished.empty(7, k, 9, 5, torch.device("cpu"), return_attention=False)
+    finished.count[1] = k  # sentence 1 has its k; 3 reaches its limit; 4 has nothing left alive
+    beams = random_beams(gen, sent, k, t, soonest=4)
+    beams.scores[3] = -math.inf
+    after = drop_done(beams, finished, t, max_lens, k)
+    kept = [i for i, s in enumerate(sent) if finished.count[s] < k and t + 1 < max_lens[s]
+            and any(math.isfinite(v) for v in beams.scores[i].tolist())]
+    rows = [i * k + j for i in kept for j in range(k)]
+    assert after.sent.tolist() == [sent[i] for i in kept] == [0, 6]
+    assert after.scores.tolist() == [beams.scores[i].tolist() for i in kept]
+    assert after.memory.values.tolist() == [beams.memory.values[i].tolist() for i in kept]
+    for name in ("seqs", "prev", "history"):
+        assert getattr(after, name).tolist() == [getattr(beams, name)[row].tolist() for row in rows]
+    assert after.state.feed.tolist() == [beams.state.feed[row].tolist() for row in rows]
+    assert [h.tolist() for h in after.state.hidden] == [h[:, rows].tolist() for h in beams.state.hidden]
+    assert after.soonest == min(int(max_lens[sent[i]]) for i in kept) == 7
+    assert drop_done(after, finished, t, max_lens, k) is after  # none done: the same beams
+    finished.count[[0, 6]] = k
+    assert drop_done(after, finished, t, max_lens, k) is None  # all done
+
+
+def test_finished_best_against_a_plain_sort():
+    gen = torch.Generator().manual_seed(7)
+    batch, k, limit, src_len, n_best = 3, 4, 6, 5, 3
+    finished = Finished.empty(batch, k, limit, src_len, torch.device("cpu"), return_attention=True)
+    filled = [4, 1, 0]
+    for s, count in enumerate(filled):
+        for j in range(count):
+            length = int(torch.randint(0, limit, (1,), generator=gen))
+            finished.tokens[s, j, :length] = torch.randint(SPECIAL, 50, (length,), generator=gen)
+            finished.scores[s, j] = torch.randn(1, generator=gen).item()
+            finished.attention[s, j] = torch.rand(limit, src_len, generator=gen)
+    src_real = [5, 2, 3]
+    results = finished.best(n_best, src_real)
+    for s, hyps in enumerate(results):
+        order = sorted(range(filled[s]), key=lambda j: -finished.scores[s, j].item())[:n_best]
+        tokens = [[v for v in finished.tokens[s, j].tolist() if v != PAD] for j in order]
+        assert [h.tokens for h in hyps] == tokens
+        assert [h.score for h in hyps] == [finished.scores[s, j].item() for j in order]
+        for h, j in zip(hyps, order):
+            assert torch.equal(h.attention, finished.attention[s, j, : len(h.tokens) + 1, : src_real[s]])
+    assert finished.best(n_best, src_real)[2] == []
+    assert all(h.attention is None for hyps in finished._replace(attention=None).best(n_best, src_real) for h in hyps)
