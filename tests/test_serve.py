@@ -1,6 +1,7 @@
 """The HTTP service: requests batched across clients, grouped by their decoding options, and
 bad requests answered with what is wrong."""
 
+import io
 import json
 import threading
 import urllib.error
@@ -10,7 +11,7 @@ import urllib.request
 import pytest
 
 from translate.errors import RequestError
-from translate.serve import RequestBatcher, make_server, parse_request
+from translate.serve import RequestBatcher, Response, TranslationService, make_server, parse_request
 from translate.translator import DecodeOptions, Translator
 
 
@@ -227,3 +228,84 @@ def test_keep_alive_and_clients_that_stall_or_leave(server, capfd):
     stalled.close()
     errors = capfd.readouterr().err
     assert "Traceback" not in errors and "error serving" not in errors
+
+
+@pytest.fixture()
+def service(tiny_model, tokenizer):
+    batcher = RequestBatcher(Translator(tiny_model, tokenizer), max_wait_ms=1)
+    yield TranslationService(batcher, max_body=4096, max_sentences=8, info={"step": 7}, cors="https://example.org")
+    batcher.close()
+
+
+def _call(service, method, path, body: bytes | None = None, content_type="application/json") -> Response:
+    """What the service answers, with no socket: the body from a stream, as a connection gives it."""
+    headers = {} if body is None else {"Content-Type": content_type, "Content-Length": str(len(body))}
+    return service.respond(method, path, headers, None if body is None else io.BytesIO(body))
+
+
+def _json(response: Response):
+    assert response.content_type == "application/json; charset=utf-8"
+    return json.loads(response.body)
+
+
+def test_the_service_answers_both_apis_without_sockets(service):
+    expected = [t[0].text for t in service.batcher.translator.translate(["El gato come pan.", "Y."])]
+    own = _call(service, "POST", "/translate", json.dumps({"sentences": ["El gato come pan.", "Y."]}).encode())
+    assert own.status == 200 and _json(own) == {"translations": expected}
+    assert ("Access-Control-Allow-Origin", "https://example.org") in own.headers and not own.close
+    libre = _call(service, "POST", "/translate", json.dumps({"q": "El gato come pan.", "target": "en"}).encode())
+    assert libre.status == 200 and _json(libre) == {"translatedText": expected[0]}
+    form = urllib.parse.urlencode({"q": ["El gato come pan.", "Y."], "source": "es", "target": "en"}, doseq=True)
+    answer = _call(service, "POST", "/translate", form.encode(), "application/x-www-form-urlencoded")
+    assert answer.status == 200 and _json(answer) == {"translatedText": expected}
+    for body in (b'{"q": "El gato come pan.", "target": "en"}', b'{"sentences": "El gato come pan."}'):
+        labelled = _call(service, "POST", "/translate", body, "application/x-www-form-urlencoded")
+        assert labelled.status == 200 and expected[0] in json.dumps(_json(labelled), ensure_ascii=False)
+    for body in (b'{"sentences": []}', b'{"sentences": [""]}'):  # no sentences, an empty one
+        empty = _call(service, "POST", "/translate", body)
+        assert empty.status == 200 and _json(empty) == {"translations": [""] * len(json.loads(body)["sentences"])}
+    health = _call(service, "GET", "/health?full=1")
+    assert _json(health) == {"status": "ok", "step": 7, "languages": ["spa", "eng"]}
+    page = _call(service, "HEAD", "/")
+    assert page.status == 200 and page.content_type.startswith("text/html") and b"<textarea" in page.body
+
+
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("POST", "/translate", b"{not json", 400, "not JSON"),
+    ("POST", "/translate", b'{"sentences": "x", "beem": 3}', 400, "unknown field(s) beem"),
+    ("POST", "/translate", b'{"sentences": ["a"], "beam": 65}', 400, '"beam" must be an integer from 1 to 64, not 65'),
+    ("POST", "/translate", b'{"sentences": ["a"], "beam": "3"}', 400, '"beam" must be an integer from 1 to 64'),
+    ("POST", "/translate", b'{"sentences": ["a"], "alpha": -1}', 400, '"alpha" must be a number from 0 to 100'),
+    ("POST", "/translate", b'{"q": "x", "target": "en", "alternatives": 64}', 400, "from 0 to 63"),
+    ("POST", "/translate", b"q=x&target=en&beam=3", 400, "unknown field(s) beam"),
+    ("POST", "/translate", json.dumps({"sentences": ["a"] * 9}).encode(), 413, "at most 8"),
+    ("POST", "/translate", b"x" * 4097, 413, "send at most 4096"),
+    ("GET", "/nowhere", None, 404, "no such path /nowhere"),
+    ("GET", "/translate", None, 405, "/translate takes POST, not GET"),
+    ("DELETE", "/health", None, 405, "/health takes GET, not DELETE"),
+    ("POST", "/", b"{}", 405, "/ takes GET, not POST"),
+    ("POST", "/translate", None, 411, "send a Content-Length header"),
+])
+def test_the_service_says_what_is_wrong(service, method, path, body, status, message):
+    content_type = "application/x-www-form-urlencoded" if body and body.startswith(b"q=") else "application/json"
+    response = _call(service, method, path, body, content_type)
+    assert response.status == status and message in _json(response)["error"]
+    assert dict(response.headers).get("Allow") == ({"/translate": "POST, OPTIONS"}.get(path, "GET, OPTIONS")
+                                                   if status == 405 else None)
+    assert response.close == (status == 411 or b"x" * 4097 == body)  # where the body ends is unknown
+
+
+def test_the_service_answers_a_preflight_and_a_client_that_leaves(service):
+    preflight = _call(service, "OPTIONS", "/translate")
+    assert preflight.status == 204 and preflight.body == b""
+    assert dict(preflight.headers) == {"Access-Control-Allow-Origin": "https://example.org", "Vary": "Origin",
+                                       "Allow": "POST, OPTIONS", "Access-Control-Allow-Methods": "POST, OPTIONS",
+                                       "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "600"}
+    cut = service.respond("POST", "/translate", {"Content-Length": "100"}, io.BytesIO(b'{"sent'))
+    assert cut is None  # nobody to answer
+
+
+def test_a_model_failure_is_a_500_and_the_service_goes_on(service, monkeypatch):
+    monkeypatch.setattr(service.batcher, "translate", lambda *args: 1 / 0)
+    response = _call(service, "POST", "/translate", b'{"sentences": ["a"]}')
+    assert response.status == 500 and _json(response) == {"error": "translation failed: division by zero"}

@@ -12,9 +12,11 @@ one worker thread takes whatever has queued within ``max_wait_ms`` (up to ``max_
 sentences) and translates it with a ``Translator`` in one batched search per set of decoding
 options, so concurrent clients share batches instead of queueing behind each other.
 
-Connections are HTTP/1.1 with keep-alive. Each connection's socket has a timeout, so a client
-that stalls mid-request is dropped and holds no thread; a client that goes away early is
-forgotten without a trace in the log. ``access_log`` gets one line per request.
+A ``TranslationService`` answers parsed requests (method, path, headers, body) with
+``Response`` values; the ``Handler`` only moves bytes between a connection and it. Connections are
+HTTP/1.1 with keep-alive. Each connection's socket has a timeout, so a client that stalls
+mid-request is dropped and holds no thread; a client that goes away early is forgotten without a
+trace in the log. ``access_log`` gets one line per request.
 """
 
 from __future__ import annotations
@@ -25,18 +27,18 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from .errors import ConfigError, RequestError
 from .translator import DecodeOptions, Translation, Translator
 
-MAX_BEAM = 64
-REQUEST_FIELDS = ("sentences", "beam", "n_best", "alpha", "max_len_ratio", "scores", "attention")
+OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio")  # named as DecodeOptions names them
+REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "scores", "attention")
 LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key")
 # ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1
 # codes, which LibreTranslate clients send; a language outside this table is known by its own name
@@ -132,26 +134,15 @@ def parse_request(body: bytes, max_sentences: int, max_chars: int,
     if unknown:
         raise RequestError(400, f"unknown field(s) {', '.join(unknown)}; use {', '.join(REQUEST_FIELDS)}")
     sentences = _sentences(request.get("sentences"), '"sentences"', max_sentences, max_chars)
-    beam, n_best = request.get("beam", defaults.beam), request.get("n_best", defaults.n_best)
-    alpha, ratio = request.get("alpha", defaults.alpha), request.get("max_len_ratio", defaults.max_len_ratio)
-    for name, value in (("beam", beam), ("n_best", n_best)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BEAM:
-            raise RequestError(400, f'"{name}" must be an integer from 1 to {MAX_BEAM}')
-    if n_best > beam:
-        raise RequestError(400, '"n_best" cannot exceed "beam"')
-    for name, value in (("alpha", alpha), ("max_len_ratio", ratio)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-            raise RequestError(400, f'"{name}" must be a number from 0 to 100')
-    if ratio <= 0:
-        raise RequestError(400, '"max_len_ratio" must be positive')
     flags = {name: request.get(name, False) for name in ("scores", "attention")}
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise RequestError(400, f'"{name}" must be true or false')
-    try:
-        options = replace(defaults, beam=beam, n_best=n_best, alpha=float(alpha), max_len_ratio=float(ratio),
-                          return_attention=flags["attention"])
-    except ConfigError as exc:  # what the checks above let through, should DecodeOptions ask for more
+    try:  # DecodeOptions owns the bounds and says what is wrong, naming the request's field
+        chosen = {name: DecodeOptions.check(name, request[name], label=f'"{name}"')
+                  for name in OPTION_FIELDS if name in request}
+        options = replace(defaults, **chosen, return_attention=flags["attention"])
+    except ConfigError as exc:
         raise RequestError(400, str(exc)) from None
     return Request(sentences, options, flags["scores"])
 
@@ -220,8 +211,9 @@ def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, s
         alternatives = int(alternatives)
     except (TypeError, ValueError):
         alternatives = -1
-    if not 0 <= alternatives < MAX_BEAM:
-        raise RequestError(400, f'"alternatives" must be an integer from 0 to {MAX_BEAM - 1}')
+    most = DecodeOptions.MAX_BEAM - 1  # n-best, less the best
+    if not 0 <= alternatives <= most:
+        raise RequestError(400, f'"alternatives" must be an integer from 0 to {most}')
     q = request.get("q")
     return LibreRequest(_sentences(q, '"q"', max_sentences, max_chars), isinstance(q, str), alternatives)
 
@@ -244,178 +236,217 @@ def attention_payload(translator: Translator, source: str, translation: Translat
 
 
 PAGE = "page.html"
+ROUTES = {"/": ("GET",), "/health": ("GET",), "/languages": ("GET",), "/translate": ("POST",)}
+JSON = "application/json; charset=utf-8"
+
+
+class Response(NamedTuple):
+    """An answer, as the handler writes it (with no body for HEAD)."""
+
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()  # beyond Content-Type and Content-Length, in order
+    close: bool = False  # the connection cannot go on: where the request's body ends is unknown
+
+
+class TranslationService:
+    """What the server answers, apart from HTTP's bytes: ``respond`` takes a parsed request and
+    returns a ``Response``, so that routing, sniffing the body (JSON or form, this project's API or
+    LibreTranslate's) and shaping the answer are tested without sockets (as OpenNMT-py's server
+    routes are one-line wrappers over its ``TranslationServer``). Holds the batcher, the page, the
+    model's (source, target) ``languages``, the ``cors`` origin and the request limits; a request's
+    options default to the batcher's translator's."""
+
+    def __init__(self, batcher: RequestBatcher, max_body: int = 1 << 20, max_sentences: int = 256,
+                 max_chars: int = 10_000, info: dict[str, Any] | None = None,
+                 languages: tuple[str, str] = ("spa", "eng"), cors: str | None = None):
+        self.batcher, self.defaults = batcher, batcher.translator.options
+        self.max_body, self.max_sentences, self.max_chars = max_body, max_sentences, max_chars
+        self.info, self.languages, self.cors = info or {}, languages, cors
+        self.page = files("translate").joinpath(PAGE).read_bytes()
+
+    def respond(self, method: str, target: str, headers: Mapping[str, str],
+                body: BinaryIO | None = None) -> Response | None:
+        """The answer to ``method`` on ``target`` (a path, perhaps with a query). ``headers``: the
+        request's (Content-Length and Content-Type are read); ``body``: the stream a POST's body
+        is read from, and only once its Content-Length is accepted. None: the client left
+        mid-body, and there is no one to answer."""
+        path = urllib.parse.urlsplit(target).path.rstrip("/") or "/"
+        methods = ROUTES.get(path)
+        command = "GET" if method == "HEAD" else method
+        if methods is None:
+            return self._json(404, {"error": f"no such path {target}; use GET /, POST /translate, "
+                                             f"GET /languages or GET /health"})
+        allowed = ("Allow", ", ".join((*methods, "OPTIONS")))
+        if command == "OPTIONS":  # a browser's CORS preflight
+            extra = [allowed]
+            if self.cors:
+                extra += [("Access-Control-Allow-Methods", allowed[1]),
+                          ("Access-Control-Allow-Headers", "Content-Type"), ("Access-Control-Max-Age", "600")]
+            return self._answer(204, b"", "text/plain", extra)
+        if command not in methods:
+            return self._json(405, {"error": f"{target} takes {' or '.join(methods)}, not {method}"}, [allowed])
+        if path == "/":
+            return self._answer(200, self.page, "text/html; charset=utf-8")
+        if path == "/languages":
+            return self._json(200, languages_payload(self.languages))
+        if path == "/health":
+            return self._json(200, {"status": "ok", **self.info, "languages": list(self.languages)})
+        return self._post(headers, body)
+
+    def _post(self, headers: Mapping[str, str], body: BinaryIO | None) -> Response | None:
+        try:
+            length = int(headers.get("Content-Length") or -1)
+        except ValueError:
+            length = -1
+        if length < 0:  # the body's end is unknown: the connection cannot go on
+            return self._json(411, {"error": "send a Content-Length header"}, close=True)
+        if length > self.max_body:
+            return self._json(413, {"error": f"the body has {length} bytes; send at most {self.max_body}"},
+                              close=True)
+        data = body.read(length) if body is not None and length else b""
+        if len(data) < length:  # the client closed mid-body
+            return None
+        try:
+            return self.translate(data, headers.get("Content-Type", "application/json"))
+        except RequestError as exc:
+            return self._json(exc.status, {"error": str(exc)})
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as exc:  # a model failure: report it, keep serving
+            return self._json(500, {"error": f"translation failed: {exc}"})
+
+    def translate(self, body: bytes, content_type: str = "application/json") -> Response:
+        """A ``POST /translate`` body answered in this project's API or LibreTranslate's, as the
+        body says: a JSON object with ``q`` and no ``sentences`` is LibreTranslate's, and so is
+        a form (curl -d sends JSON labelled as a form: the body decides). Raises RequestError."""
+        as_json = _json_dict(body)
+        if as_json is not None:
+            libre = "q" in as_json and "sentences" not in as_json
+        else:
+            libre = content_type.startswith("application/x-www-form-urlencoded")
+        return self._libretranslate(body, content_type) if libre else self._own_api(body)
+
+    def _own_api(self, body: bytes) -> Response:
+        sentences, options, scores = parse_request(body, self.max_sentences, self.max_chars, self.defaults)
+        results = self.batcher.translate(sentences, options)
+        answer: dict[str, Any]
+        if options.n_best == 1:
+            answer = {"translations": [r[0].text for r in results]}
+            if scores:
+                answer["scores"] = [round(r[0].score, 4) for r in results]
+        else:
+            answer = {"translations": [[{"text": t.text, "score": round(t.score, 4)} for t in r]
+                                       for r in results]}
+        if options.return_attention:
+            answer["attention"] = [attention_payload(self.batcher.translator, s, r[0])
+                                   for s, r in zip(sentences, results)]
+        return self._json(200, answer)
+
+    def _libretranslate(self, body: bytes, content_type: str) -> Response:
+        request = parse_libretranslate(body, content_type, self.languages, self.max_sentences, self.max_chars)
+        n = request.alternatives + 1
+        options = replace(self.defaults, beam=max(self.defaults.beam, n), n_best=n)
+        results = self.batcher.translate(request.sentences, options)
+        texts = [r[0].text for r in results]
+        answer: dict[str, Any] = {"translatedText": texts[0] if request.single else texts}
+        if request.alternatives:
+            others = [[t.text for t in r[1:]] for r in results]
+            answer["alternatives"] = others[0] if request.single else others
+        return self._json(200, answer)
+
+    def _json(self, status: int, payload: Any, extra: Iterable[tuple[str, str]] = (),
+              close: bool = False) -> Response:
+        return self._answer(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), JSON, extra, close)
+
+    def _answer(self, status: int, body: bytes, content_type: str, extra: Iterable[tuple[str, str]] = (),
+                close: bool = False) -> Response:
+        """A response with the CORS headers, when the service has an origin to allow, before ``extra``."""
+        cors = (("Access-Control-Allow-Origin", self.cors), ("Vary", "Origin")) if self.cors else ()
+        return Response(status, content_type, body, (*cors, *extra), close)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Moves bytes: reads a request, has the server's ``TranslationService`` answer it, writes the
+    answer and the access log line. Connections are HTTP/1.1 with keep-alive, with the server's
+    ``request_timeout`` on their sockets, so that a silent client is dropped."""
+
+    server: Server
+    server_version = "translate"
+    protocol_version = "HTTP/1.1"  # keep-alive
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # read by StreamRequestHandler.setup
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError):  # the client went away or stalled: nothing to report
+            self.close_connection = True
+
+    def log_message(self, *args) -> None:  # the access log replaces http.server's lines
+        pass
+
+    def log_request(self, code="-", size="-") -> None:
+        pass
+
+    def serve(self) -> None:
+        started = time.monotonic()
+        response = self.server.service.respond(self.command, self.path, self.headers, self.rfile)
+        if response is None:  # the client left mid-body
+            self.close_connection = True
+            return
+        self.close_connection = self.close_connection or response.close
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+        if self.server.access_log is not None:
+            took = (time.monotonic() - started) * 1000
+            self.server.access_log(f'{self.client_address[0]} "{self.command} {self.path} {self.request_version}" '
+                                   f"{response.status} {len(response.body)} {took:.1f}ms")
+
+    # the methods the service answers (404, 405 or the route's answer); http.server answers others with 501
+    do_GET = do_HEAD = do_OPTIONS = do_POST = do_PUT = do_DELETE = do_PATCH = serve
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server of a ``TranslationService``: a thread per connection, a silent connection
+    dropped after ``request_timeout`` seconds, and ``access_log`` (when given) hearing of each
+    request."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], service: TranslationService, request_timeout: float = 30.0,
+                 access_log: Callable[[str], None] | None = None):
+        self.service, self.request_timeout, self.access_log = service, request_timeout, access_log
+        super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """One line, no traceback (clients that go away are not errors, and are not reported)."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            print(f"error serving {client_address[0]}: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 def make_server(batcher: RequestBatcher, host: str = "127.0.0.1", port: int = 8080, max_body: int = 1 << 20,
                 max_sentences: int = 256, max_chars: int = 10_000, info: dict[str, Any] | None = None,
                 languages: tuple[str, str] = ("spa", "eng"), request_timeout: float = 30.0,
-                access_log: Callable[[str], None] | None = None, cors: str | None = None) -> ThreadingHTTPServer:
+                access_log: Callable[[str], None] | None = None, cors: str | None = None) -> Server:
     """An HTTP server (not started) that answers through ``batcher``; a request's options default
     to its translator's. ``languages``: the model's (source, target), for the LibreTranslate API;
     ``request_timeout``: seconds a connection may stay silent mid-request or between requests;
     ``cors``: the origin allowed to call it from a browser page of its own (``*``: any)."""
-    defaults = batcher.translator.options
-    page = files("translate").joinpath(PAGE).read_bytes()
-    routes = {"/": ("GET",), "/health": ("GET",), "/languages": ("GET",), "/translate": ("POST",)}
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "translate"
-        protocol_version = "HTTP/1.1"  # keep-alive
-        timeout = request_timeout  # on the connection's socket: a silent client is dropped
-
-        def setup(self) -> None:
-            super().setup()
-            self.started, self.status, self.sent = time.monotonic(), 0, 0
-
-        def handle(self) -> None:
-            try:
-                super().handle()
-            except (ConnectionError, TimeoutError):  # the client went away or stalled: nothing to report
-                self.close_connection = True
-
-        def log_message(self, *args) -> None:  # the access log below replaces http.server's lines
-            pass
-
-        def log_request(self, code="-", size="-") -> None:
-            pass
-
-        def _access(self) -> None:
-            if access_log is not None:
-                took = (time.monotonic() - self.started) * 1000
-                access_log(f'{self.client_address[0]} "{self.command} {self.path} {self.request_version}" '
-                           f"{self.status} {self.sent} {took:.1f}ms")
-
-        def _reply(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
-            self.status, self.sent = status, len(body)
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            if cors:
-                self.send_header("Access-Control-Allow-Origin", cors)
-                self.send_header("Vary", "Origin")
-            for name, value in (extra or {}).items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-            self._access()
-
-        def _send(self, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
-            self._reply(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"),
-                        "application/json; charset=utf-8", extra)
-
-        def _route(self) -> tuple[str, ...] | None:
-            """The methods of the request's path, or None after answering 404 or 405."""
-            methods = routes.get(urllib.parse.urlsplit(self.path).path.rstrip("/") or "/")
-            command = "GET" if self.command == "HEAD" else self.command
-            if methods is None:
-                self._send(404, {"error": f"no such path {self.path}; use GET /, POST /translate, "
-                                          f"GET /languages or GET /health"})
-            elif command not in methods and command != "OPTIONS":
-                self._send(405, {"error": f"{self.path} takes {' or '.join(methods)}, not {self.command}"},
-                           {"Allow": ", ".join((*methods, "OPTIONS"))})
-                return None
-            return methods
-
-        def do_GET(self) -> None:
-            if self._route() is None:
-                return
-            path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
-            if path == "/":
-                self._reply(200, page, "text/html; charset=utf-8")
-            elif path == "/languages":
-                self._send(200, languages_payload(languages))
-            else:
-                self._send(200, {"status": "ok", **(info or {}), "languages": list(languages)})
-
-        def do_HEAD(self) -> None:
-            self.do_GET()
-
-        def do_OPTIONS(self) -> None:  # a browser's CORS preflight
-            methods = self._route()
-            if methods is not None:
-                extra = {"Allow": ", ".join((*methods, "OPTIONS"))}
-                if cors:
-                    extra.update({"Access-Control-Allow-Methods": ", ".join((*methods, "OPTIONS")),
-                                  "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "600"})
-                self._reply(204, b"", "text/plain", extra)
-
-        def do_PUT(self) -> None:
-            self._route()
-
-        do_DELETE = do_PATCH = do_PUT
-
-        def do_POST(self) -> None:
-            if self._route() is None or self.command != "POST":
-                return
-            try:
-                length = int(self.headers.get("Content-Length") or -1)
-            except ValueError:
-                length = -1
-            if length < 0:
-                self.close_connection = True  # the body's end is unknown: the connection cannot go on
-                self._send(411, {"error": "send a Content-Length header"})
-                return
-            if length > max_body:
-                self.close_connection = True
-                self._send(413, {"error": f"the body has {length} bytes; send at most {max_body}"})
-                return
-            body = self.rfile.read(length)
-            if len(body) < length:  # the client closed mid-body
-                self.close_connection = True
-                return
-            try:
-                self._translate(body)
-            except RequestError as exc:
-                self._send(exc.status, {"error": str(exc)})
-            except (ConnectionError, TimeoutError):
-                raise
-            except Exception as exc:  # a model failure: report it, keep serving
-                self._send(500, {"error": f"translation failed: {exc}"})
-
-        def _translate(self, body: bytes) -> None:
-            content_type = self.headers.get("Content-Type", "application/json")
-            as_json = _json_dict(body)  # (curl -d sends JSON labelled as a form: the body decides)
-            libre = "q" in as_json and "sentences" not in as_json if as_json is not None \
-                else content_type.startswith("application/x-www-form-urlencoded")
-            if libre:
-                request = parse_libretranslate(body, content_type, languages, max_sentences, max_chars)
-                n = request.alternatives + 1
-                options = replace(defaults, beam=max(defaults.beam, n), n_best=n)
-                results = batcher.translate(request.sentences, options)
-                texts = [r[0].text for r in results]
-                answer: dict[str, Any] = {"translatedText": texts[0] if request.single else texts}
-                if request.alternatives:
-                    others = [[t.text for t in r[1:]] for r in results]
-                    answer["alternatives"] = others[0] if request.single else others
-                self._send(200, answer)
-                return
-            sentences, options, scores = parse_request(body, max_sentences, max_chars, defaults)
-            results = batcher.translate(sentences, options)
-            if options.n_best == 1:
-                answer = {"translations": [r[0].text for r in results]}
-                if scores:
-                    answer["scores"] = [round(r[0].score, 4) for r in results]
-            else:
-                answer = {"translations": [[{"text": t.text, "score": round(t.score, 4)} for t in r]
-                                           for r in results]}
-            if options.return_attention:
-                answer["attention"] = [attention_payload(batcher.translator, s, r[0])
-                                       for s, r in zip(sentences, results)]
-            self._send(200, answer)
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-
-        def handle_error(self, request, client_address) -> None:
-            """One line, no traceback (clients that go away are not errors, and are not reported)."""
-            error = sys.exc_info()[1]
-            if not isinstance(error, (ConnectionError, TimeoutError)):
-                print(f"error serving {client_address[0]}: {type(error).__name__}: {error}", file=sys.stderr)
-
-    return Server((host, port), Handler)
+    service = TranslationService(batcher, max_body, max_sentences, max_chars, info, languages, cors)
+    return Server((host, port), service, request_timeout, access_log)
 
 
 def _json_dict(body: bytes) -> dict[str, Any] | None:
