@@ -18,7 +18,7 @@ hallucination looks like here) and the length ratio, then a paired bootstrap tes
 
     python bench/exposure_bias.py --seeds 1234,2,3                  # the default configurations
     python bench/exposure_bias.py --variant luong= --variant bahdanau=model.decoder=bahdanau
-    python bench/exposure_bias.py --eval-only --json bench/results/exposure_bias.json --readme README.md
+    python bench/exposure_bias.py --eval-only --json bench/results/exposure_bias.json --doc docs/benchmarks.md
 
 A configuration is NAME=KEY=VALUE,KEY=VALUE (NAME= for the defaults). The machine must be
 otherwise idle: the budget is wall time, so a busy machine trains fewer steps.
@@ -180,7 +180,8 @@ def main() -> None:
                         help="where each finished run's translations are kept (and found again)")
     parser.add_argument("--json", dest="json_path", help="also write every figure to this JSON file")
     parser.add_argument("--eval-only", action="store_true", help="score the runs that exist; train none")
-    parser.add_argument("--readme", help="rewrite the table between this file's exposure-bias markers")
+    parser.add_argument("--doc", help="rewrite the table between this file's exposure-bias markers "
+                        "(docs/benchmarks.md)")
     parser.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
     args = parser.parse_args()
     configure_process()
@@ -249,8 +250,8 @@ def main() -> None:
         slim = [{k: v for k, v in r.items() if k != "outputs"} for r in runs]
         Path(args.json_path).write_text(json.dumps({"runs": slim, "summary": summary, "paired_tests": tests,
                                                     "goal": verdicts}, indent=1) + "\n", encoding="utf-8")
-    if args.readme:
-        write_readme(Path(args.readme), readme_table(summary, tests, verdicts))
+    if args.doc:
+        write_doc(Path(args.doc), doc_table(summary, tests, verdicts))
 
 
 # what a configuration must do against the first (plain teacher forcing) to become the default:
@@ -272,11 +273,11 @@ def goal(summary: dict) -> dict[str, str]:
     return verdicts
 
 
-README_BEGIN, README_END = "<!-- exposure-bias table: begin -->", "<!-- exposure-bias table: end -->"
+DOC_BEGIN, DOC_END = "<!-- exposure-bias table: begin -->", "<!-- exposure-bias table: end -->"
 
 
-def readme_table(summary: dict, tests: dict, verdicts: dict) -> str:
-    """The README's table: the columns the goal is judged on, means ± standard deviations."""
+def doc_table(summary: dict, tests: dict, verdicts: dict) -> str:
+    """The table of docs/benchmarks.md: the columns the goal is judged on, means ± standard deviations."""
     columns = [("test.b5 bleu", "test BLEU b5"), ("test.b1 bleu", "test BLEU greedy"),
                ("long.b1 bleu", "long fifth BLEU greedy"), ("bible.b1 bleu", "Bible BLEU greedy"),
                ("bible.b1 chrf", "Bible chrF greedy"), ("bible.b5 bleu", "Bible BLEU b5"),
@@ -299,13 +300,13 @@ def readme_table(summary: dict, tests: dict, verdicts: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: Path, table: str) -> None:
-    """Puts ``table`` between the README's two markers (made by this script, never typed)."""
+def write_doc(path: Path, table: str) -> None:
+    """Puts ``table`` between the page's two markers (made by this script, never typed)."""
     text = path.read_text(encoding="utf-8")
-    begin, end = text.find(README_BEGIN), text.find(README_END)
+    begin, end = text.find(DOC_BEGIN), text.find(DOC_END)
     if begin < 0 or end < begin:
-        sys.exit(f"{path} has no {README_BEGIN} ... {README_END} markers; add them where the table goes")
-    path.write_text(text[: begin + len(README_BEGIN)] + "\n" + table + "\n" + text[end:], encoding="utf-8")
+        sys.exit(f"{path} has no {DOC_BEGIN} ... {DOC_END} markers; add them where the table goes")
+    path.write_text(text[: begin + len(DOC_BEGIN)] + "\n" + table + "\n" + text[end:], encoding="utf-8")
     print(f"wrote the table into {path}")
 
 

@@ -10,8 +10,8 @@ on the test set:
 - of the average of its last K validations' weights (``translate average``), K in ``--average``;
 - and, for the best of those, of beam search with each length penalty in ``--alphas``.
 
-The bundled test split's BLEU (beam 5, default length penalty) is reported beside it, for the
-README, and so are BLEU and chrF on ``../shared/data/bible-es-en.dev`` (greedy and beam 5), the
+The bundled test split's BLEU (beam 5, default length penalty) is reported beside it, for
+docs/benchmarks.md, and so are BLEU and chrF on ``../shared/data/bible-es-en.dev`` (greedy and beam 5), the
 domain-shift set a new default must not get worse on (evaluation only: it chooses nothing).
 Screen at 10 minutes with one seed, then confirm the best few at the full budget:
 
