@@ -1,4 +1,4 @@
-"""Makes docs/serve-page.png, the README's picture of the page that ``translate serve`` shows:
+"""Makes docs/serve-page.png, docs/serving.md's picture of the page that ``translate serve`` shows:
 serves CHECKPOINT on a free local port, opens the page in headless Chromium, translates the
 sentences given, and saves the window.
 

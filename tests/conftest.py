@@ -57,7 +57,7 @@ def tiny_overrides(corpus: dict[str, Path]) -> dict[str, object]:
         "tokenizer.vocab_size": 80, "model.embed_dim": 16, "model.hidden_dim": 32,
         "model.dropout": 0.1,  # not the default's: what the tiny runs' expected outputs were written with
         # PyTorch's initialisation, as those outputs were written with: in a few dozen steps it learns
-        # faster than the default's uniform one, whose lead comes later (README, "Tuning the defaults")
+        # faster than the default's uniform one, whose lead comes later (docs/benchmarks.md, "Tuning the defaults")
         "model.init_uniform": 0,
         "train.batch_tokens": 400,
         "train.eval_every": 10, "train.max_minutes": 0, "train.max_steps": 20, "train.lr": 0.01, "train.threads": 1,

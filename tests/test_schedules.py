@@ -120,7 +120,7 @@ def test_state_round_trip():
 
 
 def test_default_is_plain_teacher_forcing():
-    # bench/exposure_bias.py measured no schedule beating it at the default budget (README);
+    # bench/exposure_bias.py measured no schedule beating it at the default budget (docs/benchmarks.md);
     # configs/default.yaml follows through test_config.test_the_presets_load
     cfg = load_config().train
     assert all(teacher_forcing_ratio(cfg, s) == 1.0 for s in (0, 999, 1000, 5000, 10**6))

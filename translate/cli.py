@@ -59,7 +59,7 @@ def main(quiet, verbose):
       translate repl checkpoints/default
 
     Every config key (model.*, train.*, data.*, tokenizer.*) can be set with --set KEY=VALUE or in
-    a YAML --config; the README's "Configuration" table lists them, and a wrong key is an error
+    a YAML --config; docs/configuration.md lists them, and a wrong key is an error
     that lists the valid ones. Run "translate COMMAND --help" for a command's options."""
     VERBOSITY["level"] = 0 if quiet else 2 if verbose else 1
     configure_process()

@@ -69,7 +69,7 @@ def cpu_has_vnni() -> bool:
 def cpu_bf16_pays() -> bool:
     """Whether bf16 matrix products run clearly faster than fp32 ones on this CPU, timed once per
     process (about 0.1 s). The flags alone do not tell: with AVX512-BF16, oneDNN's bf16 products
-    run at about twice fp32's rate on some CPUs and at half of it on others (README, ``train.amp``)."""
+    run at about twice fp32's rate on some CPUs and at half of it on others (docs/training.md, "Mixed precision")."""
     if not cpu_has_bf16():
         return False
     return _matmul_seconds(torch.bfloat16) * 1.25 < _matmul_seconds(torch.float32)

@@ -42,7 +42,7 @@ from .tokenizer import PAD, Tokenizer
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # what ``auto`` decodes with on a CPU: the fastest precision whose BLEU stays within 0.1 of fp32
 # on the bundled test and the Bible verses, on the mean over the default configuration's seeds
-# (bench/decode_precision.py; README, "translate decode")
+# (bench/decode_precision.py; docs/benchmarks.md, "Decoding precision")
 CPU_PRECISION = "int8"
 
 
