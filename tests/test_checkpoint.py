@@ -163,3 +163,13 @@ def test_resuming_with_fp16_a_run_that_had_no_loss_scale(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     progress = restore_training_state(payload, model, optimizer, schedule, scaler, cpu)
     assert progress.step == 3 and scaler.get_scale() == 1024.0
+
+
+def test_progress_saved_before_eval_metric_is_brought_up_to_date():
+    """An earlier version chose the best validation by BLEU and saved no ``best_score``."""
+    from translate.checkpoint import saved_progress
+
+    old = {"step": 40, "best_bleu": 7.5, "best_step": 30}
+    assert saved_progress(old).best_score == 7.5
+    assert saved_progress({"step": 0}).best_score is None  # no validation yet
+    assert saved_progress({**old, "best_score": -2.0}).best_score == -2.0  # train.eval_metric=loss

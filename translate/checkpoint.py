@@ -25,6 +25,7 @@ from .errors import CheckpointError, ConfigError, TokenizerError
 from .model import Seq2Seq, build_model
 from .runtime import rng_state, set_rng_state
 from .schedules import LRSchedule
+from .shortlist import Lexicon
 from .tokenizer import Tokenizer
 
 FORMAT = "translate-checkpoint"
@@ -202,9 +203,12 @@ TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng", "rank_rng")
 
 def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer,
                      lr_schedule: LRSchedule, scaler: torch.amp.GradScaler, progress: Progress,
-                     device: torch.device) -> dict[str, Any]:
-    """Everything a run needs to go on exactly where it stands, for ``save_checkpoint``."""
-    return {
+                     device: torch.device, rank_rng: list[dict[str, Any]] | None = None,
+                     lexicon: Lexicon | None = None) -> dict[str, Any]:
+    """Everything a run needs to go on exactly where it stands, for ``save_checkpoint``: with
+    ``rank_rng`` (every rank's RNG state, under torchrun) each rank resumes with its own dropout
+    masks; ``lexicon`` gives the run's decoding shortlists."""
+    payload = {
         "config": config.to_dict(),
         "tokenizer": {"src": tokenizer.src_proto, "tgt": tokenizer.tgt_proto},
         "tokenizer_fingerprint": tokenizer.fingerprint,
@@ -215,6 +219,11 @@ def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, opt
         "progress": asdict(progress),
         "rng": rng_state(device),
     }
+    if rank_rng is not None:
+        payload["rank_rng"] = rank_rng
+    if lexicon is not None:
+        payload["lexicon"] = lexicon.state()
+    return payload
 
 
 def restore_training_state(payload: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -226,7 +235,15 @@ def restore_training_state(payload: dict[str, Any], model: nn.Module, optimizer:
     if payload.get("scaler") and scaler.is_enabled():  # a run saved in bf16 or fp32 has no loss scale to go on with
         scaler.load_state_dict(payload["scaler"])
     set_rng_state(payload["rng"], device)
-    return Progress(**payload["progress"])
+    return saved_progress(payload["progress"])
+
+
+def saved_progress(saved: dict[str, Any]) -> Progress:
+    """A checkpoint's ``Progress``, brought up to date where an earlier version saved it."""
+    progress = Progress(**saved)
+    if progress.best_score is None and progress.best_bleu >= 0:  # saved before train.eval_metric: best by BLEU
+        progress.best_score = progress.best_bleu
+    return progress
 
 
 class CheckpointSaver:
@@ -235,11 +252,12 @@ class CheckpointSaver:
 
     def __init__(self, run_dir: str | Path, keep: int = 0):
         self.run_dir, self.keep = Path(run_dir), keep
+        self.last, self.best = self.run_dir / "last.pt", self.run_dir / "best.pt"
 
     def save(self, payload: dict[str, Any], best: bool = False) -> None:
-        save_checkpoint(self.run_dir / "last.pt", payload)
+        save_checkpoint(self.last, payload)
         if best:
-            save_checkpoint(self.run_dir / "best.pt", payload)
+            save_checkpoint(self.best, payload)
 
     def keep_weights(self, payload: dict[str, Any], step: int) -> None:
         """This validation's weights (no training state) as step-N.pt; the oldest beyond ``keep`` go."""
