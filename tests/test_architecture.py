@@ -26,6 +26,7 @@ LAYERS = [
     {"checkpoint"},
     {"translator"},
     {"evaluate", "rundir", "distributed"},
+    {"validation"},
     {"training"},
     {"build"},
     {"repl", "serve", "plots", "export"},
