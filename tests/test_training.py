@@ -5,7 +5,7 @@ import torch
 
 from translate import training
 from translate.build import build_trainer, train
-from translate.checkpoint import load_checkpoint, load_model
+from translate.checkpoint import load_checkpoint, load_model, save_checkpoint
 from translate.data import collate
 from translate.errors import TrainingError
 from translate.schedules import teacher_forcing_ratio
@@ -52,6 +52,37 @@ def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monk
 def dev_steps(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["step"] for line in lines if '"kind": "dev"' in line]
+
+
+def test_the_result_says_what_the_run_reached(corpus, tiny_tokenizer_file, tmp_path):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 12, "train.eval_every": 5})
+    lines = []
+    result = train(config, tmp_path / "run", log=lines.append)
+    devs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "dev"' in line]
+    assert [dev["step"] for dev in devs] == [5, 10, 12]  # the last one as the run ends
+    assert (result.steps, result.epochs, result.stop_reason, result.stopped_by) == (12, 0, "reached max_steps=12",
+                                                                                    None)
+    final = {key: devs[-1][key] for key in ("dev_loss", "dev_ppl", "dev_bleu", "dev_chrf")}
+    assert {key: result.final_dev[key] for key in final} == final
+    best = [dev for dev in devs if dev["best"]][-1]
+    assert (result.best_step, result.best_bleu) == (best["step"], best["dev_bleu"])
+    assert result.last_checkpoint == tmp_path / "run" / "last.pt"
+    assert result.best_checkpoint == tmp_path / "run" / "best.pt"
+    assert load_checkpoint(result.best_checkpoint)["progress"]["step"] == best["step"]
+    assert lines[-1] == result.summary() == (f"done: reached max_steps=12 at step 12; best dev BLEU "
+                                             f"{best['dev_bleu']:.2f} at step {best['step']}; checkpoints in "
+                                             f"{tmp_path / 'run'}")
+
+
+def test_a_result_knows_the_signal_that_stopped_its_run(tmp_path):
+    from translate.checkpoint import Progress
+    from translate.training import TrainResult
+
+    assert TrainResult(tmp_path, Progress(), "stopped by SIGINT").stopped_by == "SIGINT"
+    unvalidated = TrainResult(tmp_path, Progress(), "stopped by SIGTERM")
+    assert unvalidated.stopped_by == "SIGTERM" and unvalidated.final_dev is unvalidated.best_checkpoint is None
+    assert TrainResult(tmp_path, Progress(), "early stopping: no better dev BLEU in 3 validations").stopped_by is None
 
 
 def test_checkpoint_carries_config_tokenizer_and_ratio(corpus, tiny_tokenizer_file, tmp_path):
@@ -237,9 +268,14 @@ def test_the_eval_metric_picks_the_best_validation(corpus, tiny_tokenizer_file, 
 
 
 def test_a_run_saved_before_eval_metric_keeps_its_best_bleu(corpus, tiny_tokenizer_file, tmp_path):
-    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run", log=lambda s: None)
-    trainer.progress.best_bleu, trainer.progress.best_step = 7.0, 3  # best_score None: an older checkpoint
-    trainer.progress.step = 4
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
+    train(config, tmp_path / "run", log=lambda s: None)
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    del payload["progress"]["best_score"]  # an older checkpoint: its best was chosen by BLEU
+    payload["progress"].update(best_bleu=7.0, best_step=3, step=4)
+    save_checkpoint(tmp_path / "run" / "last.pt", payload)
+    trainer = build_trainer(config, tmp_path / "run", resume=True, log=lambda s: None)
+    assert trainer.progress.best_score == 7.0  # brought up to date as the checkpoint loads
     trainer.on_validation({"dev_loss": 1.0, "dev_ppl": 2.7, "dev_bleu": 6.0, "dev_chrf": 40.0, "example": ""})
     assert trainer.progress.best_step == 3 and trainer.progress.bad_evals == 1
     trainer.metrics.close()
@@ -308,12 +344,12 @@ def test_validation_decodes_as_eval_does_by_default(corpus, tiny_tokenizer_file,
     for default in ("int8", "fp32"):
         monkeypatch.setattr(translator_module, "CPU_PRECISION", default)
         as_eval = Translator(trainer.model, trainer.tokenizer, precision="auto")
-        assert trainer.dev_translator().precision == as_eval.precision
+        assert trainer.validator.translator().precision == as_eval.precision
     monkeypatch.setattr(translator_module, "CPU_PRECISION", "int8")
-    first = trainer.dev_translator()
+    first = trainer.validator.translator()
     if first.precision == "int8":  # a copy: made again at each validation, so it sees the new weights
         x = torch.randn(3, trainer.model.decoder.output.in_features)
         before = first.model.decoder.output(x)
         with torch.no_grad():
             trainer.model.decoder.output.weight.mul_(2)
-        assert not torch.allclose(trainer.dev_translator().model.decoder.output(x), before, atol=1e-3)
+        assert not torch.allclose(trainer.validator.translator().model.decoder.output(x), before, atol=1e-3)

@@ -1,8 +1,9 @@
 """Setting up a training run and running it. ``build_trainer`` makes everything a run needs ready
 before its loop starts: the process group, the run directory and the resume rules, threads,
-device and seeds, the tokenizer, the batched training corpus and the dev set, the model,
-optimiser, LR schedule and mixed precision; ``training.Trainer`` only runs the loop (the split
-of Sockeye's train.py and OpenNMT-py's build_trainer). ``train`` builds, runs and cleans up."""
+device and seeds, the tokenizer, the batched training corpus and the dev set (``Corpora``), the
+model, optimiser, LR schedule and mixed precision (``Learner``), the run's files (``RunOutput``)
+and its ``Validator``; ``training.Trainer`` only runs the loop (the split of Sockeye's train.py
+and OpenNMT-py's build_trainer). ``train`` builds, runs and cleans up."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import CheckpointSaver, Progress, restore_tokenizer, restore_training_state
 from .config import Config, resume_config
 from .corpus import first_sentences, load_pairs, read_parallel, sample_sentences
-from .data import StreamingData, TrainingData
+from .data import StreamingData, TrainingData, padding_fraction
 from .distributed import World, barrier, broadcast, init_world, shutdown
 from .encoded import Encoded, tokenize_corpus
 from .errors import DataError
@@ -28,7 +29,8 @@ from .runtime import amp_dtype, seed_everything, select_device, set_rng_state
 from .schedules import LRSchedule, scaled_lr
 from .shortlist import Lexicon, build_lexicon
 from .tokenizer import Tokenizer
-from .training import Corpora, ScheduledForward, Trainer, TrainResult
+from .training import Corpora, Learner, RunOutput, ScheduledForward, Trainer, TrainResult
+from .validation import DevSet, Validator
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
@@ -69,34 +71,69 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False, log
     seed_everything(cfg.seed + world.rank)  # each rank its own dropout masks
 
     corpora = prepare_corpora(config, world, payload, Path(run_dir), log)
-    tokenizer = corpora.tokenizer
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).to(device)
-    peak_lr = scaled_lr(cfg, world.size)
-    optimizer = make_adam(model, peak_lr)
-    lr_schedule = LRSchedule(cfg, peak_lr)
-    precision = amp_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
+    learner = build_learner(config, world, corpora.tokenizer, device)
     progress = Progress()
     if payload is not None:
-        progress = restore_training_state(payload, model, optimizer, lr_schedule, scaler, device)
-        if world.rank:  # restore_training_state set rank 0's RNG state; this rank's own, if saved
-            own = payload.get("rank_rng") or []
-            if len(own) == world.size:
-                set_rng_state(own[world.rank], device)
-            else:  # saved by a run of another size (or an earlier version): new masks of its own
-                torch.manual_seed(cfg.seed + world.rank + 7919 * progress.step)
+        progress = restore_learner(payload, learner, world, cfg.seed)
         log(f"resumed {run_dir} at step {progress.step} (epoch {progress.epoch + 1}, "
             f"best dev BLEU {max(progress.best_bleu, 0):.2f})")
-    forward: nn.Module = ScheduledForward(model, cfg)
     if world.distributed:  # wrapping broadcasts rank 0's parameters to every rank
-        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+        learner.forward = DistributedDataParallel(learner.forward,
+                                                  device_ids=[device.index] if device.type == "cuda" else None)
     in_place = (sys.stderr.isatty() if progress_bar is None else progress_bar) and world.main
-    return Trainer(
-        config=config, world=world, run_dir=Path(run_dir), device=device, corpora=corpora, model=model,
-        forward=forward, optimizer=optimizer, lr_schedule=lr_schedule, amp_dtype=precision, scaler=scaler,
-        progress=progress, saver=CheckpointSaver(run_dir, cfg.keep_checkpoints) if world.main else None,
-        metrics=MetricsLog(run_dir, cfg.tensorboard) if world.main else None,
-        line=ProgressLine(log, in_place, train_log), log=log, train_log=train_log)
+    main = world.main  # rank 0 alone validates and writes files
+    output = RunOutput(Path(run_dir), log, ProgressLine(log, in_place, train_log),
+                       saver=CheckpointSaver(run_dir, cfg.keep_checkpoints) if main else None,
+                       metrics=MetricsLog(run_dir, cfg.tensorboard) if main else None, train_log=train_log)
+    validator = Validator(learner.model, corpora.tokenizer, corpora.dev, beam=cfg.eval_beam, amp=cfg.amp,
+                          device=device, amp_dtype=learner.amp_dtype, lexicon=corpora.lexicon) if main else None
+    trainer = Trainer(config, world, corpora, learner, progress, output, validator)
+    _announce(trainer)
+    return trainer
+
+
+def build_learner(config: Config, world: World, tokenizer: Tokenizer, device: torch.device) -> Learner:
+    """A new model on ``device`` and what trains it: Adam at the LR scaled for the world size, the
+    LR schedule, the mixed-precision type and fp16's loss scaler."""
+    cfg = config.train
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).to(device)
+    peak_lr = scaled_lr(cfg, world.size)
+    precision = amp_dtype(device, cfg.amp)
+    return Learner(model, ScheduledForward(model, cfg), make_adam(model, peak_lr), LRSchedule(cfg, peak_lr),
+                   torch.amp.GradScaler("cuda", enabled=precision == torch.float16), device, precision)
+
+
+def restore_learner(payload: dict, learner: Learner, world: World, seed: int) -> Progress:
+    """Loads a resumed run's checkpoint into ``learner``; returns the run's progress. Every rank
+    takes its own RNG state where the checkpoint has it."""
+    progress = restore_training_state(payload, learner.model, learner.optimizer, learner.lr_schedule,
+                                      learner.scaler, learner.device)
+    if world.rank:  # restore_training_state set rank 0's RNG state; this rank's own, if saved
+        own = payload.get("rank_rng") or []
+        if len(own) == world.size:
+            set_rng_state(own[world.rank], learner.device)
+        else:  # saved by a run of another size (or an earlier version): new masks of its own
+            torch.manual_seed(seed + world.rank + 7919 * progress.step)
+    return progress
+
+
+def _announce(trainer: Trainer) -> None:
+    """What the run trains on and where, said once it is built."""
+    cfg, data, world = trainer.config.train, trainer.data, trainer.world
+    if isinstance(data, StreamingData):  # a stream: no epoch to count ahead
+        corpus = f"a streamed corpus, bucketed in pools of {data.pool:,} pairs"
+    else:
+        epoch_batches = data.epoch_batches(trainer.progress.epoch)
+        corpus = (f"{len(data):,} training pairs, {len(epoch_batches):,} batches an epoch "
+                  f"(padding {padding_fraction(data.lengths, epoch_batches):.1%})")
+    precision = f" with {str(trainer.amp_dtype).split('.')[-1]}" if trainer.amp_dtype else ""
+    trainer.log(f"{corpus}; {trainer.model.parameter_count():,} parameters; device {trainer.device}{precision}; "
+                f"run directory {trainer.run_dir}")
+    batches = cfg.accumulate * world.size
+    if batches > 1:
+        trainer.log(f"{world.size} process(es) x accumulate {cfg.accumulate}: {batches} batches (up to "
+                    f"{cfg.batch_tokens * batches:,} tokens) a step; peak lr {trainer.lr_schedule.peak:.2e} "
+                    f"(train.lr_scaling={cfg.lr_scaling})")
 
 
 def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir: Path,
@@ -143,6 +180,7 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
             log(f"dropped {batches.dropped:,} of {pairs:,} training pairs longer than {data.max_len} pieces")
     dev_batches = TrainingData(Encoded(tokenizer.encode_src(dev.src)), Encoded(tokenizer.encode_tgt(dev.tgt)),
                                cfg.batch_tokens, cfg.seed)
+    dev_set = DevSet(dev_batches, dev.src, dev.tgt)  # pairs for the dev loss; text decoded as `translate eval` decodes
     lexicon = None
     if world.main:  # only rank 0 validates and saves; a resumed run goes on with its own
         lexicon = None if payload is None else Lexicon.of_checkpoint(payload)
@@ -151,7 +189,7 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
             encoded = None if data.streaming else (batches.src, batches.tgt)
             lexicon = fit_lexicon(config, tokenizer, train, encoded)
             log(f"fitted the lexicon of decoding shortlists (IBM Model 1) in {time.monotonic() - started:.0f} s")
-    return Corpora(tokenizer, batches, dev_batches, dev.src, dev.tgt, lexicon)
+    return Corpora(tokenizer, batches, dev_set, lexicon)
 
 
 def fit_lexicon(config: Config, tokenizer: Tokenizer, train=None, encoded=None) -> Lexicon:

@@ -117,8 +117,8 @@ def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_
 
         _echo_err("configuration:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
     result = run_training(config, run_dir, resume=resume, log=_log)
-    if result.stop_reason.startswith("stopped by"):  # as a shell reports a process ended by that signal
-        sys.exit(143 if "SIGTERM" in result.stop_reason else 130)
+    if result.stopped_by:  # as a shell reports a process ended by that signal
+        sys.exit(143 if result.stopped_by == "SIGTERM" else 130)
 
 
 DEFAULT_DECODING = DecodeOptions()

@@ -2,9 +2,9 @@
 smoothing, validation by dev BLEU, best/last checkpoints, early stopping and exact resume.
 
 ``build.build_trainer`` makes everything ready (``build.train`` builds, runs and cleans up);
-``Trainer.run`` reads top to bottom: each
-optimiser step sets the teacher-forcing ratio, trains on its batches, reports, validates every
-``eval_every`` steps, and checks the run's limits.
+``Trainer.run`` reads top to bottom: each optimiser step sets the teacher-forcing ratio, trains on
+its batches, reports, validates every ``eval_every`` steps (``validation.Validator`` decodes and
+scores the dev set), and checks the run's limits.
 
 Scheduled teacher forcing (Bengio et al., 2015) mixes the model's own predictions into the
 decoder's inputs: ``schedules`` gives the ratio of each step, ``feeding`` decides where and what.
@@ -13,24 +13,21 @@ decoder's inputs: ``schedules`` gives the ratio of each step, ``feeding`` decide
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointSaver, Progress, training_payload
 from .config import Config, TrainConfig
-from .data import Batch, StreamingData, TrainingData, padding_fraction
+from .data import Batch, StreamingData, TrainingData
 from .distributed import World, broadcast, gather, reduce_step
 from .errors import DataError, TrainingError
-from .evaluate import evaluate
 from .feeding import scheduled_logits
 from .model import Seq2Seq
 from .rundir import MetricsLog, ProgressLine, TrainLog
@@ -38,12 +35,11 @@ from .runtime import autocast_for, rng_state
 from .schedules import LRSchedule, teacher_forcing_ratio
 from .shortlist import Lexicon
 from .tokenizer import PAD, Tokenizer
-from .translator import DecodeOptions, Translator
+from .validation import DevScores, DevSet, Validator, metric_score, sequence_loss
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run stops
 
-
-# ---------------------------------------------------------------- the forward pass and the loss
+# ---------------------------------------------------------------- the forward pass
 
 class ScheduledForward(nn.Module):
     """The training forward pass as a module of its own, so DistributedDataParallel can wrap it
@@ -57,19 +53,13 @@ class ScheduledForward(nn.Module):
         return scheduled_logits(self.model, batch, ratio, self.cfg)
 
 
-def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Summed cross-entropy over real target tokens. logits: (batch, len, vocab); target: (batch, len)."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), target.reshape(-1), ignore_index=PAD,
-                           label_smoothing=label_smoothing, reduction="sum")
-
-
 def is_oom(exc: BaseException) -> bool:
     """True for an allocation failure, however torch reports it (CUDA or CPU allocator)."""
     text = str(exc).lower()
     return "out of memory" in text or "can't allocate memory" in text or "failed to allocate" in text
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- what a run is given
 
 @dataclass
 class Corpora:
@@ -77,42 +67,99 @@ class Corpora:
 
     tokenizer: Tokenizer
     train: TrainingData | StreamingData
-    dev: TrainingData  # for the dev loss
-    dev_src: list[str]  # for dev BLEU, decoded as `translate eval` decodes
-    dev_ref: list[str]
+    dev: DevSet
     lexicon: Lexicon | None = None  # for decoding shortlists (rank 0's only), saved in every checkpoint
 
 
 @dataclass
-class TrainResult:
-    run_dir: Path
-    progress: Progress
-    stop_reason: str
-    dev: dict[str, Any]
+class Learner:
+    """The model and what updates it. Checkpoints save all of it but ``forward``, the training
+    pass (wrapped in DistributedDataParallel under torchrun), and the device and type."""
 
+    model: Seq2Seq
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: LRSchedule
+    scaler: torch.amp.GradScaler  # fp16's loss scale; disabled in bf16 and fp32
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast's type; None: fp32
+
+
+@dataclass
+class RunOutput:
+    """Where a run's messages and files go. Under torchrun only rank 0 writes files: the other
+    ranks have no saver, metrics or train.log."""
+
+    run_dir: Path
+    log: Callable[[str], None]
+    line: ProgressLine
+    saver: CheckpointSaver | None = None
+    metrics: MetricsLog | None = None
+    train_log: TrainLog | None = None  # train.log, which ``log`` also writes; closed when the run ends
+
+
+# ---------------------------------------------------------------- what it reached
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run reached when ``Trainer.run`` returned: where it stands, why it stopped, its
+    last validation and its checkpoints (rank 0's; the other ranks write no files)."""
+
+    run_dir: Path
+    progress: Progress  # steps, epochs, tokens, the best validation's step, BLEU and eval_metric score
+    stop_reason: str  # as the log says it: "reached max_steps=…", "early stopping: …", "stopped by SIGTERM"
+    final_dev: DevScores | None = None  # the last validation of this stretch of the run; None if none ran
+    last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None  # None until a validation has written one
+
+    @property
+    def steps(self) -> int:
+        return self.progress.step
+
+    @property
+    def epochs(self) -> int:
+        """Epochs completed."""
+        return self.progress.epoch
+
+    @property
+    def best_bleu(self) -> float:
+        """Dev BLEU of the best validation by ``train.eval_metric`` (-1 before any validation)."""
+        return self.progress.best_bleu
+
+    @property
+    def best_step(self) -> int:
+        return self.progress.best_step
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The signal that stopped the run, to be resumed (SIGINT or SIGTERM); None otherwise."""
+        prefix = "stopped by "
+        return self.stop_reason.removeprefix(prefix) if self.stop_reason.startswith(prefix) else None
+
+    def summary(self) -> str:
+        return (f"done: {self.stop_reason} at step {self.steps}; best dev BLEU {self.best_bleu:.2f} at step "
+                f"{self.best_step}; checkpoints in {self.run_dir}")
+
+
+# ---------------------------------------------------------------- the run
 
 class Trainer:
     """Runs the training loop of one run over parts made ready by ``build.build_trainer``. Under
-    torchrun each process has one; only rank 0's has a ``saver`` and ``metrics``."""
+    torchrun each process has one; only rank 0's has a ``validator`` and writes files."""
 
-    def __init__(self, *, config: Config, world: World, run_dir: Path, device: torch.device, corpora: Corpora,
-                 model: Seq2Seq, forward: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule: LRSchedule,
-                 amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler, progress: Progress,
-                 saver: CheckpointSaver | None, metrics: MetricsLog | None, line: ProgressLine,
-                 log: Callable[[str], None], train_log: TrainLog | None = None):
-        self.config, self.world, self.run_dir, self.device = config, world, run_dir, device
-        self.tokenizer, self.data, self.dev_data = corpora.tokenizer, corpora.train, corpora.dev
-        self.lexicon = corpora.lexicon
-        self.dev_src, self.dev_ref = corpora.dev_src, corpora.dev_ref
-        self.model, self.forward, self.optimizer, self.lr_schedule = model, forward, optimizer, lr_schedule
-        self.amp_dtype, self.scaler, self.progress = amp_dtype, scaler, progress
-        self.saver, self.metrics, self.line, self.log = saver, metrics, line, log
-        self.train_log = train_log  # (rank 0) train.log, which ``log`` also writes; closed when the run ends
+    def __init__(self, config: Config, world: World, corpora: Corpora, learner: Learner, progress: Progress,
+                 output: RunOutput, validator: Validator | None = None):
+        self.config, self.world, self.progress, self.validator = config, world, progress, validator
+        self.tokenizer, self.data, self.lexicon = corpora.tokenizer, corpora.train, corpora.lexicon
+        self.model, self.forward, self.optimizer = learner.model, learner.forward, learner.optimizer
+        self.lr_schedule, self.scaler = learner.lr_schedule, learner.scaler
+        self.device, self.amp_dtype = learner.device, learner.amp_dtype
+        self.run_dir, self.log, self.line = output.run_dir, output.log, output.line
+        self.saver, self.metrics, self.train_log = output.saver, output.metrics, output.train_log
+        self.speed = Speedometer(self.device)
         self.stop_signal: str | None = None
-        # this process's target positions, those fed the model's choice, those fed a token not gold
-        # (feeding.scheduled_logits), summed on the device since the last report
-        self.fed_counts = torch.zeros(3, dtype=torch.long, device=device)
         self.rank_rng: list[dict[str, Any]] | None = None  # every rank's RNG state, gathered for a checkpoint
+        self.final_dev: DevScores | None = None
 
     # -- one optimiser step ---------------------------------------------------------------------
 
@@ -138,7 +185,7 @@ class Trainer:
                 loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing)
                 self.scaler.scale(loss * scale).backward()
             total += loss.detach()
-            self.fed_counts += fed
+            self.speed.fed += fed
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
         if self.scaler.is_enabled():  # fp16: gradients that overflow at this loss scale are the scaler's
@@ -192,61 +239,35 @@ class Trainer:
 
     # -- validation and checkpoints ---------------------------------------------------------------
 
-    def dev_translator(self) -> Translator:
-        """Dev BLEU decoded as `translate eval` decodes by default (in its precision: on a CPU, a
-        ``CPU_PRECISION`` copy of this step's weights), so the two figures agree; one batch at a
-        time, since two at once would add a second batch's memory to training's peak."""
-        return Translator(self.model, self.tokenizer, DecodeOptions(beam=self.config.train.eval_beam, inter_threads=1),
-                          precision="auto", amp=self.config.train.amp, lexicon=self.lexicon)
+    def validate(self) -> DevScores:
+        """Rank 0: the dev figures of this step's weights."""
+        return self.validator.validate()
 
-    @torch.no_grad()
-    def validate(self) -> dict[str, Any]:
-        """Dev loss and perplexity (teacher forced, no smoothing) and dev BLEU/chrF as ``eval`` decodes."""
-        self.model.eval()
-        total, tokens = 0.0, 0
-        for _, batch in self.dev_data.batches(0):
-            batch = batch.to(self.device)
-            with autocast_for(self.device, self.amp_dtype):
-                logits = self.model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
-            total += float(sequence_loss(logits, batch.tgt_out))
-            tokens += int((batch.tgt_out != PAD).sum())
-        scores, hyps = evaluate(self.dev_translator(), self.dev_src, self.dev_ref)
-        loss = total / max(tokens, 1)
-        return {"dev_loss": round(loss, 4), "dev_ppl": round(math.exp(min(loss, 50)), 2),
-                "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"], "example": hyps[0] if hyps else ""}
-
-    def on_validation(self, record: dict[str, Any]) -> None:
+    def on_validation(self, scores: DevScores) -> None:
         """Rank 0, after ``validate``: best score, patience, plateau LR, checkpoints, metrics, log."""
         p = self.progress
-        score = {"bleu": record["dev_bleu"], "chrf": record["dev_chrf"],
-                 "loss": -record["dev_loss"]}[self.config.train.eval_metric]  # higher is better
-        if p.best_score is None and p.best_bleu >= 0:  # a run saved before eval_metric existed: BLEU
-            p.best_score = p.best_bleu
+        score = metric_score(scores, self.config.train.eval_metric)
         improved = p.best_score is None or score > p.best_score
         if improved:
-            p.best_score, p.best_bleu, p.best_step, p.bad_evals = score, record["dev_bleu"], p.step, 0
+            p.best_score, p.best_bleu, p.best_step, p.bad_evals = score, scores["dev_bleu"], p.step, 0
         else:
             p.bad_evals += 1
+        self.final_dev = scores
         self.lr_schedule.on_validation(score)
         payload = self.payload()
         self.saver.save(payload, best=improved)
         self.saver.keep_weights(payload, p.step)
         lr = self.optimizer.param_groups[0]["lr"]
         self.write_metrics({"kind": "dev", "step": p.step, "epoch": p.epoch, "lr": lr, "tf_ratio": p.tf_ratio,
-                            **{k: v for k, v in record.items() if k != "example"}, "best": improved})
+                            **{k: v for k, v in scores.items() if k != "example"}, "best": improved})
         self.line.clear()
-        self.log(f"step {p.step:>6} | dev loss {record['dev_loss']:.3f} ppl {record['dev_ppl']:.2f} | "
-                 f"BLEU {record['dev_bleu']:.2f} chrF {record['dev_chrf']:.2f}"
-                 f"{' (best)' if improved else ''} | lr {lr:.2e} | e.g. {record['example'][:60]!r}")
+        self.log(f"step {p.step:>6} | dev loss {scores['dev_loss']:.3f} ppl {scores['dev_ppl']:.2f} | "
+                 f"BLEU {scores['dev_bleu']:.2f} chrF {scores['dev_chrf']:.2f}"
+                 f"{' (best)' if improved else ''} | lr {lr:.2e} | e.g. {scores['example'][:60]!r}")
 
     def payload(self) -> dict[str, Any]:
-        payload = training_payload(self.config, self.tokenizer, self.model, self.optimizer, self.lr_schedule,
-                                   self.scaler, self.progress, self.device)
-        if self.world.distributed and self.rank_rng is not None:
-            payload["rank_rng"] = self.rank_rng  # so that each rank resumes with its own dropout masks
-        if self.lexicon is not None:
-            payload["lexicon"] = self.lexicon.state()
-        return payload
+        return training_payload(self.config, self.tokenizer, self.model, self.optimizer, self.lr_schedule,
+                                self.scaler, self.progress, self.device, self.rank_rng, self.lexicon)
 
     def _gather_rng(self) -> None:
         """Every rank, before rank 0 writes a checkpoint: all ranks' RNG states to rank 0."""
@@ -261,12 +282,11 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, p = self.config.train, self.progress
-        self._announce()
         started = time.monotonic()  # the clock of this stretch; p.elapsed sums over resumes
-        window = _Window(self.device)
+        self.speed.restart()
         validated_at = p.step if p.step else -1
-        reason = self._agree(self.limits_reached(started))
-        with self._signals_caught():
+        reason = self._stop_reason(started)
+        with signals_caught(self._on_signal):
             try:
                 while reason is None:
                     for my_batches, group_tokens in self._epoch_steps():
@@ -275,10 +295,10 @@ class Trainer:
                         loss, tokens = self.guarded_step(my_batches, group_tokens)
                         p.step += 1
                         p.tokens += tokens
-                        window.add(loss, tokens)
+                        self.speed.add(loss, tokens)
                         # 2. report
-                        if window.due(self.line.interval) or p.step % cfg.eval_every == 0:
-                            self._report(window)
+                        if self.speed.due(self.line.interval) or p.step % cfg.eval_every == 0:
+                            self._report()
                         # 3. validate (rank 0), then every rank takes the plateau schedule's LR
                         if p.step % cfg.eval_every == 0:
                             self._gather_rng()
@@ -289,13 +309,13 @@ class Trainer:
                         # 4. the clock and the limits
                         p.elapsed += time.monotonic() - started
                         started = time.monotonic()
-                        reason = self._agree(self.limits_reached(started))
+                        reason = self._stop_reason(started)
                         if reason:
                             break
                     else:  # the epoch is over
                         p.epoch += 1
                         p.batch_in_epoch = 0
-                        reason = self._agree(self.limits_reached(started))
+                        reason = self._stop_reason(started)
                 # a run that ends gets a last validation; one that is stopped to be resumed does not,
                 # since it would count towards patience and the plateau schedule where an
                 # uninterrupted run validates no extra time
@@ -308,15 +328,21 @@ class Trainer:
             finally:
                 if self.metrics is not None:
                     self.metrics.close()
+        return self._finish(reason)
+
+    def _finish(self, reason: str) -> TrainResult:
+        """What the run reached, said in the log (which closes)."""
+        saver = self.saver
+        result = TrainResult(self.run_dir, replace(self.progress), reason, self.final_dev,
+                             saver.last if saver else None, saver.best if saver and saver.best.is_file() else None)
         self.line.clear()
         if self.stop_signal:
             self.log(f"saved {self.run_dir / 'last.pt'}; continue with: "
                      f"translate train --run-dir {self.run_dir} --resume")
-        self.log(f"done: {reason} at step {p.step}; best dev BLEU {p.best_bleu:.2f} at step {p.best_step}; "
-                 f"checkpoints in {self.run_dir}")
+        self.log(result.summary())
         if self.train_log is not None:
             self.train_log.close()
-        return TrainResult(self.run_dir, p, reason, {})
+        return result
 
     def _epoch_steps(self) -> Iterator[tuple[list[Batch], int]]:
         """The rest of the current epoch, a step at a time: this process's batches and the target
@@ -335,87 +361,78 @@ class Trainer:
                             f"({group} batch(es) a step); use a larger corpus or lower "
                             f"train.accumulate or the number of processes")
 
-    def limits_reached(self, started: float) -> str | None:
-        cfg, p = self.config.train, self.progress
-        if self.stop_signal:
-            return f"stopped by {self.stop_signal}"
-        if cfg.max_steps and p.step >= cfg.max_steps:
-            return f"reached max_steps={cfg.max_steps}"
-        if cfg.max_epochs and p.epoch >= cfg.max_epochs:
-            return f"reached max_epochs={cfg.max_epochs}"
-        if cfg.max_minutes and p.elapsed + time.monotonic() - started >= cfg.max_minutes * 60:
-            return f"reached max_minutes={cfg.max_minutes:g}"
-        if cfg.patience and p.bad_evals >= cfg.patience:
-            metric = {"bleu": "BLEU", "chrf": "chrF", "loss": "loss"}[cfg.eval_metric]
-            return f"early stopping: no better dev {metric} in {cfg.patience} validations"
-        return None
-
-    def _announce(self) -> None:
-        cfg = self.config.train
-        if isinstance(self.data, StreamingData):  # a stream: no epoch to count ahead
-            corpus = f"a streamed corpus, bucketed in pools of {self.data.pool:,} pairs"
-        else:
-            epoch_batches = self.data.epoch_batches(self.progress.epoch)
-            corpus = (f"{len(self.data):,} training pairs, {len(epoch_batches):,} batches an epoch "
-                      f"(padding {padding_fraction(self.data.lengths, epoch_batches):.1%})")
-        precision = f" with {str(self.amp_dtype).split('.')[-1]}" if self.amp_dtype else ""
-        self.log(f"{corpus}; {self.model.parameter_count():,} parameters; device {self.device}{precision}; "
-                 f"run directory {self.run_dir}")
-        batches = cfg.accumulate * self.world.size
-        if batches > 1:
-            self.log(f"{self.world.size} process(es) x accumulate {cfg.accumulate}: {batches} batches (up to "
-                     f"{cfg.batch_tokens * batches:,} tokens) a step; peak lr {self.lr_schedule.peak:.2e} "
-                     f"(train.lr_scaling={cfg.lr_scaling})")
-
-    def _report(self, window: _Window) -> None:
-        p = self.progress
-        loss, tok_s = window.flush()
-        positions, fed, wrong = (int(n) for n in self.fed_counts.tolist())
-        self.fed_counts.zero_()
-        fed_share, wrong_share = fed / max(positions, 1), wrong / max(positions, 1)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.line.show(f"step {p.step:>6} | epoch {p.epoch + 1} | loss {loss:.3f} | {tok_s:,.0f} tok/s | "
-                       f"tf {p.tf_ratio:.3f} fed {fed_share:.3f} | lr {lr:.2e}")
-        self.write_metrics({"kind": "train", "step": p.step, "epoch": p.epoch, "loss": round(loss, 4),
-                            "tok_per_s": round(tok_s, 1), "tf_ratio": round(p.tf_ratio, 4),
-                            "fed_model": round(fed_share, 4), "fed_not_gold": round(wrong_share, 4), "lr": lr})
-
-    def _agree(self, reason: str | None) -> str | None:
-        """Rank 0's stop decision and clock on every rank (the LR schedule reads the clock)."""
+    def _stop_reason(self, started: float) -> str | None:
+        """Why the run stops now (a signal, a limit), or None; rank 0's decision and clock on every
+        rank (the LR schedule reads the clock)."""
+        elapsed = self.progress.elapsed + time.monotonic() - started
+        reason = f"stopped by {self.stop_signal}" if self.stop_signal else limit_reached(self.config.train,
+                                                                                          self.progress, elapsed)
         if not self.world.distributed:
             return reason
         reason, self.progress.elapsed = broadcast(self.world, (reason, self.progress.elapsed))
         return reason
+
+    def _report(self) -> None:
+        p, lr = self.progress, self.optimizer.param_groups[0]["lr"]
+        loss, tok_s, fed, wrong = self.speed.flush()
+        self.line.show(f"step {p.step:>6} | epoch {p.epoch + 1} | loss {loss:.3f} | {tok_s:,.0f} tok/s | "
+                       f"tf {p.tf_ratio:.3f} fed {fed:.3f} | lr {lr:.2e}")
+        self.write_metrics({"kind": "train", "step": p.step, "epoch": p.epoch, "loss": round(loss, 4),
+                            "tok_per_s": round(tok_s, 1), "tf_ratio": round(p.tf_ratio, 4),
+                            "fed_model": round(fed, 4), "fed_not_gold": round(wrong, 4), "lr": lr})
 
     def _share_lr_schedule(self) -> None:
         """After rank 0 validated (a plateau schedule may have lowered the LR), every rank takes its state."""
         if self.world.distributed:
             self.lr_schedule.load_state_dict(broadcast(self.world, self.lr_schedule.state_dict()))
 
-    @contextlib.contextmanager
-    def _signals_caught(self):
-        """Ctrl-C and SIGTERM end the run after the current step, with a checkpoint."""
-        def handler(signum, _frame):
-            self.stop_signal = signal.Signals(signum).name
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signal.Signals(signum).name
 
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
+
+def limit_reached(cfg: TrainConfig, p: Progress, elapsed: float) -> str | None:
+    """The limit of ``cfg`` a run at ``p`` after ``elapsed`` seconds of training has reached, or None."""
+    if cfg.max_steps and p.step >= cfg.max_steps:
+        return f"reached max_steps={cfg.max_steps}"
+    if cfg.max_epochs and p.epoch >= cfg.max_epochs:
+        return f"reached max_epochs={cfg.max_epochs}"
+    if cfg.max_minutes and elapsed >= cfg.max_minutes * 60:
+        return f"reached max_minutes={cfg.max_minutes:g}"
+    if cfg.patience and p.bad_evals >= cfg.patience:
+        metric = {"bleu": "BLEU", "chrf": "chrF", "loss": "loss"}[cfg.eval_metric]
+        return f"early stopping: no better dev {metric} in {cfg.patience} validations"
+    return None
+
+
+@contextlib.contextmanager
+def signals_caught(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Ctrl-C and SIGTERM call ``handler`` (which lets the run end after the current step, with a
+    checkpoint) instead of ending the process; outside the main thread they are left as they are."""
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            yield
-        finally:
-            for sig, previous in old.items():
-                signal.signal(sig, previous)
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
-class _Window:
-    """Loss and tokens since the last report, kept on the device (no sync per step)."""
+class Speedometer:
+    """What training did since the last report, kept on the device (no sync per step): the summed
+    loss and the tokens, and the target positions, those fed the model's choice and those fed a
+    token not gold (``feeding.scheduled_logits``). Sockeye's ``Speedometer`` does the same job."""
 
     def __init__(self, device: torch.device):
         self.loss, self.tokens = torch.zeros((), device=device), 0
+        self.fed = torch.zeros(3, dtype=torch.long, device=device)  # positions, fed the model, fed not gold
+        self.restart()
+
+    def restart(self) -> None:
+        """Starts the clock of the window (the loop calls it as it starts)."""
         self.start = self.last = time.monotonic()
 
     def add(self, loss: torch.Tensor, tokens: int) -> None:
@@ -425,11 +442,14 @@ class _Window:
     def due(self, interval: float) -> bool:
         return time.monotonic() - self.last >= interval
 
-    def flush(self) -> tuple[float, float]:
-        """Mean loss per token and tokens a second since the last flush; starts a new window."""
+    def flush(self) -> tuple[float, float, float, float]:
+        """Mean loss per token, tokens a second, and the shares of positions fed the model's choice
+        and fed a token not gold since the last flush; starts a new window."""
         now = time.monotonic()
         mean = float(self.loss) / max(self.tokens, 1)
         tok_s = self.tokens / max(now - self.start, 1e-9)
+        positions, fed, wrong = (int(n) for n in self.fed.tolist())
         self.loss.zero_()
+        self.fed.zero_()
         self.tokens, self.start, self.last = 0, now, now
-        return mean, tok_s
+        return mean, tok_s, fed / max(positions, 1), wrong / max(positions, 1)
