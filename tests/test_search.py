@@ -13,6 +13,7 @@ from translate.search import (
     Finished,
     advance,
     beam_search,
+    beam_step,
     best_continuations,
     drop_done,
     finish,
@@ -403,3 +404,25 @@ def test_finished_best_against_a_plain_sort():
             assert torch.equal(h.attention, finished.attention[s, j, : len(h.tokens) + 1, : src_real[s]])
     assert finished.best(n_best, src_real)[2] == []
     assert all(h.attention is None for hyps in finished._replace(attention=None).best(n_best, src_real) for h in hyps)
+
+
+def test_a_first_beam_step_against_a_plain_sort(search_model, tokenizer):
+    # the whole search against a plain one is test_beam_search_equals_a_plain_reference; here, one step's outcome
+    with torch.no_grad():
+        search_model.decoder.output.bias[EOS] += 10.0  # so that hypotheses end at once
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES)
+    k, alpha, batch = 3, 0.6, len(SENTENCES)
+    beams = start_beams(memory, state, limits, return_attention=False)
+    finished = Finished.empty(batch, k, int(limits.max()), memory.mask.size(1), torch.device("cpu"), False)
+    with torch.no_grad():
+        logp = search_model.decode_step(beams.prev, memory, state)[0].float().log_softmax(-1).tolist()
+        after = beam_step(search_model, beams, finished, 0, limits, None, alpha, None)
+    for s in range(batch):
+        ranked = sorted(((v, token) for token, v in enumerate(logp[s]) if token not in (PAD, BOS)), reverse=True)
+        ended = [v / length_penalty(1, alpha) for v, token in ranked[:k] if token == EOS]
+        alive = [(v, token) for v, token in ranked[: 2 * k] if token != EOS][:k]
+        assert after.prev[s * k: (s + 1) * k].tolist() == [token for _, token in alive]
+        assert after.scores[s].tolist() == pytest.approx([v for v, _ in alive], abs=1e-6)
+        assert finished.scores[s, : len(ended)].tolist() == pytest.approx(ended, abs=1e-6)
+        assert int(finished.count[s]) == len(ended)
+    assert finished.count.tolist() == [1] * batch  # each sentence's one beam had EOS among its best

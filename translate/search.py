@@ -5,8 +5,8 @@ ended; beam search flattens batch x beam into one dimension, reorders states wit
 ``index_select``, moves finished hypotheses out with tensor ops and drops finished sentences
 from the batch. Length penalty: Wu et al. (2016), ((5 + length) / 6) ** alpha.
 
-A beam-search step is cut into small parts, each tested against a plain version (as Sockeye cuts
-its search): ``step_bounds`` and ``step_candidates`` score the continuations,
+A beam-search step (``beam_step``) is cut into small parts, each tested against a plain version
+(as Sockeye cuts its search): ``step_bounds`` and ``step_candidates`` score the continuations,
 ``best_continuations`` ranks them, ``finish`` moves the ended ones into ``Finished``, ``advance``
 makes the next ``Beams`` from the rest and ``drop_done`` lets finished sentences leave the batch.
 
@@ -196,7 +196,7 @@ def best_continuations(candidates: torch.Tensor, n: int, vocab: OutputVocab | No
     scores, origin, tokens = top_candidates(candidates, n)  # each (live, n)
     if vocab is not None:
         tokens = vocab.ids[tokens]  # column -> token
-    rows = torch.arange(live, device=candidates.device).unsqueeze(1) * beams + origin  # (live, n)
+    rows = origin + torch.arange(0, live * beams, beams, device=origin.device).unsqueeze(1)  # (live, n)
     return Continuations(scores, rows, tokens, (tokens == EOS) & torch.isfinite(scores))
 
 
@@ -279,15 +279,16 @@ def advance(beams: Beams, state: DecoderState, weights: torch.Tensor, top: Conti
     history = beams.history
     if history is not None:  # (live*k, t + 1, src_len)
         history = torch.cat([history.index_select(0, rows), weights.float().index_select(0, rows).unsqueeze(1)], dim=1)
-    return beams._replace(scores=scores, seqs=seqs, prev=prev, state=state.select(rows), history=history)
+    return Beams(beams.sent, scores, seqs, prev, beams.memory, state.select(rows), history, beams.soonest)
 
 
 def drop_done(beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, k: int) -> Beams | None:
     """The beams without the sentences that are done after step ``t`` (``k`` finished, the length
     limit reached, or nothing left alive), so later steps only pay for the others; None when none
     are left. max_lens: (batch,) counting EOS."""
-    done = ((finished.count[beams.sent] >= k) | (t + 1 >= max_lens[beams.sent])
-            | ~torch.isfinite(beams.scores).any(1))  # (live,)
+    done = (finished.count[beams.sent] >= k) | ~torch.isfinite(beams.scores).any(1)  # (live,)
+    if t + 1 >= beams.soonest:  # only then can a sentence be at its limit
+        done |= t + 1 >= max_lens[beams.sent]
     if not bool(done.any()):
         return beams
     keep = (~done).nonzero().squeeze(1)  # (kept,)
@@ -298,6 +299,21 @@ def drop_done(beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, 
     return Beams(sent, beams.scores[keep], beams.seqs[keep_rows], beams.prev[keep_rows], beams.memory.select(keep),
                  beams.state.select(keep_rows), None if beams.history is None else beams.history[keep_rows],
                  int(max_lens[sent].min()))
+
+
+def beam_step(model, beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, min_lens: torch.Tensor | None,
+              alpha: float, vocab: OutputVocab | None) -> Beams | None:
+    """Step ``t`` of the search for every live sentence: decode, rank the continuations, move the
+    ended ones into ``finished``, keep the best others, let done sentences go. A function of its
+    own so that the step's tensors, (live, beams, vocab) scores the largest, are freed before the
+    next step decodes. Returns the next beams, None when every sentence is done."""
+    k = finished.scores.size(1)
+    # logits: (live*beams, vocab or n); weights: (live*beams, src_len)
+    logits, state, weights = model.decode_step(beams.prev, beams.memory, beams.state, vocab)
+    candidates = step_candidates(logits, beams.scores, *step_bounds(t, beams, max_lens, min_lens))
+    top = best_continuations(candidates, 2 * k, vocab)  # each (live, 2k)
+    finish(finished, beams, top, weights, t, alpha)
+    return drop_done(advance(beams, state, weights, top, k), finished, t, max_lens, k)
 
 
 @torch.no_grad()
@@ -326,11 +342,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     beams = start_beams(memory, state, max_lens, return_attention)
     finished = Finished.empty(batch, beam, limit, src_len, device, return_attention)
     for t in range(limit):
-        logits, step_state, weights = model.decode_step(beams.prev, beams.memory, beams.state, vocab)
-        candidates = step_candidates(logits, beams.scores, *step_bounds(t, beams, max_lens, min_lens))
-        top = best_continuations(candidates, 2 * beam, vocab)  # each (live, 2*beam)
-        finish(finished, beams, top, weights, t, alpha)
-        beams = drop_done(advance(beams, step_state, weights, top, beam), finished, t, max_lens, beam)
+        beams = beam_step(model, beams, finished, t, max_lens, min_lens, alpha, vocab)
         if beams is None:
             break
     return finished.best(n_best, memory.mask.sum(1).tolist())
