@@ -71,3 +71,32 @@ def test_no_private_names_cross_modules(name):
 def test_the_architecture_page_lists_every_module():
     listed = set(re.findall(r"`(\w+)\.py`", DOC.read_text(encoding="utf-8")))
     assert set(MODULES) - {"__main__"} <= listed
+
+
+MAX_CLASS_LINES, MAX_FUNCTION_LINES = 250, 80
+
+
+def long_definitions(path: Path) -> list[str]:
+    """Classes over MAX_CLASS_LINES and functions over MAX_FUNCTION_LINES lines in a file, measured
+    from a definition's first line (its decorators not counted) to its last."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        limit = (MAX_CLASS_LINES if isinstance(node, ast.ClassDef)
+                 else MAX_FUNCTION_LINES if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) else None)
+        if limit is not None and node.end_lineno - node.lineno + 1 > limit:
+            found.append(f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})")
+    return found
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_no_long_classes_or_functions(name):
+    too_long = long_definitions(PACKAGE / f"{name}.py")
+    assert not too_long, (f"{name}.py: {', '.join(too_long)}; classes may have at most {MAX_CLASS_LINES} lines "
+                          f"and functions {MAX_FUNCTION_LINES}: split them")
+
+
+def test_the_length_check_can_fail(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    source = tmp_path / "long.py"
+    source.write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n", encoding="utf-8")
+    assert long_definitions(source) == [f"long ({MAX_FUNCTION_LINES + 1} lines, line 5)"]
