@@ -30,7 +30,7 @@ from common import forward_flops, matmul_peak_flops, peak_rss_mb
 from translate.build import build_trainer
 from translate.config import load_config, parse_overrides
 from translate.data import collate, padding_fraction
-from translate.runtime import configure_process
+from translate.runtime import configure_logging, configure_process
 
 
 def main() -> None:
@@ -48,13 +48,14 @@ def main() -> None:
                         help="also profile the timed steps: the matrix products' share of a step (CPU)")
     args = parser.parse_args()
     configure_process()  # as the command line does
+    configure_logging()
 
     overrides = {"train.max_minutes": 0, **parse_overrides(args.overrides)}
     if Path(args.tokenizer).is_file():
         overrides["tokenizer.model"] = args.tokenizer
     config = load_config(overrides=overrides)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(config, run_dir, log=lambda line: print(line, file=sys.stderr), progress_bar=False)
+        trainer = build_trainer(config, run_dir, progress_bar=False)
         batches = trainer.data.epoch_batches(0)
         ratio = args.ratio
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -157,3 +158,19 @@ def search_model(request, tokenizer):
     with torch.no_grad():
         model.decoder.output.bias.normal_(0, 2)
     return model
+
+
+def package_messages(caplog) -> list[str]:
+    """The messages the package logged (its ``translate.*`` loggers) while ``caplog`` listened."""
+    return [r.getMessage() for r in caplog.records if r.name.split(".")[0] == "translate"]
+
+
+@pytest.fixture(autouse=True)
+def _train_logs_closed():
+    """A trainer built but never run leaves its train.log attached to the package's logger: closed
+    after each test (last attached first, so the logger gets its level back)."""
+    yield
+    from translate.rundir import TrainLog
+
+    for handler in reversed([h for h in logging.getLogger("translate").handlers if isinstance(h, TrainLog)]):
+        handler.close()

@@ -75,7 +75,7 @@ def test_bad_checkpoint_files(tmp_path):
 
 def test_checkpoint_with_mismatched_tokenizer(corpus, tiny_tokenizer_file, tmp_path):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
-    train(config, tmp_path / "run", log=lambda s: None)
+    train(config, tmp_path / "run")
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     payload["tokenizer_fingerprint"] = "0" * 16
     save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in payload.items() if k not in ("format", "version")})

@@ -29,7 +29,7 @@ def native_bf16() -> bool:
 
 def test_cuda_training_step_and_decoding(tiny_config, tmp_path):
     config = tiny_config.override({"train.device": "cuda", "train.max_steps": 3})
-    result = train(config, tmp_path / "cuda", log=lambda line: None, progress_bar=False)
+    result = train(config, tmp_path / "cuda", progress_bar=False)
     assert result.progress.step == 3
     translator = Translator.load(tmp_path / "cuda", DecodeOptions(beam=3), device=torch.device("cuda"))
     out = translator.translate(["El gato come pan."])
@@ -40,7 +40,7 @@ def test_cuda_training_step_and_decoding(tiny_config, tmp_path):
     not native_bf16(), reason="needs a GPU with native bf16"))])
 def test_mixed_precision_steps_train(tiny_config, tmp_path, amp):
     config = tiny_config.override({"train.device": "cuda", "train.amp": amp})
-    trainer = build_trainer(config, tmp_path / amp, log=lambda line: None, progress_bar=False)
+    trainer = build_trainer(config, tmp_path / amp, progress_bar=False)
     assert trainer.amp_dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     assert trainer.scaler.is_enabled() == (amp == "fp16")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -60,10 +60,10 @@ def test_a_cpu_run_resumes_on_the_gpu_in_fp16(tiny_config, tmp_path, monkeypatch
     a fresh loss scaler on a GPU without native bf16 (forced here, so that any GPU tests it)."""
     run_dir = tmp_path / "run"
     config = tiny_config.override({"train.max_steps": 3, "train.eval_every": 3, "train.device": "cpu"})
-    train(config, run_dir, log=lambda line: None, progress_bar=False)
+    train(config, run_dir, progress_bar=False)
     monkeypatch.setattr(runtime, "cuda_has_bf16", lambda device: False)
     longer = config.override({"train.max_steps": 8, "train.device": "cuda"})
-    result = train(longer, run_dir, resume=True, log=lambda line: None, progress_bar=False)
+    result = train(longer, run_dir, resume=True, progress_bar=False)
     assert result.progress.step == 8
     saved = load_checkpoint(run_dir / "last.pt")
     assert saved["scaler"] and saved["scaler"]["scale"] > 0  # fp16 now has a loss scale to save
@@ -73,7 +73,7 @@ def test_a_cpu_run_resumes_on_the_gpu_in_fp16(tiny_config, tmp_path, monkeypatch
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_nccl_processes_equal_one_process_with_the_same_batches(tiny_config, tmp_path):
     config = tiny_config.override({**EXACT, "train.device": "cuda"})
-    single = train(config.override({"train.accumulate": 2}), tmp_path / "single", log=lambda line: None,
+    single = train(config.override({"train.accumulate": 2}), tmp_path / "single",
                    progress_bar=False)
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")

@@ -181,10 +181,10 @@ def test_streaming_training_through_the_cli_and_resume(corpus, tiny_tokenizer_fi
     config = tiny(corpus, tiny_tokenizer_file, **{"model.dropout": 0.0, "train.max_steps": 6, "train.eval_every": 3,
                                                    "train.lr_schedule": "constant",
                                                    "train.amp": False})
-    whole = train(config.override({"data.streaming": True}), tmp_path / "whole", log=lambda s: None)
+    whole = train(config.override({"data.streaming": True}), tmp_path / "whole")
     assert whole.progress.step == 6
     half = config.override({"data.streaming": True, "train.max_steps": 3})
-    train(half, tmp_path / "split", log=lambda s: None)
+    train(half, tmp_path / "split")
     config_file = tmp_path / "c.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     result = CliRunner().invoke(main, ["train", "--config", str(config_file), "--streaming", "--run-dir",

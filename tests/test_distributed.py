@@ -26,8 +26,8 @@ EXACT = {"model.dropout": 0.0, "train.tf_warmup": 1000, "train.max_steps": 4, "t
 
 def test_accumulated_batches_equal_one_merged_batch(tiny_config, tmp_path):
     config = tiny_config.override(EXACT)
-    one = build_trainer(config, tmp_path / "one", log=lambda line: None, progress_bar=False)
-    two = build_trainer(config, tmp_path / "two", log=lambda line: None, progress_bar=False)
+    one = build_trainer(config, tmp_path / "one", progress_bar=False)
+    two = build_trainer(config, tmp_path / "two", progress_bar=False)
     two.model.load_state_dict(one.model.state_dict())
     for step in range(3):
         first, second = one.data.epoch_batches(0)[2 * step: 2 * step + 2]
@@ -81,7 +81,7 @@ def _torchrun(run_dir: Path, config_file: Path, *extra: str, steps: int) -> subp
 def test_two_gloo_processes_equal_one_process_with_the_same_batches(tiny_config, tmp_path):
     # one process taking 2 batches a step (accumulate 2) ...
     config = tiny_config.override(EXACT)
-    single = train(config.override({"train.accumulate": 2}), tmp_path / "single", log=lambda line: None,
+    single = train(config.override({"train.accumulate": 2}), tmp_path / "single",
                    progress_bar=False)
     assert single.progress.step == EXACT["train.max_steps"]
     # ... and torchrun with 2 CPU processes taking one batch each, through the command line,

@@ -3,6 +3,7 @@ tokenization cached on disk and reused, ids read back with pread."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from translate.corpus import load_pairs
 from translate.data import TrainingData, collate
 from translate.encoded import DiskEncoded, Encoded, EncodedCorpus, tokenize_corpus
 
-from .conftest import tiny
+from .conftest import package_messages, tiny
 
 
 def test_both_forms_declare_the_corpus_interface(corpus, tokenizer, hf_cache):
@@ -29,10 +30,11 @@ def test_both_forms_declare_the_corpus_interface(corpus, tokenizer, hf_cache):
     assert [memory[i].tolist() for i in range(3)] == sentences
 
 
-def test_tokenized_corpus_matches_the_tokenizer_and_is_reused(corpus, tokenizer, hf_cache):
+def test_tokenized_corpus_matches_the_tokenizer_and_is_reused(corpus, tokenizer, hf_cache, caplog):
+    caplog.set_level(logging.INFO, logger="translate")
     table = load_pairs(str(corpus["train"]), "spa", "eng")
-    lines = []
-    src, tgt = tokenize_corpus(table, tokenizer, "spa", "eng", num_proc=2, log=lines.append)
+    src, tgt = tokenize_corpus(table, tokenizer, "spa", "eng", num_proc=2)
+    lines = package_messages(caplog)
     assert lines and lines[0].startswith("tokenizing 600 pairs with 2 process(es)")
     expected_src = tokenizer.encode_src(list(table["spa"]))
     expected_tgt = tokenizer.encode_tgt(list(table["eng"]))
@@ -40,8 +42,9 @@ def test_tokenized_corpus_matches_the_tokenizer_and_is_reused(corpus, tokenizer,
     for i in (0, 1, 299, 599):
         assert src[i].tolist() == expected_src[i] and tgt[i].tolist() == expected_tgt[i]
     assert src.lengths.tolist() == [len(s) for s in expected_src]
-    again = []
-    src2, _ = tokenize_corpus(load_pairs(str(corpus["train"]), "spa", "eng"), tokenizer, "spa", "eng", log=again.append)
+    caplog.clear()
+    src2, _ = tokenize_corpus(load_pairs(str(corpus["train"]), "spa", "eng"), tokenizer, "spa", "eng")
+    again = package_messages(caplog)
     assert again and again[0].startswith("reusing the corpus tokenized by an earlier run")
     assert src2.ids_path == src.ids_path
     assert Path(src.ids_path).is_relative_to(hf_cache)  # beside the Arrow cache
@@ -67,21 +70,22 @@ def test_another_tokenizer_gets_its_own_cache(corpus, tokenizer, hf_cache):
 
 
 def test_training_reads_the_corpus_from_disk(corpus, tiny_tokenizer_file, tmp_path, hf_cache):
-    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run")
     assert isinstance(trainer.data.src, DiskEncoded)
     assert len(trainer.data) == 600 and trainer.data.lengths.dtype == np.uint16
     assert Path(trainer.data.src.ids_path).is_relative_to(hf_cache)
 
 
-def test_a_damaged_cache_is_tokenized_again(corpus, tokenizer, hf_cache):
+def test_a_damaged_cache_is_tokenized_again(corpus, tokenizer, hf_cache, caplog):
+    caplog.set_level(logging.INFO, logger="translate")
     table = load_pairs(str(corpus["dev"]), "spa", "eng")
     src, _ = tokenize_corpus(table, tokenizer, "spa", "eng", num_proc=1)
     expected = [src[i].tolist() for i in range(len(src))]
     ids = Path(src.ids_path)
     ids.write_bytes(ids.read_bytes()[:-8])  # a file cut short (a writer killed, a full disk)
-    lines = []
-    again, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1,
-                               log=lines.append)
+    caplog.clear()
+    again, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1)
+    lines = package_messages(caplog)
     assert "does not match its manifest" in lines[0] and lines[1].startswith("tokenizing")
     assert [again[i].tolist() for i in range(len(again))] == expected
     assert not [p for p in ids.parent.parent.iterdir() if ".part-" in p.name or ".stale-" in p.name]

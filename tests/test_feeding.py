@@ -149,7 +149,7 @@ def test_nan_logits_make_a_skipped_step_not_a_crash(corpus, tiny_tokenizer_file,
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 3, "train.tf_warmup": 0,
                                                   "train.teacher_forcing": "constant", "train.tf_start": 0.5,
                                                   "train.tf_feed": "sample"})
-    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(config, tmp_path / "run")
     real = trainer.model.decoder.forward
 
     def poisoned(*args, **kwargs):

@@ -13,13 +13,13 @@ from .conftest import cli_train_args, tiny
 
 def test_refuses_to_overwrite_a_run(corpus, tiny_tokenizer_file, tmp_path):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
-    train(config, tmp_path / "run", log=lambda s: None)
+    train(config, tmp_path / "run")
     before = (tmp_path / "run" / "last.pt").read_bytes()
     with pytest.raises(CheckpointError, match="already holds a run"):
-        train(config, tmp_path / "run", log=lambda s: None)
+        train(config, tmp_path / "run")
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        train(config, tmp_path / "empty", resume=True, log=lambda s: None)
+        train(config, tmp_path / "empty", resume=True)
 
 
 
@@ -42,7 +42,7 @@ def test_writes_stay_inside_the_run_directory(corpus, tokenizer, tmp_path, hf_ca
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     outside = set(tmp_path.parent.iterdir())
     run_dir = tmp_path / "nested" / ".." / "nested" / "run"
-    train(config, run_dir, log=lambda s: None)
+    train(config, run_dir)
     assert set(tmp_path.parent.iterdir()) == outside
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     changed = sorted(p.relative_to(tmp_path).as_posix() for p in after
@@ -55,7 +55,7 @@ def test_writes_stay_inside_the_run_directory(corpus, tokenizer, tmp_path, hf_ca
 def test_unwritable_run_directory(corpus, tiny_tokenizer_file, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(CheckpointError, match="cannot write to run directory"):
-        train(tiny(corpus, tiny_tokenizer_file), tmp_path / "file" / "run", log=lambda s: None)
+        train(tiny(corpus, tiny_tokenizer_file), tmp_path / "file" / "run")
 
 
 def test_open_run_dir_new_and_resume(tmp_path):
@@ -106,12 +106,12 @@ def test_the_run_directory_keeps_its_config_and_log(corpus, tiny_tokenizer_file,
     from translate.config import load_config
 
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "train.eval_every": 2})
-    train(config, tmp_path / "run", log=lambda s: None)
+    train(config, tmp_path / "run")
     assert load_config(tmp_path / "run" / "config.yaml") == config  # usable with --config
     first = (tmp_path / "run" / "train.log").read_text(encoding="utf-8").splitlines()
     assert any("dev loss" in line for line in first) and "done: reached max_steps=4" in first[-1]
     longer = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 6, "train.eval_every": 2})
-    train(longer, tmp_path / "run", resume=True, log=lambda s: None)
+    train(longer, tmp_path / "run", resume=True)
     assert load_config(tmp_path / "run" / "config.yaml").train.max_steps == 6
     log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8").splitlines()
     assert log[: len(first)] == first and any("resumed" in line for line in log[len(first):])

@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -20,9 +21,10 @@ def _run(code: str, **extra: str) -> list[str]:
 
 @pytest.mark.slow  # a fresh interpreter each
 def test_importing_the_package_leaves_the_environment_alone():
-    code = ("import os, sys; before = dict(os.environ); import translate.cli, translate.build, "
-            "translate.serve; print(dict(os.environ) == before)")
-    assert _run(code) == ["True"]
+    code = ("import logging, os, sys; before = dict(os.environ); import translate.cli, translate.build, "
+            "translate.serve; package = logging.getLogger('translate'); "
+            "print(dict(os.environ) == before, package.handlers == [] and package.level == logging.NOTSET)")
+    assert _run(code) == ["True", "True"]
 
 
 @pytest.mark.slow  # a fresh interpreter each
@@ -123,3 +125,61 @@ def test_an_old_torch_is_a_one_line_import_error():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "ImportError: translate needs torch >= 2.4, found 2.2.0; upgrade it: pip install -U torch" in proc.stderr
+
+
+def test_log_records_show_their_level_outside_their_text(capsys):
+    logger = runtime.configure_logging(logging.INFO)
+    runtime.configure_logging(logging.INFO)  # a second call replaces the first's handler
+    assert sum(isinstance(h, runtime.StderrHandler) for h in logger.handlers) == 1
+    child = logging.getLogger("translate.example")
+    child.debug("hidden")
+    child.info("plain")
+    child.warning("look out")
+    child.error("broken")
+    assert capsys.readouterr().err == "plain\nwarning: look out\nerror: broken\n"
+    assert runtime.console_level() == logging.INFO
+    runtime.configure_logging(logging.WARNING)  # --quiet
+    child.info("hidden")
+    child.warning("shown")
+    assert capsys.readouterr().err == "warning: shown\n" and runtime.console_level() == logging.WARNING
+    runtime.configure_logging(logging.DEBUG)  # --verbose
+    child.debug("details")
+    assert capsys.readouterr().err == "details\n"
+    runtime.configure_logging(logging.INFO)
+
+
+def test_a_train_log_records_the_run_whatever_the_console_shows(tmp_path, capsys):
+    from translate.rundir import TrainLog
+
+    logger = logging.getLogger("translate")
+    runtime.configure_logging(logging.WARNING)
+    level = logger.level
+    log = TrainLog(tmp_path)
+    logging.getLogger("translate.example").info("a step")
+    logging.getLogger("translate.example").warning("a skipped batch")
+    log.close()
+    logging.getLogger("translate.example").info("after the run")
+    lines = (tmp_path / "train.log").read_text(encoding="utf-8").splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == ["a step", "warning: a skipped batch"]
+    assert capsys.readouterr().err == "warning: a skipped batch\n" and logger.level == level
+    silent = TrainLog(None)  # the log of ranks other than 0: warnings only, no file
+    assert logger.level == logging.WARNING
+    silent.close()
+    assert logger.level == level
+    runtime.configure_logging(logging.INFO)
+
+
+def test_no_message_carries_its_level_in_its_text():
+    """Levels are the logger's (``LevelFormatter`` writes them): no string in the package starts
+    with one as it writes them. (A command's failing line is click's own "Error: ...".)"""
+    import ast
+    from pathlib import Path
+
+    package = Path(runtime.__file__).parent
+    found = []
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+            if text and text.startswith(("warning:", "error:", "info:", "debug:")):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from translate.schedules import teacher_forcing_ratio
 from translate.tokenizer import PAD
 from translate.training import Trainer
 
-from .conftest import cli_train_args, tiny
+from .conftest import cli_train_args, package_messages, tiny
 
 
 def params(run_dir):
@@ -22,7 +23,7 @@ def params(run_dir):
 @pytest.mark.parametrize("stop_at", [10, 7])  # at a validation, and between two
 def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monkeypatch, stop_at):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 20, "train.eval_every": 5})
-    whole = train(config, tmp_path / "whole", log=lambda s: None)
+    whole = train(config, tmp_path / "whole")
 
     original = Trainer.train_step
 
@@ -33,10 +34,10 @@ def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monk
         return result
 
     monkeypatch.setattr(Trainer, "train_step", stop)
-    first = train(config, tmp_path / "split", log=lambda s: None)
+    first = train(config, tmp_path / "split")
     assert first.progress.step == stop_at and first.stop_reason == "stopped by SIGTERM"
     monkeypatch.setattr(Trainer, "train_step", original)
-    second = train(config, tmp_path / "split", resume=True, log=lambda s: None)
+    second = train(config, tmp_path / "split", resume=True)
     assert second.progress.step == 20
     weights, split = params(tmp_path / "whole"), params(tmp_path / "split")
     for name in weights:
@@ -56,8 +57,8 @@ def dev_steps(run_dir):
 
 def test_the_result_says_what_the_run_reached(corpus, tiny_tokenizer_file, tmp_path):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 12, "train.eval_every": 5})
-    lines = []
-    result = train(config, tmp_path / "run", log=lines.append)
+    result = train(config, tmp_path / "run")
+    lines = (tmp_path / "run" / "train.log").read_text(encoding="utf-8").splitlines()
     devs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
             if '"kind": "dev"' in line]
     assert [dev["step"] for dev in devs] == [5, 10, 12]  # the last one as the run ends
@@ -70,9 +71,9 @@ def test_the_result_says_what_the_run_reached(corpus, tiny_tokenizer_file, tmp_p
     assert result.last_checkpoint == tmp_path / "run" / "last.pt"
     assert result.best_checkpoint == tmp_path / "run" / "best.pt"
     assert load_checkpoint(result.best_checkpoint)["progress"]["step"] == best["step"]
-    assert lines[-1] == result.summary() == (f"done: reached max_steps=12 at step 12; best dev BLEU "
-                                             f"{best['dev_bleu']:.2f} at step {best['step']}; checkpoints in "
-                                             f"{tmp_path / 'run'}")
+    assert lines[-1].split(" ", 2)[2] == result.summary() == (f"done: reached max_steps=12 at step 12; best dev BLEU "
+                                                              f"{best['dev_bleu']:.2f} at step {best['step']}; "
+                                                              f"checkpoints in {tmp_path / 'run'}")
 
 
 def test_a_result_knows_the_signal_that_stopped_its_run(tmp_path):
@@ -87,7 +88,7 @@ def test_a_result_knows_the_signal_that_stopped_its_run(tmp_path):
 
 def test_checkpoint_carries_config_tokenizer_and_ratio(corpus, tiny_tokenizer_file, tmp_path):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 12, "train.eval_every": 6})
-    result = train(config, tmp_path / "run", log=lambda s: None)
+    result = train(config, tmp_path / "run")
     model, tokenizer, saved, payload = load_model(tmp_path / "run" / "last.pt")
     assert saved == config and payload["progress"]["step"] == 12
     assert payload["progress"]["tf_ratio"] == pytest.approx(teacher_forcing_ratio(config.train, 11))
@@ -102,7 +103,7 @@ def test_checkpoint_carries_config_tokenizer_and_ratio(corpus, tiny_tokenizer_fi
 
 def test_non_finite_steps_are_skipped_then_stop(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 30})
-    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(config, tmp_path / "run")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     monkeypatch.setattr(training, "sequence_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(TrainingError, match="non-finite steps in a row"):
@@ -145,10 +146,9 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, t
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)
 
 
-def test_out_of_memory_batch_is_skipped(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+def test_out_of_memory_batch_is_skipped(corpus, tiny_tokenizer_file, tmp_path, monkeypatch, caplog):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 6, "train.eval_every": 6})
-    lines = []
-    trainer = build_trainer(config, tmp_path / "run", log=lines.append)
+    trainer = build_trainer(config, tmp_path / "run")
     real = training.scheduled_logits
     calls = {"n": 0}
 
@@ -161,12 +161,13 @@ def test_out_of_memory_batch_is_skipped(corpus, tiny_tokenizer_file, tmp_path, m
     monkeypatch.setattr(training, "scheduled_logits", flaky)
     result = trainer.run()
     assert result.progress.step == 6 and result.progress.skipped_batches == 2
-    assert sum("out of memory on a batch" in line for line in lines) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("out of memory on a batch" in line for line in warnings) == 2
     assert (tmp_path / "run" / "last.pt").is_file()
 
 
 def test_other_runtime_errors_are_not_swallowed(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
-    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run")
 
     def broken(*args, **kwargs):
         raise RuntimeError("shape mismatch")
@@ -178,12 +179,12 @@ def test_other_runtime_errors_are_not_swallowed(corpus, tiny_tokenizer_file, tmp
 
 def test_resume_rejects_changed_model_keys(corpus, tiny_tokenizer_file, tmp_path):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
-    train(config, tmp_path / "run", log=lambda s: None)
+    train(config, tmp_path / "run")
     changed = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "model.hidden_dim": 64})
     with pytest.raises(Exception, match=r"model.hidden_dim=64 differs from the run's saved value 32"):
-        train(changed, tmp_path / "run", resume=True, log=lambda s: None)
+        train(changed, tmp_path / "run", resume=True)
     longer = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "train.eval_every": 2})
-    assert train(longer, tmp_path / "run", resume=True, log=lambda s: None).progress.step == 4
+    assert train(longer, tmp_path / "run", resume=True).progress.step == 4
 
 
 @pytest.mark.slow
@@ -207,11 +208,11 @@ def test_sigterm_saves_and_says_how_to_resume(corpus, tiny_tokenizer_file, tmp_p
     assert 0 < step < 100000
 
 
-def test_long_training_pairs_are_dropped_with_a_count(corpus, tiny_tokenizer_file, tmp_path):
-    lines = []
+def test_long_training_pairs_are_dropped_with_a_count(corpus, tiny_tokenizer_file, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="translate")
     config = tiny(corpus, tiny_tokenizer_file, **{"data.max_len": 6, "train.max_steps": 1, "train.eval_every": 1})
-    trainer = build_trainer(config, tmp_path / "run", log=lines.append)
-    dropped = [line for line in lines if line.startswith("dropped ")]
+    trainer = build_trainer(config, tmp_path / "run")
+    dropped = [line for line in package_messages(caplog) if line.startswith("dropped ")]
     assert len(dropped) == 1 and "of 600 training pairs longer than 6 pieces" in dropped[0]
     n_dropped = int(dropped[0].split()[1].replace(",", ""))
     assert 0 < n_dropped < 600 and len(trainer.data) == 600 - n_dropped
@@ -222,7 +223,7 @@ def test_fp16_overflow_steps_belong_to_the_loss_scaler(corpus, tiny_tokenizer_fi
     """A loss scale that makes the gradients overflow skips the update and halves the scale; that
     is the scaler calibrating, not a non-finite step, so a run survives more than five in a row."""
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 8, "train.eval_every": 100})
-    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(config, tmp_path / "run")
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
     real = training.sequence_loss  # a finite loss whose scaled gradients overflow at every step here
     monkeypatch.setattr(training, "sequence_loss", lambda *a, **k: real(*a, **k) * 1e20)
@@ -241,7 +242,7 @@ def test_fp16_overflow_steps_belong_to_the_loss_scaler(corpus, tiny_tokenizer_fi
 
 def test_a_non_finite_loss_still_counts_under_the_loss_scaler(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 30})
-    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(config, tmp_path / "run")
     trainer.scaler = torch.amp.GradScaler("cpu")
     real = training.sequence_loss
     monkeypatch.setattr(training, "sequence_loss", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -252,7 +253,7 @@ def test_a_non_finite_loss_still_counts_under_the_loss_scaler(corpus, tiny_token
 @pytest.mark.parametrize("metric", ["bleu", "chrf", "loss"])
 def test_the_eval_metric_picks_the_best_validation(corpus, tiny_tokenizer_file, tmp_path, metric):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.eval_metric": metric})
-    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(config, tmp_path / "run")
     records = [{"dev_loss": 3.0, "dev_ppl": 20.1, "dev_bleu": 5.0, "dev_chrf": 30.0},
                {"dev_loss": 2.0, "dev_ppl": 7.4, "dev_bleu": 4.0, "dev_chrf": 29.0},  # best loss only
                {"dev_loss": 2.5, "dev_ppl": 12.2, "dev_bleu": 4.5, "dev_chrf": 31.0}]  # best chrF only
@@ -269,12 +270,12 @@ def test_the_eval_metric_picks_the_best_validation(corpus, tiny_tokenizer_file, 
 
 def test_a_run_saved_before_eval_metric_keeps_its_best_bleu(corpus, tiny_tokenizer_file, tmp_path):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2})
-    train(config, tmp_path / "run", log=lambda s: None)
+    train(config, tmp_path / "run")
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     del payload["progress"]["best_score"]  # an older checkpoint: its best was chosen by BLEU
     payload["progress"].update(best_bleu=7.0, best_step=3, step=4)
     save_checkpoint(tmp_path / "run" / "last.pt", payload)
-    trainer = build_trainer(config, tmp_path / "run", resume=True, log=lambda s: None)
+    trainer = build_trainer(config, tmp_path / "run", resume=True)
     assert trainer.progress.best_score == 7.0  # brought up to date as the checkpoint loads
     trainer.on_validation({"dev_loss": 1.0, "dev_ppl": 2.7, "dev_bleu": 6.0, "dev_chrf": 40.0, "example": ""})
     assert trainer.progress.best_step == 3 and trainer.progress.bad_evals == 1
@@ -302,7 +303,7 @@ def test_label_smoothing_follows_its_definition():
 
 def test_gradients_are_clipped_to_clip_norm(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.clip_norm": 0.05})
-    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(config, tmp_path / "run")
     norms = []
     real_step = trainer.optimizer.step
 
@@ -324,7 +325,7 @@ def test_early_stopping_after_patience_validations_without_a_better_score(corpus
                                                                           monkeypatch):
     config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 100, "train.eval_every": 2,
                                                   "train.patience": 3})
-    trainer = build_trainer(config, tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(config, tmp_path / "run")
     scores = iter([5.0, 6.0, 6.0, 5.5, 6.0, 9.0])  # best at the 2nd validation, then 3 without better
     monkeypatch.setattr(trainer, "validate", lambda: {"dev_loss": 1.0, "dev_ppl": 2.7, "dev_bleu": next(scores),
                                                       "dev_chrf": 1.0, "example": ""})
@@ -340,7 +341,7 @@ def test_validation_decodes_as_eval_does_by_default(corpus, tiny_tokenizer_file,
     from translate import translator as translator_module
     from translate.translator import Translator
 
-    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run", log=lambda s: None)
+    trainer = build_trainer(tiny(corpus, tiny_tokenizer_file), tmp_path / "run")
     for default in ("int8", "fp32"):
         monkeypatch.setattr(translator_module, "CPU_PRECISION", default)
         as_eval = Translator(trainer.model, trainer.tokenizer, precision="auto")

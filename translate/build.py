@@ -7,9 +7,9 @@ and OpenNMT-py's build_trainer). ``train`` builds, runs and cleans up."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,36 +32,47 @@ from .tokenizer import Tokenizer
 from .training import Corpora, Learner, RunOutput, ScheduledForward, Trainer, TrainResult
 from .validation import DevSet, Validator
 
+logger = logging.getLogger(__name__)
+training_logger = logging.getLogger("translate.training")  # the progress lines: the loop's own
 
-def train(config: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+
+def train(config: Config, run_dir: str | Path, resume: bool = False,
           progress_bar: bool | None = None) -> TrainResult:
     """Trains (or resumes) a model in ``run_dir``. Under torchrun every process calls this; the
-    process group is left when training ends."""
-    trainer = build_trainer(config, run_dir, resume, log, progress_bar)
+    process group is left when training ends. Messages go to the ``translate`` logger (and the
+    run's train.log); the result says what the run reached."""
+    trainer = build_trainer(config, run_dir, resume, progress_bar)
     try:
         result = trainer.run()
     except BaseException:
+        trainer.train_log.close()
         shutdown(trainer.world, finished=False)
         raise
     shutdown(trainer.world)
     return result
 
 
-def build_trainer(config: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+def build_trainer(config: Config, run_dir: str | Path, resume: bool = False,
                   progress_bar: bool | None = None) -> Trainer:
     """A ``Trainer`` for a new run in ``run_dir``, or for the run there with ``resume``. Under
     torchrun every process calls this; rank 0 alone logs, validates and writes files."""
     world = init_world(config.train.device, config.train.dist_timeout_minutes)
-    if not world.main:
-        log = _silent
     payload = broadcast(world, open_run_dir(run_dir, resume) if world.main else None)
     if payload is not None:
         config = resume_config(config, Config.from_dict(payload["config"]))
-    train_log = None
     if world.main:  # the run directory keeps the resolved config and everything the run says
         write_config(run_dir, config)
-        train_log = TrainLog(run_dir)
-        log = _tee(log, train_log.write)
+    train_log = TrainLog(run_dir if world.main else None)
+    try:
+        return _assemble(config, world, payload, Path(run_dir), train_log, progress_bar)
+    except BaseException:  # a run that cannot start leaves the logger as it found it
+        train_log.close()
+        raise
+
+
+def _assemble(config: Config, world: World, payload: dict | None, run_dir: Path, train_log: TrainLog,
+              progress_bar: bool | None) -> Trainer:
+    """``build_trainer``'s parts, in the order they depend on each other."""
     cfg = config.train
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -70,21 +81,21 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False, log
         device = torch.device("cuda", world.local_rank)
     seed_everything(cfg.seed + world.rank)  # each rank its own dropout masks
 
-    corpora = prepare_corpora(config, world, payload, Path(run_dir), log)
+    corpora = prepare_corpora(config, world, payload, run_dir)
     learner = build_learner(config, world, corpora.tokenizer, device)
     progress = Progress()
     if payload is not None:
         progress = restore_learner(payload, learner, world, cfg.seed)
-        log(f"resumed {run_dir} at step {progress.step} (epoch {progress.epoch + 1}, "
-            f"best dev BLEU {max(progress.best_bleu, 0):.2f})")
+        logger.info(f"resumed {run_dir} at step {progress.step} (epoch {progress.epoch + 1}, "
+                    f"best dev BLEU {max(progress.best_bleu, 0):.2f})")
     if world.distributed:  # wrapping broadcasts rank 0's parameters to every rank
         learner.forward = DistributedDataParallel(learner.forward,
                                                   device_ids=[device.index] if device.type == "cuda" else None)
     in_place = (sys.stderr.isatty() if progress_bar is None else progress_bar) and world.main
     main = world.main  # rank 0 alone validates and writes files
-    output = RunOutput(Path(run_dir), log, ProgressLine(log, in_place, train_log),
+    output = RunOutput(run_dir, ProgressLine(training_logger.info, in_place, train_log), train_log,
                        saver=CheckpointSaver(run_dir, cfg.keep_checkpoints) if main else None,
-                       metrics=MetricsLog(run_dir, cfg.tensorboard) if main else None, train_log=train_log)
+                       metrics=MetricsLog(run_dir, cfg.tensorboard) if main else None)
     validator = Validator(learner.model, corpora.tokenizer, corpora.dev, beam=cfg.eval_beam, amp=cfg.amp,
                           device=device, amp_dtype=learner.amp_dtype, lexicon=corpora.lexicon) if main else None
     trainer = Trainer(config, world, corpora, learner, progress, output, validator)
@@ -127,17 +138,16 @@ def _announce(trainer: Trainer) -> None:
         corpus = (f"{len(data):,} training pairs, {len(epoch_batches):,} batches an epoch "
                   f"(padding {padding_fraction(data.lengths, epoch_batches):.1%})")
     precision = f" with {str(trainer.amp_dtype).split('.')[-1]}" if trainer.amp_dtype else ""
-    trainer.log(f"{corpus}; {trainer.model.parameter_count():,} parameters; device {trainer.device}{precision}; "
+    logger.info(f"{corpus}; {trainer.model.parameter_count():,} parameters; device {trainer.device}{precision}; "
                 f"run directory {trainer.run_dir}")
     batches = cfg.accumulate * world.size
     if batches > 1:
-        trainer.log(f"{world.size} process(es) x accumulate {cfg.accumulate}: {batches} batches (up to "
+        logger.info(f"{world.size} process(es) x accumulate {cfg.accumulate}: {batches} batches (up to "
                     f"{cfg.batch_tokens * batches:,} tokens) a step; peak lr {trainer.lr_schedule.peak:.2e} "
                     f"(train.lr_scaling={cfg.lr_scaling})")
 
 
-def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir: Path,
-                    log: Callable[[str], None]) -> Corpora:
+def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir: Path) -> Corpora:
     """Reads the training corpus (Arrow, memory-mapped; or a stream with ``data.streaming``) and the
     dev set, trains or loads the tokenizer (rank 0, then sent to the others), and tokenizes the
     corpus once into files beside its Arrow cache (the first process of each node; the others
@@ -150,7 +160,7 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
     elif not world.main:
         tokenizer = Tokenizer(*broadcast(world, None))
     else:
-        tokenizer = _main_tokenizer(config, train, log)
+        tokenizer = _main_tokenizer(config, train)
         broadcast(world, (tokenizer.src_proto, tokenizer.tgt_proto))
     if world.main:
         tokenizer.save(run_dir)
@@ -167,7 +177,7 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
         # no worker processes once a process group exists: forking a process that holds gloo/NCCL
         # threads and sockets is unsafe (a child's exit can break the group's connections)
         workers = 1 if world.distributed else data.num_proc
-        src_ids, tgt_ids = tokenize_corpus(train, tokenizer, data.src_lang, data.tgt_lang, workers, log)
+        src_ids, tgt_ids = tokenize_corpus(train, tokenizer, data.src_lang, data.tgt_lang, workers)
         if preparing:
             barrier(world)
         pairs = len(train)
@@ -177,7 +187,7 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
             raise DataError(f"{data.train}: no pair is at most data.max_len={data.max_len} pieces long; "
                             f"raise data.max_len")
         if batches.dropped:
-            log(f"dropped {batches.dropped:,} of {pairs:,} training pairs longer than {data.max_len} pieces")
+            logger.info(f"dropped {batches.dropped:,} of {pairs:,} training pairs longer than {data.max_len} pieces")
     dev_batches = TrainingData(Encoded(tokenizer.encode_src(dev.src)), Encoded(tokenizer.encode_tgt(dev.tgt)),
                                cfg.batch_tokens, cfg.seed)
     dev_set = DevSet(dev_batches, dev.src, dev.tgt)  # pairs for the dev loss; text decoded as `translate eval` decodes
@@ -188,7 +198,8 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
             started = time.monotonic()
             encoded = None if data.streaming else (batches.src, batches.tgt)
             lexicon = fit_lexicon(config, tokenizer, train, encoded)
-            log(f"fitted the lexicon of decoding shortlists (IBM Model 1) in {time.monotonic() - started:.0f} s")
+            seconds = time.monotonic() - started
+            logger.info(f"fitted the lexicon of decoding shortlists (IBM Model 1) in {seconds:.0f} s")
     return Corpora(tokenizer, batches, dev_set, lexicon)
 
 
@@ -209,14 +220,14 @@ def fit_lexicon(config: Config, tokenizer: Tokenizer, train=None, encoded=None) 
     return build_lexicon(*encoded, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, seed=config.train.seed)
 
 
-def _main_tokenizer(config: Config, train, log: Callable[[str], None]) -> Tokenizer:
+def _main_tokenizer(config: Config, train) -> Tokenizer:
     """``tokenizer.model`` when given, else a SentencePiece model trained on a sample of the corpus."""
     tok, data = config.tokenizer, config.data
     if tok.model:
         return Tokenizer.load(tok.model)
-    log(f"training a SentencePiece {tok.type} tokenizer ({'joint' if tok.joint else 'separate'} "
-        f"vocabulary of {tok.vocab_size}) on "
-        f"{'the first pairs of the stream' if data.streaming else f'{len(train):,} pairs'}")
+    logger.info(f"training a SentencePiece {tok.type} tokenizer ({'joint' if tok.joint else 'separate'} "
+                f"vocabulary of {tok.vocab_size}) on "
+                f"{'the first pairs of the stream' if data.streaming else f'{len(train):,} pairs'}")
     seed = config.train.seed
     if data.streaming:
         sample_src, sample_tgt = first_sentences(train, data.src_lang, data.tgt_lang, tok.max_sentences)
@@ -234,15 +245,3 @@ def make_adam(model: nn.Module, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(model.parameters(), lr=lr)
-
-
-def _tee(first: Callable[[str], None], second: Callable[[str], None]) -> Callable[[str], None]:
-    def both(line: str) -> None:
-        first(line)
-        second(line)
-
-    return both
-
-
-def _silent(line: str) -> None:
-    """The log of ranks other than 0."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from . import __version__
 from .config import load_config, parse_overrides
 from .corpus import iter_lines, no_tqdm_monitor, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
-from .runtime import configure_process
+from .runtime import configure_logging, configure_process, console_level
 from .translator import CPU_PRECISION, DecodeOptions, Translator
 
 
@@ -38,7 +39,7 @@ class Group(click.Group):
     command_class = Command
 
 
-VERBOSITY = {"level": 1}  # 0 quiet, 1 normal, 2 verbose
+logger = logging.getLogger(__name__)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,17 +62,12 @@ def main(quiet, verbose):
     Every config key (model.*, train.*, data.*, tokenizer.*) can be set with --set KEY=VALUE or in
     a YAML --config; docs/configuration.md lists them, and a wrong key is an error
     that lists the valid ones. Run "translate COMMAND --help" for a command's options."""
-    VERBOSITY["level"] = 0 if quiet else 2 if verbose else 1
+    configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     configure_process()
 
 
-def _log(line: str) -> None:
-    """Progress lines: hidden by --quiet except warnings and the final summary."""
-    if VERBOSITY["level"] > 0 or line.startswith(("warning", "done:", "saved ")):
-        _echo_err(line)
-
-
 def _echo_err(line: str) -> None:
+    """A command's result on stderr (its log records go through ``logging``)."""
     click.echo(line, err=True)
 
 
@@ -79,7 +75,7 @@ def _load_translator(checkpoint: str, options: DecodeOptions, precision: str) ->
     """``Translator.load``, with a warning when it cannot decode in the precision asked for."""
     translator = Translator.load(checkpoint, options, precision)
     if translator.note:
-        _echo_err(f"warning: {translator.note}")
+        logger.warning(translator.note)
     return translator
 
 
@@ -112,11 +108,13 @@ def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_
     if (max_steps is not None or max_epochs is not None) and "train.max_minutes" not in pairs:
         pairs["train.max_minutes"] = 0
     config = load_config(config_file, pairs)
-    if VERBOSITY["level"] > 1:
+    if logger.isEnabledFor(logging.DEBUG):
         import yaml
 
-        _echo_err("configuration:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-    result = run_training(config, run_dir, resume=resume, log=_log)
+        logger.debug("configuration:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    result = run_training(config, run_dir, resume=resume)
+    if result.main:
+        _echo_err(result.summary())
     if result.stopped_by:  # as a shell reports a process ended by that signal
         sys.exit(143 if result.stopped_by == "SIGTERM" else 130)
 
@@ -246,7 +244,7 @@ def decode(checkpoint, input_file, output_file, scores, options, precision):
             else:
                 out.write("".join(f"{index}\t{t.score:.4f}\t{t.text}\n" for t in nbest))
     if truncated:
-        _echo_err(f"warning: {sum(truncated)} input line(s) longer than the model reads were truncated")
+        logger.warning(f"{sum(truncated)} input line(s) longer than the model reads were truncated")
 
 
 @main.command()
@@ -273,7 +271,7 @@ def score(checkpoint, src_file, ref_file, output_file, options, precision):
 def _progress_bar(total: int | None, quiet: bool = False):
     """A progress bar on stderr while a file is decoded, where stderr is a terminal (and not with
     --quiet); yields the function that advances it."""
-    if quiet or VERBOSITY["level"] == 0 or not sys.stderr.isatty():
+    if quiet or console_level() > logging.INFO or not sys.stderr.isatty():
         yield lambda n: None
         return
     from tqdm import tqdm
@@ -425,7 +423,7 @@ def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request
     languages = (translator.config.data.src_lang, translator.config.data.tgt_lang)
     try:
         server = make_server(batcher, host, port, max_sentences=max_sentences, info=info, languages=languages,
-                             request_timeout=request_timeout, access_log=_echo_err if access_log else None,
+                             request_timeout=request_timeout, access_log=logger.info if access_log else None,
                              cors=cors)
     except OSError as exc:
         raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -25,6 +26,8 @@ import numpy as np
 from .corpus import column_chunks
 from .memory import release_mapped_pages, return_freed_memory
 from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "2"  # bump when the cached files change layout (2: a manifest in "done")
 MAP_BATCH = 10_000  # rows tokenized, and written, at a time by Dataset.map
@@ -115,8 +118,8 @@ def cache_dir_for(table) -> Path:
     return Path(os.environ.get("TRANSLATE_CACHE", Path.home() / ".cache" / "translate"))
 
 
-def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, num_proc: int = 0,
-                    log=lambda line: None) -> tuple[DiskEncoded, DiskEncoded]:
+def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str,
+                    num_proc: int = 0) -> tuple[DiskEncoded, DiskEncoded]:
     """Tokenizes ``table`` once with ``Dataset.map`` (cached by the data's and the tokenizer's
     fingerprints, so a later run with the same tokenizer reuses it) and lays the ids out flat.
 
@@ -128,15 +131,15 @@ def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, n
                          .encode()).hexdigest()[:16]
     directory = cache_dir_for(table) / f"translate-{key}"
     if _intact(directory, key, len(table)):
-        log("reusing the corpus tokenized by an earlier run (cached beside its Arrow files)")
+        logger.info("reusing the corpus tokenized by an earlier run (cached beside its Arrow files)")
     else:
         if directory.exists():  # incomplete or damaged: set aside, then rebuilt
-            log(f"the cached tokenized corpus ({directory.name}) does not match its manifest; tokenizing again")
+            logger.info(f"the cached tokenized corpus ({directory.name}) does not match its manifest; tokenizing again")
             _set_aside(directory)
         own = directory.with_name(f"{directory.name}.part-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         own.mkdir(parents=True)
         workers = num_proc or max(1, min(os.cpu_count() or 1, 8))
-        log(f"tokenizing {len(table):,} pairs with {workers} process(es) (cached for later runs)")
+        logger.info(f"tokenizing {len(table):,} pairs with {workers} process(es) (cached for later runs)")
         tokenized = table.map(
             _encode_rows, batched=True, batch_size=MAP_BATCH, writer_batch_size=MAP_BATCH,
             num_proc=workers if workers > 1 else None,

@@ -6,6 +6,7 @@ line. Checkpoints in it are written by ``checkpoint.CheckpointSaver``."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 from .checkpoint import load_checkpoint
 from .config import Config
 from .errors import CheckpointError, MissingExtraError
+from .runtime import PACKAGE_LOGGER, LevelFormatter
 
 
 def open_run_dir(run_dir: str | Path, resume: bool) -> dict[str, Any] | None:
@@ -51,15 +53,36 @@ def write_config(run_dir: str | Path, config: Config) -> None:
                                                encoding="utf-8")
 
 
-class TrainLog:
-    """``train.log``: every message of the run, time-stamped, appended as training goes (a resumed
-    run adds to it); progress lines at most every ``progress_every`` seconds."""
+class TrainLog(logging.Handler):
+    """``train.log``: every message of the run (the package's log records at INFO and above),
+    time-stamped, appended as training goes (a resumed run adds to it); progress lines drawn in
+    place on a terminal at most every ``progress_every`` seconds. While attached, the package's
+    logger passes INFO and above; with no ``run_dir`` (ranks other than 0, which write no files)
+    nothing is written and it passes only warnings and errors, so that one process speaks for the
+    run. ``close`` detaches it and gives the logger back its level."""
 
-    def __init__(self, run_dir: str | Path, progress_every: float = 30.0):
-        self.file = (Path(run_dir) / "train.log").open("a", encoding="utf-8")
+    def __init__(self, run_dir: str | Path | None, progress_every: float = 30.0):
+        super().__init__(logging.INFO)
+        self.setFormatter(LevelFormatter())
+        self.file = None if run_dir is None else (Path(run_dir) / "train.log").open("a", encoding="utf-8")
         self.progress_every, self.last_progress = progress_every, -float("inf")
+        logger = logging.getLogger(PACKAGE_LOGGER)
+        self.level_before = logger.level
+        if self.file is None:
+            logger.setLevel(logging.WARNING)
+        elif logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.write(self.format(record))
+        except Exception:  # as logging's own handlers: a failing handler never raises
+            self.handleError(record)
 
     def write(self, line: str, progress: bool = False) -> None:
+        if self.file is None:
+            return
         if progress:
             if time.monotonic() - self.last_progress < self.progress_every:
                 return
@@ -68,7 +91,12 @@ class TrainLog:
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        logger = logging.getLogger(PACKAGE_LOGGER)
+        logger.removeHandler(self)
+        logger.setLevel(self.level_before)
+        if self.file is not None:
+            self.file.close()
+        super().close()
 
 
 class MetricsLog:

@@ -1,16 +1,20 @@
 """Where and how the process computes: the device, the mixed-precision type, bounds on the CPU
-kernel caches and random-number state. (The process's memory: ``memory.py``.)
+kernel caches and random-number state, and where the package's log records go. (The process's
+memory: ``memory.py``.)
 
-Nothing here runs on import: the command line calls ``configure_process`` once at its entry
-(library users may call it too), so importing the package leaves the process as it was.
+Nothing here runs on import: the command line calls ``configure_process`` and
+``configure_logging`` once at its entry (library users may call them too), so importing the
+package leaves the process as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,52 @@ def configure_process() -> dict[str, str]:
     for name, value in CPU_CACHE_BOUNDS.items():
         os.environ.setdefault(name, value)
     return {name: os.environ[name] for name in CPU_CACHE_BOUNDS}
+
+
+# ---------------------------------------------------------------- log records
+
+PACKAGE_LOGGER = "translate"  # every module logs under it, as logging.getLogger(__name__)
+
+
+class LevelFormatter(logging.Formatter):
+    """A record as this project shows it: the message, behind its level where that is a warning or
+    worse ("warning: ..."), so that a message's own text never carries its level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+class StderrHandler(logging.Handler):
+    """Writes records to whatever ``sys.stderr`` is when they come (so a captured or replaced
+    stream gets them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # as logging's own handlers: a failing handler never raises
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> logging.Logger:
+    """Shows the package's records of ``level`` and above on stderr (the command line's -q:
+    WARNING, -v: DEBUG), in place of any handler an earlier call set. The package's logger itself
+    passes INFO and above, so that a run's train.log has them whatever the console shows."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    for handler in [h for h in logger.handlers if isinstance(h, StderrHandler)]:
+        logger.removeHandler(handler)
+    handler = StderrHandler(level)
+    handler.setFormatter(LevelFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(min(level, logging.INFO))
+    return logger
+
+
+def console_level() -> int:
+    """The least level the console shows (``configure_logging``'s; logging's WARNING without it)."""
+    handlers = [h for h in logging.getLogger(PACKAGE_LOGGER).handlers if isinstance(h, StderrHandler)]
+    return handlers[-1].level if handlers else logging.WARNING
 
 
 # ---------------------------------------------------------------- device and precision

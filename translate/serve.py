@@ -22,6 +22,7 @@ trace in the log. ``access_log`` gets one line per request.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import sys
 import threading
@@ -36,6 +37,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 from .errors import ConfigError, RequestError
 from .translator import DecodeOptions, Translation, Translator
+
+logger = logging.getLogger(__name__)
 
 OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio")  # named as DecodeOptions names them
 REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "scores", "attention")
@@ -434,7 +437,7 @@ class Server(ThreadingHTTPServer):
         """One line, no traceback (clients that go away are not errors, and are not reported)."""
         error = sys.exc_info()[1]
         if not isinstance(error, (ConnectionError, TimeoutError)):
-            print(f"error serving {client_address[0]}: {type(error).__name__}: {error}", file=sys.stderr)
+            logger.error(f"serving {client_address[0]}: {type(error).__name__}: {error}")
 
 
 def make_server(batcher: RequestBatcher, host: str = "127.0.0.1", port: int = 8080, max_body: int = 1 << 20,

@@ -13,6 +13,7 @@ decoder's inputs: ``schedules`` gives the ratio of each step, ``feeding`` decide
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,8 @@ from .schedules import LRSchedule, teacher_forcing_ratio
 from .shortlist import Lexicon
 from .tokenizer import PAD, Tokenizer
 from .validation import DevScores, DevSet, Validator, metric_score, sequence_loss
+
+logger = logging.getLogger(__name__)
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run stops
 
@@ -87,15 +90,14 @@ class Learner:
 
 @dataclass
 class RunOutput:
-    """Where a run's messages and files go. Under torchrun only rank 0 writes files: the other
-    ranks have no saver, metrics or train.log."""
+    """Where a run's files and the messages it does not log go. Under torchrun only rank 0 writes
+    files: the other ranks have no saver or metrics, and a train.log that writes nothing."""
 
     run_dir: Path
-    log: Callable[[str], None]
     line: ProgressLine
+    train_log: TrainLog  # attached to the package's logger while the run lasts; closed when it ends
     saver: CheckpointSaver | None = None
     metrics: MetricsLog | None = None
-    train_log: TrainLog | None = None  # train.log, which ``log`` also writes; closed when the run ends
 
 
 # ---------------------------------------------------------------- what it reached
@@ -111,6 +113,7 @@ class TrainResult:
     final_dev: DevScores | None = None  # the last validation of this stretch of the run; None if none ran
     last_checkpoint: Path | None = None
     best_checkpoint: Path | None = None  # None until a validation has written one
+    main: bool = True  # the result of rank 0, the process that speaks for the run
 
     @property
     def steps(self) -> int:
@@ -137,8 +140,13 @@ class TrainResult:
         return self.stop_reason.removeprefix(prefix) if self.stop_reason.startswith(prefix) else None
 
     def summary(self) -> str:
-        return (f"done: {self.stop_reason} at step {self.steps}; best dev BLEU {self.best_bleu:.2f} at step "
+        """The closing line (two for a run stopped to be resumed: how to continue it)."""
+        done = (f"done: {self.stop_reason} at step {self.steps}; best dev BLEU {self.best_bleu:.2f} at step "
                 f"{self.best_step}; checkpoints in {self.run_dir}")
+        if self.stopped_by is None:
+            return done
+        resume = f"translate train --run-dir {self.run_dir} --resume"
+        return f"saved {self.run_dir / 'last.pt'}; continue with: {resume}\n{done}"
 
 
 # ---------------------------------------------------------------- the run
@@ -154,7 +162,7 @@ class Trainer:
         self.model, self.forward, self.optimizer = learner.model, learner.forward, learner.optimizer
         self.lr_schedule, self.scaler = learner.lr_schedule, learner.scaler
         self.device, self.amp_dtype = learner.device, learner.amp_dtype
-        self.run_dir, self.log, self.line = output.run_dir, output.log, output.line
+        self.run_dir, self.line = output.run_dir, output.line
         self.saver, self.metrics, self.train_log = output.saver, output.metrics, output.train_log
         self.speed = Speedometer(self.device)
         self.stop_signal: str | None = None
@@ -201,8 +209,9 @@ class Trainer:
             self.progress.nonfinite_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
-            self.log(f"step {self.progress.step + 1}: non-finite loss or gradient, step skipped "
-                     f"({self.progress.nonfinite_steps} in a row)")
+            self.line.clear()
+            logger.warning(f"step {self.progress.step + 1}: non-finite loss or gradient, step skipped "
+                           f"({self.progress.nonfinite_steps} in a row)")
             if self.progress.nonfinite_steps >= MAX_NONFINITE:
                 raise TrainingError(f"{MAX_NONFINITE} non-finite steps in a row; lower train.lr or raise "
                                     f"train.clip_norm. The last good checkpoint is {self.run_dir / 'last.pt'}")
@@ -232,9 +241,9 @@ class Trainer:
             torch.cuda.empty_cache()
         self.progress.skipped_batches += 1
         self.line.clear()
-        self.log(f"warning: step {self.progress.step + 1}: out of memory on a batch of {batch.size} sentences "
-                 f"({batch.src.size(1)} x {batch.tgt_in.size(1)} tokens); skipped it "
-                 f"({self.progress.skipped_batches} so far). Lower train.batch_tokens if this repeats")
+        logger.warning(f"step {self.progress.step + 1}: out of memory on a batch of {batch.size} sentences "
+                       f"({batch.src.size(1)} x {batch.tgt_in.size(1)} tokens); skipped it "
+                       f"({self.progress.skipped_batches} so far). Lower train.batch_tokens if this repeats")
         return torch.zeros((), device=self.device), 0
 
     # -- validation and checkpoints ---------------------------------------------------------------
@@ -261,9 +270,9 @@ class Trainer:
         self.write_metrics({"kind": "dev", "step": p.step, "epoch": p.epoch, "lr": lr, "tf_ratio": p.tf_ratio,
                             **{k: v for k, v in scores.items() if k != "example"}, "best": improved})
         self.line.clear()
-        self.log(f"step {p.step:>6} | dev loss {scores['dev_loss']:.3f} ppl {scores['dev_ppl']:.2f} | "
-                 f"BLEU {scores['dev_bleu']:.2f} chrF {scores['dev_chrf']:.2f}"
-                 f"{' (best)' if improved else ''} | lr {lr:.2e} | e.g. {scores['example'][:60]!r}")
+        logger.info(f"step {p.step:>6} | dev loss {scores['dev_loss']:.3f} ppl {scores['dev_ppl']:.2f} | "
+                    f"BLEU {scores['dev_bleu']:.2f} chrF {scores['dev_chrf']:.2f}"
+                    f"{' (best)' if improved else ''} | lr {lr:.2e} | e.g. {scores['example'][:60]!r}")
 
     def payload(self) -> dict[str, Any]:
         return training_payload(self.config, self.tokenizer, self.model, self.optimizer, self.lr_schedule,
@@ -331,17 +340,15 @@ class Trainer:
         return self._finish(reason)
 
     def _finish(self, reason: str) -> TrainResult:
-        """What the run reached, said in the log (which closes)."""
+        """What the run reached, written last in train.log (which closes)."""
         saver = self.saver
         result = TrainResult(self.run_dir, replace(self.progress), reason, self.final_dev,
-                             saver.last if saver else None, saver.best if saver and saver.best.is_file() else None)
+                             saver.last if saver else None, saver.best if saver and saver.best.is_file() else None,
+                             self.world.main)
         self.line.clear()
-        if self.stop_signal:
-            self.log(f"saved {self.run_dir / 'last.pt'}; continue with: "
-                     f"translate train --run-dir {self.run_dir} --resume")
-        self.log(result.summary())
-        if self.train_log is not None:
-            self.train_log.close()
+        for line in result.summary().splitlines():  # the command prints them: its result
+            self.train_log.write(line)
+        self.train_log.close()
         return result
 
     def _epoch_steps(self) -> Iterator[tuple[list[Batch], int]]:
