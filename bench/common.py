@@ -1,13 +1,16 @@
-"""Helpers shared by the benchmark scripts: peak memory, a measured matmul peak, model FLOPs."""
+"""Helpers shared by the benchmark scripts: the evaluation sets and their figures (BLEU, chrF,
+degenerate outputs, names and numbers carried), peak memory, a measured matmul peak, model FLOPs."""
 
 from __future__ import annotations
 
 import platform
+import re
 import resource
 import time
 from pathlib import Path
 
 import torch
+from sacrebleu.metrics import BLEU, CHRF
 
 from translate.config import BUNDLED_DATA, ModelConfig
 from translate.corpus import read_lines, read_parallel
@@ -20,6 +23,76 @@ def evaluation_sets() -> dict[str, tuple[list[str], list[str]]]:
     """Sources and references of the bundled test split ("test") and the Bible verses ("bible")."""
     test = read_parallel(str(BUNDLED_DATA / "test.tsv"), "spa", "eng", "test")
     return {"test": (test.src, test.tgt), "bible": (read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))}
+
+
+def long_fifth(sources: list[str]) -> list[int]:
+    """The indices of the longest fifth of ``sources`` by words (ties by position), in order."""
+    by_length = sorted(range(len(sources)), key=lambda i: (-len(sources[i].split()), i))
+    return sorted(by_length[: len(by_length) // 5])
+
+
+_OPENING = re.compile(r"^[\s¿¡]+")
+_CLOSING = re.compile(r"[\s.!?]+$")
+
+
+def casual(line: str) -> str:
+    """``line`` as people type it into a chat box: lower case, no opening ``¿ ¡``, no closing
+    ``. ! ?`` (marks inside the line stay)."""
+    return _CLOSING.sub("", _OPENING.sub("", line.lower()))
+
+
+_WORD_RUN = re.compile(r"(?<!\S)(\S+)(?:\s+\1){3,}(?!\S)")  # a word 4+ times in a row
+_PHRASE_RUN = re.compile(r"(?<!\S)(\S+(?:\s+\S+){1,3}?)(?:\s+\1){3,}(?!\S)")  # 2-4 words, 4+ times in a row
+_CHAR_RUN = re.compile(r"(\S)\1{3,}")  # a character 4+ times in a row
+
+
+def degenerate(hypothesis: str, reference: str) -> bool:
+    """What hallucination looks like here: a word, a phrase of up to four words or a character
+    repeated four or more times in a row, or more than twice the reference's words."""
+    return bool(_WORD_RUN.search(hypothesis) or _PHRASE_RUN.search(hypothesis) or _CHAR_RUN.search(hypothesis)) \
+        or len(hypothesis.split()) > 2 * max(1, len(reference.split()))
+
+
+def length_ratio(hypotheses: list[str], references: list[str]) -> float:
+    return sum(len(h.split()) for h in hypotheses) / max(1, sum(len(r.split()) for r in references))
+
+
+_TOKEN = re.compile(r"\w+(?:[.,]\d+)*")
+_SENTENCE_END = re.compile(r"[.!?;:¿¡«\"(]$")
+
+
+def names_and_numbers(source: str) -> list[str]:
+    """The numbers (any token with a digit) and names (a capitalised word that does not open the
+    line or follow a sentence mark) in ``source``."""
+    found = []
+    for match in _TOKEN.finditer(source):
+        token = match.group()
+        before = source[: match.start()].rstrip()
+        opens = not before or bool(_SENTENCE_END.search(before))
+        if any(c.isdigit() for c in token) or (token[:1].isupper() and not opens and not token.isupper()):
+            found.append(token)
+    return found
+
+
+def carried(sources: list[str], hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Of the names and numbers of each source that its reference keeps as they are (Jerusalem,
+    Tom, 1.5: a translation should too; Moisés -> Moses is left out), the share (%) the hypothesis
+    keeps, with how many there were."""
+    kept = total = 0
+    for source, hypothesis, reference in zip(sources, hypotheses, references):
+        expected = [t for t in names_and_numbers(source) if re.search(rf"(?<!\w){re.escape(t)}(?!\w)", reference)]
+        total += len(expected)
+        kept += sum(1 for t in expected if re.search(rf"(?<!\w){re.escape(t)}(?!\w)", hypothesis))
+    return {"carried": 100 * kept / max(1, total), "carried_of": total}
+
+
+def figures(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu's defaults), the share (%) of degenerate outputs and the
+    length ratio in words."""
+    return {"bleu": BLEU().corpus_score(hypotheses, [references]).score,
+            "chrf": CHRF().corpus_score(hypotheses, [references]).score,
+            "degenerate": 100 * sum(map(degenerate, hypotheses, references)) / max(1, len(hypotheses)),
+            "length_ratio": length_ratio(hypotheses, references)}
 
 
 def peak_rss_mb() -> float:

@@ -45,7 +45,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, evaluation_sets
+from common import cpu_model, evaluation_sets, figures, long_fifth
 
 from translate.runtime import configure_process
 from translate.translator import DecodeOptions, Translator
@@ -68,26 +68,6 @@ DEFAULT_VARIANTS = [  # teacher forcing first: the baseline of the paired tests
     f"two-passes={_SCHEDULED},train.tf_passes=2",
     f"sentence-oracle={_SCHEDULED},train.tf_feed=sentence",
 ]
-
-_WORD_RUN = re.compile(r"(?<!\S)(\S+)(?:\s+\1){3,}(?!\S)")  # a word 4+ times in a row
-_CHAR_RUN = re.compile(r"(\S)\1{3,}")  # a character 4+ times in a row
-
-
-def degenerate(hypothesis: str, reference: str) -> bool:
-    return bool(_WORD_RUN.search(hypothesis) or _CHAR_RUN.search(hypothesis)) or \
-        len(hypothesis.split()) > 2 * max(1, len(reference.split()))
-
-
-def length_ratio(hypotheses: list[str], references: list[str]) -> float:
-    return sum(len(h.split()) for h in hypotheses) / max(1, sum(len(r.split()) for r in references))
-
-
-def figures(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    return {"bleu": BLEU().corpus_score(hypotheses, [references]).score,
-            "chrf": CHRF().corpus_score(hypotheses, [references]).score,
-            "degenerate": 100 * sum(map(degenerate, hypotheses, references)) / max(1, len(hypotheses)),
-            "length_ratio": length_ratio(hypotheses, references)}
-
 
 def train(run_dir: Path, seed: int, overrides: list[str], minutes: float | None) -> None:
     command = ["translate", "train", "--run-dir", str(run_dir), "--set", f"train.seed={seed}"]
@@ -193,9 +173,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     sets = evaluation_sets()
     test_src, test_tgt = sets["test"]
-    by_length = sorted(range(len(test_src)), key=lambda i: (-len(test_src[i].split()), i))
-    long_fifth = sorted(by_length[: len(by_length) // 5])
-    references = {"test": test_tgt, "long": [test_tgt[i] for i in long_fifth], "bible": sets["bible"][1]}
+    longest = long_fifth(test_src)
+    references = {"test": test_tgt, "long": [test_tgt[i] for i in longest], "bible": sets["bible"][1]}
 
     runs: list[dict] = []
     for seed in seeds:  # one seed of every configuration first: the table fills in evenly
@@ -204,7 +183,7 @@ def main() -> None:
             if run is None:
                 continue
             for beam in BEAMS:
-                run["outputs"][f"long.b{beam}"] = [run["outputs"][f"test.b{beam}"][i] for i in long_fifth]
+                run["outputs"][f"long.b{beam}"] = [run["outputs"][f"test.b{beam}"][i] for i in longest]
             run["scores"] = {key: figures(hyps, references[key.split(".")[0]]) for key, hyps in run["outputs"].items()}
             runs.append(run)
             print(f"{name} seed {seed}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in run["scores"].items()),
