@@ -1,0 +1,304 @@
+"""The user's own text: a model scored zero-shot on what users type and on another domain, then
+fine-tuned to that domain, with and without mixing in its original data, against training from
+scratch on the same data for the same budget.
+
+(a) Zero-shot: each BASE checkpoint (the default ``translate train`` model, one per seed) decoded
+    with today's defaults and with the decoding of before this bench's issue (``BEFORE``: no
+    sentence splitting, no n-gram blocking, no restoration of casual input, no identity
+    shortlist), on
+
+    - ``test``: the bundled test split;
+    - ``casual``: the same sources lower-cased, without opening ``¿ ¡`` or closing ``. ! ?``
+      (``common.casual``), scored against the same references;
+    - ``long``: the test's longest fifth by source words;
+    - ``bible``: ``../shared/data/bible-es-en.dev``, Bible verses (evaluation only for the base).
+
+(b) Fine-tuning on ``../shared/data/bible-es-en.train.tsv`` (24,870 verses, disjoint from the dev
+    verses) with the Bible dev set as the run's dev set and the bundled dev split as an extra dev
+    set, for each seed:
+
+    - ``finetune``: ``translate train --init-from BASE`` on the Bible verses alone;
+    - ``finetune-mix``: the same with ``--mix`` the base's own training data, as many sentences as
+      the new data each epoch (mixed fine-tuning, Chu et al., 2017);
+    - ``scratch``: a default ``translate train`` on the Bible verses alone.
+
+    Each run is scored like (a), with today's decoding. Fine-tuning starts from the first BASE.
+
+Every run gets the same budget: ``--minutes`` of wall time (the machine must be otherwise idle)
+or ``--steps`` updates (what a run of those minutes makes on this machine: immune to a busy
+machine, so that runs may share it, ``--threads 1`` each). Runs that finished before are skipped,
+so the bench resumes where it stopped. Each scored model leaves its translations and figures in
+RESULTS/<arm>-s<seed>.json.gz (kept in git); the table (means and standard deviations over seeds)
+is made from those files alone:
+
+    python bench/domain.py --base checkpoints/default/best.pt --arms zero-shot
+    python bench/domain.py --base B1 --base B2 --seeds 1,2 --steps 3600 --threads 1 --arms scratch
+    python bench/domain.py --table-only --json bench/results/domain.json --doc docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BIBLE, carried, casual, cpu_model, evaluation_sets, figures, long_fifth
+
+from translate.config import BUNDLED_DATA
+from translate.corpus import read_lines
+from translate.runtime import configure_process
+from translate.translator import DecodeOptions, Translator
+
+ROOT = Path(__file__).resolve().parents[1]
+BIBLE_TRAIN = BIBLE.parent / "bible-es-en.train.tsv"
+ARMS = ("zero-shot", "finetune", "finetune-mix", "scratch")
+SETS = ("test", "casual", "long", "bible")
+# the decoding of before: every option that issue 34 added, off (an option this checkout lacks is left out)
+BEFORE = {"split": "none", "no_repeat_ngram": 0, "restore_case": False, "copy_source": False}
+DOC_BEGIN, DOC_END = "<!-- domain-table:begin -->", "<!-- domain-table:end -->"
+
+
+def before_options() -> DecodeOptions:
+    known = {field.name for field in dataclasses.fields(DecodeOptions)}
+    return DecodeOptions(**{name: value for name, value in BEFORE.items() if name in known})
+
+
+def scoring_sets() -> dict[str, tuple[list[str], list[str]]]:
+    sets = evaluation_sets()
+    test_src, test_tgt = sets["test"]
+    longest = long_fifth(test_src)
+    return {"test": (test_src, test_tgt),
+            "casual": ([casual(line) for line in test_src], test_tgt),
+            "long": ([test_src[i] for i in longest], [test_tgt[i] for i in longest]),
+            "bible": sets["bible"]}
+
+
+def score(checkpoint: Path, options: DecodeOptions, sets: dict) -> dict:
+    """Translations and figures of every set, decoded by ``checkpoint`` with ``options``."""
+    translator = Translator.load(checkpoint)
+    result = {}
+    for name, (sources, references) in sets.items():
+        hypotheses = [nbest[0].text for nbest in translator.translate(sources, options)]
+        result[name] = {"outputs": hypotheses, **figures(hypotheses, references),
+                        **carried(sources, hypotheses, references)}
+        print(f"  {name}: BLEU {result[name]['bleu']:.2f} chrF {result[name]['chrf']:.2f} "
+              f"degenerate {result[name]['degenerate']:.1f}% carried {result[name]['carried']:.1f}%", flush=True)
+    return result
+
+
+def bible_dev_tsv(work: Path) -> Path:
+    """The Bible dev verses as a TSV with the training data's columns (the files are .es / .en)."""
+    path = work / "bible-dev.tsv"
+    if not path.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        rows = zip(read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))
+        path.write_text("spa\teng\n" + "".join(f"{s}\t{t}\n" for s, t in rows), encoding="utf-8")
+    return path
+
+
+def train_command(arm: str, run_dir: Path, seed: int, base: Path, work: Path, args) -> list[str]:
+    command = ["translate", "train", "--run-dir", str(run_dir), "--train", str(BIBLE_TRAIN),
+               "--dev", str(bible_dev_tsv(work)), "--set", f"train.seed={seed}"]
+    if arm != "scratch":
+        command += ["--init-from", str(base), "--dev", str(BUNDLED_DATA / "dev.tsv")]
+    if arm == "finetune-mix":
+        command += ["--mix", str(BUNDLED_DATA / "train.tsv")]
+    command += ["--max-steps", str(args.steps)] if args.steps else ["--max-minutes", str(args.minutes)]
+    if args.threads:
+        command += ["--set", f"train.threads={args.threads}"]
+    return command
+
+
+def train(command: list[str], run_dir: Path) -> None:
+    done = run_dir / "domain-done"
+    if done.is_file():
+        return
+    resume = (run_dir / "last.pt").is_file()
+    print("$", " ".join(command + (["--resume"] if resume else [])), flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.out", "a", encoding="utf-8") as out:
+        code = subprocess.call(command + (["--resume"] if resume else []), stdout=out, stderr=subprocess.STDOUT,
+                               cwd=ROOT)
+    if code != 0:
+        sys.exit(f"training failed (exit {code}); see {run_dir.parent / (run_dir.name + '.out')}")
+    done.write_text(" ".join(command) + "\n", encoding="utf-8")
+
+
+def steps_of(checkpoint: Path) -> int:
+    import torch
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    return int(payload.get("progress", {}).get("step", 0))
+
+
+def run_arm(arm: str, seed: int, base: Path, args, sets: dict) -> None:
+    results = Path(args.results)
+    if arm == "zero-shot":
+        for name, options in (("before", before_options()), ("zero-shot", DecodeOptions())):
+            path = results / f"{name}-s{seed}.json.gz"
+            if path.is_file():
+                continue
+            print(f"{name} seed {seed}: {base}", flush=True)
+            record = {"arm": name, "seed": seed, "checkpoint": str(base), "steps": steps_of(base),
+                      "options": dataclasses.asdict(options), "scores": score(base, options, sets)}
+            write(path, record)
+        return
+    path = results / f"{arm}-s{seed}.json.gz"
+    if path.is_file():
+        return
+    run_dir = Path(args.out) / f"{arm}-s{seed}"
+    command = train_command(arm, run_dir, seed, base, Path(args.out), args)
+    train(command, run_dir)
+    print(f"{arm} seed {seed}:", flush=True)
+    record = {"arm": arm, "seed": seed, "command": " ".join(command), "steps": steps_of(run_dir / "last.pt"),
+              "budget": {"steps": args.steps} if args.steps else {"minutes": args.minutes},
+              "scores": score(run_dir / "best.pt", DecodeOptions(), sets)}
+    write(path, record)
+
+
+def write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record["machine"] = cpu_model()
+    with gzip.open(path, "wt", encoding="utf-8") as out:
+        json.dump(record, out)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+COLUMNS = [("test", "bleu"), ("casual", "bleu"), ("long", "bleu"), ("bible", "bleu"), ("bible", "chrf"),
+           ("bible", "degenerate"), ("bible", "carried"), ("test", "degenerate")]
+ROWS = ("before", "zero-shot", "scratch", "finetune", "finetune-mix")
+LABELS = {"before": "base, decoding of before", "zero-shot": "base, today's decoding",
+          "scratch": "Bible only, from scratch", "finetune": "base fine-tuned on the Bible",
+          "finetune-mix": "base fine-tuned, mixed 1:1"}
+
+
+def summary(results: Path) -> dict:
+    records: dict[str, list[dict]] = {}
+    for path in sorted(results.glob("*-s*.json.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            record = json.load(handle)
+        records.setdefault(record["arm"], []).append(record)
+    table = {}
+    for arm, runs in records.items():
+        row = {"seeds": sorted(r["seed"] for r in runs), "steps": [r["steps"] for r in runs],
+               "budget": runs[0].get("budget"), "machine": runs[0].get("machine")}
+        for name, metric in COLUMNS:
+            row[f"{name} {metric}"] = mean_sd([r["scores"][name][metric] for r in runs])
+        table[arm] = row
+    return table
+
+
+def goals(table: dict) -> list[str]:
+    lines = []
+
+    def get(arm: str, key: str) -> float | None:
+        return table[arm][key][0] if arm in table else None
+
+    def check(label: str, value: float | None, passed) -> None:
+        if value is not None:
+            lines.append(f"{'met' if passed(value) else 'NOT met'}: {label} ({value:+.2f})")
+
+    before, now = "before", "zero-shot"
+    for key, need in (("bible bleu", 2.0), ("bible chrf", 3.0)):
+        if before in table and now in table:
+            check(f"zero-shot {key} >= +{need} over the decoding of before", get(now, key) - get(before, key),
+                  lambda v, need=need: v >= need)
+    check("zero-shot Bible degenerate <= 1%", get(now, "bible degenerate"), lambda v: v <= 1.0)
+    if before in table and now in table:
+        check("zero-shot test BLEU no more than 0.2 lower", get(now, "test bleu") - get(before, "test bleu"),
+              lambda v: v >= -0.2)
+    if now in table:
+        check("casual within 3 BLEU of the test", get(now, "casual bleu") - get(now, "test bleu"),
+              lambda v: v >= -3.0)
+    for arm in ("finetune", "finetune-mix"):
+        if arm in table and "scratch" in table:
+            check(f"{arm} Bible BLEU >= +2 over scratch", get(arm, "bible bleu") - get("scratch", "bible bleu"),
+                  lambda v: v >= 2.0)
+    if "finetune-mix" in table and now in table:
+        check("finetune-mix test BLEU within 1.5 of the base", get("finetune-mix", "test bleu") - get(now, "test bleu"),
+              lambda v: v >= -1.5)
+    return lines
+
+
+def doc_table(table: dict) -> str:
+    head = "| model | seeds | " + " | ".join(f"{n} {'%' if m in ('degenerate', 'carried') else m}".replace(
+        "bleu", "BLEU").replace("chrf", "chrF") for n, m in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for arm in ROWS:
+        if arm not in table:
+            continue
+        row = table[arm]
+        cells = [f"{m:.1f} ± {s:.1f}" for m, s in (row[f"{n} {k}"] for n, k in COLUMNS)]
+        lines.append(f"| {LABELS[arm]} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    machine = next(iter(table.values()))["machine"] if table else ""
+    budget = next((r["budget"] for r in table.values() if r.get("budget")), None)
+    lines.append("")
+    lines.append(f"Machine: {machine}, 2 cores. Beam 5, default decoding (int8, shortlist). "
+                 + (f"Training budget: {budget}. " if budget else "")
+                 + "Mean ± standard deviation over seeds; made by `python bench/domain.py --table-only`.")
+    return "\n".join(lines)
+
+
+def write_doc(path: Path, text: str) -> None:
+    page = path.read_text(encoding="utf-8")
+    begin, end = page.find(DOC_BEGIN), page.find(DOC_END)
+    if begin < 0 or end < begin:
+        sys.exit(f"{path} has no {DOC_BEGIN} ... {DOC_END} markers; add them where the table goes")
+    path.write_text(page[: begin + len(DOC_BEGIN)] + "\n" + text + "\n" + page[end:], encoding="utf-8")
+    print(f"wrote the table into {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", action="append", default=[], help="a base checkpoint (one per seed)")
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds (zero-shot: one per --base)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=25.0, help="training budget in minutes")
+    budget.add_argument("--steps", type=int, help="training budget in updates instead")
+    parser.add_argument("--threads", type=int, default=0, help="train.threads of each run (0: torch's default)")
+    parser.add_argument("--out", default="checkpoints/domain", help="where the runs go")
+    parser.add_argument("--results", default="bench/results/domain", help="where each scored model's JSON goes")
+    parser.add_argument("--table-only", action="store_true", help="only make the table from RESULTS")
+    parser.add_argument("--json", dest="json_path", help="also write the table to this JSON file")
+    parser.add_argument("--doc", help="write the table into this page between its markers")
+    args = parser.parse_args()
+    configure_process()
+    if not args.table_only:
+        arms = [a for a in args.arms.split(",") if a]
+        unknown = sorted(set(arms) - set(ARMS))
+        if unknown:
+            sys.exit(f"unknown arm {unknown[0]!r}; use {', '.join(ARMS)}")
+        if not args.base:
+            sys.exit("give the base model: --base CHECKPOINT (one per seed)")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        sets = scoring_sets()
+        for arm in arms:
+            for i, seed in enumerate(seeds):
+                if arm == "zero-shot":
+                    if i < len(args.base):
+                        run_arm(arm, seed, Path(args.base[i]).resolve(), args, sets)
+                else:
+                    run_arm(arm, seed, Path(args.base[0]).resolve(), args, sets)
+    table = summary(Path(args.results))
+    text = doc_table(table)
+    print(text)
+    for line in goals(table):
+        print(line)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"table": table, "goals": goals(table)}, indent=1) + "\n",
+                                        encoding="utf-8")
+    if args.doc:
+        write_doc(Path(args.doc), text)
+
+
+if __name__ == "__main__":
+    main()
