@@ -20,6 +20,7 @@ from translate.search import (
     greedy,
     length_penalty,
     max_lengths,
+    repeat_bans,
     start_beams,
     step_bounds,
     step_candidates,
@@ -31,9 +32,10 @@ from translate.tokenizer import BOS, EOS, PAD, SPECIAL, UNK
 from .conftest import SENTENCES, encode  # test_quantize imports them from here too
 
 
-def search(model, memory, state, limits, beam, **options):
-    return greedy(model, memory, state, limits) if beam == 1 else beam_search(model, memory, state, beam, limits,
-                                                                                 **options)
+def search(model, memory, state, limits, beam, no_repeat_ngram=0, vocab=None, **options):
+    if beam == 1:
+        return greedy(model, memory, state, limits, vocab=vocab, no_repeat_ngram=no_repeat_ngram)
+    return beam_search(model, memory, state, beam, limits, vocab=vocab, no_repeat_ngram=no_repeat_ngram, **options)
 
 
 def test_max_lengths():
@@ -129,9 +131,16 @@ def testtop_candidates_equal_a_full_top_k(live, beams, vocab, n):
     assert all(len(set(row)) == len(row) for row in per_row) and len(pairs) == sum(map(len, per_row))
 
 
-def reference_beam_search(model, memory, state, beam, limit, alpha):
+def repeats(tokens, n) -> bool:
+    """Whether ``tokens`` holds some n-gram twice."""
+    grams = [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def reference_beam_search(model, memory, state, beam, limit, alpha, no_repeat_ngram=0):
     """The same rules as beam_search, written plainly for one sentence (batch 1), hypothesis by
-    hypothesis, with a full sort over every continuation."""
+    hypothesis, with a full sort over every continuation; a continuation that would hold an
+    n-gram of ``no_repeat_ngram`` pieces twice is impossible."""
     alive = [([], 0.0, state)]
     finished = []
     for t in range(limit):
@@ -143,6 +152,8 @@ def reference_beam_search(model, memory, state, beam, limit, alpha):
             if t + 1 >= limit:
                 logp = torch.where(torch.arange(logp.numel()) == EOS, logp, torch.full_like(logp, float("-inf")))
             for token, value in enumerate(logp.tolist()):
+                if token in (PAD, BOS) or no_repeat_ngram and repeats(tokens + [token], no_repeat_ngram):
+                    value = float("-inf")  # never an output, as in beam_search
                 expansions.append((score + value, tokens, token, next_state))
         expansions.sort(key=lambda e: -e[0])
         top = expansions[: 2 * beam]
@@ -426,3 +437,111 @@ def test_a_first_beam_step_against_a_plain_sort(search_model, tokenizer):
         assert finished.scores[s, : len(ended)].tolist() == pytest.approx(ended, abs=1e-6)
         assert int(finished.count[s]) == len(ended)
     assert finished.count.tolist() == [1] * batch  # each sentence's one beam had EOS among its best
+
+
+# ---------------------------------------------------------------- n-gram blocking
+
+def plain_bans(history, n):
+    """The tokens that would complete an n-gram ``history`` already holds, checked one by one."""
+    held = {tuple(history[i: i + n]) for i in range(len(history) - n + 1)}
+    last = history[len(history) - n + 1:] if n > 1 else []
+    return {token for token in range(max(history, default=0) + 1) if tuple(last + [token]) in held}
+
+
+@pytest.mark.parametrize("shortlist", [False, True])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4])
+def test_repeat_bans_against_a_plain_check(n, shortlist):
+    gen = torch.Generator().manual_seed(10 + n)
+    ids = torch.tensor([PAD, UNK, BOS, EOS, 5, 7, 8, 11, 12, 20]) if shortlist else None
+    vocab = OutputVocab(ids, None) if shortlist else None
+    tokens = ids[SPECIAL:] if shortlist else torch.arange(SPECIAL, SPECIAL + 3)  # few tokens: many repeats
+    for t in range(12):
+        seqs = tokens[torch.randint(0, len(tokens), (6, t), generator=gen)]  # (rows, t)
+        seqs[0] = tokens[0]  # a row that loops on one token
+        banned = repeat_bans(seqs, n, vocab)
+        if n == 0 or t < n:
+            assert banned is None
+            continue
+        assert banned.shape == (6, t - n + 1)
+        for row, history in zip(banned, seqs.tolist()):
+            columns = set(row.tolist()) - {PAD}
+            assert ({int(ids[c]) for c in columns} if shortlist else columns) == plain_bans(history, n)
+        logits = torch.randn(6, len(ids) if shortlist else 30, generator=gen)
+        blocked = step_candidates(logits.clone(), torch.zeros(6, 1), None, None, banned).view(6, -1)
+        free = step_candidates(logits.clone(), torch.zeros(6, 1), None, None)
+        for row, history in enumerate(seqs.tolist()):
+            never = {c for c in range(logits.size(1)) if (int(ids[c]) if shortlist else c) in plain_bans(history, n)}
+            assert {c for c in range(logits.size(1)) if blocked[row, c] == -math.inf} == never | {PAD, BOS}
+            assert torch.equal(blocked[row, sorted(set(range(logits.size(1))) - never)],
+                               free.view(6, -1)[row, sorted(set(range(logits.size(1))) - never)])
+
+
+def looping(model):
+    """``model`` made to loop: two tokens far likelier than any other, EOS never likely."""
+    with torch.no_grad():
+        model.decoder.output.bias[SPECIAL + 4] += 12.0
+        model.decoder.output.bias[SPECIAL + 9] += 11.0
+        model.decoder.output.bias[EOS] -= 20.0
+    return model
+
+
+def a_shortlist(model, size=30):
+    return model.output_vocab(torch.cat([torch.arange(SPECIAL), torch.arange(SPECIAL + 2, SPECIAL + 2 + size)]))
+
+
+@pytest.mark.parametrize("beam, shortlist", [(1, False), (3, True)])
+def test_blocking_stops_a_model_that_loops(search_model, tokenizer, beam, shortlist):
+    model = looping(search_model)
+    vocab = a_shortlist(model) if shortlist else None
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    free = search(model, memory, state, limits, beam, vocab=vocab)
+    assert all(repeats(hyps[0].tokens, 4) for hyps in free)  # it loops
+    for n in (2, 4):
+        blocked = search(model, memory, state, limits, beam, no_repeat_ngram=n, vocab=vocab, n_best=beam)
+        for hyps, limit in zip(blocked, limits.tolist()):
+            assert len(hyps[0].tokens) == limit - 1  # still kept from ending, it goes on to its limit...
+            assert not any(repeats(h.tokens, n) for h in hyps)  # ...without a repeated n-gram
+            if vocab is not None:
+                assert {token for h in hyps for token in h.tokens} <= set(vocab.ids.tolist())
+
+
+def test_blocking_beam_search_equals_a_plain_reference(search_model, tokenizer, n=2):
+    model = search_model
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    results = beam_search(model, memory, state, 3, limits, alpha=0.6, no_repeat_ngram=n)
+    free = beam_search(model, memory, state, 3, limits, alpha=0.6)
+    assert any(repeats(hyps[0].tokens, n) for hyps in free)  # so that blocking has something to change
+    for i, hyps in enumerate(results):
+        rows = torch.tensor([i])
+        tokens, score = reference_beam_search(model, memory.select(rows), state.select(rows), 3, int(limits[i]), 0.6,
+                                              no_repeat_ngram=n)
+        assert hyps[0].tokens == tokens and not repeats(tokens, n)
+        assert hyps[0].score == pytest.approx(score, abs=1e-4)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_blocking_off_or_with_nothing_to_block_changes_nothing(search_model, tokenizer, beam):
+    model = search_model
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    options = {"alpha": 0.6, "n_best": 2} if beam > 1 else {}
+    free = search(model, memory, state, limits, beam, **options)
+    for n in (0, int(limits.max()) + 1):  # off, and longer than any output
+        same = search(model, memory, state, limits, beam, no_repeat_ngram=n, **options)
+        assert [[(h.tokens, h.score) for h in hyps] for hyps in same] == [[(h.tokens, h.score) for h in hyps]
+                                                                         for hyps in free]
+    if beam == 1:  # greedy: an output without a repeated n-gram is never blocked
+        blocked = greedy(model, memory, state, limits, no_repeat_ngram=3)
+        for g, b in zip(free, blocked):
+            assert repeats(g[0].tokens, 3) or g[0].tokens == b[0].tokens
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_blocking_batch_equals_one_by_one(search_model, tokenizer, beam):
+    model = looping(search_model)  # the longest outputs, with a shortlist
+    vocab = a_shortlist(model)
+    options = {} if beam == 1 else {"n_best": 3}
+    together = search(model, *encode(model, tokenizer, SENTENCES), beam, no_repeat_ngram=2, vocab=vocab, **options)
+    for sentence, hyps in zip(SENTENCES, together):
+        alone = search(model, *encode(model, tokenizer, [sentence]), beam, no_repeat_ngram=2, vocab=vocab, **options)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in hyps]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in hyps], abs=1e-4)

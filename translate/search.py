@@ -10,6 +10,10 @@ A beam-search step (``beam_step``) is cut into small parts, each tested against 
 ``best_continuations`` ranks them, ``finish`` moves the ended ones into ``Finished``, ``advance``
 makes the next ``Beams`` from the rest and ``drop_done`` lets finished sentences leave the batch.
 
+Both searches can block repeated n-grams (``repeat_bans``): a hypothesis may not produce a token
+that would complete an n-gram of target pieces it already holds, which stops the loops a model
+falls into on text unlike its training data.
+
 Batching, precision and threads belong to ``translator.Translator``: these functions take one
 encoded batch and return its hypotheses.
 """
@@ -41,11 +45,34 @@ def max_lengths(src_lengths: torch.Tensor, ratio: float, extra: int = 10, cap: i
     return (src_lengths.float() * ratio).long().add(extra).clamp(min=1, max=cap)
 
 
-def _allowed(logp: torch.Tensor, force: torch.Tensor | None, early: torch.Tensor | None = None) -> torch.Tensor:
+def repeat_bans(seqs: torch.Tensor, n: int, vocab: OutputVocab | None = None) -> torch.Tensor | None:
+    """The columns each row may not produce because the token would complete an n-gram of ``n``
+    pieces that the row already holds: n-gram blocking (Paulus et al., 2018; fairseq's
+    --no-repeat-ngram-size, OpenNMT-py's block_ngram_repeat). seqs: (rows, t) the tokens so far,
+    without BOS -> (rows, t - n + 1) columns (of ``vocab``, a shortlist, when given), PAD's column
+    where a window bans nothing (PAD is never an output anyway); None when nothing can be banned
+    (n is 0 or the rows are shorter than n). Compares the last n - 1 tokens with every window."""
+    t = seqs.size(1)
+    if n <= 0 or t < n:
+        return None
+    windows = seqs.unfold(1, n, 1)  # (rows, t - n + 1, n) every n-gram so far
+    seen = (windows[:, :, :-1] == seqs[:, t - n + 1:].unsqueeze(1)).all(2)  # (rows, t - n + 1) starts as the row ends
+    token = windows[:, :, -1].contiguous()  # (rows, t - n + 1) the token that completed each
+    if vocab is not None:  # token -> column: the shortlist's ids are sorted and hold every token produced
+        column = torch.searchsorted(vocab.ids, token).clamp_(max=vocab.ids.numel() - 1)
+        seen &= vocab.ids[column] == token
+        token = column
+    return token.masked_fill(~seen, PAD)
+
+
+def _allowed(logp: torch.Tensor, force: torch.Tensor | None, early: torch.Tensor | None = None,
+             banned: torch.Tensor | None = None) -> torch.Tensor:
     """What a search may produce. logp: (rows, vocab) log-probabilities, changed in place: PAD and
     BOS are never an output token (as in fairseq's search); force: (rows,) rows that must end now
     get EOS as the only option (None: no row must); early: (rows,) rows too short to end may not
-    produce EOS."""
+    produce EOS; banned: (rows, m) columns a row may not produce (``repeat_bans``; EOS never is)."""
+    if banned is not None:
+        logp.scatter_(1, banned, NEG_INF)
     logp.index_fill_(1, torch.tensor(NOT_OUTPUT, device=logp.device), NEG_INF)
     if early is not None:
         logp[:, EOS].masked_fill_(early, NEG_INF)
@@ -58,10 +85,12 @@ def _allowed(logp: torch.Tensor, force: torch.Tensor | None, early: torch.Tensor
 
 @torch.no_grad()
 def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
-           return_attention: bool = False, vocab: OutputVocab | None = None) -> list[list[Hypothesis]]:
+           return_attention: bool = False, vocab: OutputVocab | None = None,
+           no_repeat_ngram: int = 0) -> list[list[Hypothesis]]:
     """Picks the most probable token at each step; max_lens: (batch,) limits counting EOS; ``vocab``:
-    a shortlist, the only tokens scored. Sentences that have ended leave the batch, so later
-    steps only pay for the ones still going."""
+    a shortlist, the only tokens scored; ``no_repeat_ngram``: n-grams of that many pieces never
+    repeat (``repeat_bans``; 0: off). Sentences that have ended leave the batch, so later steps
+    only pay for the ones still going."""
     batch, src_len = memory.mask.shape
     device = memory.mask.device
     max_lens = max_lens.to(device)
@@ -77,7 +106,8 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
     for t in range(limit):
         logits, state, weights = model.decode_step(prev, memory, state, vocab)
         force = t + 1 >= max_lens[live] if t + 1 >= soonest else None
-        logp = _allowed(logits.float().log_softmax(-1), force)  # (live, vocab or n)
+        banned = repeat_bans(out_tokens[live, :t], no_repeat_ngram, vocab) if t >= no_repeat_ngram > 0 else None
+        logp = _allowed(logits.float().log_softmax(-1), force, banned=banned)  # (live, vocab or n)
         best, prev = logp.max(-1)  # (live,)
         if vocab is not None:
             prev = vocab.ids[prev]  # column -> token
@@ -168,14 +198,15 @@ def step_bounds(t: int, beams: Beams, max_lens: torch.Tensor, min_lens: torch.Te
 
 
 def step_candidates(logits: torch.Tensor, scores: torch.Tensor, early: torch.Tensor | None,
-                    force: torch.Tensor | None) -> torch.Tensor:
+                    force: torch.Tensor | None, banned: torch.Tensor | None = None) -> torch.Tensor:
     """Every continuation's summed score: the hypothesis' score plus the token's log-probability,
     over what ``_allowed`` lets the row produce. logits: (live*beams, columns); scores: (live, beams)
-    -> (live, beams, columns). Works in place on ``logits.float()``, the largest tensor of a step."""
+    -> (live, beams, columns); banned: (live*beams, m) columns blocked (``repeat_bans``). Works in
+    place on ``logits.float()``, the largest tensor of a step."""
     live, beams = scores.shape
     logp = logits.float()  # (live*beams, columns)
     torch.log_softmax(logp, -1, out=logp)
-    logp = _allowed(logp, force, early)
+    logp = _allowed(logp, force, early, banned)
     return logp.view(live, beams, -1).add_(scores.unsqueeze(2))  # (live, beams, columns)
 
 
@@ -302,15 +333,17 @@ def drop_done(beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, 
 
 
 def beam_step(model, beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, min_lens: torch.Tensor | None,
-              alpha: float, vocab: OutputVocab | None) -> Beams | None:
-    """Step ``t`` of the search for every live sentence: decode, rank the continuations, move the
-    ended ones into ``finished``, keep the best others, let done sentences go. A function of its
-    own so that the step's tensors, (live, beams, vocab) scores the largest, are freed before the
-    next step decodes. Returns the next beams, None when every sentence is done."""
+              alpha: float, vocab: OutputVocab | None, no_repeat_ngram: int = 0) -> Beams | None:
+    """Step ``t`` of the search for every live sentence: decode, rank the continuations (those that
+    would repeat an n-gram of ``no_repeat_ngram`` pieces blocked), move the ended ones into
+    ``finished``, keep the best others, let done sentences go. A function of its own so that the
+    step's tensors, (live, beams, vocab) scores the largest, are freed before the next step
+    decodes. Returns the next beams, None when every sentence is done."""
     k = finished.scores.size(1)
     # logits: (live*beams, vocab or n); weights: (live*beams, src_len)
     logits, state, weights = model.decode_step(beams.prev, beams.memory, beams.state, vocab)
-    candidates = step_candidates(logits, beams.scores, *step_bounds(t, beams, max_lens, min_lens))
+    candidates = step_candidates(logits, beams.scores, *step_bounds(t, beams, max_lens, min_lens),
+                                 repeat_bans(beams.seqs, no_repeat_ngram, vocab))
     top = best_continuations(candidates, 2 * k, vocab)  # each (live, 2k)
     finish(finished, beams, top, weights, t, alpha)
     return drop_done(advance(beams, state, weights, top, k), finished, t, max_lens, k)
@@ -319,11 +352,13 @@ def beam_step(model, beams: Beams, finished: Finished, t: int, max_lens: torch.T
 @torch.no_grad()
 def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
                 alpha: float = 1.0, n_best: int = 1, return_attention: bool = False,
-                min_lens: torch.Tensor | None = None, vocab: OutputVocab | None = None) -> list[list[Hypothesis]]:
+                min_lens: torch.Tensor | None = None, vocab: OutputVocab | None = None,
+                no_repeat_ngram: int = 0) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, up to ``n_best`` hypotheses, best first.
     ``min_lens`` (batch,), counting EOS: no hypothesis ends sooner (``min_lens == max_lens`` asks
     for outputs of one length, as the sentence-level oracle of scheduled teacher forcing does).
-    ``vocab``: a shortlist, the only tokens scored.
+    ``vocab``: a shortlist, the only tokens scored. ``no_repeat_ngram``: no hypothesis holds an
+    n-gram of that many pieces twice (``repeat_bans``; 0: off).
 
     Each step takes the 2*beam best continuations over beam x vocab: those among the first
     ``beam`` that end in EOS are finished (score normalised by the length penalty), the best
@@ -342,7 +377,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     beams = start_beams(memory, state, max_lens, return_attention)
     finished = Finished.empty(batch, beam, limit, src_len, device, return_attention)
     for t in range(limit):
-        beams = beam_step(model, beams, finished, t, max_lens, min_lens, alpha, vocab)
+        beams = beam_step(model, beams, finished, t, max_lens, min_lens, alpha, vocab, no_repeat_ngram)
         if beams is None:
             break
     return finished.best(n_best, memory.mask.sum(1).tolist())
