@@ -142,6 +142,9 @@ DECODING_FLAGS = {
                                    help="Longest output as a multiple of the source length (plus 10).")],
     "alpha": [click.option("--alpha", default=DEFAULT_DECODING.alpha, show_default=True, type=_bounded("alpha"),
                            help="Length penalty exponent.")],
+    "no_repeat_ngram": [click.option("--no-repeat-ngram", default=DEFAULT_DECODING.no_repeat_ngram, show_default=True,
+                                     type=_bounded("no_repeat_ngram"), help="No translation repeats an n-gram of N "
+                                     "target pieces (stops loops); 0: off.")],
     "precision": [
         click.option("--fp32", is_flag=True, help=f"Decode in full precision. (By default a CPU decodes in "
                      f"{CPU_PRECISION}, which keeps BLEU within 0.1 of fp32 and is faster; a GPU under the "
@@ -194,7 +197,7 @@ def decoding_options(*names: str, **fixed):
 @click.option("--test", "test_path", help="A TSV/CSV/JSON-lines test set (default: the bundled test split).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@decoding_options("beam", "alpha", "shortlist", "precision", "inter_threads")
+@decoding_options("beam", "alpha", "no_repeat_ngram", "shortlist", "precision", "inter_threads")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate, test_set
@@ -230,7 +233,8 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
 @click.option("--scores", is_flag=True, help="Print each translation's score (log-probability, length-normalised "
               "in beam search) before it, tab-separated.")
-@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "shortlist", "precision", "inter_threads")
+@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "shortlist", "precision",
+                  "inter_threads")
 def decode(checkpoint, input_file, output_file, scores, options, precision):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
     translator = _load_translator(checkpoint, options, precision)

@@ -101,6 +101,8 @@ class DecodeOptions:
     # 0: the whole vocabulary, as with a checkpoint that has no lexicon
     shortlist: int = 50
     shortlist_frequent: int = 300
+    # no hypothesis repeats an n-gram of this many target pieces (search.repeat_bans); 0: off
+    no_repeat_ngram: int = 0
     return_attention: bool = False
 
     MAX_BEAM: ClassVar[int] = 64  # the widest beam, and so the most n-best, a decode may ask for
@@ -118,6 +120,7 @@ class DecodeOptions:
         "inter_threads": Bound(int, 0, MAX_INTER_THREADS),
         "shortlist": Bound(int, 0, TOP, note="the whole vocabulary"),  # TOP: what the lexicon keeps
         "shortlist_frequent": Bound(int, 0),
+        "no_repeat_ngram": Bound(int, 0, 64, note="off"),
     }
 
     def __post_init__(self):
@@ -442,6 +445,6 @@ class Translator:
             memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
             limits = max_lengths(batch.src_lengths, options.max_len_ratio)
             if options.beam == 1:
-                return greedy(model, memory, state, limits, options.return_attention, vocab)
+                return greedy(model, memory, state, limits, options.return_attention, vocab, options.no_repeat_ngram)
             return beam_search(model, memory, state, options.beam, limits, options.alpha, options.n_best,
-                               options.return_attention, vocab=vocab)
+                               options.return_attention, vocab=vocab, no_repeat_ngram=options.no_repeat_ngram)
