@@ -14,7 +14,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 # lower layers first; a module may import from earlier layers only
 LAYERS = [
     {"errors"},
-    {"runtime", "memory", "config", "tokenizer"},
+    {"runtime", "memory", "config", "tokenizer", "segment"},
     {"corpus"},
     {"encoded"},
     {"data", "shortlist"},

@@ -1,0 +1,139 @@
+"""Sentence (and clause) splitting of one input line, so that a model trained on single sentences
+is asked for single sentences; ``Translator.translate`` translates the pieces and joins them.
+
+The rule is written here rather than taken from a library: a line ends a sentence after a run of
+``. ! ? …`` (clauses: also ``;`` or ``:``), closing quotes or brackets, and a space, where the next
+word may start a sentence, outside quotes and brackets, and not after an abbreviation that goes
+before a name (``Sr.``, ``Dra.``, an initial) or before a lowercase word after one that may end a
+sentence (``etc.``, ``EE. UU.``, ``p.m.``, a web address). Numbers (``1.5``, ``3:15``), addresses
+and marks without a space after them never split. Text is never lost or moved: the pieces and the
+spacing between them (``Segments.gaps``) give the line back exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Literal, NamedTuple
+
+SPLITS = ("sentences", "clauses", "none")
+Split = Literal["sentences", "clauses", "none"]
+
+# abbreviations that go before a name or a word of their own: never the end of a sentence
+TITLES = frozenset("""sr sra srta sres srs dr dra dres ud uds vd vds dña dª prof profa lic ing arq gral excmo
+excma ilmo ilma sto sta mons mr mrs ms st""".split())
+# abbreviations that may end a sentence: a split only before a capital, ¿ ¡ or a quote
+ENDINGS = frozenset("""etc ej pág págs pag pags núm num tel aprox máx mín vol cap art av avda dcha izq cía
+hnos admón dpto depto cf vs fig ed ee uu cit op approx no""".split())
+
+_OPENERS, _CLOSERS = "«“([{", "»”)]}"
+_SENTENCE = r"[.!?…]+"
+_CLAUSE = r"[.!?…]+|[;:]"
+# a run of marks, then closing quotes or brackets, then the spacing before the next piece
+_BOUNDARY = {
+    "sentences": re.compile(rf"(?:{_SENTENCE})[»”\"’')\]}}]*(\s+)(?=\S)"),
+    "clauses": re.compile(rf"(?:{_CLAUSE})[»”\"’')\]}}]*(\s+)(?=\S)"),
+}
+_STARTS = "¿¡«“\"'(—–-[" # what a sentence may open with, besides a letter or a digit
+_ACRONYM = re.compile(r"[A-ZÁÉÍÓÚÑ]{1,3}\.")  # the next part of an abbreviation like EE. UU. or S. A.
+
+
+class Segments(NamedTuple):
+    """A line as pieces and the spacing around them: ``gaps[0] + pieces[0] + gaps[1] + ... +
+    pieces[-1] + gaps[-1]`` is the line (``join``); no pieces for a blank line."""
+
+    pieces: list[str]
+    gaps: list[str]  # one more than the pieces
+
+    def join(self, pieces: list[str] | None = None) -> str:
+        """The line back (or ``pieces`` in the place of the line's own, with its spacing)."""
+        pieces = self.pieces if pieces is None else pieces
+        return self.gaps[0] + "".join(p + g for p, g in zip(pieces, self.gaps[1:]))
+
+
+def _depths(line: str) -> list[int]:
+    """How many quotes or brackets are open after each character (a straight ``"`` opens after a
+    space or the start of the line, else closes); never below 0. A line whose quotes do not close
+    counts none, so that one stray mark does not stop every split after it."""
+    depth, depths, straight = 0, [], False
+    for i, char in enumerate(line):
+        if char in _OPENERS:
+            depth += 1
+        elif char in _CLOSERS:
+            depth = max(0, depth - 1)
+        elif char == '"':
+            opening = not straight and (i == 0 or line[i - 1].isspace() or line[i - 1] in _OPENERS + "¿¡")
+            straight = opening
+            depth = depth + 1 if opening else max(0, depth - 1)
+        depths.append(depth)
+    if depth:
+        return [0] * len(line)
+    return depths
+
+
+def _word_before(line: str, end: int) -> str:
+    """The word that ends at ``end`` (the first mark), without opening quotes, ¿ or ¡."""
+    start = end
+    while start > 0 and not line[start - 1].isspace():
+        start -= 1
+    return line[start:end].lstrip(_OPENERS + "¿¡\"'")
+
+
+def _splits_at(line: str, mark_start: int, marks: str, next_at: int) -> bool:
+    """Whether the run of ``marks`` at ``mark_start`` ends a piece, the next starting at ``next_at``."""
+    following = line[next_at]
+    if not (following.isalnum() or following in _STARTS):
+        return False
+    if marks[0] in ";:":
+        return True
+    lower = following.islower()
+    if "?" in marks or "!" in marks:
+        return True
+    if marks != ".":  # an ellipsis goes on in lowercase
+        return not lower
+    word = _word_before(line, mark_start)
+    key = word.lower()
+    if not word or (len(word) == 1 and word.isalpha()) or key in TITLES:  # an initial or a title
+        return False
+    if _ACRONYM.match(line, next_at) and word.isupper():  # EE. UU., S. A.
+        return False
+    may_end = key in ENDINGS or "." in word or "@" in word or (word.isupper() and word.isalpha())
+    if may_end:
+        return not lower and not following.isdigit()
+    return True
+
+
+def _boundaries(line: str, split: Split) -> Iterator[tuple[int, int]]:
+    """(end of a piece, start of the next) for every split of ``line``."""
+    if split == "none":
+        return
+    depths = _depths(line)
+    for match in _BOUNDARY[split].finditer(line):
+        gap_start, next_at = match.span(1)
+        if depths[gap_start - 1]:
+            continue
+        marks = re.match(r"[.!?…;:]+", line[match.start():]).group()
+        quoted = match.start() + len(marks) < gap_start  # «...?» y se fue: the quote goes on
+        if _splits_at(line, match.start(), marks, next_at) and not (quoted and line[next_at].islower()):
+            yield gap_start, next_at
+
+
+def segment(line: str, split: Split = "sentences") -> Segments:
+    """``line`` cut into sentences (``clauses``: also at ``;`` and ``:``), or whole (``none``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    body = line.strip()
+    if not body:
+        return Segments([], [line])
+    if split == "none":
+        return Segments([line], ["", ""])
+    lead = len(line) - len(line.lstrip())
+    pieces, gaps, start = [], [line[:lead]], lead
+    for end, next_at in _boundaries(line, split):
+        pieces.append(line[start:end])
+        gaps.append(line[end:next_at])
+        start = next_at
+    end = lead + len(body)
+    pieces.append(line[start:end])
+    gaps.append(line[end:])
+    return Segments(pieces, gaps)
