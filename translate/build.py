@@ -16,15 +16,23 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointSaver, Progress, restore_tokenizer, restore_training_state
-from .config import Config, resume_config
-from .corpus import first_sentences, load_pairs, read_parallel, sample_sentences
-from .data import StreamingData, TrainingData, padding_fraction
+from .checkpoint import (
+    CheckpointSaver,
+    Progress,
+    Source,
+    describe_source,
+    load_source,
+    restore_tokenizer,
+    restore_training_state,
+)
+from .config import Config, finetune_config, resume_config, shown_path
+from .corpus import Parallel, corpus_name, first_sentences, load_pairs, read_parallel, sample_sentences
+from .data import MixedData, StreamingData, TrainingData, padding_fraction
 from .distributed import World, barrier, broadcast, init_world, shutdown
 from .encoded import Encoded, tokenize_corpus
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .model import build_model
-from .rundir import MetricsLog, ProgressLine, TrainLog, open_run_dir, write_config
+from .rundir import MetricsLog, ProgressLine, TrainLog, open_run_dir, refuse_a_run, write_config
 from .runtime import amp_dtype, seed_everything, select_device, set_rng_state
 from .schedules import LRSchedule, scaled_lr
 from .shortlist import Lexicon, build_lexicon
@@ -57,22 +65,54 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False,
     """A ``Trainer`` for a new run in ``run_dir``, or for the run there with ``resume``. Under
     torchrun every process calls this; rank 0 alone logs, validates and writes files."""
     world = init_world(config.train.device, config.train.dist_timeout_minutes)
+    source = None
+    if world.main and not resume and config.train.init_from:
+        refuse_a_run(run_dir)  # checked before the source is read; open_run_dir checks it again
+        source = load_source(config.train.init_from)
+        _check_tokenizer(config, source)
+        config = finetune_config(config, source.config)
+    if world.main and not resume and (source is not None or config.data.mix):
+        _check_corpora(config)  # a new run's mistakes found before its directory is made
     payload = broadcast(world, open_run_dir(run_dir, resume) if world.main else None)
     if payload is not None:
         config = resume_config(config, Config.from_dict(payload["config"]))
+    config, source = broadcast(world, (config, source))
     if world.main:  # the run directory keeps the resolved config and everything the run says
         write_config(run_dir, config)
     train_log = TrainLog(run_dir if world.main else None)
     try:
-        return _assemble(config, world, payload, Path(run_dir), train_log, progress_bar)
+        return _assemble(config, world, payload, Path(run_dir), train_log, progress_bar, source)
     except BaseException:  # a run that cannot start leaves the logger as it found it
         train_log.close()
         raise
 
 
+def _check_tokenizer(config: Config, source: Source) -> None:
+    """A fine-tuning run keeps its source's tokenizer: ``tokenizer.model`` may only name that one."""
+    given = config.tokenizer.model
+    if given and given != source.config.tokenizer.model:
+        fingerprint = Tokenizer.load(given).fingerprint
+        if fingerprint != source.tokenizer.fingerprint:
+            raise ConfigError(f"tokenizer.model={given} is another tokenizer (fingerprint {fingerprint[:12]}) than "
+                              f"the one of the model given with --init-from ({source.tokenizer.fingerprint[:12]}); "
+                              f"fine-tuning keeps that model's tokenizer: drop tokenizer.model")
+
+
+def _check_corpora(config: Config) -> None:
+    """Reads the corpora of a run as it will read them, so that a missing, empty or broken one is
+    an error before anything is written (the reads are cached: the run reads them again quickly)."""
+    data = config.data
+    for spec in (data.train, data.mix):
+        if spec:
+            load_pairs(spec, data.src_lang, data.tgt_lang, "train", streaming=data.streaming)
+    for spec in (data.dev, *data.extra_dev):
+        read_parallel(spec, data.src_lang, data.tgt_lang, "dev")
+
+
 def _assemble(config: Config, world: World, payload: dict | None, run_dir: Path, train_log: TrainLog,
-              progress_bar: bool | None) -> Trainer:
-    """``build_trainer``'s parts, in the order they depend on each other."""
+              progress_bar: bool | None, source: Source | None = None) -> Trainer:
+    """``build_trainer``'s parts, in the order they depend on each other; ``source``: the model a
+    new fine-tuning run starts from."""
     cfg = config.train
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -81,13 +121,19 @@ def _assemble(config: Config, world: World, payload: dict | None, run_dir: Path,
         device = torch.device("cuda", world.local_rank)
     seed_everything(cfg.seed + world.rank)  # each rank its own dropout masks
 
-    corpora = prepare_corpora(config, world, payload, run_dir)
+    corpora = prepare_corpora(config, world, payload, run_dir, source)
     learner = build_learner(config, world, corpora.tokenizer, device)
     progress = Progress()
     if payload is not None:
         progress = restore_learner(payload, learner, world, cfg.seed)
+        learner.origin = payload.get("init_from")
         logger.info(f"resumed {run_dir} at step {progress.step} (epoch {progress.epoch + 1}, "
                     f"best dev BLEU {max(progress.best_bleu, 0):.2f})")
+    elif source is not None:  # (the other ranks take rank 0's weights when DDP wraps the model)
+        learner.model.load_state_dict(source.weights)
+        learner.origin = source.provenance
+        logger.info(f"fine-tuning {describe_source(source.provenance)}: its weights, tokenizer and model config; "
+                    f"a new optimiser, LR schedule and step count")
     if world.distributed:  # wrapping broadcasts rank 0's parameters to every rank
         learner.forward = DistributedDataParallel(learner.forward,
                                                   device_ids=[device.index] if device.type == "cuda" else None)
@@ -97,7 +143,8 @@ def _assemble(config: Config, world: World, payload: dict | None, run_dir: Path,
                        saver=CheckpointSaver(run_dir, cfg.keep_checkpoints) if main else None,
                        metrics=MetricsLog(run_dir, cfg.tensorboard) if main else None)
     validator = Validator(learner.model, corpora.tokenizer, corpora.dev, beam=cfg.eval_beam, amp=cfg.amp,
-                          device=device, amp_dtype=learner.amp_dtype, lexicon=corpora.lexicon) if main else None
+                          device=device, amp_dtype=learner.amp_dtype, lexicon=corpora.lexicon,
+                          extra=corpora.extra_dev) if main else None
     trainer = Trainer(config, world, corpora, learner, progress, output, validator)
     _announce(trainer)
     return trainer
@@ -147,16 +194,19 @@ def _announce(trainer: Trainer) -> None:
                     f"(train.lr_scaling={cfg.lr_scaling})")
 
 
-def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir: Path) -> Corpora:
-    """Reads the training corpus (Arrow, memory-mapped; or a stream with ``data.streaming``) and the
-    dev set, trains or loads the tokenizer (rank 0, then sent to the others), and tokenizes the
-    corpus once into files beside its Arrow cache (the first process of each node; the others
-    reuse them)."""
+def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir: Path,
+                    source: Source | None = None) -> Corpora:
+    """Reads the training corpus (Arrow, memory-mapped; or a stream with ``data.streaming``), the
+    mixed corpus (``data.mix``) and the dev sets, trains or loads the tokenizer (rank 0, then sent
+    to the others; a fine-tuning run's ``source`` gives it), and tokenizes the corpora once into
+    files beside their Arrow cache (the first process of each node; the others reuse them)."""
     data, cfg = config.data, config.train
     train = load_pairs(data.train, data.src_lang, data.tgt_lang, "train", streaming=data.streaming)
     dev = read_parallel(data.dev, data.src_lang, data.tgt_lang, "dev")
     if payload is not None:
         tokenizer = restore_tokenizer(payload)  # (the weights are loaded into the run's model below)
+    elif source is not None:
+        tokenizer = source.tokenizer
     elif not world.main:
         tokenizer = Tokenizer(*broadcast(world, None))
     else:
@@ -178,29 +228,70 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
         # threads and sockets is unsafe (a child's exit can break the group's connections)
         workers = 1 if world.distributed else data.num_proc
         src_ids, tgt_ids = tokenize_corpus(train, tokenizer, data.src_lang, data.tgt_lang, workers)
+        mixed = None
+        if data.mix and data.mix_ratio > 0:
+            table = load_pairs(data.mix, data.src_lang, data.tgt_lang, "train")
+            mixed = tokenize_corpus(table, tokenizer, data.src_lang, data.tgt_lang, workers)
         if preparing:
             barrier(world)
         pairs = len(train)
         train = None  # the Arrow table is done with: training reads the tokenized files
-        batches = TrainingData(src_ids, tgt_ids, cfg.batch_tokens, cfg.seed, data.max_len)
+        if mixed is None:
+            batches = TrainingData(src_ids, tgt_ids, cfg.batch_tokens, cfg.seed, data.max_len)
+        else:
+            batches = _mixed_data(config, (src_ids, tgt_ids), mixed)
+            pairs += len(mixed[0])
         if not len(batches):
             raise DataError(f"{data.train}: no pair is at most data.max_len={data.max_len} pieces long; "
                             f"raise data.max_len")
         if batches.dropped:
             logger.info(f"dropped {batches.dropped:,} of {pairs:,} training pairs longer than {data.max_len} pieces")
-    dev_batches = TrainingData(Encoded(tokenizer.encode_src(dev.src)), Encoded(tokenizer.encode_tgt(dev.tgt)),
-                               cfg.batch_tokens, cfg.seed)
-    dev_set = DevSet(dev_batches, dev.src, dev.tgt)  # pairs for the dev loss; text decoded as `translate eval` decodes
+    dev_set = _dev_set(dev, tokenizer, cfg.batch_tokens, cfg.seed)
+    extra_dev = _extra_dev_sets(config, tokenizer) if world.main else []
     lexicon = None
     if world.main:  # only rank 0 validates and saves; a resumed run goes on with its own
         lexicon = None if payload is None else Lexicon.of_checkpoint(payload)
         if lexicon is None:
             started = time.monotonic()
             encoded = None if data.streaming else (batches.src, batches.tgt)
+            if isinstance(batches, MixedData):  # what the run trains on: the new pairs and a mixed sample
+                first = batches.epoch_pairs(0)
+                encoded = (batches.src.only(first), batches.tgt.only(first))
             lexicon = fit_lexicon(config, tokenizer, train, encoded)
             seconds = time.monotonic() - started
             logger.info(f"fitted the lexicon of decoding shortlists (IBM Model 1) in {seconds:.0f} s")
-    return Corpora(tokenizer, batches, dev_set, lexicon)
+    return Corpora(tokenizer, batches, dev_set, lexicon, extra_dev)
+
+
+def _mixed_data(config: Config, new: tuple, mixed: tuple) -> MixedData:
+    """The batches of mixed fine-tuning (``data.mix``), and a line on what each epoch draws."""
+    data, cfg = config.data, config.train
+    batches = MixedData(new, mixed, data.mix_ratio, cfg.batch_tokens, cfg.seed, data.max_len)
+    logger.info(f"mixing {batches.per_epoch:,} of the {len(batches.mixed_kept):,} pairs of {shown_path(data.mix)} "
+                f"into each epoch (data.mix_ratio={data.mix_ratio:g}), a new random sample each epoch")
+    return batches
+
+
+def _dev_set(dev: Parallel, tokenizer: Tokenizer, batch_tokens: int, seed: int, name: str = "dev") -> DevSet:
+    """Pairs for the dev loss; text decoded as `translate eval` decodes."""
+    batches = TrainingData(Encoded(tokenizer.encode_src(dev.src)), Encoded(tokenizer.encode_tgt(dev.tgt)),
+                           batch_tokens, seed)
+    return DevSet(batches, dev.src, dev.tgt, name)
+
+
+def _extra_dev_sets(config: Config, tokenizer: Tokenizer) -> list[DevSet]:
+    """``data.extra_dev``, each named by its file (``-2``, ``-3``… after a name already taken)."""
+    data, sets, names = config.data, [], set()
+    for spec in data.extra_dev:
+        name = base = corpus_name(spec, data.src_lang, data.tgt_lang)
+        count = 1
+        while name in names:
+            count += 1
+            name = f"{base}-{count}"
+        names.add(name)
+        dev = read_parallel(spec, data.src_lang, data.tgt_lang, "dev")
+        sets.append(_dev_set(dev, tokenizer, config.train.batch_tokens, config.train.seed, name))
+    return sets
 
 
 def fit_lexicon(config: Config, tokenizer: Tokenizer, train=None, encoded=None) -> Lexicon:

@@ -140,7 +140,7 @@ def _load_export(folder: Path) -> dict[str, Any]:
                                   f"translate export") from None
     return {"format": FORMAT, "version": VERSION, "config": meta.get("config"), "tokenizer": tokenizer,
             "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "model": weights,
-            "progress": meta.get("progress", {}), "lexicon": lexicon}
+            "progress": meta.get("progress", {}), "lexicon": lexicon, "init_from": meta.get("init_from")}
 
 
 EXPORT_FORMAT = "translate-export"
@@ -179,6 +179,67 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Se
     return model, tokenizer, config, payload
 
 
+@dataclass(frozen=True)
+class Source:
+    """The trained model a fine-tuning run starts from (``train.init_from``): its config, tokenizer
+    and weights, and where they came from (``provenance``, saved in the run's checkpoints)."""
+
+    config: Config
+    tokenizer: Tokenizer
+    weights: dict[str, torch.Tensor]
+    provenance: dict[str, Any]
+
+
+def load_source(path: str | Path) -> Source:
+    """The model at ``path`` (a checkpoint, a run directory's best.pt or an exported folder), read
+    and checked as every command reads one, for ``train.init_from``."""
+    try:
+        resolved = resolve(path)
+        payload = load_checkpoint(resolved)
+        model, tokenizer, config = restore(payload)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--init-from {exc}") from None
+    weights_file = resolved / "model.safetensors" if resolved.is_dir() else resolved
+    progress = payload.get("progress") or {}
+    best = progress.get("best_bleu")
+    provenance = {
+        "path": str(resolved.absolute()), "sha256": file_sha256(weights_file),
+        "step": progress.get("step"), "epoch": progress.get("epoch"),
+        "minutes": round(progress.get("elapsed", 0.0) / 60, 1),
+        "best_dev_bleu": best if best is not None and best >= 0 else None, "best_step": progress.get("best_step"),
+        "train": config.data.train, "tokenizer_fingerprint": tokenizer.fingerprint,
+        "init_from": payload.get("init_from"),  # the source's own source, and so on
+    }
+    return Source(config, tokenizer, model.state_dict(), provenance)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def provenance_chain(init_from: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A checkpoint's ``init_from`` as a list: the model it was fine-tuned from, that one's, and so on."""
+    chain = []
+    while init_from:
+        chain.append(init_from)
+        init_from = init_from.get("init_from")
+    return chain
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    """One line for people: the path, its training and its best dev BLEU."""
+    bleu = source.get("best_dev_bleu")
+    scored = f", best dev BLEU {bleu:.2f}" if bleu is not None else ""
+    return (f"{source['path']} (step {source.get('step') or 0:,}{scored}; sha256 "
+            f"{str(source.get('sha256', ''))[:12]})")
+
+
 @dataclass
 class Progress:
     """Where a run stands; saved in every checkpoint."""
@@ -204,10 +265,11 @@ TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng", "rank_rng")
 def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer,
                      lr_schedule: LRSchedule, scaler: torch.amp.GradScaler, progress: Progress,
                      device: torch.device, rank_rng: list[dict[str, Any]] | None = None,
-                     lexicon: Lexicon | None = None) -> dict[str, Any]:
+                     lexicon: Lexicon | None = None, init_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a run needs to go on exactly where it stands, for ``save_checkpoint``: with
     ``rank_rng`` (every rank's RNG state, under torchrun) each rank resumes with its own dropout
-    masks; ``lexicon`` gives the run's decoding shortlists."""
+    masks; ``lexicon`` gives the run's decoding shortlists; ``init_from``, the provenance of the
+    model a fine-tuning run started from (``Source.provenance``)."""
     payload = {
         "config": config.to_dict(),
         "tokenizer": {"src": tokenizer.src_proto, "tgt": tokenizer.tgt_proto},
@@ -223,6 +285,8 @@ def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, opt
         payload["rank_rng"] = rank_rng
     if lexicon is not None:
         payload["lexicon"] = lexicon.state()
+    if init_from is not None:
+        payload["init_from"] = init_from
     return payload
 
 
@@ -299,7 +363,8 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     averaged = {name: (value / len(paths)).to(first["model"][name].dtype) if value.is_floating_point() else value
                 for name, value in total.items()}
     newest = load_checkpoint(paths[-1])
-    kept = {key: newest[key] for key in ("config", "tokenizer", "tokenizer_fingerprint", "progress", "lexicon")
+    kept = {key: newest[key] for key in ("config", "tokenizer", "tokenizer_fingerprint", "progress", "lexicon",
+                                         "init_from")
             if key in newest}
     return {**kept, "model": averaged, "averaged_from": [str(p) for p in paths]}
 
@@ -321,5 +386,6 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "tf_ratio": progress.get("tf_ratio"),
         "averaged_from": payload.get("averaged_from"),
         "shortlist_lexicon": bool(payload.get("lexicon")),
+        "init_from": payload.get("init_from"),  # the model it was fine-tuned from, with that one's own
         "config": config.to_dict(),
     }

@@ -55,6 +55,13 @@ class DataConfig:
     max_len: int = 80  # training pairs with more pieces on either side are dropped
     num_proc: int = 0  # processes that tokenize the training corpus (0: one per CPU, up to 8)
     streaming: bool = False  # read the training corpus as a stream, never materialised
+    # mixed fine-tuning (Chu et al., 2017): a second training corpus, in the forms of data.train (e.g. the data
+    # a model given with train.init_from was trained on), of which each epoch trains on a fresh random sample
+    mix: str | None = None
+    mix_ratio: float = 1.0  # (data.mix) pairs of the mixed corpus per pair of data.train in each epoch; 0: none
+    # more dev sets, in the forms of data.dev (or `PATH.{SRC,TGT}` for text files with other suffixes), decoded
+    # and scored at every validation as the dev set is (as further --dev), logged under their file names
+    extra_dev: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,10 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     dist_timeout_minutes: float = 120.0  # (torchrun) how long a rank waits for the others (rank 0 prepares data)
     threads: int = 0  # CPU threads; 0: torch's default
+    # fine-tune a trained model (as --init-from): a checkpoint, a run directory (its best.pt) or a folder of
+    # `translate export`, whose weights, tokenizer and model.* / tokenizer.* config the run starts from, with a
+    # fresh optimiser, LR schedule, step count and budget; none: a model of its own from scratch
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +177,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Plain data (tuples as lists), as YAML and JSON write it."""
+        return {section: {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+                for section, values in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
@@ -240,6 +253,12 @@ class Config:
             raise ConfigError(f"train.dist_timeout_minutes must be positive, got {t.dist_timeout_minutes}")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
+        if not (math.isfinite(self.data.mix_ratio) and self.data.mix_ratio >= 0):
+            raise ConfigError(f"data.mix_ratio must be 0 or more (pairs of the mixed corpus per new pair), "
+                              f"got {self.data.mix_ratio}")
+        if self.data.mix and self.data.streaming:
+            raise ConfigError("data.mix samples the mixed corpus anew each epoch, which a stream cannot; "
+                              "drop data.streaming (--streaming) or data.mix (--mix)")
 
 
 def _bahdanau_alone(decoder: Any, sets_feeding: bool) -> bool:
@@ -290,6 +309,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is tuple:  # tuple[str, ...]: a list, or one string of items separated by commas
+        items = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return tuple(_coerce(item, args[0], key) for item in items)
+        raise ConfigError(f"{key} must be a list, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
@@ -374,6 +398,31 @@ def resume_config(given: Config, saved: Config) -> Config:
     return saved.override(changed)
 
 
+# what a fine-tuning run takes from the model it starts from (train.init_from)
+SOURCE_SECTIONS = ("model", "tokenizer")
+
+
+def finetune_config(given: Config, source: Config) -> Config:
+    """The config of a run that fine-tunes a trained model: ``given`` with the ``model.*`` and
+    ``tokenizer.*`` of the model's ``source`` config. A key of those set to a value unlike both
+    the default and the source's is an error, not ignored (``tokenizer.model`` is compared by
+    the tokenizer it holds, in ``build``)."""
+    defaults, given_raw, source_raw = Config().to_dict(), given.to_dict(), source.to_dict()
+    raw = dict(given_raw)
+    for section in SOURCE_SECTIONS:
+        for key, value in given_raw[section].items():
+            if (section, key) == ("tokenizer", "model"):
+                continue
+            if value != defaults[section][key] and value != source_raw[section][key]:
+                raise ConfigError(f"{section}.{key}={value!r} conflicts with {source_raw[section][key]!r} of the model "
+                                  f"given with --init-from (train.init_from); fine-tuning keeps that model's "
+                                  f"{section}.* config: drop the override, or train from scratch without --init-from")
+        raw[section] = source_raw[section]
+    config = Config.from_dict(raw)
+    config.validate()
+    return config
+
+
 REFERENCE_INTRO = """# Configuration
 
 <!-- Made by `python docs/configuration.py` from translate/config.py: edit the comments there, not this page. -->
@@ -432,6 +481,8 @@ def _shown_type(hint: Any) -> str:
     """A field's type as the reference shows it: the choices of a Literal, "or none" for an Optional."""
     if typing.get_origin(hint) is Literal:
         return ", ".join(f"`{choice}`" for choice in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"list of {typing.get_args(hint)[0].__name__}"
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join("none" if arg is type(None) else arg.__name__ for arg in typing.get_args(hint))
     return hint.__name__
@@ -439,7 +490,7 @@ def _shown_type(hint: Any) -> str:
 
 def _shown_default(value: Any) -> str:
     """A default as YAML would write it, with the bundled split's install paths by name."""
-    if value is None:
+    if value is None or value == ():
         return "none"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"

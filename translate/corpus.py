@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import csv
 import random
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -116,12 +117,23 @@ def read_lines(path: str | Path | None) -> list[str]:
 
 # ---------------------------------------------------------------- parallel corpora
 
+SUFFIXES = re.compile(r"^(?P<prefix>.+)\.\{(?P<src>[^{},]+),(?P<tgt>[^{},]+)\}$")  # PATH.{SRC,TGT}
+
+
 def data_source(spec: str, src_lang: str, tgt_lang: str) -> tuple[str, Path, tuple[Path, Path]]:
     """What a corpus spec names: ``"table"`` (a TSV/CSV/JSON-lines file), ``"pair"`` (the text
-    files ``PATH.<src>``/``PATH.<tgt>``) or ``"hub"`` (a dataset name), with its path and the
-    text-pair paths. A local-looking path that names none of these is an error."""
+    files ``PATH.<src>``/``PATH.<tgt>``, or ``PATH.SRC``/``PATH.TGT`` for ``PATH.{SRC,TGT}``, as
+    messages name a pair, when the files' suffixes are not the languages' names) or ``"hub"`` (a
+    dataset name), with its path and the text-pair paths. A local-looking path that names none of
+    these is an error."""
+    suffixes = SUFFIXES.match(spec)
+    if suffixes:
+        spec, src_lang, tgt_lang = suffixes["prefix"], suffixes["src"], suffixes["tgt"]
     path = Path(spec).expanduser()
     pair = (Path(f"{path}.{src_lang}"), Path(f"{path}.{tgt_lang}"))
+    if suffixes and not (pair[0].is_file() and pair[1].is_file()):
+        missing = next(side for side in pair if not side.is_file())
+        raise DataError(f"{missing}: file not found; PATH.{{SRC,TGT}} names the text files PATH.SRC and PATH.TGT")
     if path.suffix.lower() in TABLE_SUFFIXES or path.suffix.lower() in JSON_SUFFIXES or path.is_file():
         return "table", path, pair
     if pair[0].exists() or pair[1].exists():
@@ -130,6 +142,17 @@ def data_source(spec: str, src_lang: str, tgt_lang: str) -> tuple[str, Path, tup
         raise DataError(f"{spec}: no such data file, and no {pair[0].name} / {pair[1].name} beside it; "
                         f"give a TSV/CSV/JSON-lines file or a prefix of plain-text files")
     return "hub", path, pair
+
+
+def corpus_name(spec: str, src_lang: str, tgt_lang: str) -> str:
+    """A short name of a corpus for metrics and logs: a file's stem, a text pair's prefix name
+    (``bible.dev`` for ``bible.dev.{es,en}``), a hub dataset's name."""
+    kind, path, _ = data_source(spec, src_lang, tgt_lang)
+    if kind == "table":
+        return path.stem
+    if kind == "pair":
+        return path.name
+    return spec.replace("/", "-").replace(":", "-")
 
 
 def load_pairs(spec: str, src_lang: str, tgt_lang: str, split: str = "train", streaming: bool = False):

@@ -220,3 +220,55 @@ class StreamingData:
             yield from data.group_steps(batches, first, group, mine, offset=done)
             done += len(batches) - len(batches) % group
 
+
+
+class Joined:
+    """Two tokenized corpora read as one (an ``EncodedCorpus``): the second's sentences follow the
+    first's. ``lengths`` may be given with some set to 0, which leaves those sentences out of
+    batches and of the lexicon."""
+
+    def __init__(self, first: EncodedCorpus, second: EncodedCorpus, lengths: np.ndarray | None = None):
+        self.first, self.second, self.split = first, second, len(first)
+        self.lengths = (np.concatenate([np.asarray(first.lengths), np.asarray(second.lengths)])
+                        if lengths is None else lengths)  # (n,)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.first[i] if i < self.split else self.second[i - self.split]
+
+    def only(self, keep: np.ndarray) -> Joined:
+        """The same sentences, those where ``keep`` (n,) is False left out."""
+        return Joined(self.first, self.second, np.where(keep, self.lengths, 0).astype(self.lengths.dtype))
+
+
+MIX_DRAW = 1  # the mixed sample's own random stream, beside the shuffle's (seed, epoch)
+
+
+class MixedData(TrainingData):
+    """Mixed fine-tuning (Chu et al., 2017): every epoch trains on all the new pairs and on
+    ``ratio`` pairs of a mixed corpus (e.g. the general-domain data a model was trained on) per
+    new pair, a fresh random sample each epoch, drawn from the seed and the epoch alone, so a
+    resumed run draws what an uninterrupted one does. Batches hold new and mixed pairs together."""
+
+    def __init__(self, new: tuple[EncodedCorpus, EncodedCorpus], mixed: tuple[EncodedCorpus, EncodedCorpus],
+                 ratio: float, batch_tokens: int, seed: int, max_len: int | None = None):
+        super().__init__(Joined(new[0], mixed[0]), Joined(new[1], mixed[1]), batch_tokens, seed, max_len)
+        self.new_pairs = len(new[0])
+        new_kept = int(np.count_nonzero(self.lengths[: self.new_pairs]))
+        self.mixed_kept = np.flatnonzero(self.lengths[self.new_pairs:]) + self.new_pairs  # (m,) usable mixed pairs
+        self.per_epoch = min(len(self.mixed_kept), round(ratio * new_kept))  # mixed pairs an epoch
+        self.size = new_kept + self.per_epoch
+
+    def epoch_pairs(self, epoch: int) -> np.ndarray:
+        """(n,) True for the pairs of ``epoch``: every new pair, and that epoch's mixed sample."""
+        keep = np.zeros(len(self.lengths), dtype=bool)
+        keep[: self.new_pairs] = True
+        rng = np.random.default_rng([self.seed, epoch, MIX_DRAW])
+        keep[rng.choice(self.mixed_kept, self.per_epoch, replace=False)] = True
+        return keep
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        lengths = np.where(self.epoch_pairs(epoch), self.lengths, 0).astype(self.lengths.dtype)
+        return token_batches(lengths, self.batch_tokens, np.random.default_rng([self.seed, epoch]))

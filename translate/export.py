@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import EXPORT_FORMAT, load_model
+from .checkpoint import EXPORT_FORMAT, describe_source, load_model, provenance_chain
 from .config import BUNDLED_DATA, shown_path
 from .errors import CheckpointError
 from .evaluate import evaluate, test_set
@@ -57,6 +57,7 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items() if k not in tied},
               str(folder / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
     progress = dict(payload.get("progress", {}))
+    init_from = payload.get("init_from")
     lexicon = Lexicon.of_checkpoint(payload)
     del payload
     if lexicon is not None:
@@ -67,6 +68,8 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
     meta = {"format": EXPORT_FORMAT, "translate_version": __version__, "config": config.to_dict(),
             "tied": tied, "tokenizer_fingerprint": tokenizer.fingerprint, "progress": progress,
             "parameters": model.parameter_count()}
+    if init_from:  # where a fine-tuned model started, kept when it is fine-tuned again from this folder
+        meta["init_from"] = init_from
     (folder / "config.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     tokenizer.save(folder)
     card = {"parameters": model.parameter_count(), "scores": None}
@@ -80,6 +83,19 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
                           "precision": translator.precision, **result}
     (folder / "README.md").write_text(model_card(config, meta, card), encoding="utf-8")
     return card
+
+
+def fine_tuning_lines(config, init_from: dict[str, Any] | None) -> list[str]:
+    """The card's lines on where a fine-tuned model started (and that model's own start), and on
+    the corpus mixed into its training."""
+    lines = []
+    if config.data.mix and config.data.mix_ratio > 0:
+        lines.append(f"- Mixed into each epoch: {config.data.mix_ratio:g} pair(s) of {shown_path(config.data.mix)} "
+                     f"per training pair, a new random sample each epoch (mixed fine-tuning, Chu et al., 2017)")
+    for depth, source in enumerate(provenance_chain(init_from)):
+        lines.append(f"- {'Fine-tuned from' if depth == 0 else '  which was fine-tuned from'}: "
+                     f"{describe_source(source)}, trained on {shown_path(source.get('train') or '?')}")
+    return lines
 
 
 def model_card(config, meta: dict[str, Any], card: dict[str, Any]) -> str:
@@ -103,6 +119,7 @@ def model_card(config, meta: dict[str, Any], card: dict[str, Any]) -> str:
         f"- Training data: {trained_on}",
         f"- Training: {progress.get('step', 0):,} steps, {progress.get('elapsed', 0.0) / 60:.1f} minutes; best "
         f"dev BLEU {progress.get('best_bleu', -1.0):.2f} at step {progress.get('best_step', 0):,}",
+        *fine_tuning_lines(config, meta.get("init_from")),
         "",
     ]
     if card["scores"]:

@@ -39,6 +39,14 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return train, dev
 
 
+def extra_dev_names(dev: list[dict]) -> list[str]:
+    """The extra dev sets (``data.extra_dev``) in a run's dev records, by their ``NAME/bleu`` keys."""
+    names = {}
+    for record in dev:
+        names.update((key.removesuffix("/bleu"), None) for key in record if key.endswith("/bleu"))
+    return list(names)
+
+
 def plot_training(run_dir: str | Path, output: str | Path) -> Path:
     """Train and dev loss, dev BLEU, and teacher forcing (the step schedule's ratio, the share of
     positions fed the model's choice and of those fed a token that is not gold) against steps."""
@@ -56,10 +64,19 @@ def plot_training(run_dir: str | Path, output: str | Path) -> Path:
         best = max(dev, key=lambda r: r["dev_bleu"])
         bleu_ax.annotate(f"best {best['dev_bleu']:.2f}", (best["step"], best["dev_bleu"]),
                          textcoords="offset points", xytext=(0, 8), ha="center")
+        for name in extra_dev_names(dev):  # data.extra_dev: a curve each, in its own colour
+            scored = [r for r in dev if f"{name}/bleu" in r]
+            line, = bleu_ax.plot([r["step"] for r in scored], [r[f"{name}/bleu"] for r in scored], "s--",
+                                 label=name)
+            loss_ax.plot([r["step"] for r in scored], [r[f"{name}/loss"] for r in scored], "s--",
+                         color=line.get_color(), label=f"{name} loss")
+        if extra_dev_names(dev):
+            bleu_ax.lines[0].set_label("dev")
+            bleu_ax.legend(fontsize="small")
     loss_ax.set_ylabel("loss per token")
     loss_ax.legend()
     loss_ax.grid(alpha=0.3)
-    bleu_ax.set_ylabel("dev BLEU")
+    bleu_ax.set_ylabel("dev BLEU")  # (and the extra dev sets')
     bleu_ax.margins(y=0.15)  # room for the "best" label
     bleu_ax.grid(alpha=0.3)
     steps = [r["step"] for r in train]

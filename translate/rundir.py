@@ -29,9 +29,7 @@ def open_run_dir(run_dir: str | Path, resume: bool) -> dict[str, Any] | None:
             raise CheckpointError(f"{run_dir}: nothing to resume (no last.pt); drop --resume to start "
                                   f"a new run there")
         return load_checkpoint(last)
-    if last.exists() or (run_dir / "best.pt").exists():
-        raise CheckpointError(f"{run_dir} already holds a run; continue it with --resume or choose "
-                              f"another --run-dir")
+    refuse_a_run(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -41,6 +39,14 @@ def open_run_dir(run_dir: str | Path, resume: bool) -> dict[str, Any] | None:
         raise CheckpointError(f"cannot write to run directory {run_dir}: {exc.strerror}; "
                               f"choose a writable --run-dir") from None
     return None
+
+
+def refuse_a_run(run_dir: str | Path) -> None:
+    """A new run may not start in a directory that holds one."""
+    run_dir = Path(run_dir)
+    if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
+        raise CheckpointError(f"{run_dir} already holds a run; continue it with --resume or choose "
+                              f"another --run-dir")
 
 
 def write_config(run_dir: str | Path, config: Config) -> None:

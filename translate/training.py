@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class Corpora:
     train: TrainingData | StreamingData
     dev: DevSet
     lexicon: Lexicon | None = None  # for decoding shortlists (rank 0's only), saved in every checkpoint
+    extra_dev: list[DevSet] = field(default_factory=list)  # scored at every validation too (data.extra_dev)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Learner:
     scaler: torch.amp.GradScaler  # fp16's loss scale; disabled in bf16 and fp32
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast's type; None: fp32
+    origin: dict[str, Any] | None = None  # a fine-tuning run's source (train.init_from), saved in every checkpoint
 
 
 @dataclass
@@ -161,7 +163,7 @@ class Trainer:
         self.tokenizer, self.data, self.lexicon = corpora.tokenizer, corpora.train, corpora.lexicon
         self.model, self.forward, self.optimizer = learner.model, learner.forward, learner.optimizer
         self.lr_schedule, self.scaler = learner.lr_schedule, learner.scaler
-        self.device, self.amp_dtype = learner.device, learner.amp_dtype
+        self.device, self.amp_dtype, self.origin = learner.device, learner.amp_dtype, learner.origin
         self.run_dir, self.line = output.run_dir, output.line
         self.saver, self.metrics, self.train_log = output.saver, output.metrics, output.train_log
         self.speed = Speedometer(self.device)
@@ -267,16 +269,21 @@ class Trainer:
         self.saver.save(payload, best=improved)
         self.saver.keep_weights(payload, p.step)
         lr = self.optimizer.param_groups[0]["lr"]
+        extra = scores.get("extra", {})
         self.write_metrics({"kind": "dev", "step": p.step, "epoch": p.epoch, "lr": lr, "tf_ratio": p.tf_ratio,
-                            **{k: v for k, v in scores.items() if k != "example"}, "best": improved})
+                            **{k: v for k, v in scores.items() if k not in ("example", "extra")}, **extra,
+                            "best": improved})
         self.line.clear()
         logger.info(f"step {p.step:>6} | dev loss {scores['dev_loss']:.3f} ppl {scores['dev_ppl']:.2f} | "
                     f"BLEU {scores['dev_bleu']:.2f} chrF {scores['dev_chrf']:.2f}"
                     f"{' (best)' if improved else ''} | lr {lr:.2e} | e.g. {scores['example'][:60]!r}")
+        for name in dict.fromkeys(key.rpartition("/")[0] for key in extra):
+            logger.info(f"step {p.step:>6} | {name}: loss {extra[f'{name}/loss']:.3f} | "
+                        f"BLEU {extra[f'{name}/bleu']:.2f} chrF {extra[f'{name}/chrf']:.2f}")
 
     def payload(self) -> dict[str, Any]:
         return training_payload(self.config, self.tokenizer, self.model, self.optimizer, self.lr_schedule,
-                                self.scaler, self.progress, self.device, self.rank_rng, self.lexicon)
+                                self.scaler, self.progress, self.device, self.rank_rng, self.lexicon, self.origin)
 
     def _gather_rng(self) -> None:
         """Every rank, before rank 0 writes a checkpoint: all ranks' RNG states to rank 0."""

@@ -6,6 +6,7 @@ decides what the figures mean (the best step, patience, the plateau schedule).""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -35,6 +36,7 @@ class DevSet:
     batches: TrainingData
     sources: list[str]
     references: list[str]
+    name: str = "dev"  # an extra dev set's key in metrics.jsonl (its file's name)
 
 
 class DevScores(TypedDict):
@@ -45,6 +47,7 @@ class DevScores(TypedDict):
     dev_bleu: float
     dev_chrf: float
     example: str  # the first dev sentence's translation, for the log
+    extra: dict[str, float]  # the extra dev sets' figures: "NAME/loss", "NAME/bleu", "NAME/chrf"
 
 
 def metric_score(scores: DevScores, metric: str) -> float:
@@ -57,8 +60,10 @@ class Validator:
     changes them in place between validations)."""
 
     def __init__(self, model: Seq2Seq, tokenizer: Tokenizer, dev: DevSet, *, beam: int, amp: str | bool,
-                 device: torch.device, amp_dtype: torch.dtype | None, lexicon: Lexicon | None = None):
+                 device: torch.device, amp_dtype: torch.dtype | None, lexicon: Lexicon | None = None,
+                 extra: Sequence[DevSet] = ()):
         self.model, self.tokenizer, self.dev, self.lexicon = model, tokenizer, dev, lexicon
+        self.extra = list(extra)  # more dev sets, scored as the dev set is (data.extra_dev)
         self.beam, self.amp = beam, amp  # the run's train.eval_beam and train.amp
         self.device, self.amp_dtype = device, amp_dtype  # where and in what type training computes
 
@@ -70,11 +75,11 @@ class Validator:
                           precision="auto", amp=self.amp, lexicon=self.lexicon)
 
     @torch.no_grad()
-    def loss(self) -> float:
-        """Mean cross-entropy per target token of the dev set, teacher forced, without smoothing."""
+    def loss(self, dev: DevSet | None = None) -> float:
+        """Mean cross-entropy per target token of the dev set (or ``dev``), teacher forced, without smoothing."""
         self.model.eval()
         total, tokens = 0.0, 0
-        for _, batch in self.dev.batches.batches(0):
+        for _, batch in (dev or self.dev).batches.batches(0):
             batch = batch.to(self.device)
             with autocast_for(self.device, self.amp_dtype):
                 logits = self.model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)  # (batch, len, vocab)
@@ -84,8 +89,16 @@ class Validator:
 
     @torch.no_grad()
     def validate(self) -> DevScores:
-        """Dev loss and perplexity, then dev BLEU and chrF of the decoded dev set."""
+        """Dev loss and perplexity, then dev BLEU and chrF of the decoded dev set; the same of each
+        extra dev set (loss, BLEU, chrF), decoded by the same translator."""
         loss = self.loss()
-        scores, hyps = evaluate(self.translator(), self.dev.sources, self.dev.references)
+        translator = self.translator()
+        scores, hyps = evaluate(translator, self.dev.sources, self.dev.references)
+        extra = {}
+        for dev in self.extra:
+            extra[f"{dev.name}/loss"] = round(self.loss(dev), 4)
+            figures, _ = evaluate(translator, dev.sources, dev.references)
+            extra[f"{dev.name}/bleu"], extra[f"{dev.name}/chrf"] = figures["bleu"], figures["chrf"]
         return {"dev_loss": round(loss, 4), "dev_ppl": round(math.exp(min(loss, 50)), 2),
-                "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"], "example": hyps[0] if hyps else ""}
+                "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"], "example": hyps[0] if hyps else "",
+                "extra": extra}
