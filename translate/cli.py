@@ -83,7 +83,8 @@ def _load_translator(checkpoint: str, options: DecodeOptions, precision: str) ->
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--train", "train_path", help="Training data: TSV/CSV/JSON-lines file or PATH prefix of PATH.<lang>.")
-@click.option("--dev", "dev_path", help="Dev data, in the same forms as --train.")
+@click.option("--dev", "dev_paths", multiple=True, help="Dev data, in the same forms as --train (or PATH.{SRC,TGT} "
+              "for text files with other suffixes); repeated: the first picks best.pt, the others are scored too.")
 @click.option("--src-lang", help="Source column or file suffix (default spa).")
 @click.option("--tgt-lang", help="Target column or file suffix (default eng).")
 @click.option("--max-steps", type=int, help="Stop after this many updates (and drop the time budget).")
@@ -93,16 +94,23 @@ def _load_translator(checkpoint: str, options: DecodeOptions, precision: str) ->
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pt.")
 @click.option("--streaming", is_flag=True, default=None,
               help="Read the training corpus as a stream (a hub dataset or a file too big to copy to Arrow).")
-def train(config_file, overrides, train_path, dev_path, src_lang, tgt_lang, max_steps, max_epochs, max_minutes,
-          run_dir, resume, streaming):
-    """Train a model (defaults: the bundled Spanish-English data, into checkpoints/default)."""
+@click.option("--init-from", metavar="MODEL", help="Fine-tune this model (checkpoint, run directory or exported "
+              "folder): its weights, tokenizer and model config, with a new optimiser, LR schedule and step count.")
+@click.option("--mix", "mix_path", help="Mix a sample of this corpus (e.g. the model's original training data) into "
+              "each epoch: data.mix_ratio pairs per training pair (default 1).")
+def train(config_file, overrides, train_path, dev_paths, src_lang, tgt_lang, max_steps, max_epochs, max_minutes,
+          run_dir, resume, streaming, init_from, mix_path):
+    """Train a model (defaults: the bundled Spanish-English data, into checkpoints/default), or
+    fine-tune one with --init-from."""
     from .build import train as run_training
 
     pairs = parse_overrides(overrides)
+    dev_path, *extra_dev = dev_paths or [None]
     for key, value in (("data.train", train_path), ("data.dev", dev_path), ("data.src_lang", src_lang),
                        ("data.tgt_lang", tgt_lang), ("train.max_steps", max_steps),
                        ("train.max_epochs", max_epochs), ("train.max_minutes", max_minutes),
-                       ("data.streaming", streaming)):
+                       ("data.streaming", streaming), ("data.extra_dev", extra_dev or None),
+                       ("train.init_from", init_from), ("data.mix", mix_path)):
         if value is not None:
             pairs[key] = value
     if (max_steps is not None or max_epochs is not None) and "train.max_minutes" not in pairs:
@@ -350,7 +358,7 @@ def export(checkpoint, folder, beam, no_scores):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(checkpoint, as_json):
     """What a checkpoint holds: model size, vocabularies, training progress, config."""
-    from .checkpoint import checkpoint_info
+    from .checkpoint import checkpoint_info, describe_source, provenance_chain
 
     details = checkpoint_info(checkpoint)
     if as_json:
@@ -376,6 +384,8 @@ def info(checkpoint, as_json):
     ]
     if details["averaged_from"]:
         lines.append(f"averaged from   {len(details['averaged_from'])} checkpoints")
+    for depth, source in enumerate(provenance_chain(details["init_from"])):
+        lines.append(f"{'fine-tuned from' if depth == 0 else '  which was from':<15} {describe_source(source)}")
     click.echo("\n".join(lines))
 
 
