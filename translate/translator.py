@@ -28,6 +28,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from .casual import recasing, restore
 from .checkpoint import load_model
 from .config import Config
 from .data import collate, token_batches
@@ -104,6 +105,8 @@ class DecodeOptions:
     # no hypothesis repeats an n-gram of this many target pieces (search.repeat_bans); 0: off
     no_repeat_ngram: int = 0
     return_attention: bool = False
+    # text typed casually (no capital letter, no final mark) is given them before decoding (casual.py)
+    restore_casual: bool = True
 
     MAX_BEAM: ClassVar[int] = 64  # the widest beam, and so the most n-best, a decode may ask for
     ALPHA_RANGE: ClassVar[tuple[float, float]] = (0.0, 100.0)  # the length penalty exponent
@@ -128,8 +131,9 @@ class DecodeOptions:
             object.__setattr__(self, name, bound.check(name, getattr(self, name)))  # 3 -> 3.0 for a float
         if self.n_best > self.beam:
             raise ConfigError(f"n_best ({self.n_best}) cannot exceed the beam size ({self.beam})")
-        if not isinstance(self.return_attention, bool):
-            raise ConfigError(f"return_attention must be True or False, not {self.return_attention!r}")
+        for name in ("return_attention", "restore_casual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
 
     @classmethod
     def check(cls, name: str, value: Any, label: str | None = None) -> int | float:
@@ -347,7 +351,11 @@ class Translator:
         ``on_truncate`` hears how many lines were longer than ``max_src_len`` (and cut);
         ``on_progress`` hears of each line done, as batches finish (for a progress bar)."""
         options = options or self.options
-        encoded = self.tokenizer.encode_src(lines)
+        if options.restore_casual:
+            table = recasing(self.tokenizer)
+            encoded = self.tokenizer.encode_src([restore(line, table) for line in lines])
+        else:
+            encoded = self.tokenizer.encode_src(lines)
         too_long = sum(1 for ids in encoded if len(ids) + 1 > options.max_src_len)
         if too_long and on_truncate is not None:
             on_truncate(too_long)
@@ -438,7 +446,8 @@ class Translator:
         batch = collate(src, None, indices, max_src_len=options.max_src_len)
         shortlist = None
         if self.lexicon is not None and options.shortlist > 0:
-            shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
+            shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent,
+                                               copies=self.tokenizer.joint)
         batch = batch.to(self.device)
         with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
             vocab = None if shortlist is None else model.output_vocab(shortlist.to(self.device))

@@ -1,0 +1,123 @@
+"""Casual input restored before decoding: hand-written cases, edited text left alone, restoring
+twice is restoring once, the bundled test's casual copy restored to the test, the recasing table
+against a plain reading of the vocabulary, and the translator's option."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from translate.casual import recasing, restore
+from translate.config import BUNDLED_DATA
+from translate.corpus import read_parallel
+from translate.errors import ConfigError
+from translate.tokenizer import Tokenizer
+from translate.translator import DecodeOptions, Translator
+
+from .conftest import SENTENCES, make_pairs
+
+TABLE = {"tom": "Tom", "mary": "Mary", "boston": "Boston", "tv": "TV"}
+
+CASES = [
+    ("hola", "Hola."),
+    ("buenos días", "Buenos días."),
+    ("sé breve", "Sé breve."),
+    ("gracias", "Gracias."),
+    ("hola, ¿cómo estás", "Hola, ¿cómo estás?"),
+    ("dónde está tom", "¿Dónde está Tom?"),
+    ("por qué no vino mary", "¿Por qué no vino Mary?"),
+    ("de dónde eres", "¿De dónde eres?"),
+    ("quieres ver la tv", "¿Quieres ver la TV?"),
+    ("¡qué sorpresa", "¡Qué sorpresa!"),
+    ("tom vive en boston", "Tom vive en Boston."),
+    ("compré 1.5 litros", "Compré 1.5 litros."),
+    ("hola. cómo estás", "Hola. ¿Cómo estás?"),
+    ('"hola." "adiós"', '"Hola." "Adiós"'),  # ends in a quote: no mark added
+    ("tom tiene 42", "Tom tiene 42."),
+    ("que tengas un buen día", "Que tengas un buen día."),  # "que" without its accent is no question
+    ("Hola", "Hola."),  # a capital typed, the final mark not
+    ("hola, tom ", "Hola, Tom. "),  # trailing space kept
+]
+
+EDITED = ["Hola.", "¿Dónde está Tom?", "Tom dijo: «hola».", "Compré 1.5 litros.", "Tom vive en boston.",
+          "Hola, ¿cómo estás?", "¡Qué sorpresa!", "Un, dos, tres,", "", "   ", "Hola…", "Hola :)"]
+
+
+@pytest.mark.parametrize(("typed", "restored"), CASES)
+def test_casual_text_gets_its_case_and_final_mark(typed, restored):
+    assert restore(typed, TABLE) == restored
+
+
+@pytest.mark.parametrize("text", EDITED)
+def test_text_with_a_capital_and_a_final_mark_passes_unchanged(text):
+    assert restore(text, TABLE) == text
+
+
+@pytest.mark.parametrize("text", [typed for typed, _ in CASES] + EDITED + ["42", "¿", "¡ hola", "x. y"])
+def test_restoring_twice_is_restoring_once(text):
+    once = restore(text, TABLE)
+    assert restore(once, TABLE) == once
+
+
+def casual(line: str) -> str:
+    """As people type it: lower case, no opening ¿ ¡, no closing . ! ? (bench/common.py's casual)."""
+    return re.sub(r"[\s.!?]+$", "", re.sub(r"^[\s¿¡]+", "", line.lower()))
+
+
+def test_the_bundled_tests_casual_copy_restores_to_the_test_up_to_what_it_cannot_know():
+    """Up to the marks it cannot know (! for ., a question without a question word) and the case
+    of words the sources write both ways (Nueva Zelanda, la nueva casa); with a table of the
+    words the sources capitalise and never write in lower case (what a vocabulary gives)."""
+    sources = read_parallel(str(BUNDLED_DATA / "test.tsv"), "spa", "eng", "test").src
+    words = [(i, w) for s in sources for i, w in enumerate(re.findall(r"\w+", s))]
+    lower = {w for _, w in words if w == w.lower()}
+    table = {w.lower(): w for i, w in words if i > 0 and w != w.lower() and w.isalpha() and w.lower() not in lower}
+    both = {w for _, w in words if w != w.lower() and w.lower() in lower}
+
+    def known(text):  # the words written both ways in lower case, but where a sentence starts
+        def case(m):
+            before = text[: m.start()].rstrip(" ¿¡\"«“(—-")
+            initial = not before or before[-1] in ".!?»\"”)"
+            return m.group().lower() if m.group() in both and not initial else m.group()
+        return re.sub(r"\w+", case, text)
+
+    exact, asked = 0, []
+    for source in sources:
+        restored = restore(casual(source), table)
+        expected = known(source)
+        assert re.sub(r"^[¿¡]|[.!?]+$", "", known(restored)) == re.sub(r"^[¿¡]|[.!?]+$", "", expected), source
+        if restored.endswith("?"):  # of them, a few exclamations (qué ...) and statements (has ...)
+            asked.append(bool(re.search(r"\?[.!?]*$", source)))
+        if source.startswith("¿") and source.endswith("?") and restored.endswith("?"):
+            assert known(restored) == expected, source  # a question it knows: ¿ and ? both restored
+        exact += known(restored) == expected
+        assert restore(restored, table) == restored
+    assert exact > 0.85 * len(sources)
+    assert sum(asked) > 0.95 * len(asked) and len(asked) > 0.5 * sum(s.endswith("?") for s in sources)
+
+
+def test_the_recasing_table_is_the_vocabularys_capital_only_whole_words():
+    pairs = make_pairs(600, seed=1)
+    named = [f"{s[:-1]} con Tom en Boston ante la TV u otro." for s, _ in pairs[:300]] + [s for s, _ in pairs[300:]]
+    tokenizer = Tokenizer.train(named, [t for _, t in pairs], vocab_size=110)
+    sp = tokenizer.src
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    whole = {p[1:] for p in pieces if p.startswith("\u2581")}
+    expected = {w.lower(): w for w in whole if len(w) > 1 and w.isalpha() and w != w.lower() and w.lower() not in whole}
+    assert recasing(tokenizer) == expected and expected  # this vocabulary has a few ("▁Bo", "▁Wat")
+    assert recasing(tokenizer) is recasing(tokenizer)  # read once per tokenizer
+
+
+def test_the_translator_restores_casual_lines_unless_told_not_to(tiny_model, tokenizer):
+    translator = Translator(tiny_model, tokenizer, DecodeOptions(beam=2, inter_threads=1))
+    typed = [casual(s) for s in SENTENCES]
+    restored = [restore(line, recasing(tokenizer)) for line in typed]
+    assert restored != typed
+    off = DecodeOptions(beam=2, inter_threads=1, restore_casual=False)
+    assert [n[0].tokens for n in translator.translate(typed)] == \
+        [n[0].tokens for n in translator.translate(restored, off)]
+    assert [n[0].tokens for n in translator.translate(SENTENCES)] == \
+        [n[0].tokens for n in translator.translate(SENTENCES, off)]
+    with pytest.raises(ConfigError, match="restore_casual must be True or False, not 1"):
+        DecodeOptions(restore_casual=1)

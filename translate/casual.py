@@ -1,0 +1,95 @@
+"""Casual input restored to the form the model was trained on, before it is tokenized.
+
+Tatoeba's sources start with a capital and end with ``. ! ?`` (Spanish questions also open with
+``¿``), so a model trained on them has never seen "hola" or "dónde está tom": it answers "." and
+mangles names it knows only capitalised. Text that looks typed casually is given back its case
+and its final mark, the way truecasers and punctuation restorers prepare ASR output for
+translation (Lita et al., 2003, truecasing; Peitz et al., 2011, punctuation before MT):
+
+- case, only when the text has no capital letter at all: each sentence's first letter, and every
+  word that the tokenizer's vocabulary knows only capitalised (a whole-word piece "▁Tom" and no
+  "▁tom": names, places, TV), taken from the tokenizer itself, so that every checkpoint and
+  exported model has it;
+- the final mark, only when the text ends in a letter or a digit: ``?`` (and an opening ``¿``)
+  for a sentence that opens with an interrogative (qué, cómo, dónde, cuándo, cuánto, quién, cuál,
+  with their accents, alone or after a preposition: "por qué", "de dónde"), ``?`` or ``!`` to
+  close a ``¿`` or ``¡`` left open, else ``.``.
+
+Text with a capital and a final mark passes through unchanged, and restoring twice is restoring
+once.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+
+from .tokenizer import Tokenizer
+
+WORD_START = "\u2581"  # SentencePiece's mark of a piece that starts a word
+
+_WORD = re.compile(r"\w+")
+_OPENING = "¿¡\"«“(—-"  # marks that may open a sentence
+# a sentence's end: . ! ? and any closing quotes, then a space or an opening mark (not "1.5")
+_SENTENCE_END = re.compile(r"[.!?]+[\"»”’)]*(?=[\s" + _OPENING + r"])\s*")
+# a sentence's first letter: at the text's start or after an end, past any opening marks
+_SENTENCE_START = re.compile(r"(?:^|" + _SENTENCE_END.pattern + r")[\s" + _OPENING + r"]*(\w)")
+_INTERROGATIVE = re.compile(
+    r"(?:(?:a|de|con|para|por|en|desde|hasta|sobre|hacia|y)\s+)?"
+    r"(?:qué|cómo|dónde|adónde|cuándo|cuánt[oa]s?|quién(?:es)?|cuál(?:es)?)(?!\w)", re.IGNORECASE)
+# first words of yes/no questions: those that open a question in 80% or more of the training sources
+# that start with them, 50 times or more ("quieres", 332 times: 99.7%; "has", 344: 82%)
+_QUESTION_OPENER = re.compile(r"(?:quieres|querés|crees|sabes|podrías|conoces|acaso|alguna|has)(?!\w)",
+                              re.IGNORECASE)
+
+_RECASING: weakref.WeakKeyDictionary[Tokenizer, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def recasing(tokenizer: Tokenizer) -> dict[str, str]:
+    """Lower-case word -> the cased form the source vocabulary knows it by, for each word that is a
+    whole piece only capitalised ("tom" -> "Tom", "tv" -> "TV"; words of two letters or more, so
+    that the conjunctions "u", "y" stay as they are). The likeliest piece wins a tie of casings."""
+    if tokenizer not in _RECASING:
+        sp = tokenizer.src
+        scored = [(sp.get_score(i), sp.id_to_piece(i)) for i in range(sp.get_piece_size())]
+        whole = {piece[1:] for _, piece in scored if piece.startswith(WORD_START)}
+        table: dict[str, str] = {}
+        for _, piece in sorted(scored):  # least likely first, so that the likeliest is written last
+            word = piece[1:]
+            if piece.startswith(WORD_START) and len(word) > 1 and word.isalpha() and word != word.lower() \
+                    and word.lower() not in whole:
+                table[word.lower()] = word
+        _RECASING[tokenizer] = table
+    return _RECASING[tokenizer]
+
+
+def _recase(text: str, table: dict[str, str]) -> str:
+    text = _WORD.sub(lambda m: table.get(m.group(), m.group()), text)
+    return _SENTENCE_START.sub(lambda m: m.group()[:-1] + m.group(1).upper(), text)
+
+
+def _close(text: str) -> str:
+    """``text`` (ending in a letter or digit) with its final mark, and ``¿`` before a question."""
+    last = max((m.end() for m in _SENTENCE_END.finditer(text)), default=0)  # where the last sentence starts
+    opened = text[last:]
+    if "¿" in opened:
+        return text + "?"
+    if "¡" in opened:
+        return text + "!"
+    lead = len(opened) - len(opened.lstrip(" " + _OPENING))
+    if _INTERROGATIVE.match(opened, lead) or _QUESTION_OPENER.match(opened, lead):
+        return f"{text[:last + lead]}¿{text[last + lead:]}?"
+    return text + "."
+
+
+def restore(text: str, table: dict[str, str]) -> str:
+    """``text`` with the case (when it has no capital letter) and the final mark (when it ends in a
+    letter or a digit) that edited text would have; ``table`` is ``recasing(tokenizer)``."""
+    body = text.rstrip()
+    if not body:
+        return text
+    if not any(c.isupper() for c in body):
+        body = _recase(body, table)
+    if body[-1].isalnum():
+        body = _close(body)
+    return body + text[len(text.rstrip()):]
