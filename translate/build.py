@@ -76,7 +76,7 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False,
     payload = broadcast(world, open_run_dir(run_dir, resume) if world.main else None)
     if payload is not None:
         config = resume_config(config, Config.from_dict(payload["config"]))
-    config, source = broadcast(world, (config, source))
+    config = broadcast(world, config)  # (rank 0's source stays there: DDP gives its weights to the others)
     if world.main:  # the run directory keeps the resolved config and everything the run says
         write_config(run_dir, config)
     train_log = TrainLog(run_dir if world.main else None)
@@ -205,12 +205,10 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
     dev = read_parallel(data.dev, data.src_lang, data.tgt_lang, "dev")
     if payload is not None:
         tokenizer = restore_tokenizer(payload)  # (the weights are loaded into the run's model below)
-    elif source is not None:
-        tokenizer = source.tokenizer
     elif not world.main:
         tokenizer = Tokenizer(*broadcast(world, None))
     else:
-        tokenizer = _main_tokenizer(config, train)
+        tokenizer = source.tokenizer if source is not None else _main_tokenizer(config, train)
         broadcast(world, (tokenizer.src_proto, tokenizer.tgt_proto))
     if world.main:
         tokenizer.save(run_dir)
