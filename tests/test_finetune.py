@@ -158,6 +158,15 @@ def test_extra_dev_sets_are_scored_logged_and_plotted(corpus, new_data, tmp_path
     assert extra_dev_names(devs) == ["newdev", "words.dev"]
     plotted = runner.invoke(main, ["plot", str(run_dir), "-o", str(tmp_path / "curves.png")])
     assert plotted.exit_code == 0 and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    export_model(run_dir, tmp_path / "export", scores=False)
+    card = (tmp_path / "export" / "README.md").read_text(encoding="utf-8")
+    assert f"- Mixed into each epoch: 1 pair(s) of {corpus['train']} per training pair" in card
+    assert "Fine-tuned from" not in card
+
+
+def test_extra_dev_sets_in_one_key_keep_their_braces(corpus):
+    config = tiny(corpus, None, **{"data.extra_dev": "a.tsv, b.dev.{es,en},c"})
+    assert config.data.extra_dev == ("a.tsv", "b.dev.{es,en}", "c")
 
 
 def params(run_dir):

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import io
 import math
+import re
 import tokenize
 import types
 import typing
@@ -309,8 +310,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin is tuple:  # tuple[str, ...]: a list, or one string of items separated by commas
-        items = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+    if origin is tuple:  # tuple[str, ...]: a list, or one string of items separated by commas (not in `{,}`)
+        items = ([item.strip() for item in re.split(r",(?![^{}]*\})", value) if item.strip()]
+                 if isinstance(value, str) else value)
         if isinstance(items, (list, tuple)):
             return tuple(_coerce(item, args[0], key) for item in items)
         raise ConfigError(f"{key} must be a list, got {value!r}")
