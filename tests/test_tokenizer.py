@@ -53,3 +53,13 @@ def test_errors(tmp_path):
         Tokenizer.load(tmp_path / "bad.model")
     with pytest.raises(TokenizerError, match="cannot read tokenizer"):
         Tokenizer.load(tmp_path / "missing.model")
+
+
+def test_unknown_words_are_found_whole_as_written(tokenizer):
+    line = "El gatoΩ come 日本 y  Ærø, pan."
+    spans = tokenizer.src_unknown(line)
+    assert [text for _, _, text in spans] == ["gatoΩ", "日本", "Ærø,"]  # this vocabulary never saw a comma
+    ids = tokenizer.encode_src([line])[0]
+    assert all(UNK in ids[first: last + 1] for first, last, _ in spans)
+    assert all(UNK not in ids[:first] for first, _, _ in spans[:1])
+    assert tokenizer.src_unknown("El gato come pan.") == [] and tokenizer.src_unknown("") == []

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import ConfigError
+from .segment import SPLITS
 from .tokenizer import Tokenizer
 from .translator import DecodeOptions, Translation, Translator
 
 HELP = """commands:
   :beam N   beam size for the next translations (1 = greedy)
+  :split M  sentences, clauses or none: how a line is cut before it is translated
   :attn     attention of the last translation, as a table (rows: output pieces)
   :help     this help
   :quit     leave (Ctrl-D works too; Ctrl-C cancels the line)"""
@@ -61,6 +63,8 @@ class Repl:
             return HELP, False
         if name == "beam":
             return self.set_beam(arg), False
+        if name == "split":
+            return self.set_split(arg.strip()), False
         if name == "attn":
             return self.attention(), False
         return f"unknown command :{name}; :help lists them", False
@@ -76,6 +80,13 @@ class Repl:
         except ConfigError as exc:
             return f"usage: :beam N; {exc}"
         return f"beam {beam}"
+
+    def set_split(self, arg: str) -> str:
+        """``:split MODE``; segment.SPLITS names the modes."""
+        if arg not in SPLITS:
+            return f"usage: :split MODE with MODE one of {', '.join(SPLITS)}"
+        self.options = replace(self.options, split=arg)
+        return f"split {arg}"
 
     def attention(self) -> str:
         if self.last is None or self.last[1].attention is None:

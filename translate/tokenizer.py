@@ -54,6 +54,13 @@ def _processor(proto: bytes) -> spm.SentencePieceProcessor:
     return sp
 
 
+def _inside_word(piece, before: bool = False) -> bool:
+    """Whether ``piece`` (a SentencePiece proto piece) goes on the word next to it: letters or
+    digits, and no word boundary (``▁``) between them (``before``: it may open the word)."""
+    text = piece.surface.strip()
+    return bool(text) and text.isalnum() and (before or not piece.piece.startswith("▁"))
+
+
 class Tokenizer:
     """Source and target SentencePiece models (the same one when the vocabulary is joint)."""
 
@@ -121,6 +128,26 @@ class Tokenizer:
 
     def src_pieces(self, line: str) -> list[str]:
         return self.src.encode(line, out_type=str)
+
+    def src_unknown(self, line: str) -> list[tuple[int, int, str]]:
+        """The words of ``line`` that the source vocabulary cannot cover (characters its training
+        text never had become UNK): for each run of UNK pieces, widened to the letters and digits
+        of the word it sits in, its first and last piece and its text as written in ``line``."""
+        pieces = self.src.encode(line, return_type="proto").pieces
+        found: list[tuple[int, int, str]] = []
+        i = 0
+        while i < len(pieces):
+            if pieces[i].id != UNK or (found and i <= found[-1][1]):
+                i += 1
+                continue
+            first, last = i, i
+            while last + 1 < len(pieces) and (pieces[last + 1].id == UNK or _inside_word(pieces[last + 1])):
+                last += 1
+            while first > 0 and not pieces[first].piece.startswith("▁") and _inside_word(pieces[first - 1], True):
+                first -= 1
+            found.append((first, last, "".join(p.surface for p in pieces[first: last + 1]).strip()))
+            i = last + 1
+        return found
 
     def tgt_pieces(self, ids: Sequence[int]) -> list[str]:
         return [self.tgt.id_to_piece(int(i)) for i in ids]
