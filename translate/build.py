@@ -71,7 +71,7 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False,
         source = load_source(config.train.init_from)
         _check_tokenizer(config, source)
         config = finetune_config(config, source.config)
-    if world.main and not resume and (source is not None or config.data.mix):
+    if world.main and not resume and (source is not None or config.data.mix or config.data.extra_dev):
         _check_corpora(config)  # a new run's mistakes found before its directory is made
     payload = broadcast(world, open_run_dir(run_dir, resume) if world.main else None)
     if payload is not None:
