@@ -2,7 +2,8 @@
 fine-tuned to that domain, with and without mixing in its original data, against training from
 scratch on the same data for the same budget.
 
-(a) Zero-shot: each BASE checkpoint (the default ``translate train`` model, one per seed) decoded
+(a) Zero-shot: each base model (a default ``translate train``, one per seed: the ``base`` arm, or
+    given with ``--base``) decoded
     with today's defaults and with the decoding of before this bench's issue (``BEFORE``: no
     sentence splitting, no n-gram blocking, no restoration of casual input, no identity
     shortlist), on
@@ -14,13 +15,14 @@ scratch on the same data for the same budget.
     - ``bible``: ``../shared/data/bible-es-en.dev``, Bible verses (evaluation only for the base).
 
 (b) Fine-tuning on ``../shared/data/bible-es-en.train.tsv`` (24,870 verses, disjoint from the dev
-    verses) with the Bible dev set as the run's dev set and the bundled dev split as an extra dev
-    set, for each seed:
+    verses) less 500 of them held out as the run's dev set (which picks best.pt: the Bible dev
+    verses are only scored), with the bundled dev split as an extra dev set (what is forgotten),
+    for each seed:
 
     - ``finetune``: ``translate train --init-from BASE`` on the Bible verses alone;
     - ``finetune-mix``: the same with ``--mix`` the base's own training data, as many sentences as
       the new data each epoch (mixed fine-tuning, Chu et al., 2017);
-    - ``scratch``: a default ``translate train`` on the Bible verses alone.
+    - ``scratch``: a default ``translate train`` on the same Bible verses alone.
 
     Each run is scored like (a), with today's decoding. Fine-tuning starts from the first BASE.
 
@@ -31,8 +33,9 @@ so the bench resumes where it stopped. Each scored model leaves its translations
 RESULTS/<arm>-s<seed>.json.gz (kept in git); the table (means and standard deviations over seeds)
 is made from those files alone:
 
+    python bench/domain.py --seeds 1,2                       # every arm, 25 minutes a run
+    python bench/domain.py --seeds 1,2 --steps 4477 --threads 1 --arms base,scratch
     python bench/domain.py --base checkpoints/default/best.pt --arms zero-shot
-    python bench/domain.py --base B1 --base B2 --seeds 1,2 --steps 3600 --threads 1 --arms scratch
     python bench/domain.py --table-only --json bench/results/domain.json --doc docs/benchmarks.md
 """
 
@@ -42,6 +45,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -51,13 +55,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BIBLE, carried, casual, cpu_model, evaluation_sets, figures, long_fifth
 
 from translate.config import BUNDLED_DATA
-from translate.corpus import read_lines
 from translate.runtime import configure_process
 from translate.translator import DecodeOptions, Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 BIBLE_TRAIN = BIBLE.parent / "bible-es-en.train.tsv"
-ARMS = ("zero-shot", "finetune", "finetune-mix", "scratch")
+ARMS = ("base", "zero-shot", "finetune", "finetune-mix", "scratch")
 SETS = ("test", "casual", "long", "bible")
 # the decoding of before: every option that issue 34 added, off (an option this checkout lacks is left out)
 BEFORE = {"split": "none", "no_repeat_ngram": 0, "restore_case": False, "copy_source": False}
@@ -92,26 +95,38 @@ def score(checkpoint: Path, options: DecodeOptions, sets: dict) -> dict:
     return result
 
 
-def bible_dev_tsv(work: Path) -> Path:
-    """The Bible dev verses as a TSV with the training data's columns (the files are .es / .en)."""
-    path = work / "bible-dev.tsv"
-    if not path.is_file():
+HELD_OUT = 500  # Bible training verses set aside as the runs' dev set
+
+
+def bible_split(work: Path) -> tuple[Path, Path]:
+    """The Bible training verses less ``HELD_OUT`` of them (a seeded draw), and those: the dev set
+    that picks best.pt, so that the Bible dev verses are only ever scored."""
+    train, dev = work / "bible-train.tsv", work / "bible-heldout.tsv"
+    if not (train.is_file() and dev.is_file()):
         work.mkdir(parents=True, exist_ok=True)
-        rows = zip(read_lines(f"{BIBLE}.es"), read_lines(f"{BIBLE}.en"))
-        path.write_text("spa\teng\n" + "".join(f"{s}\t{t}\n" for s, t in rows), encoding="utf-8")
-    return path
+        header, *rows = BIBLE_TRAIN.read_text(encoding="utf-8").splitlines()
+        held = set(random.Random(20261203).sample(range(len(rows)), HELD_OUT))
+        train.write_text("".join(f"{r}\n" for i, r in enumerate([header, *rows]) if i - 1 not in held),
+                         encoding="utf-8")
+        dev.write_text("".join(f"{r}\n" for i, r in enumerate([header, *rows]) if i - 1 in held),
+                       encoding="utf-8")
+    return train, dev
 
 
-def train_command(arm: str, run_dir: Path, seed: int, base: Path, work: Path, args) -> list[str]:
-    command = ["translate", "train", "--run-dir", str(run_dir), "--train", str(BIBLE_TRAIN),
-               "--dev", str(bible_dev_tsv(work)), "--set", f"train.seed={seed}"]
-    if arm != "scratch":
+def train_command(arm: str, run_dir: Path, seed: int, base: Path | None, work: Path, args) -> list[str]:
+    command = ["translate", "train", "--run-dir", str(run_dir), "--set", f"train.seed={seed}"]
+    if arm != "base":
+        bible_train, bible_dev = bible_split(work)
+        command += ["--train", str(bible_train), "--dev", str(bible_dev)]
+    if arm in ("finetune", "finetune-mix"):
         command += ["--init-from", str(base), "--dev", str(BUNDLED_DATA / "dev.tsv")]
     if arm == "finetune-mix":
         command += ["--mix", str(BUNDLED_DATA / "train.tsv")]
     command += ["--max-steps", str(args.steps)] if args.steps else ["--max-minutes", str(args.minutes)]
     if args.threads:
         command += ["--set", f"train.threads={args.threads}"]
+    for item in args.set:
+        command += ["--set", item]
     return command
 
 
@@ -136,8 +151,12 @@ def steps_of(checkpoint: Path) -> int:
     return int(payload.get("progress", {}).get("step", 0))
 
 
-def run_arm(arm: str, seed: int, base: Path, args, sets: dict) -> None:
+def run_arm(arm: str, seed: int, base: Path | None, args, sets: dict) -> None:
     results = Path(args.results)
+    if arm == "base":
+        run_dir = Path(args.out) / f"base-s{seed}"
+        train(train_command(arm, run_dir, seed, None, Path(args.out), args), run_dir)
+        return
     if arm == "zero-shot":
         for name, options in (("before", before_options()), ("zero-shot", DecodeOptions())):
             path = results / f"{name}-s{seed}.json.gz"
@@ -258,13 +277,16 @@ def write_doc(path: Path, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", action="append", default=[], help="a base checkpoint (one per seed)")
+    parser.add_argument("--base", action="append", default=[],
+                        help="a base checkpoint, one per seed (default: OUT/base-s<seed>/best.pt, the base arm's)")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds (zero-shot: one per --base)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=25.0, help="training budget in minutes")
     budget.add_argument("--steps", type=int, help="training budget in updates instead")
     parser.add_argument("--threads", type=int, default=0, help="train.threads of each run (0: torch's default)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train.* setting for every run (e.g. train.amp=bf16, what auto picks when idle)")
     parser.add_argument("--out", default="checkpoints/domain", help="where the runs go")
     parser.add_argument("--results", default="bench/results/domain", help="where each scored model's JSON goes")
     parser.add_argument("--table-only", action="store_true", help="only make the table from RESULTS")
@@ -277,17 +299,17 @@ def main() -> None:
         unknown = sorted(set(arms) - set(ARMS))
         if unknown:
             sys.exit(f"unknown arm {unknown[0]!r}; use {', '.join(ARMS)}")
-        if not args.base:
-            sys.exit("give the base model: --base CHECKPOINT (one per seed)")
         seeds = [int(s) for s in args.seeds.split(",")]
+        bases = [Path(b).resolve() for b in args.base] or [Path(args.out).resolve() / f"base-s{s}" / "best.pt"
+                                                           for s in seeds]
         sets = scoring_sets()
         for arm in arms:
             for i, seed in enumerate(seeds):
-                if arm == "zero-shot":
-                    if i < len(args.base):
-                        run_arm(arm, seed, Path(args.base[i]).resolve(), args, sets)
-                else:
-                    run_arm(arm, seed, Path(args.base[0]).resolve(), args, sets)
+                base = bases[i] if arm == "zero-shot" else bases[0]
+                if arm in ("zero-shot", "finetune", "finetune-mix") and not base.is_file():
+                    sys.exit(f"no base model at {base}: train it first (--arms base) or give --base")
+                if arm != "zero-shot" or i < len(bases):
+                    run_arm(arm, seed, base, args, sets)
     table = summary(Path(args.results))
     text = doc_table(table)
     print(text)
