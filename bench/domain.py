@@ -108,7 +108,7 @@ def bible_split(work: Path) -> tuple[Path, Path]:
         held = set(random.Random(20261203).sample(range(len(rows)), HELD_OUT))
         train.write_text("".join(f"{r}\n" for i, r in enumerate([header, *rows]) if i - 1 not in held),
                          encoding="utf-8")
-        dev.write_text("".join(f"{r}\n" for i, r in enumerate([header, *rows]) if i - 1 in held),
+        dev.write_text("".join(f"{r}\n" for i, r in enumerate([header, *rows]) if i == 0 or i - 1 in held),
                        encoding="utf-8")
     return train, dev
 
