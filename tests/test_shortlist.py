@@ -11,13 +11,11 @@ from click.testing import CliRunner
 
 from translate.checkpoint import load_checkpoint
 from translate.cli import main
-from translate.config import load_config
 from translate.encoded import Encoded
-from translate.model import build_model
 from translate.quantize import int8_available, quantized_copy
 from translate.search import beam_search, greedy
 from translate.shortlist import SPECIAL, TOP, Lexicon, build_lexicon
-from translate.tokenizer import EOS, Tokenizer
+from translate.tokenizer import EOS
 from translate.translator import DecodeOptions, Translator
 
 from .conftest import SENTENCES, encode
@@ -180,50 +178,10 @@ def test_the_translator_scores_each_batchs_shortlist_or_with_0_the_whole_vocabul
         [[t.tokens for t in n] for n in plain.translate(SENTENCES)]
     encoded = tokenizer.encode_src(SENTENCES)
     for ids, nbest, full in zip(encoded, listed.translate(SENTENCES), plain.translate(SENTENCES)):
-        allowed = set(lexicon.shortlist(torch.tensor([ids + [EOS]]), one_by_one.shortlist, 5, copies=True).tolist())
+        allowed = set(lexicon.shortlist(torch.tensor([ids + [EOS]]), one_by_one.shortlist, 5).tolist())
         assert set(nbest[0].tokens) <= allowed
         if not set(full[0].tokens) <= allowed:
             assert nbest[0].tokens != full[0].tokens
-
-
-def test_copies_add_each_source_piece_of_the_batch_itself():
-    translations = torch.full((40, TOP), -1, dtype=torch.int32)
-    translations[5, :2] = torch.tensor([20, 21])
-    lexicon = Lexicon(translations, torch.tensor([9, 8, 30], dtype=torch.int32))
-    src = torch.tensor([[5, 33, 17, EOS], [6, EOS, 0, 0]])  # 0: padding
-    plain = lexicon.shortlist(src, per_piece=2, frequent=1)
-    assert plain.tolist() == [0, 1, 2, 3, 9, 20, 21]
-    copied = lexicon.shortlist(src, per_piece=2, frequent=1, copies=True)
-    assert copied.tolist() == sorted({*plain.tolist(), 5, 6, 17, 33})
-    pieces = torch.randint(SPECIAL, 40, (3, 7), generator=torch.Generator().manual_seed(0))
-    assert set(pieces.reshape(-1).tolist()) <= set(lexicon.shortlist(pieces, 1, 0, copies=True).tolist())
-
-
-class Recording(Lexicon):
-    """A lexicon that notes whether each shortlist asked for copies."""
-
-    def shortlist(self, src, per_piece, frequent, copies=False):
-        self.asked.append(copies)
-        return super().shortlist(src, per_piece, frequent, copies)
-
-
-def test_the_translator_lets_source_pieces_be_copied_exactly_when_the_vocabulary_is_joint(tokenizer):
-    separate = Tokenizer(tokenizer.src_proto, Tokenizer.train(["x"], ["the cat eats bread."] * 50, 60).tgt_proto)
-    assert tokenizer.joint and not separate.joint
-    empty = torch.full((tokenizer.src_vocab_size, TOP), -1, dtype=torch.int32)  # no translations at all
-    options = DecodeOptions(beam=2, inter_threads=1, batch_sentences=1, shortlist=1, shortlist_frequent=0)
-    for tok, copies in ((tokenizer, True), (separate, False)):
-        torch.manual_seed(0)
-        config = load_config(overrides={"model.embed_dim": 16, "model.hidden_dim": 32, "model.init_uniform": 0})
-        model = build_model(config.model, tok.src_vocab_size, tok.tgt_vocab_size).eval()
-        lexicon = Recording(empty, torch.arange(tok.tgt_vocab_size, dtype=torch.int32))
-        object.__setattr__(lexicon, "asked", [])
-        out = Translator(model, tok, options, lexicon=lexicon).translate(SENTENCES)
-        assert lexicon.asked and set(lexicon.asked) == {copies}
-        for sentence, nbest in zip(SENTENCES, out):  # only the specials and, when joint, the sentence's pieces
-            allowed = set(range(SPECIAL)) | (set(tok.encode_src([sentence])[0]) if copies else set())
-            assert set(nbest[0].tokens) <= allowed
-        assert any(n[0].tokens for n in out) == copies
 
 
 def test_bad_shortlist_options():

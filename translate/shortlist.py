@@ -27,23 +27,18 @@ class Lexicon:
     translations: torch.Tensor  # (src_vocab, TOP) int32 target ids, likeliest first; -1 past a piece's last
     frequent: torch.Tensor  # (tgt_vocab,) int32 target ids, most frequent in the training targets first
 
-    def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int, copies: bool = False) -> torch.Tensor:
+    def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int) -> torch.Tensor:
         """The target ids a batch may produce: src (batch, src_len) source ids -> (n,) int64, sorted
         and so starting with the special tokens (column i is token i for i < 4, as the searches
         expect): the ``frequent`` most frequent pieces and the ``per_piece`` likeliest
-        translations of every source piece in the batch; with ``copies`` (a joint vocabulary, where
-        a source id is the same piece on the target side), every source piece itself too, so that
-        a name or number rare in training can be copied even when the lexicon never saw it
-        translated as itself."""
+        translations of every source piece in the batch."""
         if not 1 <= per_piece <= self.translations.size(1):
             raise ValueError(f"per_piece must be from 1 to {self.translations.size(1)}, not {per_piece}")
         pieces = src.reshape(-1).cpu().unique().clamp(max=self.translations.size(0) - 1)
         candidates = self.translations[pieces, :per_piece].reshape(-1)
         specials = torch.arange(SPECIAL, dtype=torch.int32)
-        listed = [specials, self.frequent[:frequent], candidates[candidates >= 0]]
-        if copies:
-            listed.append(pieces[pieces >= SPECIAL].to(torch.int32))
-        return torch.cat(listed).unique().long()  # sorted
+        ids = torch.cat([specials, self.frequent[:frequent], candidates[candidates >= 0]])
+        return ids.unique().long()  # sorted
 
     def state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of it."""

@@ -446,8 +446,7 @@ class Translator:
         batch = collate(src, None, indices, max_src_len=options.max_src_len)
         shortlist = None
         if self.lexicon is not None and options.shortlist > 0:
-            shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent,
-                                               copies=self.tokenizer.joint)
+            shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
         batch = batch.to(self.device)
         with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
             vocab = None if shortlist is None else model.output_vocab(shortlist.to(self.device))
