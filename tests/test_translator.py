@@ -133,7 +133,8 @@ def test_translations_are_the_searches_in_input_order(search_model, tokenizer):
     options = DecodeOptions(beam=3, n_best=2, max_len_ratio=1.5, batch_sentences=2, inter_threads=1)
     out = Translator(model, tokenizer, options).translate(SENTENCES)
     memory, state, limits = encode(model, tokenizer, SENTENCES, ratio=1.5)
-    for nbest, hyps in zip(out, beam_search(model, memory, state, 3, limits, n_best=2)):
+    for nbest, hyps in zip(out, beam_search(model, memory, state, 3, limits, n_best=2,
+                                            no_repeat_ngram=options.no_repeat_ngram)):
         assert [t.tokens for t in nbest] == [h.tokens for h in hyps]
         assert [t.text for t in nbest] == tokenizer.decode_tgt([h.tokens for h in hyps])
         assert [t.score for t in nbest] == pytest.approx([h.score for h in hyps], abs=1e-4)

@@ -102,8 +102,9 @@ class DecodeOptions:
     # 0: the whole vocabulary, as with a checkpoint that has no lexicon
     shortlist: int = 50
     shortlist_frequent: int = 300
-    # no hypothesis repeats an n-gram of this many target pieces (search.repeat_bans); 0: off
-    no_repeat_ngram: int = 0
+    # no hypothesis repeats an n-gram of this many target pieces (search.repeat_bans; 3: loops on the Bible
+    # verses stop, BLEU on the bundled test unchanged, docs/decoding.md, "Repetition"); 0: off
+    no_repeat_ngram: int = 3
     return_attention: bool = False
     # text typed casually (no capital letter, no final mark) is given them before decoding (casual.py)
     restore_casual: bool = True
