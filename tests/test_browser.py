@@ -56,12 +56,13 @@ def test_the_page_translates_what_is_typed(page_url, browser):
     browser.get(url)
     Select(browser.find_element(By.ID, "beam")).select_by_value("1")
     source = browser.find_element(By.ID, "source")
-    source.send_keys("El gato come pan.")
+    line = "El gato come pan. El perro bebe agua."  # two sentences: translated apart, joined, one heatmap
+    source.send_keys(line)
     source.send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard alone
     WebDriverWait(browser, 30).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Score"))
-    expected = translator.translate(["El gato come pan."], DecodeOptions(beam=1))[0][0]
+    expected = translator.translate([line], DecodeOptions(beam=1))[0][0]
     assert browser.find_element(By.ID, "target").get_property("value") == expected.text
     cells = browser.find_elements(By.CSS_SELECTOR, "#heatmap td")
-    assert len(cells) == (len(expected.tokens) + 1) * len(translator.tokenizer.src_pieces("El gato come pan.") + [0])
+    assert len(cells) == (len(expected.tokens) + 1) * len(translator.tokenizer.src_pieces(line) + [0])
     screen, width = browser.execute_script("return [window.innerWidth, document.documentElement.scrollWidth]")
     assert screen == 390 and width <= screen  # nothing wider than the phone's screen (the heatmap scrolls)

@@ -309,3 +309,25 @@ def test_a_model_failure_is_a_500_and_the_service_goes_on(service, monkeypatch):
     monkeypatch.setattr(service.batcher, "translate", lambda *args: 1 / 0)
     response = _call(service, "POST", "/translate", b'{"sentences": ["a"]}')
     assert response.status == 500 and _json(response) == {"error": "translation failed: division by zero"}
+
+
+def test_a_request_may_turn_splitting_off_and_the_page_gets_a_split_line_s_attention(service):
+    translator = service.batcher.translator
+    line = "El gato come pan. El perro bebe agua."
+    default = translator.options.split
+    for field, split in ((False, "none"), (True, default), ("sentences", "sentences"), (None, default)):
+        body = {"sentences": [line], "attention": True} | ({} if field is None else {"split": field})
+        answer = _json(_call(service, "POST", "/translate", json.dumps(body).encode()))
+        expected = translator.translate([line], DecodeOptions(split=split, return_attention=True))[0][0]
+        assert answer["translations"] == [expected.text]
+        attention = answer["attention"][0]
+        assert len(attention["source"]) == len(translator.tokenizer.src_pieces(line)) + 1
+        assert all(len(row) == len(attention["source"]) for row in attention["weights"])
+    whole = translator.translate([line], DecodeOptions(split="none"))[0][0].text
+    assert _json(_call(service, "POST", "/translate", json.dumps({"sentences": [line], "split": False}).encode())) \
+        == {"translations": [whole]}
+    bad = _call(service, "POST", "/translate", json.dumps({"sentences": [line], "split": "words"}).encode())
+    assert bad.status == 400
+    assert '"split" must be true, false or one of sentences, clauses, none' in _json(bad)["error"]
+    libre = _call(service, "POST", "/translate", json.dumps({"q": line, "target": "en"}).encode())
+    assert _json(libre) == {"translatedText": translator.translate([line])[0][0].text}  # the server's default

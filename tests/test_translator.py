@@ -5,6 +5,7 @@ import json
 import os
 import re
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,6 +46,8 @@ def test_options_are_hashable_values():
     ({"alpha": float("nan")}, "alpha must be a number from 0 to 100, not nan"),
     ({"beam": "3"}, "beam must be an integer from 1 to 64, not '3'"),
     ({"return_attention": 1}, "return_attention must be True or False"),
+    ({"copy_unknown": "yes"}, "copy_unknown must be True or False"),
+    ({"split": "words"}, "split must be one of sentences, clauses, none, not 'words'"),
 ])
 def test_bad_options_say_what_is_wrong(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -63,7 +66,8 @@ def _outside(name: str) -> list[tuple[str, float]]:
 
 def test_every_option_but_the_attention_flag_has_its_bounds():
     fields = {f.name for f in dataclasses.fields(DecodeOptions)}
-    assert set(DecodeOptions.BOUNDS) == fields - {"return_attention"}
+    switches = {"return_attention", "restore_casual", "copy_unknown", "split"}  # checked on their own
+    assert set(DecodeOptions.BOUNDS) == fields - switches
     assert DecodeOptions.BOUNDS["beam"].high == DecodeOptions.MAX_BEAM
     edges = {name: bound.high if bound.high is not None else bound.low + 1 for name, bound in
              DecodeOptions.BOUNDS.items()}
@@ -327,3 +331,148 @@ def test_auto_precision_is_the_cpu_default_and_falls_back_quietly(search_model, 
     assert asked.precision == "fp32" and "lacks the int8 kernels" in asked.note
     monkeypatch.setattr(translator_module, "CPU_PRECISION", "fp32")
     assert Translator(search_model, tokenizer, precision="auto").model is search_model
+
+
+# lines of several sentences, as the tiny model's vocabulary writes them, among blank and single ones
+SPLIT_LINES = ["El gato come pan. El perro bebe agua.", "", "Perro.", "  El niño lee.  Perro grande.   El sol.  ",
+               "   "]
+
+
+def test_a_split_line_is_its_sentences_translated_one_by_one_and_joined(search_model, tokenizer):
+    # the reference: every line's sentences, cut by hand, translated whole in one call (one batch,
+    # as the split lines' sentences are), then joined line by line
+    options = DecodeOptions(beam=3, restore_casual=False, inter_threads=1)
+    translator = Translator(search_model, tokenizer, options)
+    got = translator.translate(SPLIT_LINES)
+    assert len(got) == len(SPLIT_LINES)
+    sentences = [[s for s in re.split(r"(?<=\.)\s+", line.strip()) if s] for line in SPLIT_LINES]
+    alone = iter(translator.translate([s for line in sentences for s in line], replace(options, split="none")))
+    for line, nbest in zip(sentences, got):
+        parts = [next(alone)[0] for _ in line]
+        assert nbest[0].text == " ".join(t.text for t in parts if t.text)
+        assert nbest[0].tokens == [i for t in parts for i in t.tokens]
+        if len(parts) > 1:  # the summed log-probability, normalised over all the pieces
+            lengths = [len(t.tokens) + 1 for t in parts]
+            logprob = sum(t.score * translator_module.length_penalty(n, 1.0) for t, n in zip(parts, lengths))
+            assert nbest[0].score == pytest.approx(logprob / translator_module.length_penalty(sum(lengths), 1.0))
+        elif parts:
+            assert nbest[0].score == parts[0].score
+    assert got[1][0].text == "" and got[4][0].text == ""
+
+
+def test_no_split_is_each_line_searched_whole(search_model, tokenizer):
+    # the reference: the lines encoded and searched as one batch, as before lines were split
+    options = DecodeOptions(beam=3, n_best=2, split="none", restore_casual=False, inter_threads=1)
+    lines = [line for line in SPLIT_LINES if line.strip()]
+    out = Translator(search_model, tokenizer, options).translate(lines)
+    memory, state, limits = encode(search_model, tokenizer, lines, ratio=options.max_len_ratio)
+    for nbest, hyps in zip(out, beam_search(search_model, memory, state, 3, limits, n_best=2,
+                                            no_repeat_ngram=options.no_repeat_ngram)):
+        assert [t.tokens for t in nbest] == [h.tokens for h in hyps]
+        assert [t.text for t in nbest] == tokenizer.decode_tgt([h.tokens for h in hyps])
+
+
+def test_n_best_of_a_split_line_joins_the_sentences_n_th_and_attention_is_block_diagonal(search_model, tokenizer):
+    line = "El gato come pan. El perro bebe agua."
+    translator = Translator(search_model, tokenizer, DecodeOptions(beam=3, n_best=3, return_attention=True,
+                                                                   restore_casual=False))
+    joined = translator.translate([line])[0]
+    parts = translator.translate(["El gato come pan.", "El perro bebe agua."],
+                                 replace(translator.options, split="none"))
+    assert [t.text for t in joined] == [f"{a.text} {b.text}" for a, b in zip(*parts)]
+    assert [t.score for t in joined] == sorted((t.score for t in joined), reverse=True)
+    first, second, attention = parts[0][0], parts[1][0], joined[0].attention
+    pieces = len(tokenizer.src_pieces(line))
+    assert attention.shape == (len(joined[0].tokens) + 1, pieces + 1)
+    assert torch.allclose(attention.sum(1), torch.ones(attention.size(0)), atol=1e-4)
+    rows, cols = len(first.tokens), first.attention.size(1) - 1
+    assert torch.equal(attention[:rows, :cols], first.attention[:rows, :cols])
+    assert torch.equal(attention[rows:, cols:-1], second.attention[:, :-1])
+    assert not attention[:rows, cols:-1].any() and not attention[rows:, :cols].any()
+
+
+def test_progress_and_truncation_count_lines_not_sentences(search_model, tokenizer):
+    heard, cut = [], []
+    lines = [*SPLIT_LINES, "El gato. " + "el gato " * 40]
+    translator = Translator(search_model, tokenizer, DecodeOptions(batch_tokens=10, max_src_len=30))
+    translator.translate(lines, on_progress=heard.append, on_truncate=cut.append)
+    assert sum(heard) == len(lines) and cut == [1]
+
+
+def test_unknown_words_are_carried_into_the_output(search_model, tokenizer):
+    lines = ["El gato Ωmega come pan.", "Ægir.", "El perro bebe agua."]
+    assert all(tokenizer.src_unknown(line) for line in lines[:2]) and not tokenizer.src_unknown(lines[2])
+    translator = Translator(search_model, tokenizer, DecodeOptions(beam=2, restore_casual=False))
+    out = translator.translate(lines)
+    assert "Ωmega" in out[0][0].text and "Ægir" in out[1][0].text
+    off = translator.translate(lines, DecodeOptions(beam=2, copy_unknown=False, restore_casual=False))
+    assert out[2][0].text == off[2][0].text  # a line without unknown words: the plain path
+    assert out[0][0].attention is None  # decoded with attention for the copy; not asked for, not given
+    # the reference: the line with its unknown words replaced by their stand-ins, decoded plainly
+    decoded, words = translator_module.stand_ins(tokenizer, lines[0])
+    assert decoded == lines[0].replace("Ωmega", words[0].name) and words[0].text == "Ωmega"
+    alone = translator.translate([decoded], DecodeOptions(beam=2, copy_unknown=False, restore_casual=False))[0]
+    assert [t.tokens for t in out[0]] == [t.tokens for t in alone]
+
+
+def test_a_stand_in_name_that_comes_through_gives_its_place_to_the_word(tokenizer):
+    from translate.search import Hypothesis
+
+    decoded, words = translator_module.stand_ins(tokenizer, "El Ωmega y Ærø come.")
+    assert [w.text for w in words] == ["Ωmega", "Ærø"]
+    names = [w.name for w in words]
+    assert decoded == f"El {names[0]} y {names[1]} come."
+    src_len = len(tokenizer.encode_src([decoded])[0]) + 1
+    ids = tokenizer.encode_tgt([f"The {names[1]} eats."])[0]  # the first name is lost on the way
+    attention = torch.full((len(ids) + 1, src_len), 0.01)
+    attention[len(ids) - 2, words[0].first] = 0.9  # "eats" renders it, as far as attention tells
+    got = translator_module.carry_unknown(tokenizer, Hypothesis(ids, -1.0, attention), words, src_len)
+    assert got == "The Ærø Ωmega."
+
+
+def test_an_unknown_word_replaces_its_rendering_or_goes_in_after_its_word(tokenizer):
+    from translate.search import Hypothesis
+
+    ids = tokenizer.encode_tgt(["The cat eats bread."])[0]
+    pieces = tokenizer.tgt_pieces(ids)
+    cat = [i for i, p in enumerate(pieces) if p.startswith("▁")][1]  # the first piece of "cat"
+    source = "El Ωmega come pan."
+    (first, last, text), = tokenizer.src_unknown(source)
+    src_len = len(tokenizer.encode_src([source])[0]) + 1
+    attention = torch.full((len(ids) + 1, src_len), 0.01)
+    attention[cat, first] = 0.9  # "cat" looks at the unknown word above all: it renders it
+    hyp = Hypothesis(ids, -1.0, attention)
+    assert translator_module.with_unknown(tokenizer, hyp, [(first, last, text)], src_len) == "The Ωmega eats bread."
+    attention[cat, first], attention[cat, 0] = 0.3, 0.6  # it looks elsewhere more: the word goes in after it
+    assert translator_module.with_unknown(tokenizer, hyp, [(first, last, text)], src_len) == "The cat Ωmega eats bread."
+    empty = Hypothesis([], -1.0, torch.full((1, src_len), 0.1))
+    assert translator_module.with_unknown(tokenizer, empty, [(first, last, text)], src_len) == "Ωmega"
+
+
+def test_decode_split_flag(checkpoint):
+    from click.testing import CliRunner
+
+    from translate.cli import main
+
+    text = "El gato come pan. El perro bebe agua.\n\nPerro.\n"
+    runs = {split: CliRunner().invoke(main, ["decode", str(checkpoint), "--fp32", "--beam", "2",
+                                             "--split", split], input=text) for split in ("none", "sentences")}
+    translator = Translator.load(checkpoint, precision="fp32")
+    for split, result in runs.items():
+        assert result.exit_code == 0, result.output
+        expected = translator.translate(text.splitlines(), DecodeOptions(beam=2, split=split))
+        assert result.output.splitlines() == [n[0].text for n in expected]
+    bad = CliRunner().invoke(main, ["decode", str(checkpoint), "--split", "words"], input=text)
+    assert bad.exit_code == 2 and "Invalid value for '--split'" in bad.output
+
+
+def test_the_repl_sets_the_split_and_shows_a_split_line_s_attention(search_model, tokenizer):
+    from translate.repl import Repl
+
+    repl = Repl(Translator(search_model, tokenizer, DecodeOptions(beam=2)))
+    line = "El gato come pan. El perro bebe agua."
+    assert repl.handle(line)[0] == Translator(search_model, tokenizer).translate([line], repl.options)[0][0].text
+    assert len(repl.attention().splitlines()[0].split("|")[1].split()) == len(tokenizer.src_pieces(line)) + 1
+    assert repl.command(":split none") == ("split none", False) and repl.options.split == "none"
+    assert repl.command(":split words") == ("usage: :split MODE with MODE one of sentences, clauses, none", False)
+    assert repl.options.split == "none"

@@ -18,6 +18,7 @@ from .config import load_config, parse_overrides
 from .corpus import iter_lines, no_tqdm_monitor, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
 from .runtime import configure_logging, configure_process, console_level
+from .segment import SPLITS
 from .translator import CPU_PRECISION, DecodeOptions, Translator
 
 
@@ -153,6 +154,9 @@ DECODING_FLAGS = {
     "no_repeat_ngram": [click.option("--no-repeat-ngram", default=DEFAULT_DECODING.no_repeat_ngram, show_default=True,
                                      type=_bounded("no_repeat_ngram"), help="No translation repeats an n-gram of N "
                                      "target pieces (stops loops); 0: off.")],
+    "split": [click.option("--split", default=DEFAULT_DECODING.split, show_default=True, type=click.Choice(SPLITS),
+                           help="Cut each line into clauses (at . ! ? ; :) or sentences (at . ! ?), translate the "
+                           "pieces together and join them, a line for a line; none: each line whole.")],
     "restore_casual": [click.option("--restore/--no-restore", "restore_casual", default=DEFAULT_DECODING.restore_casual,
                                     show_default=True, help="Give a sentence typed casually (no capital letter, or "
                                     "no final mark) the capitals and the final mark the model was trained on.")],
@@ -208,7 +212,8 @@ def decoding_options(*names: str, **fixed):
 @click.option("--test", "test_path", help="A TSV/CSV/JSON-lines test set (default: the bundled test split).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@decoding_options("beam", "alpha", "no_repeat_ngram", "restore_casual", "shortlist", "precision", "inter_threads")
+@decoding_options("beam", "alpha", "no_repeat_ngram", "split", "restore_casual", "shortlist", "precision",
+                  "inter_threads")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate, test_set
@@ -244,7 +249,7 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
 @click.option("--scores", is_flag=True, help="Print each translation's score (log-probability, length-normalised "
               "in beam search) before it, tab-separated.")
-@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "restore_casual", "shortlist",
+@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "split", "restore_casual", "shortlist",
                   "precision", "inter_threads")
 def decode(checkpoint, input_file, output_file, scores, options, precision):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
@@ -331,7 +336,7 @@ def _output(path: str | None):
 
 @main.command()
 @click.argument("checkpoint")
-@decoding_options("beam", "restore_casual", "shortlist", "precision")
+@decoding_options("beam", "split", "restore_casual", "shortlist", "precision")
 def repl(checkpoint, options, precision):
     """Translate lines as you type them (:help for commands)."""
     from .repl import Repl
@@ -426,7 +431,7 @@ def average(run_dir, last, output):
 @click.option("--access-log", is_flag=True, help="One line per request on stderr: client, request, status, "
               "bytes, time.")
 @click.option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN (or * for any) call the API from a browser.")
-@decoding_options("restore_casual", "shortlist", "precision")
+@decoding_options("split", "restore_casual", "shortlist", "precision")
 def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request_timeout, access_log, cors,
           options, precision):
     """Serve a model over HTTP: a page to translate in a browser at /; POST /translate with

@@ -35,7 +35,8 @@ def attention_table(src_pieces: list[str], tgt_pieces: list[str], weights) -> st
 def alignment(tokenizer: Tokenizer, line: str, result: Translation) -> tuple[list[str], list[str], list[list[float]]]:
     """Source pieces, output pieces (each with its end-of-sentence mark) and the attention weights
     between them (rows: output pieces), from a translation made with ``return_attention``."""
-    src = tokenizer.src_pieces(line) + ["</s>"]
+    columns = result.attention.size(1)  # the source as decoded: a line with unknown words had stand-ins
+    src = (tokenizer.src_pieces(line) + ["?"] * columns)[: columns - 1] + ["</s>"]
     tgt = tokenizer.tgt_pieces(result.tokens) + ["</s>"]
     return src, tgt, result.attention[: len(tgt), : len(src)].tolist()
 

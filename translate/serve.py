@@ -36,12 +36,13 @@ from importlib.resources import files
 from typing import Any, BinaryIO, NamedTuple
 
 from .errors import ConfigError, RequestError
+from .segment import SPLITS
 from .translator import DecodeOptions, Translation, Translator
 
 logger = logging.getLogger(__name__)
 
 OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram")  # named as DecodeOptions names them
-REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "scores", "attention")
+REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "split", "scores", "attention")
 LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key")
 # ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1
 # codes, which LibreTranslate clients send; a language outside this table is known by its own name
@@ -147,7 +148,21 @@ def parse_request(body: bytes, max_sentences: int, max_chars: int,
         options = replace(defaults, **chosen, return_attention=flags["attention"])
     except ConfigError as exc:
         raise RequestError(400, str(exc)) from None
+    if "split" in request:
+        options = replace(options, split=_split(request["split"], defaults.split))
     return Request(sentences, options, flags["scores"])
+
+
+def _split(value: Any, default: str) -> str:
+    """A request's "split": false (each sentence whole), true (the server's way, or the default
+    decoding's where the server does not split) or one of ``segment.SPLITS``."""
+    if value is True:
+        return default if default != "none" else DecodeOptions().split
+    if value is False:
+        return "none"
+    if value in SPLITS:
+        return value
+    raise RequestError(400, f'"split" must be true, false or one of {", ".join(SPLITS)}, not {value!r}')
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -232,8 +247,9 @@ def attention_payload(translator: Translator, source: str, translation: Translat
     """The attention of one translation, for the page's heatmap: pieces on both sides (with EOS)
     and the weights, a row per target piece."""
     tokenizer = translator.tokenizer
-    source_pieces = tokenizer.src_pieces(source)[: translator.options.max_src_len - 1] + ["</s>"]
-    weights = translation.attention
+    weights = translation.attention  # (target pieces + EOS, source pieces + EOS, as decoded: cut or split)
+    read = translator.options.max_src_len - 1 if weights is None else weights.size(1) - 1
+    source_pieces = tokenizer.src_pieces(source)[:read] + ["</s>"]
     return {"source": source_pieces, "target": tokenizer.tgt_pieces(translation.tokens) + ["</s>"],
             "weights": [] if weights is None else [[round(float(w), 4) for w in row] for row in weights]}
 

@@ -129,6 +129,13 @@ class Tokenizer:
     def src_pieces(self, line: str) -> list[str]:
         return self.src.encode(line, out_type=str)
 
+    def src_pieces_within(self, line: str, start: int, end: int) -> tuple[int, int]:
+        """The first and last source piece of ``line`` that hold the characters ``start:end``."""
+        begin, stop = len(line[:start].encode("utf-8")), len(line[:end].encode("utf-8"))
+        pieces = self.src.encode(line, return_type="proto").pieces
+        inside = [i for i, p in enumerate(pieces) if p.end > begin and p.begin < stop and p.surface.strip()]
+        return (inside[0], inside[-1]) if inside else (len(pieces), len(pieces))
+
     def src_unknown(self, line: str) -> list[tuple[int, int, str]]:
         """The words of ``line`` that the source vocabulary cannot cover (characters its training
         text never had become UNK): for each run of UNK pieces, widened to the letters and digits

@@ -15,13 +15,14 @@ import math
 import multiprocessing
 import numbers
 import pickle
+import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -36,9 +37,10 @@ from .encoded import Encoded
 from .errors import ConfigError, UserError
 from .quantize import int8_available, quantized_copy
 from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
-from .search import Hypothesis, beam_search, greedy, max_lengths
+from .search import Hypothesis, beam_search, greedy, length_penalty, max_lengths
+from .segment import SPLITS, segment
 from .shortlist import TOP, Lexicon
-from .tokenizer import PAD, Tokenizer
+from .tokenizer import PAD, UNK, Tokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # what ``auto`` decodes with on a CPU: the fastest precision whose BLEU stays within 0.1 of fp32
@@ -106,6 +108,12 @@ class DecodeOptions:
     # verses stop, BLEU on the bundled test unchanged, docs/decoding.md, "Repetition"); 0: off
     no_repeat_ngram: int = 3
     return_attention: bool = False
+    # each line cut into clauses (at . ! ? ; and :; "sentences": at . ! ? only), decoded as one batch and
+    # joined by a space; "none": each line whole (segment.py; docs/decoding.md, "Long lines", for why clauses)
+    split: str = "clauses"
+    # words the tokenizer cannot cover (UNK pieces) are carried into the output, decoded as a stand-in name
+    # that comes back as the word, else put where attention says (stand_ins; docs/decoding.md, "Unknown words")
+    copy_unknown: bool = True
     # text typed casually (no capital letter, no final mark) is given them before decoding (casual.py)
     restore_casual: bool = True
 
@@ -132,7 +140,9 @@ class DecodeOptions:
             object.__setattr__(self, name, bound.check(name, getattr(self, name)))  # 3 -> 3.0 for a float
         if self.n_best > self.beam:
             raise ConfigError(f"n_best ({self.n_best}) cannot exceed the beam size ({self.beam})")
-        for name in ("return_attention", "restore_casual"):
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+        for name in ("return_attention", "restore_casual", "copy_unknown"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
 
@@ -163,6 +173,157 @@ class PairScore:
     @property
     def per_piece(self) -> float:
         return self.logprob / max(1, self.pieces)
+
+
+def join(parts: list[list[Translation]], options: DecodeOptions) -> list[Translation]:
+    """One line's n-best from its sentences' n-bests: the k-th joins the sentences' k-th texts with
+    a space (and their pieces); its score is their summed log-probability, length-normalised over
+    all their pieces as beam search normalises one; its attention is block-diagonal, one block a
+    sentence (the sentences' EOS columns in the line's one EOS column)."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = []
+    for rank in range(min(len(nbest) for nbest in parts)):
+        chosen = [nbest[rank] for nbest in parts]
+        lengths = [len(t.tokens) + 1 for t in chosen]  # with EOS
+        if options.beam == 1:
+            score = sum(t.score for t in chosen)
+        else:
+            logprob = sum(t.score * length_penalty(n, options.alpha) for t, n in zip(chosen, lengths))
+            score = logprob / length_penalty(sum(lengths), options.alpha)
+        attention = None
+        if all(t.attention is not None for t in chosen):
+            attention = _block_diagonal([t.attention for t in chosen])
+        joined.append(Translation(" ".join(t.text for t in chosen if t.text), score,
+                                  [i for t in chosen for i in t.tokens], attention))
+    return joined
+
+
+def _block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Sentences' attention (target pieces + EOS, source pieces + EOS) as one line's: each
+    sentence's pieces in a block of their own, every EOS column in the last, the last EOS row last."""
+    rows = sum(b.size(0) - 1 for b in blocks) + 1
+    cols = sum(b.size(1) - 1 for b in blocks) + 1
+    out = blocks[0].new_zeros(rows, cols)
+    row = col = 0
+    for number, block in enumerate(blocks):
+        take = block.size(0) - (number < len(blocks) - 1)  # the last keeps its EOS row
+        out[row: row + take, col: col + block.size(1) - 1] = block[:take, :-1]
+        out[row: row + take, -1] = block[:take, -1]
+        row, col = row + take, col + block.size(1) - 1
+    return out
+
+
+# names that the bundled data's models carry into their translations as they are: an unknown word
+# goes through the model as one of them (one that its sentence lacks) and comes back in its place
+STAND_INS = ("Tom", "Mary", "John", "Alice")
+
+
+class StandIn(NamedTuple):
+    """An unknown word of a source line and what it is decoded as."""
+
+    text: str  # the word as written
+    name: str | None  # the stand-in name in its place; None: a symbol, left out, or a word kept as written
+    first: int  # the source pieces of the line as decoded that stand for it (a symbol: the piece
+    last: int  # before it, whose translation it follows; -1 where it opened the line)
+
+
+def stand_ins(tokenizer: Tokenizer, line: str) -> tuple[str, list[StandIn]]:
+    """``line`` as decoded, and where each of its unknown words (``Tokenizer.src_unknown``) went: a
+    word with letters or digits is replaced by a name from ``STAND_INS`` that the line lacks and
+    the vocabulary has (while there are such), a copy mechanism for a model that has none, like
+    Luong et al.'s (2015) unknown-word placeholders, with names the model already copies; a symbol
+    (an emoji, say) is left out, so that it does not take the place of a word in the translation."""
+    free = iter([name for name in STAND_INS if not re.search(rf"\b{name}\b", line, re.IGNORECASE)
+                 and UNK not in tokenizer.encode_src([name])[0]])
+    parts: list[str] = []
+    places = []  # (text, name, where it went in the line as decoded: start, end; a symbol: after)
+    at = 0
+    for _, _, text in tokenizer.src_unknown(line):
+        start = line.find(text, at)
+        if any(c.isalnum() for c in text):
+            parts.append(line[at:start])
+            name = next(free, None)
+            begin = sum(map(len, parts))
+            parts.append(name or text)
+            places.append((text, name, begin, begin + len(name or text)))
+        else:
+            parts.append(line[at:start].rstrip())
+            places.append((text, None, sum(map(len, parts)), None))
+        at = start + len(text)
+    decoded = "".join(parts) + line[at:]
+    words = []
+    for text, name, begin, end in places:
+        if end is None:  # a symbol: after the piece before it
+            before = len(decoded[:begin].rstrip()) - 1
+            first = tokenizer.src_pieces_within(decoded, before, before + 1)[0] if before >= 0 else -1
+            words.append(StandIn(text, None, first, first))
+        else:
+            words.append(StandIn(text, name, *tokenizer.src_pieces_within(decoded, begin, end)))
+    return decoded, words
+
+
+def carry_unknown(tokenizer: Tokenizer, hyp: Hypothesis, words: list[StandIn], src_len: int) -> str:
+    """The text of ``hyp`` with the unknown source ``words`` in it: each in the place of its
+    stand-in name; where the name did not come through, or there was none, where attention puts
+    it (``with_unknown``); a symbol after the translation of what went before it."""
+    text = tokenizer.decode_tgt([hyp.tokens])[0]
+    through = [w for w in words if w.name and re.search(rf"\b{w.name}\b", text)]
+    lost = [w for w in words if w not in through]
+    if lost:
+        symbols = {n for n, w in enumerate(lost) if not any(c.isalnum() for c in w.text)}
+        text = with_unknown(tokenizer, hyp, [(w.first, w.last, w.text) for w in lost], src_len, symbols)
+    for word in through:
+        text = re.sub(rf"\b{word.name}\b", lambda _, carried=word.text: carried, text, count=1)
+    return text
+
+
+def with_unknown(tokenizer: Tokenizer, hyp: Hypothesis, spans: list[tuple[int, int, str]], src_len: int,
+                 insert_only: Collection[int] = ()) -> str:
+    """The text of ``hyp`` with each unknown source word (``spans``: first and last source piece,
+    text) carried into it through attention, as Luong et al. (2015, "Addressing the rare word
+    problem in neural machine translation") copy a rare word to the output word aligned with it:
+    the target word that attends most to the span's pieces is replaced by the span's text when it
+    is UNK or attends most to the span itself (it is the model's rendering of the unknown word);
+    else (and for the spans numbered in ``insert_only``) the text goes in after that word, before
+    its punctuation; a span that starts at -1 goes first. hyp.attention: (target pieces + EOS,
+    source pieces)."""
+    words: list[list[str]] = []  # the target's words, as their pieces
+    owner = []  # the word of each target piece
+    for piece in tokenizer.tgt_pieces(hyp.tokens):
+        if not words or piece.startswith("▁"):
+            words.append([])
+        words[-1].append(piece)
+        owner.append(len(words) - 1)
+    # each word as what comes before its first letter or digit, from there to its last, and the rest
+    heads, cores, tails = [], [], []
+    for pieces in words:
+        alnum = [i for i, p in enumerate(pieces) if any(c.isalnum() for c in p)] or [len(pieces)]
+        heads.append(pieces[: alnum[0]])
+        cores.append(pieces[alnum[0]: alnum[-1] + 1])
+        tails.append(pieces[alnum[-1] + 1:])
+    weights = hyp.attention[: len(hyp.tokens), :src_len].float()  # (target pieces, source pieces)
+    inserted: dict[int, list[str]] = {}  # texts to go in after a word's core (-1: before the first word)
+    replaced: set[int] = set()
+    for number, (first, last, text) in enumerate(spans):
+        if last >= src_len - 1:  # cut off with the rest of a long source
+            continue
+        if not cores or first < 0:
+            inserted.setdefault(-1, []).append(text)
+            continue
+        row = int(weights[:, first: last + 1].sum(1).argmax())
+        word = owner[row]
+        focused = first <= int(weights[row].argmax()) <= last
+        unknown = any(tokenizer.tgt.piece_to_id(p) == UNK for p in words[word])
+        if number not in insert_only and word not in replaced and cores[word] and (unknown or focused):
+            cores[word] = [("▁" if cores[word][0].startswith("▁") else "") + text]
+            replaced.add(word)
+        else:
+            inserted.setdefault(word, []).append(text)
+    out = ["".join("▁" + t for t in inserted.get(-1, []))]
+    for word, (head, core, tail) in enumerate(zip(heads, cores, tails)):
+        out.append("".join(head + core) + "".join("▁" + t for t in inserted.get(word, [])) + "".join(tail))
+    return "".join(out).replace("▁", " ").strip()
 
 
 def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
@@ -349,27 +510,65 @@ class Translator:
                   on_truncate: Callable[[int], None] | None = None,
                   on_progress: Callable[[int], None] | None = None) -> list[list[Translation]]:
         """The n-best translations of ``lines``, in input order; empty lines give empty translations.
+        Each line is cut into sentences (``options.split``, segment.py); the sentences of all the
+        lines are decoded as one batch, and a line's translation is theirs joined (``join``).
         ``on_truncate`` hears how many lines were longer than ``max_src_len`` (and cut);
         ``on_progress`` hears of each line done, as batches finish (for a progress bar)."""
         options = options or self.options
+        segments = [segment(line, options.split) for line in lines]
+        owner = [index for index, parts in enumerate(segments) for _ in parts.pieces]
+        left = [len(parts.pieces) for parts in segments]
+        if on_progress is not None and left.count(0):
+            on_progress(left.count(0))
+
+        def piece_done(piece: int) -> None:
+            left[owner[piece]] -= 1
+            if on_progress is not None and not left[owner[piece]]:
+                on_progress(1)
+
+        pieces = [piece for parts in segments for piece in parts.pieces]
+        translated, cut = self._translate_pieces(pieces, options, piece_done)
+        if on_truncate is not None and cut:
+            on_truncate(len({owner[piece] for piece in cut}))
+        out: list[list[Translation]] = []
+        start = 0
+        for parts in segments:
+            count = len(parts.pieces)
+            out.append(join(translated[start: start + count], options) if count else [Translation("", 0.0, [], None)])
+            start += count
+        return out
+
+    def _translate_pieces(self, pieces: list[str], options: DecodeOptions, done: Callable[[int], None]
+                          ) -> tuple[list[list[Translation]], list[int]]:
+        """The n-best translations of ``pieces`` (sentences, or whole lines), and the pieces cut
+        to ``max_src_len``. Pieces with unknown words (``copy_unknown``) are decoded with their
+        attention, so that the words can be carried into the output; the others as asked."""
         if options.restore_casual:
             table = recasing(self.tokenizer)
-            encoded = self.tokenizer.encode_src([restore(line, table) for line in lines])
-        else:
-            encoded = self.tokenizer.encode_src(lines)
-        too_long = sum(1 for ids in encoded if len(ids) + 1 > options.max_src_len)
-        if too_long and on_truncate is not None:
-            on_truncate(too_long)
-        out: list[list[Translation]] = [[] for _ in lines]
-        for index, hyps in self.translate_ids(Encoded(encoded), options):
-            texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
-            out[index] = [Translation(text, h.score, h.tokens, h.attention) for text, h in zip(texts, hyps)]
-            if on_progress is not None:
-                on_progress(1)
-        for index, line in enumerate(lines):
-            if not line.strip():
-                out[index] = [Translation("", 0.0, [], None)]
-        return out
+            pieces = [restore(piece, table) for piece in pieces]
+        encoded = self.tokenizer.encode_src(pieces)
+        cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
+        unknown = {i: stand_ins(self.tokenizer, pieces[i]) for i, ids in enumerate(encoded)
+                   if options.copy_unknown and UNK in ids}
+        for i, (line, _) in unknown.items():
+            encoded[i] = self.tokenizer.encode_src([line])[0]
+        plain = sorted(set(range(len(pieces))) - set(unknown))
+        out: list[list[Translation]] = [[] for _ in pieces]
+        for group, group_options in ((plain, options), (sorted(unknown), replace(options, return_attention=True))):
+            if not group:
+                continue
+            for index, hyps in self.translate_ids(Encoded([encoded[i] for i in group]), group_options):
+                piece = group[index]
+                src_len = min(len(encoded[piece]) + 1, options.max_src_len)
+                if piece in unknown:
+                    texts = [carry_unknown(self.tokenizer, h, unknown[piece][1], src_len) for h in hyps]
+                else:
+                    texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
+                out[piece] = [Translation(text, h.score, h.tokens,
+                                          h.attention[:, :src_len] if options.return_attention else None)
+                              for text, h in zip(texts, hyps)]
+                done(piece)
+        return out, cut
 
     def stream(self, lines: Iterable[str], chunk_lines: int = 2000, options: DecodeOptions | None = None,
                on_truncate: Callable[[int], None] | None = None,
