@@ -413,6 +413,10 @@ def test_unknown_words_are_carried_into_the_output(search_model, tokenizer):
     assert decoded == lines[0].replace("Ωmega", words[0].name) and words[0].text == "Ωmega"
     alone = translator.translate([decoded], DecodeOptions(beam=2, copy_unknown=False, restore_casual=False))[0]
     assert [t.tokens for t in out[0]] == [t.tokens for t in alone]
+    # the attention's columns are the pieces decoded, which source_pieces gives (the repl's and the page's labels)
+    seen = translator.translate(lines[:1], DecodeOptions(beam=2, return_attention=True, restore_casual=False))[0][0]
+    assert translator.source_pieces(lines[0], DecodeOptions(restore_casual=False)) == tokenizer.src_pieces(decoded)
+    assert seen.attention.size(1) == len(tokenizer.src_pieces(decoded)) + 1
 
 
 def test_a_stand_in_name_that_comes_through_gives_its_place_to_the_word(tokenizer):

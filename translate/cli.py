@@ -484,7 +484,7 @@ def attend(checkpoint, sentence, output, options, precision):
         raise click.UsageError("give a sentence to translate")
     translator = _load_translator(checkpoint, options, precision)
     result = translator.translate([sentence])[0][0]
-    src, tgt, weights = alignment(translator.tokenizer, sentence, result)
+    src, tgt, weights = alignment(translator, sentence, result)
     click.echo(result.text)
     click.echo(f"wrote {plot_attention(src, tgt, weights, output, title=result.text)}")
 

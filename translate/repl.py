@@ -9,7 +9,6 @@ from typing import TextIO
 
 from .errors import ConfigError
 from .segment import SPLITS
-from .tokenizer import Tokenizer
 from .translator import DecodeOptions, Translation, Translator
 
 HELP = """commands:
@@ -32,12 +31,14 @@ def attention_table(src_pieces: list[str], tgt_pieces: list[str], weights) -> st
     return "\n".join(lines)
 
 
-def alignment(tokenizer: Tokenizer, line: str, result: Translation) -> tuple[list[str], list[str], list[list[float]]]:
-    """Source pieces, output pieces (each with its end-of-sentence mark) and the attention weights
-    between them (rows: output pieces), from a translation made with ``return_attention``."""
-    columns = result.attention.size(1)  # the source as decoded: a line with unknown words had stand-ins
-    src = (tokenizer.src_pieces(line) + ["?"] * columns)[: columns - 1] + ["</s>"]
-    tgt = tokenizer.tgt_pieces(result.tokens) + ["</s>"]
+def alignment(translator: Translator, line: str, result: Translation, options: DecodeOptions | None = None
+              ) -> tuple[list[str], list[str], list[list[float]]]:
+    """Source pieces as decoded, output pieces (each with its end-of-sentence mark) and the
+    attention weights between them (rows: output pieces), from a translation of ``line`` made with
+    ``return_attention`` and ``options``."""
+    columns = result.attention.size(1)  # the source as decoded, cut to what the model reads
+    src = translator.source_pieces(line, options)[: columns - 1] + ["</s>"]
+    tgt = translator.tokenizer.tgt_pieces(result.tokens) + ["</s>"]
     return src, tgt, result.attention[: len(tgt), : len(src)].tolist()
 
 
@@ -92,7 +93,7 @@ class Repl:
     def attention(self) -> str:
         if self.last is None or self.last[1].attention is None:
             return "nothing translated yet"
-        return attention_table(*alignment(self.tokenizer, *self.last))
+        return attention_table(*alignment(self.translator, *self.last, self.options))
 
     def handle(self, line: str) -> tuple[str, bool]:
         line = line.rstrip("\r\n")

@@ -243,14 +243,14 @@ def languages_payload(languages: tuple[str, str]) -> list[dict[str, Any]]:
             {"code": tgt, "name": LANGUAGE_NAMES.get(tgt, languages[1]), "targets": []}]
 
 
-def attention_payload(translator: Translator, source: str, translation: Translation) -> dict[str, Any]:
-    """The attention of one translation, for the page's heatmap: pieces on both sides (with EOS)
-    and the weights, a row per target piece."""
-    tokenizer = translator.tokenizer
-    weights = translation.attention  # (target pieces + EOS, source pieces + EOS, as decoded: cut or split)
+def attention_payload(translator: Translator, source: str, translation: Translation,
+                      options: DecodeOptions | None = None) -> dict[str, Any]:
+    """The attention of one translation made with ``options``, for the page's heatmap: pieces on
+    both sides (the source's as decoded, with EOS) and the weights, a row per target piece."""
+    weights = translation.attention  # (target pieces + EOS, source pieces + EOS, as decoded and cut)
     read = translator.options.max_src_len - 1 if weights is None else weights.size(1) - 1
-    source_pieces = tokenizer.src_pieces(source)[:read] + ["</s>"]
-    return {"source": source_pieces, "target": tokenizer.tgt_pieces(translation.tokens) + ["</s>"],
+    source_pieces = translator.source_pieces(source, options)[:read] + ["</s>"]
+    return {"source": source_pieces, "target": translator.tokenizer.tgt_pieces(translation.tokens) + ["</s>"],
             "weights": [] if weights is None else [[round(float(w), 4) for w in row] for row in weights]}
 
 
@@ -359,7 +359,7 @@ class TranslationService:
             answer = {"translations": [[{"text": t.text, "score": round(t.score, 4)} for t in r]
                                        for r in results]}
         if options.return_attention:
-            answer["attention"] = [attention_payload(self.batcher.translator, s, r[0])
+            answer["attention"] = [attention_payload(self.batcher.translator, s, r[0], options)
                                    for s, r in zip(sentences, results)]
         return self._json(200, answer)
 

@@ -35,6 +35,7 @@ from .config import Config
 from .data import collate, token_batches
 from .encoded import Encoded
 from .errors import ConfigError, UserError
+from .names import rare_names, stand_in_words
 from .quantize import int8_available, quantized_copy
 from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, length_penalty, max_lengths
@@ -112,7 +113,8 @@ class DecodeOptions:
     # joined by a space; "none": each line whole (segment.py; docs/decoding.md, "Long lines", for why clauses)
     split: str = "clauses"
     # words the tokenizer cannot cover (UNK pieces) are carried into the output, decoded as a stand-in name
-    # that comes back as the word, else put where attention says (stand_ins; docs/decoding.md, "Unknown words")
+    # that comes back as the word, else put where attention says (stand_ins; docs/decoding.md, "Unknown words");
+    # so are the names the vocabulary does not hold whole (names.py)
     copy_unknown: bool = True
     # text typed casually (no capital letter, no final mark) is given them before decoding (casual.py)
     restore_casual: bool = True
@@ -239,7 +241,7 @@ def stand_ins(tokenizer: Tokenizer, line: str) -> tuple[str, list[StandIn]]:
     parts: list[str] = []
     places = []  # (text, name, where it went in the line as decoded: start, end; a symbol: after)
     at = 0
-    for _, _, text in tokenizer.src_unknown(line):
+    for _, _, text in stand_in_words(tokenizer, line):
         start = line.find(text, at)
         if any(c.isalnum() for c in text):
             parts.append(line[at:start])
@@ -538,18 +540,32 @@ class Translator:
             start += count
         return out
 
+    def source_pieces(self, line: str, options: DecodeOptions | None = None) -> list[str]:
+        """The source pieces that ``line`` is decoded as, in order (the columns of its attention):
+        its clauses' pieces, restored (``restore_casual``) and with stand-ins for unknown words."""
+        options = options or self.options
+        parts = self._restored(segment(line, options.split).pieces, options)
+        if options.copy_unknown:
+            parts = [stand_ins(self.tokenizer, part)[0] if self.tokenizer.src_unknown(part)
+                     or rare_names(self.tokenizer, part) else part for part in parts]
+        return [piece for part in parts for piece in self.tokenizer.src_pieces(part)]
+
+    def _restored(self, pieces: list[str], options: DecodeOptions) -> list[str]:
+        if not options.restore_casual:
+            return pieces
+        table = recasing(self.tokenizer)
+        return [restore(piece, table) for piece in pieces]
+
     def _translate_pieces(self, pieces: list[str], options: DecodeOptions, done: Callable[[int], None]
                           ) -> tuple[list[list[Translation]], list[int]]:
         """The n-best translations of ``pieces`` (sentences, or whole lines), and the pieces cut
         to ``max_src_len``. Pieces with unknown words (``copy_unknown``) are decoded with their
         attention, so that the words can be carried into the output; the others as asked."""
-        if options.restore_casual:
-            table = recasing(self.tokenizer)
-            pieces = [restore(piece, table) for piece in pieces]
+        pieces = self._restored(pieces, options)
         encoded = self.tokenizer.encode_src(pieces)
         cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
         unknown = {i: stand_ins(self.tokenizer, pieces[i]) for i, ids in enumerate(encoded)
-                   if options.copy_unknown and UNK in ids}
+                   if options.copy_unknown and (UNK in ids or rare_names(self.tokenizer, pieces[i]))}
         for i, (line, _) in unknown.items():
             encoded[i] = self.tokenizer.encode_src([line])[0]
         plain = sorted(set(range(len(pieces))) - set(unknown))
