@@ -15,6 +15,7 @@ from translate.search import (
     beam_search,
     beam_step,
     best_continuations,
+    coverage_penalty,
     drop_done,
     finish,
     greedy,
@@ -137,30 +138,43 @@ def repeats(tokens, n) -> bool:
     return len(set(grams)) < len(grams)
 
 
-def reference_beam_search(model, memory, state, beam, limit, alpha, no_repeat_ngram=0):
+def plain_coverage_penalty(attention_rows, real, beta):
+    """Wu et al. (2016), eq. 14, position by position: ``attention_rows`` one list a step."""
+    total = 0.0
+    for i in range(real):
+        covered = sum(row[i] for row in attention_rows)
+        total += math.log(min(max(covered, 1e-6), 1.0))
+    return beta * total
+
+
+def reference_beam_search(model, memory, state, beam, limit, alpha, no_repeat_ngram=0, coverage=0.0):
     """The same rules as beam_search, written plainly for one sentence (batch 1), hypothesis by
     hypothesis, with a full sort over every continuation; a continuation that would hold an
-    n-gram of ``no_repeat_ngram`` pieces twice is impossible."""
-    alive = [([], 0.0, state)]
+    n-gram of ``no_repeat_ngram`` pieces twice is impossible; a finished hypothesis gains the
+    coverage penalty of weight ``coverage`` over the attention of all its steps."""
+    real = int(memory.mask.sum())
+    alive = [([], 0.0, state, [])]
     finished = []
     for t in range(limit):
         expansions = []
-        for tokens, score, hyp_state in alive:
+        for tokens, score, hyp_state, seen in alive:
             prev = torch.tensor([tokens[-1] if tokens else BOS])
-            logits, next_state, _ = model.decode_step(prev, memory, hyp_state)
+            logits, next_state, weights = model.decode_step(prev, memory, hyp_state)
+            attended = seen + [weights[0].float().tolist()]
             logp = logits[0].float().log_softmax(-1)
             if t + 1 >= limit:
                 logp = torch.where(torch.arange(logp.numel()) == EOS, logp, torch.full_like(logp, float("-inf")))
             for token, value in enumerate(logp.tolist()):
                 if token in (PAD, BOS) or no_repeat_ngram and repeats(tokens + [token], no_repeat_ngram):
                     value = float("-inf")  # never an output, as in beam_search
-                expansions.append((score + value, tokens, token, next_state))
+                expansions.append((score + value, tokens, token, next_state, attended))
         expansions.sort(key=lambda e: -e[0])
         top = expansions[: 2 * beam]
-        for score, tokens, token, _ in top[:beam]:
+        for score, tokens, token, _, attended in top[:beam]:
             if token == EOS and score > float("-inf") and len(finished) < beam:
-                finished.append((tokens, score / length_penalty(t + 1, alpha)))
-        alive = [(tokens + [token], score, s) for score, tokens, token, s in top if token != EOS][:beam]
+                penalty = plain_coverage_penalty(attended, real, coverage) if coverage else 0.0
+                finished.append((tokens, score / length_penalty(t + 1, alpha) + penalty))
+        alive = [(tokens + [token], score, s, a) for score, tokens, token, s, a in top if token != EOS][:beam]
         if len(finished) >= beam or t + 1 >= limit:
             break
     return max(finished, key=lambda f: f[1])
@@ -543,5 +557,58 @@ def test_blocking_batch_equals_one_by_one(search_model, tokenizer, beam):
     together = search(model, *encode(model, tokenizer, SENTENCES), beam, no_repeat_ngram=2, vocab=vocab, **options)
     for sentence, hyps in zip(SENTENCES, together):
         alone = search(model, *encode(model, tokenizer, [sentence]), beam, no_repeat_ngram=2, vocab=vocab, **options)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in hyps]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in hyps], abs=1e-4)
+
+
+def test_coverage_penalty_against_a_plain_loop():
+    gen = torch.Generator().manual_seed(5)
+    coverage = torch.rand(6, 7, generator=gen) * 2  # some positions covered more than once
+    coverage[0, 3] = 0.0  # never attended: the floor, not -inf
+    mask = torch.arange(7).unsqueeze(0) < torch.tensor([7, 5, 1, 7, 3, 6]).unsqueeze(1)
+    got = coverage_penalty(coverage, mask, 0.4)
+    for row in range(6):
+        real = int(mask[row].sum())
+        assert float(got[row]) == pytest.approx(plain_coverage_penalty([coverage[row].tolist()], real, 0.4), abs=1e-5)
+    assert torch.isfinite(got).all() and (got <= 0).all()
+    assert coverage_penalty(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), 1.0).tolist() == [0.0, 0.0]
+
+
+def test_coverage_beam_search_equals_a_plain_reference(search_model, tokenizer, beta=2.0):
+    # the penalty follows each hypothesis through the beams' reordering and the sentences' leaving
+    model = search_model
+    with torch.no_grad():
+        model.decoder.output.bias[EOS] += 4.0  # hypotheses that end early, with little of the source attended
+    memory, state, limits = encode(model, tokenizer, SENTENCES, ratio=0.3)  # the longest sources outlast the limit
+    results = beam_search(model, memory, state, 3, limits, alpha=0.6, coverage=beta)
+    free = beam_search(model, memory, state, 3, limits, alpha=0.6)
+    assert any(r[0].score != f[0].score for r, f in zip(results, free))  # so that the penalty has changed something
+    for i, hyps in enumerate(results):
+        rows = torch.tensor([i])
+        tokens, score = reference_beam_search(model, memory.select(rows), state.select(rows), 3, int(limits[i]), 0.6,
+                                              coverage=beta)
+        assert hyps[0].tokens == tokens
+        assert hyps[0].score == pytest.approx(score, abs=1e-4)
+
+
+def test_coverage_off_changes_nothing(search_model, tokenizer):
+    model = search_model
+    memory, state, limits = encode(model, tokenizer, SENTENCES)
+    options = {"alpha": 0.6, "n_best": 2, "no_repeat_ngram": 2, "return_attention": True}
+    free = beam_search(model, memory, state, 3, limits, **options)
+    off = beam_search(model, memory, state, 3, limits, coverage=0.0, **options)
+    for f, o in zip(free, off):
+        assert [(h.tokens, h.score) for h in f] == [(h.tokens, h.score) for h in o]
+        for a, b in zip(f, o):
+            assert torch.equal(a.attention, b.attention)
+
+
+def test_coverage_batch_equals_one_by_one(search_model, tokenizer):
+    model = search_model
+    vocab = a_shortlist(model)
+    options = {"n_best": 3, "coverage": 0.4, "vocab": vocab, "no_repeat_ngram": 2}
+    together = search(model, *encode(model, tokenizer, SENTENCES, ratio=0.3), 4, **options)
+    for sentence, hyps in zip(SENTENCES, together):
+        alone = search(model, *encode(model, tokenizer, [sentence], ratio=0.3), 4, **options)[0]
         assert [h.tokens for h in alone] == [h.tokens for h in hyps]
         assert [h.score for h in alone] == pytest.approx([h.score for h in hyps], abs=1e-4)

@@ -154,6 +154,10 @@ DECODING_FLAGS = {
     "no_repeat_ngram": [click.option("--no-repeat-ngram", default=DEFAULT_DECODING.no_repeat_ngram, show_default=True,
                                      type=_bounded("no_repeat_ngram"), help="No translation repeats an n-gram of N "
                                      "target pieces (stops loops); 0: off.")],
+    "coverage": [click.option("--coverage", default=DEFAULT_DECODING.coverage, show_default=True,
+                              type=_bounded("coverage"), help="Beam search: weight of the coverage penalty (Wu et "
+                              "al., 2016) that ranks lower a finished translation that left source words "
+                              "unattended; 0: off.")],
     "split": [click.option("--split", default=DEFAULT_DECODING.split, show_default=True, type=click.Choice(SPLITS),
                            help="Cut each line into clauses (at . ! ? ; :) or sentences (at . ! ?), translate the "
                            "pieces together and join them, a line for a line; none: each line whole.")],
@@ -212,7 +216,7 @@ def decoding_options(*names: str, **fixed):
 @click.option("--test", "test_path", help="A TSV/CSV/JSON-lines test set (default: the bundled test split).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@decoding_options("beam", "alpha", "no_repeat_ngram", "split", "restore_casual", "shortlist", "precision",
+@decoding_options("beam", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual", "shortlist", "precision",
                   "inter_threads")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
@@ -249,8 +253,8 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
 @click.option("--scores", is_flag=True, help="Print each translation's score (log-probability, length-normalised "
               "in beam search) before it, tab-separated.")
-@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "split", "restore_casual", "shortlist",
-                  "precision", "inter_threads")
+@decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual",
+                  "shortlist", "precision", "inter_threads")
 def decode(checkpoint, input_file, output_file, scores, options, precision):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
     translator = _load_translator(checkpoint, options, precision)

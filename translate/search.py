@@ -14,6 +14,11 @@ Both searches can block repeated n-grams (``repeat_bans``): a hypothesis may not
 that would complete an n-gram of target pieces it already holds, which stops the loops a model
 falls into on text unlike its training data.
 
+Beam search can add a coverage penalty to a finished hypothesis' score (``coverage_penalty``; Wu et
+al., 2016, eq. 14), so that of the hypotheses that end, one that left source words unattended ranks
+lower: the attention each hypothesis has paid every source position is summed step by step and
+reordered with the beams.
+
 Batching, precision and threads belong to ``translator.Translator``: these functions take one
 encoded batch and return its hypotheses.
 """
@@ -137,6 +142,19 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+COVERAGE_FLOOR = 1e-6  # a source position never attended counts as this much, so that the penalty stays finite
+
+
+def coverage_penalty(coverage: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Wu et al. (2016), eq. 14: ``beta * sum_i log(min(sum_j p_ij, 1))`` over the real source
+    positions i, where ``sum_j p_ij`` is the attention all the hypothesis' steps (EOS's too) paid
+    position i; 0 for a source covered in full, below 0 the less it is. As OpenNMT-py's
+    ``-coverage_penalty wu``, added to the length-normalised score of a finished hypothesis.
+    coverage: (rows, src_len); mask: (rows, src_len), True on real tokens -> (rows,)."""
+    covered = coverage.clamp(min=COVERAGE_FLOOR, max=1.0).log().masked_fill(~mask, 0.0)  # (rows, src_len)
+    return beta * covered.sum(1)
+
+
 def top_candidates(candidates: torch.Tensor, n: int):
     """The ``n`` best of a sentence's beam x vocab continuations, best first.
     candidates: (live, beams, vocab) summed scores -> scores, beam and token, each (live, n).
@@ -171,11 +189,14 @@ class Beams(NamedTuple):
     state: DecoderState  # (live*beams) rows, the next step's
     history: torch.Tensor | None  # (live*beams, t, src_len) the attention so far, when asked for
     soonest: int  # the first step at which a live sentence reaches its limit: only then is a row forced to end
+    coverage: torch.Tensor | None = None  # (live*beams, src_len) the attention summed over the steps so far, when a
+    # coverage penalty asks for it
 
 
-def start_beams(memory: Memory, state: DecoderState, max_lens: torch.Tensor, return_attention: bool) -> Beams:
+def start_beams(memory: Memory, state: DecoderState, max_lens: torch.Tensor, return_attention: bool,
+                coverage: bool = False) -> Beams:
     """One hypothesis per sentence, before anything is produced: the first step runs once per
-    sentence, since its ``k`` beams would all be the same."""
+    sentence, since its ``k`` beams would all be the same. ``coverage``: keep the attention's sum."""
     batch, src_len = memory.mask.shape
     device = memory.mask.device
     return Beams(sent=torch.arange(batch, device=device),
@@ -184,7 +205,8 @@ def start_beams(memory: Memory, state: DecoderState, max_lens: torch.Tensor, ret
                  prev=torch.full((batch,), BOS, dtype=torch.long, device=device),  # (batch,)
                  memory=memory, state=state,
                  history=torch.zeros(batch, 0, src_len, device=device) if return_attention else None,
-                 soonest=int(max_lens.min()))
+                 soonest=int(max_lens.min()),
+                 coverage=torch.zeros(batch, src_len, device=device) if coverage else None)
 
 
 def step_bounds(t: int, beams: Beams, max_lens: torch.Tensor, min_lens: torch.Tensor | None):
@@ -270,10 +292,11 @@ class Finished(NamedTuple):
 
 
 def finish(finished: Finished, beams: Beams, top: Continuations, weights: torch.Tensor, t: int,
-           alpha: float) -> None:
+           alpha: float, beta: float = 0.0) -> None:
     """Writes the EOS continuations among each sentence's first ``k`` into its free slots, best
     first, while it has any (only the first ``k``: a lower one would not have made the beam), with
-    the score normalised by the length penalty. weights: (live*beams, src_len) this step's attention."""
+    the score normalised by the length penalty, plus the coverage penalty of weight ``beta`` when
+    above 0 (``beams.coverage`` then kept). weights: (live*beams, src_len) this step's attention."""
     k = finished.scores.size(1)
     ended = top.ends[:, :k]  # (live, k)
     slot = finished.count[beams.sent].unsqueeze(1) + ended.long().cumsum(1) - 1  # (live, k)
@@ -281,7 +304,11 @@ def finish(finished: Finished, beams: Beams, top: Continuations, weights: torch.
     if not take_b.numel():
         return
     target, where, rows = beams.sent[take_b], slot[take_b, take_k], top.rows[take_b, take_k]  # each (taken,)
-    finished.scores[target, where] = top.scores[take_b, take_k] / length_penalty(t + 1, alpha)
+    scores = top.scores[take_b, take_k] / length_penalty(t + 1, alpha)  # (taken,)
+    if beta > 0:
+        scores = scores + coverage_penalty(beams.coverage[rows] + weights[rows].float(),
+                                           beams.memory.mask[take_b], beta)
+    finished.scores[target, where] = scores
     finished.tokens[target, where, :t] = beams.seqs[rows]
     if finished.attention is not None:
         finished.attention[target, where, :t] = beams.history[rows]
@@ -307,10 +334,12 @@ def advance(beams: Beams, state: DecoderState, weights: torch.Tensor, top: Conti
     rows = top.rows.gather(1, pick).view(-1)  # (live*k,)
     prev = top.tokens.gather(1, pick).view(-1)  # (live*k,)
     seqs = torch.cat([beams.seqs.index_select(0, rows), prev.unsqueeze(1)], dim=1)  # (live*k, t + 1)
-    history = beams.history
+    history, coverage = beams.history, beams.coverage
     if history is not None:  # (live*k, t + 1, src_len)
         history = torch.cat([history.index_select(0, rows), weights.float().index_select(0, rows).unsqueeze(1)], dim=1)
-    return Beams(beams.sent, scores, seqs, prev, beams.memory, state.select(rows), history, beams.soonest)
+    if coverage is not None:  # (live*k, src_len)
+        coverage = (coverage + weights.float()).index_select(0, rows)
+    return Beams(beams.sent, scores, seqs, prev, beams.memory, state.select(rows), history, beams.soonest, coverage)
 
 
 def drop_done(beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, k: int) -> Beams | None:
@@ -329,23 +358,23 @@ def drop_done(beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, 
     sent = beams.sent[keep]
     return Beams(sent, beams.scores[keep], beams.seqs[keep_rows], beams.prev[keep_rows], beams.memory.select(keep),
                  beams.state.select(keep_rows), None if beams.history is None else beams.history[keep_rows],
-                 int(max_lens[sent].min()))
+                 int(max_lens[sent].min()), None if beams.coverage is None else beams.coverage[keep_rows])
 
 
 def beam_step(model, beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, min_lens: torch.Tensor | None,
-              alpha: float, vocab: OutputVocab | None, no_repeat_ngram: int = 0) -> Beams | None:
+              alpha: float, vocab: OutputVocab | None, no_repeat_ngram: int = 0, coverage: float = 0.0) -> Beams | None:
     """Step ``t`` of the search for every live sentence: decode, rank the continuations (those that
     would repeat an n-gram of ``no_repeat_ngram`` pieces blocked), move the ended ones into
-    ``finished``, keep the best others, let done sentences go. A function of its own so that the
-    step's tensors, (live, beams, vocab) scores the largest, are freed before the next step
-    decodes. Returns the next beams, None when every sentence is done."""
+    ``finished`` (with a coverage penalty of weight ``coverage``), keep the best others, let done
+    sentences go. A function of its own so that the step's tensors, (live, beams, vocab) scores the
+    largest, are freed before the next step decodes. Returns the next beams, None when every sentence is done."""
     k = finished.scores.size(1)
     # logits: (live*beams, vocab or n); weights: (live*beams, src_len)
     logits, state, weights = model.decode_step(beams.prev, beams.memory, beams.state, vocab)
     candidates = step_candidates(logits, beams.scores, *step_bounds(t, beams, max_lens, min_lens),
                                  repeat_bans(beams.seqs, no_repeat_ngram, vocab))
     top = best_continuations(candidates, 2 * k, vocab)  # each (live, 2k)
-    finish(finished, beams, top, weights, t, alpha)
+    finish(finished, beams, top, weights, t, alpha, coverage)
     return drop_done(advance(beams, state, weights, top, k), finished, t, max_lens, k)
 
 
@@ -353,12 +382,13 @@ def beam_step(model, beams: Beams, finished: Finished, t: int, max_lens: torch.T
 def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
                 alpha: float = 1.0, n_best: int = 1, return_attention: bool = False,
                 min_lens: torch.Tensor | None = None, vocab: OutputVocab | None = None,
-                no_repeat_ngram: int = 0) -> list[list[Hypothesis]]:
+                no_repeat_ngram: int = 0, coverage: float = 0.0) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, up to ``n_best`` hypotheses, best first.
     ``min_lens`` (batch,), counting EOS: no hypothesis ends sooner (``min_lens == max_lens`` asks
     for outputs of one length, as the sentence-level oracle of scheduled teacher forcing does).
     ``vocab``: a shortlist, the only tokens scored. ``no_repeat_ngram``: no hypothesis holds an
-    n-gram of that many pieces twice (``repeat_bans``; 0: off).
+    n-gram of that many pieces twice (``repeat_bans``; 0: off). ``coverage``: the weight (beta) of the
+    coverage penalty in a finished hypothesis' score (``coverage_penalty``; 0: off).
 
     Each step takes the 2*beam best continuations over beam x vocab: those among the first
     ``beam`` that end in EOS are finished (score normalised by the length penalty), the best
@@ -374,10 +404,10 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     max_lens = max_lens.to(device)
     min_lens = None if min_lens is None else min_lens.to(device)
     limit = int(max_lens.max())
-    beams = start_beams(memory, state, max_lens, return_attention)
+    beams = start_beams(memory, state, max_lens, return_attention, coverage=coverage > 0)
     finished = Finished.empty(batch, beam, limit, src_len, device, return_attention)
     for t in range(limit):
-        beams = beam_step(model, beams, finished, t, max_lens, min_lens, alpha, vocab, no_repeat_ngram)
+        beams = beam_step(model, beams, finished, t, max_lens, min_lens, alpha, vocab, no_repeat_ngram, coverage)
         if beams is None:
             break
     return finished.best(n_best, memory.mask.sum(1).tolist())

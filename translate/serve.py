@@ -41,7 +41,8 @@ from .translator import DecodeOptions, Translation, Translator
 
 logger = logging.getLogger(__name__)
 
-OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram")  # named as DecodeOptions names them
+# named as DecodeOptions names them
+OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram", "coverage")
 REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "split", "scores", "attention")
 LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key")
 # ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1

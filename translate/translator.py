@@ -108,6 +108,9 @@ class DecodeOptions:
     # no hypothesis repeats an n-gram of this many target pieces (search.repeat_bans; 3: loops on the Bible
     # verses stop, BLEU on the bundled test unchanged, docs/decoding.md, "Repetition"); 0: off
     no_repeat_ngram: int = 3
+    # beam search: the weight (beta) of the coverage penalty in a finished hypothesis' score
+    # (search.coverage_penalty, Wu et al., 2016); 0: off
+    coverage: float = 0.0
     return_attention: bool = False
     # each line cut into clauses (at . ! ? ; and :; "sentences": at . ! ? only), decoded as one batch and
     # joined by a space; "none": each line whole (segment.py; docs/decoding.md, "Long lines", for why clauses)
@@ -135,6 +138,7 @@ class DecodeOptions:
         "shortlist": Bound(int, 0, TOP, note="the whole vocabulary"),  # TOP: what the lexicon keeps
         "shortlist_frequent": Bound(int, 0),
         "no_repeat_ngram": Bound(int, 0, 64, note="off"),
+        "coverage": Bound(float, 0, 100, note="off"),
     }
 
     def __post_init__(self):
@@ -671,4 +675,5 @@ class Translator:
             if options.beam == 1:
                 return greedy(model, memory, state, limits, options.return_attention, vocab, options.no_repeat_ngram)
             return beam_search(model, memory, state, options.beam, limits, options.alpha, options.n_best,
-                               options.return_attention, vocab=vocab, no_repeat_ngram=options.no_repeat_ngram)
+                               options.return_attention, vocab=vocab, no_repeat_ngram=options.no_repeat_ngram,
+                               coverage=options.coverage)
