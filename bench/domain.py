@@ -64,6 +64,7 @@ ARMS = ("base", "zero-shot", "finetune", "finetune-mix", "scratch")
 SETS = ("test", "casual", "long", "bible")
 # the decoding of before: every option that issue 34 added, off (an option this checkout lacks is left out)
 BEFORE = {"split": "none", "no_repeat_ngram": 0, "restore_casual": False, "copy_unknown": False, "coverage": 0.0}
+CODE = ""  # the code version that decodes, set once at the start
 DOC_BEGIN, DOC_END = "<!-- domain-table:begin -->", "<!-- domain-table:end -->"
 
 
@@ -180,9 +181,17 @@ def run_arm(arm: str, seed: int, base: Path | None, args, sets: dict) -> None:
     write(path, record)
 
 
+def code_version() -> str:
+    """The commit this checkout is at (with "+changes" when files differ from it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "translate") else "")
+
+
 def write(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record["machine"] = cpu_model()
+    record["code"] = CODE
     with gzip.open(path, "wt", encoding="utf-8") as out:
         json.dump(record, out)
 
@@ -294,6 +303,8 @@ def main() -> None:
     parser.add_argument("--doc", help="write the table into this page between its markers")
     args = parser.parse_args()
     configure_process()
+    global CODE
+    CODE = code_version()  # as imported: a later change of the files does not change what this process runs
     if not args.table_only:
         arms = [a for a in args.arms.split(",") if a]
         unknown = sorted(set(arms) - set(ARMS))
