@@ -137,7 +137,7 @@ def test_translations_are_the_searches_in_input_order(search_model, tokenizer):
     options = DecodeOptions(beam=3, n_best=2, max_len_ratio=1.5, batch_sentences=2, inter_threads=1)
     out = Translator(model, tokenizer, options).translate(SENTENCES)
     memory, state, limits = encode(model, tokenizer, SENTENCES, ratio=1.5)
-    for nbest, hyps in zip(out, beam_search(model, memory, state, 3, limits, n_best=2,
+    for nbest, hyps in zip(out, beam_search(model, memory, state, 3, limits, options.alpha, n_best=2,
                                             no_repeat_ngram=options.no_repeat_ngram)):
         assert [t.tokens for t in nbest] == [h.tokens for h in hyps]
         assert [t.text for t in nbest] == tokenizer.decode_tgt([h.tokens for h in hyps])
@@ -353,8 +353,9 @@ def test_a_split_line_is_its_sentences_translated_one_by_one_and_joined(search_m
         assert nbest[0].tokens == [i for t in parts for i in t.tokens]
         if len(parts) > 1:  # the summed log-probability, normalised over all the pieces
             lengths = [len(t.tokens) + 1 for t in parts]
-            logprob = sum(t.score * translator_module.length_penalty(n, 1.0) for t, n in zip(parts, lengths))
-            assert nbest[0].score == pytest.approx(logprob / translator_module.length_penalty(sum(lengths), 1.0))
+            logprob = sum(t.score * translator_module.length_penalty(n, options.alpha) for t, n in zip(parts, lengths))
+            whole = translator_module.length_penalty(sum(lengths), options.alpha)
+            assert nbest[0].score == pytest.approx(logprob / whole)
         elif parts:
             assert nbest[0].score == parts[0].score
     assert got[1][0].text == "" and got[4][0].text == ""
@@ -366,7 +367,7 @@ def test_no_split_is_each_line_searched_whole(search_model, tokenizer):
     lines = [line for line in SPLIT_LINES if line.strip()]
     out = Translator(search_model, tokenizer, options).translate(lines)
     memory, state, limits = encode(search_model, tokenizer, lines, ratio=options.max_len_ratio)
-    for nbest, hyps in zip(out, beam_search(search_model, memory, state, 3, limits, n_best=2,
+    for nbest, hyps in zip(out, beam_search(search_model, memory, state, 3, limits, options.alpha, n_best=2,
                                             no_repeat_ngram=options.no_repeat_ngram)):
         assert [t.tokens for t in nbest] == [h.tokens for h in hyps]
         assert [t.text for t in nbest] == tokenizer.decode_tgt([h.tokens for h in hyps])
