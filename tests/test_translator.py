@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pickle
 import re
 import threading
 from dataclasses import replace
@@ -13,6 +14,7 @@ import torch
 from translate import translator as translator_module
 from translate.checkpoint import save_checkpoint
 from translate.config import load_config
+from translate.encoded import Encoded
 from translate.errors import ConfigError, UserError
 from translate.model import build_model
 from translate.quantize import Int8Linear
@@ -191,6 +193,26 @@ def test_a_decoding_process_that_dies_is_a_one_line_error(search_model, tokenize
     translator = Translator(search_model, tokenizer, DecodeOptions(batch_sentences=2, inter_threads=2))
     with pytest.raises(UserError, match="a decoding process ended without a result"):
         translator.translate(SENTENCES)
+
+
+@pytest.mark.parametrize("beam", [3, 1])
+def test_a_hypothesis_owns_its_attention_and_sends_no_more_out_of_a_process(search_model, tokenizer, beam):
+    # a search's attention is a view of its tensor for the whole batch, which pickling a view (out of a
+    # decoding process) would take along in full; the translator hands out copies of the same values
+    translator = Translator(search_model, tokenizer)
+    options = DecodeOptions(beam=beam, n_best=min(beam, 2), batch_sentences=len(SENTENCES), inter_threads=1,
+                            return_attention=True)
+    src = Encoded(tokenizer.encode_src(SENTENCES))
+    batch, = translator_module.decode_batches(src, options)
+    searched = translator._search(src, batch, options)  # the plain reference: the one batch searched
+    got = dict(translator.translate_ids(src, options))
+    assert sorted(got) == list(range(len(SENTENCES)))
+    for index, hyps in zip(batch, searched):
+        assert [h.tokens for h in got[index]] == [h.tokens for h in hyps]
+        for mine, theirs in zip(got[index], hyps):
+            assert torch.equal(mine.attention, theirs.attention)
+            assert mine.attention.untyped_storage().nbytes() == mine.attention.numel() * mine.attention.element_size()
+        assert len(pickle.dumps(got[index])) < len(pickle.dumps(hyps)) / 2
 
 
 def test_decode_workers(monkeypatch):

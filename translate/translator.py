@@ -446,6 +446,16 @@ def _in_parallel(fn: Callable, items: Sequence, workers: int) -> Iterator:
         torch.set_num_threads(total)  # the workers' setting is also torch's default for new threads
 
 
+def _own_attention(hyp: Hypothesis) -> Hypothesis:
+    """``hyp`` with its attention copied out of the search's tensor for the whole batch, of which
+    it is a view: pickled on its way out of a decoding process, a view takes its whole storage
+    along (1.6 GB for a batch of 136 Bible verses at beam 5, against 0.6 MB copied), and kept, it
+    keeps that storage alive."""
+    if hyp.attention is None:
+        return hyp
+    return replace(hyp, attention=hyp.attention.clone())
+
+
 _WORK: Callable | None = None  # in a decoding process: what it runs (``_in_processes``)
 
 
@@ -614,7 +624,8 @@ class Translator:
         batches = decode_batches(src, options)
 
         def decode(indices) -> list[tuple[int, list[Hypothesis]]]:
-            return list(zip(indices, self._search(src, indices, options)))
+            return [(index, [_own_attention(h) for h in hyps])
+                    for index, hyps in zip(indices, self._search(src, indices, options))]
 
         workers = decode_workers(self.device, options.inter_threads, len(batches))
         was_training = self.model.training
