@@ -63,7 +63,8 @@ BIBLE_TRAIN = BIBLE.parent / "bible-es-en.train.tsv"
 ARMS = ("base", "zero-shot", "finetune", "finetune-mix", "scratch")
 SETS = ("test", "casual", "long", "bible")
 # the decoding of before: every option that issue 34 added, off (an option this checkout lacks is left out)
-BEFORE = {"split": "none", "no_repeat_ngram": 0, "restore_casual": False, "copy_unknown": False, "coverage": 0.0}
+BEFORE = {"split": "none", "no_repeat_ngram": 0, "restore_casual": False, "copy_unknown": False, "coverage": 0.0,
+          "alpha": 1.0}
 CODE = ""  # the code version that decodes, set once at the start
 DOC_BEGIN, DOC_END = "<!-- domain-table:begin -->", "<!-- domain-table:end -->"
 
