@@ -95,6 +95,16 @@ def figures(hypotheses: list[str], references: list[str]) -> dict[str, float]:
             "length_ratio": length_ratio(hypotheses, references)}
 
 
+def write_between(path: Path, begin: str, end: str, text: str) -> None:
+    """Puts ``text`` between the page's two markers (a table a bench makes, never typed)."""
+    page = path.read_text(encoding="utf-8")
+    start, stop = page.find(begin), page.find(end)
+    if start < 0 or stop < start:
+        raise SystemExit(f"{path} has no {begin} ... {end} markers; add them where the table goes")
+    path.write_text(page[: start + len(begin)] + "\n" + text + "\n" + page[stop:], encoding="utf-8")
+    print(f"wrote the table into {path}")
+
+
 def peak_rss_mb() -> float:
     """The peak resident memory of this process or of the largest process it has forked and waited
     for (decoding processes, ``translator.decode_workers``), in MB."""

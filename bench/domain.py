@@ -52,7 +52,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIBLE, carried, casual, cpu_model, evaluation_sets, figures, long_fifth
+from common import BIBLE, carried, casual, cpu_model, evaluation_sets, figures, long_fifth, write_between
 
 from translate.config import BUNDLED_DATA
 from translate.runtime import configure_process
@@ -276,15 +276,6 @@ def doc_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, text: str) -> None:
-    page = path.read_text(encoding="utf-8")
-    begin, end = page.find(DOC_BEGIN), page.find(DOC_END)
-    if begin < 0 or end < begin:
-        sys.exit(f"{path} has no {DOC_BEGIN} ... {DOC_END} markers; add them where the table goes")
-    path.write_text(page[: begin + len(DOC_BEGIN)] + "\n" + text + "\n" + page[end:], encoding="utf-8")
-    print(f"wrote the table into {path}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", action="append", default=[],
@@ -331,7 +322,7 @@ def main() -> None:
         Path(args.json_path).write_text(json.dumps({"table": table, "goals": goals(table)}, indent=1) + "\n",
                                         encoding="utf-8")
     if args.doc:
-        write_doc(Path(args.doc), text)
+        write_between(Path(args.doc), DOC_BEGIN, DOC_END, text)
 
 
 if __name__ == "__main__":

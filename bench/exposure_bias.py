@@ -45,7 +45,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, evaluation_sets, figures, long_fifth
+from common import cpu_model, evaluation_sets, figures, long_fifth, write_between
 
 from translate.runtime import configure_process
 from translate.translator import DecodeOptions, Translator
@@ -230,7 +230,7 @@ def main() -> None:
         Path(args.json_path).write_text(json.dumps({"runs": slim, "summary": summary, "paired_tests": tests,
                                                     "goal": verdicts}, indent=1) + "\n", encoding="utf-8")
     if args.doc:
-        write_doc(Path(args.doc), doc_table(summary, tests, verdicts))
+        write_between(Path(args.doc), DOC_BEGIN, DOC_END, doc_table(summary, tests, verdicts))
 
 
 # what a configuration must do against the first (plain teacher forcing) to become the default:
@@ -277,16 +277,6 @@ def doc_table(summary: dict, tests: dict, verdicts: dict) -> str:
         lines.append(f"- {key}: " + "; ".join(
             f"`{name}` {r['delta']:+.2f} (n = {r['seeds']}, p = {r['p']:.3f})" for name, r in tests[key].items()))
     return "\n".join(lines)
-
-
-def write_doc(path: Path, table: str) -> None:
-    """Puts ``table`` between the page's two markers (made by this script, never typed)."""
-    text = path.read_text(encoding="utf-8")
-    begin, end = text.find(DOC_BEGIN), text.find(DOC_END)
-    if begin < 0 or end < begin:
-        sys.exit(f"{path} has no {DOC_BEGIN} ... {DOC_END} markers; add them where the table goes")
-    path.write_text(text[: begin + len(DOC_BEGIN)] + "\n" + table + "\n" + text[end:], encoding="utf-8")
-    print(f"wrote the table into {path}")
 
 
 def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: int) -> dict:

@@ -75,6 +75,21 @@ def cli_train_args(corpus: dict[str, Path], run_dir: Path, **extra: object) -> l
     return args
 
 
+def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
+    """Starts a training ``command`` that writes ``run_dir`` and SIGKILLs it soon after its first
+    last.pt, failing the test if the run ended by itself first (then nothing was interrupted)."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.kill()
+    assert proc.wait() == -9, "the run ended before the kill: nothing was interrupted"
+
+
 @pytest.fixture(scope="module")
 def run_with_steps(corpus, tmp_path_factory):
     """A tiny run of 30 steps through the command line that kept the weights of its last two

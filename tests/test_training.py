@@ -13,7 +13,7 @@ from translate.schedules import teacher_forcing_ratio
 from translate.tokenizer import PAD
 from translate.training import Trainer
 
-from .conftest import cli_train_args, package_messages, tiny
+from .conftest import cli_train_args, kill_after_first_checkpoint, package_messages, tiny
 
 
 def params(run_dir):
@@ -123,18 +123,10 @@ def cli_train(corpus, tokenizer_file, run_dir, *extra):
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path):
     import subprocess
-    import time
 
     subprocess.run(cli_train(corpus, tiny_tokenizer_file, tmp_path / "whole"), check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli_train(corpus, tiny_tokenizer_file, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    proc.kill()
-    assert proc.wait() == -9, "the run ended before the kill: nothing was interrupted"
+    kill_after_first_checkpoint(cli_train(corpus, tiny_tokenizer_file, killed), killed)
     step = load_checkpoint(killed / "last.pt")["progress"]["step"]  # loadable after SIGKILL
     load_checkpoint(killed / "best.pt")
     assert 0 < step < 300
