@@ -457,6 +457,21 @@ def test_a_stand_in_name_that_comes_through_gives_its_place_to_the_word(tokenize
     assert got == "The Ærø Ωmega."
 
 
+def test_a_word_met_twice_keeps_one_stand_in_and_no_stand_in_is_left_in_the_translation(tokenizer):
+    from translate.search import Hypothesis
+
+    decoded, words = translator_module.stand_ins(tokenizer, "El Ωmega y el Ωmega y Ærø.")
+    assert [w.text for w in words] == ["Ωmega", "Ωmega", "Ærø"]
+    first, again, other = (w.name for w in words)
+    assert first == again != other and decoded == f"El {first} y el {first} y {other}."
+    src_len = len(tokenizer.encode_src([decoded])[0]) + 1
+    ids = tokenizer.encode_tgt([f"The {first} and the {first} and {other} {other}."])[0]
+    hyp = Hypothesis(ids, -1.0, torch.full((len(ids) + 1, src_len), 0.1))
+    got = translator_module.carry_unknown(tokenizer, hyp, words, src_len)
+    assert got == "The Ωmega and the Ωmega and Ærø Ærø."
+    assert not any(name in got for name in translator_module.STAND_INS)
+
+
 def test_an_unknown_word_replaces_its_rendering_or_goes_in_after_its_word(tokenizer):
     from translate.search import Hypothesis
 

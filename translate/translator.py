@@ -244,6 +244,7 @@ def stand_ins(tokenizer: Tokenizer, line: str) -> tuple[str, list[StandIn]]:
     (an emoji, say) is left out, so that it does not take the place of a word in the translation."""
     free = iter([name for name in STAND_INS if not re.search(rf"\b{name}\b", line, re.IGNORECASE)
                  and UNK not in tokenizer.encode_src([name])[0]])
+    named: dict[str, str | None] = {}  # a word met again keeps its name: the model may write it twice
     parts: list[str] = []
     places = []  # (text, name, where it went in the line as decoded: start, end; a symbol: after)
     at = 0
@@ -251,7 +252,7 @@ def stand_ins(tokenizer: Tokenizer, line: str) -> tuple[str, list[StandIn]]:
         start = line.find(text, at)
         if any(c.isalnum() for c in text):
             parts.append(line[at:start])
-            name = next(free, None)
+            name = named[text] if text in named else named.setdefault(text, next(free, None))
             begin = sum(map(len, parts))
             parts.append(name or text)
             places.append((text, name, begin, begin + len(name or text)))
@@ -281,8 +282,8 @@ def carry_unknown(tokenizer: Tokenizer, hyp: Hypothesis, words: list[StandIn], s
     if lost:
         symbols = {n for n, w in enumerate(lost) if not any(c.isalnum() for c in w.text)}
         text = with_unknown(tokenizer, hyp, [(w.first, w.last, w.text) for w in lost], src_len, symbols)
-    for word in through:
-        text = re.sub(rf"\b{word.name}\b", lambda _, carried=word.text: carried, text, count=1)
+    for word in through:  # every time: no stand-in may be left in a translation
+        text = re.sub(rf"\b{word.name}\b", lambda _, carried=word.text: carried, text)
     return text
 
 
