@@ -84,6 +84,9 @@ def test_provenance_in_the_checkpoint_info_and_card(corpus, source, new_data, tm
     assert origin["sha256"] == hashlib.sha256((source["run"] / "best.pt").read_bytes()).hexdigest()
     assert (origin["step"], origin["best_dev_bleu"]) == (best["progress"]["step"], best["progress"]["best_bleu"])
     assert origin["init_from"] is None
+    from translate.translator import Translator
+    # its names were learned from the new data, which its vocabulary was not fitted on: no name stand-ins
+    assert Translator.load(source["run"]).stand_in_names and not Translator.load(tmp_path / "ft").stand_in_names
     runner = CliRunner()
     info = json.loads(runner.invoke(main, ["info", str(tmp_path / "ft" / "last.pt"), "--json"]).output)
     assert info["init_from"] == origin and info["step"] == 8
@@ -285,3 +288,4 @@ def test_resuming_with_another_source_is_refused_and_changes_nothing(corpus, sou
     again = runner.invoke(main, [*args, "--init-from", str(source["run"])])  # a new run there: refused as ever
     assert again.exit_code == 2 and "already holds a run" in again.output
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+

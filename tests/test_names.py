@@ -63,3 +63,16 @@ def test_the_translator_carries_a_rare_name_into_the_translation(tiny_model, tok
     assert "Raquel" in translator.translate([line])[0][0].text
     off = translator.translate([line], DecodeOptions(beam=2, inter_threads=1, copy_unknown=False))[0][0].text
     assert "Raquel" not in off
+
+
+def test_a_model_that_learned_its_names_decodes_them_itself(tiny_model, tokenizer):
+    """Without name stand-ins (a fine-tuned model's vocabulary was fitted on other data than its
+    names came from) the line is decoded as written; unknown words still get their stand-ins."""
+    line = "El gato de Raquel come pan."
+    translator = Translator(tiny_model, tokenizer, DecodeOptions(beam=2, inter_threads=1))
+    translator.stand_in_names = False
+    off = translator.translate([line], DecodeOptions(beam=2, inter_threads=1, copy_unknown=False))[0][0].text
+    assert translator.translate([line])[0][0].text == off
+    assert translator.source_pieces(line) == tokenizer.src_pieces(line)
+    unknown = "El gato de Ωmega come pan."
+    assert "Ωmega" in translator.translate([unknown])[0][0].text

@@ -36,9 +36,12 @@ def rare_names(tokenizer: Tokenizer, line: str) -> list[tuple[int, int, str]]:
     return found
 
 
-def stand_in_words(tokenizer: Tokenizer, line: str) -> list[tuple[int, int, str]]:
+def stand_in_words(tokenizer: Tokenizer, line: str, names: bool = True) -> list[tuple[int, int, str]]:
     """The words of ``line`` to decode as stand-ins: those the vocabulary cannot cover
-    (``Tokenizer.src_unknown``) and the names it does not hold whole that lie outside them, in order."""
+    (``Tokenizer.src_unknown``) and (with ``names``) the names it does not hold whole that lie
+    outside them, in order."""
     unknown = tokenizer.src_unknown(line)
-    names = [n for n in rare_names(tokenizer, line) if not any(n[0] <= u[1] and u[0] <= n[1] for u in unknown)]
-    return sorted(unknown + names)
+    if not names:
+        return unknown
+    found = [n for n in rare_names(tokenizer, line) if not any(n[0] <= u[1] and u[0] <= n[1] for u in unknown)]
+    return sorted(unknown + found)

@@ -236,7 +236,7 @@ class StandIn(NamedTuple):
     last: int  # before it, whose translation it follows; -1 where it opened the line)
 
 
-def stand_ins(tokenizer: Tokenizer, line: str) -> tuple[str, list[StandIn]]:
+def stand_ins(tokenizer: Tokenizer, line: str, names: bool = True) -> tuple[str, list[StandIn]]:
     """``line`` as decoded, and where each of its unknown words (``Tokenizer.src_unknown``) went: a
     word with letters or digits is replaced by a name from ``STAND_INS`` that the line lacks and
     the vocabulary has (while there are such), a copy mechanism for a model that has none, like
@@ -248,7 +248,7 @@ def stand_ins(tokenizer: Tokenizer, line: str) -> tuple[str, list[StandIn]]:
     parts: list[str] = []
     places = []  # (text, name, where it went in the line as decoded: start, end; a symbol: after)
     at = 0
-    for _, _, text in stand_in_words(tokenizer, line):
+    for _, _, text in stand_in_words(tokenizer, line, names):
         start = line.find(text, at)
         if any(c.isalnum() for c in text):
             parts.append(line[at:start])
@@ -511,6 +511,10 @@ class Translator:
             self.dtype = None if param.dtype == torch.float32 else param.dtype
         self.config: Config | None = None  # set by ``load``
         self.progress: dict[str, Any] = {}  # the checkpoint's training progress, set by ``load``
+        # names the vocabulary does not hold whole are decoded as stand-ins (names.py): a name
+        # the model never learned, where the tokenizer was fitted on the model's own training
+        # data; not for a fine-tuned model, which has learned its new data's names (set by ``load``)
+        self.stand_in_names = True
 
     @classmethod
     def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "auto",
@@ -523,6 +527,7 @@ class Translator:
         del payload
         translator = cls(model, tokenizer, options, precision, amp=config.train.amp, lexicon=lexicon)
         translator.config, translator.progress = config, progress
+        translator.stand_in_names = config.train.init_from is None
         return translator
 
     def translate(self, lines: Sequence[str], options: DecodeOptions | None = None,
@@ -563,9 +568,12 @@ class Translator:
         options = options or self.options
         parts = self._restored(segment(line, options.split).pieces, options)
         if options.copy_unknown:
-            parts = [stand_ins(self.tokenizer, part)[0] if self.tokenizer.src_unknown(part)
-                     or rare_names(self.tokenizer, part) else part for part in parts]
+            parts = [stand_ins(self.tokenizer, part, self.stand_in_names)[0] if self._has_stand_ins(part)
+                     else part for part in parts]
         return [piece for part in parts for piece in self.tokenizer.src_pieces(part)]
+
+    def _has_stand_ins(self, piece: str) -> bool:
+        return bool(self.tokenizer.src_unknown(piece) or self.stand_in_names and rare_names(self.tokenizer, piece))
 
     def _restored(self, pieces: list[str], options: DecodeOptions) -> list[str]:
         if not options.restore_casual:
@@ -581,8 +589,8 @@ class Translator:
         pieces = self._restored(pieces, options)
         encoded = self.tokenizer.encode_src(pieces)
         cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
-        unknown = {i: stand_ins(self.tokenizer, pieces[i]) for i, ids in enumerate(encoded)
-                   if options.copy_unknown and (UNK in ids or rare_names(self.tokenizer, pieces[i]))}
+        unknown = {i: stand_ins(self.tokenizer, pieces[i], self.stand_in_names) for i, ids in enumerate(encoded)
+                   if options.copy_unknown and (UNK in ids or self._has_stand_ins(pieces[i]))}
         for i, (line, _) in unknown.items():
             encoded[i] = self.tokenizer.encode_src([line])[0]
         plain = sorted(set(range(len(pieces))) - set(unknown))
