@@ -24,9 +24,7 @@ from __future__ import annotations
 import re
 import weakref
 
-from .tokenizer import Tokenizer
-
-WORD_START = "\u2581"  # SentencePiece's mark of a piece that starts a word
+from .tokenizer import WORD_START, Tokenizer
 
 _WORD = re.compile(r"\w+")
 _OPENING = "¿¡\"«“(—-"  # marks that may open a sentence

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .tokenizer import Tokenizer
-
-WORD_START = "\u2581"  # SentencePiece's mark of a piece that starts a word
+from .tokenizer import WORD_START, Tokenizer
 
 _WORD = re.compile(r"\w+")
 _OPENS = re.compile(r"[.!?;:¿¡«\"“(—-]\s*$")  # what may come before a sentence's (capitalised) first word

@@ -18,6 +18,7 @@ from .errors import TokenizerError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIAL = 4  # the ids below are the special tokens above
+WORD_START = "\u2581"  # SentencePiece's mark of a piece that starts a word
 
 
 def train_sentencepiece(sentences: Sequence[str], vocab_size: int, model_type: str = "unigram",
@@ -58,7 +59,7 @@ def _inside_word(piece, before: bool = False) -> bool:
     """Whether ``piece`` (a SentencePiece proto piece) goes on the word next to it: letters or
     digits, and no word boundary (``▁``) between them (``before``: it may open the word)."""
     text = piece.surface.strip()
-    return bool(text) and text.isalnum() and (before or not piece.piece.startswith("▁"))
+    return bool(text) and text.isalnum() and (before or not piece.piece.startswith(WORD_START))
 
 
 class Tokenizer:
@@ -150,7 +151,8 @@ class Tokenizer:
             first, last = i, i
             while last + 1 < len(pieces) and (pieces[last + 1].id == UNK or _inside_word(pieces[last + 1])):
                 last += 1
-            while first > 0 and not pieces[first].piece.startswith("▁") and _inside_word(pieces[first - 1], True):
+            while (first > 0 and not pieces[first].piece.startswith(WORD_START)
+                   and _inside_word(pieces[first - 1], True)):
                 first -= 1
             found.append((first, last, "".join(p.surface for p in pieces[first: last + 1]).strip()))
             i = last + 1

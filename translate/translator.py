@@ -35,13 +35,13 @@ from .config import Config
 from .data import collate, token_batches
 from .encoded import Encoded
 from .errors import ConfigError, UserError
-from .names import rare_names, stand_in_words
+from .names import stand_in_words
 from .quantize import int8_available, quantized_copy
 from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, length_penalty, max_lengths
 from .segment import SPLITS, segment
 from .shortlist import TOP, Lexicon
-from .tokenizer import PAD, UNK, Tokenizer
+from .tokenizer import PAD, UNK, WORD_START, Tokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # what ``auto`` decodes with on a CPU: the fastest precision whose BLEU stays within 0.1 of fp32
@@ -236,19 +236,21 @@ class StandIn(NamedTuple):
     last: int  # before it, whose translation it follows; -1 where it opened the line)
 
 
-def stand_ins(tokenizer: Tokenizer, line: str, names: bool = True) -> tuple[str, list[StandIn]]:
+def stand_ins(tokenizer: Tokenizer, line: str, names: bool = True,
+              found: list[tuple[int, int, str]] | None = None) -> tuple[str, list[StandIn]]:
     """``line`` as decoded, and where each of its unknown words (``Tokenizer.src_unknown``) went: a
     word with letters or digits is replaced by a name from ``STAND_INS`` that the line lacks and
     the vocabulary has (while there are such), a copy mechanism for a model that has none, like
     Luong et al.'s (2015) unknown-word placeholders, with names the model already copies; a symbol
-    (an emoji, say) is left out, so that it does not take the place of a word in the translation."""
+    (an emoji, say) is left out, so that it does not take the place of a word in the translation.
+    ``found``: the line's ``stand_in_words``, when the caller has them already."""
     free = iter([name for name in STAND_INS if not re.search(rf"\b{name}\b", line, re.IGNORECASE)
                  and UNK not in tokenizer.encode_src([name])[0]])
     named: dict[str, str | None] = {}  # a word met again keeps its name: the model may write it twice
     parts: list[str] = []
     places = []  # (text, name, where it went in the line as decoded: start, end; a symbol: after)
     at = 0
-    for _, _, text in stand_in_words(tokenizer, line, names):
+    for _, _, text in stand_in_words(tokenizer, line, names) if found is None else found:
         start = line.find(text, at)
         if any(c.isalnum() for c in text):
             parts.append(line[at:start])
@@ -300,7 +302,7 @@ def with_unknown(tokenizer: Tokenizer, hyp: Hypothesis, spans: list[tuple[int, i
     words: list[list[str]] = []  # the target's words, as their pieces
     owner = []  # the word of each target piece
     for piece in tokenizer.tgt_pieces(hyp.tokens):
-        if not words or piece.startswith("▁"):
+        if not words or piece.startswith(WORD_START):
             words.append([])
         words[-1].append(piece)
         owner.append(len(words) - 1)
@@ -325,14 +327,14 @@ def with_unknown(tokenizer: Tokenizer, hyp: Hypothesis, spans: list[tuple[int, i
         focused = first <= int(weights[row].argmax()) <= last
         unknown = any(tokenizer.tgt.piece_to_id(p) == UNK for p in words[word])
         if number not in insert_only and word not in replaced and cores[word] and (unknown or focused):
-            cores[word] = [("▁" if cores[word][0].startswith("▁") else "") + text]
+            cores[word] = [(WORD_START if cores[word][0].startswith(WORD_START) else "") + text]
             replaced.add(word)
         else:
             inserted.setdefault(word, []).append(text)
-    out = ["".join("▁" + t for t in inserted.get(-1, []))]
+    out = ["".join(WORD_START + t for t in inserted.get(-1, []))]
     for word, (head, core, tail) in enumerate(zip(heads, cores, tails)):
-        out.append("".join(head + core) + "".join("▁" + t for t in inserted.get(word, [])) + "".join(tail))
-    return "".join(out).replace("▁", " ").strip()
+        out.append("".join(head + core) + "".join(WORD_START + t for t in inserted.get(word, [])) + "".join(tail))
+    return "".join(out).replace(WORD_START, " ").strip()
 
 
 def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
@@ -568,12 +570,13 @@ class Translator:
         options = options or self.options
         parts = self._restored(segment(line, options.split).pieces, options)
         if options.copy_unknown:
-            parts = [stand_ins(self.tokenizer, part, self.stand_in_names)[0] if self._has_stand_ins(part)
-                     else part for part in parts]
+            parts = [self._stand_ins(part)[0] for part in parts]
         return [piece for part in parts for piece in self.tokenizer.src_pieces(part)]
 
-    def _has_stand_ins(self, piece: str) -> bool:
-        return bool(self.tokenizer.src_unknown(piece) or self.stand_in_names and rare_names(self.tokenizer, piece))
+    def _stand_ins(self, piece: str) -> tuple[str, list[StandIn]]:
+        """``piece`` as decoded, with its stand-ins (``stand_ins``); as it is when it needs none."""
+        found = stand_in_words(self.tokenizer, piece, self.stand_in_names)
+        return stand_ins(self.tokenizer, piece, found=found) if found else (piece, [])
 
     def _restored(self, pieces: list[str], options: DecodeOptions) -> list[str]:
         if not options.restore_casual:
@@ -589,8 +592,10 @@ class Translator:
         pieces = self._restored(pieces, options)
         encoded = self.tokenizer.encode_src(pieces)
         cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
-        unknown = {i: stand_ins(self.tokenizer, pieces[i], self.stand_in_names) for i, ids in enumerate(encoded)
-                   if options.copy_unknown and (UNK in ids or self._has_stand_ins(pieces[i]))}
+        unknown = {}
+        if options.copy_unknown:
+            decoded = {i: self._stand_ins(piece) for i, piece in enumerate(pieces)}
+            unknown = {i: found for i, found in decoded.items() if found[1]}
         for i, (line, _) in unknown.items():
             encoded[i] = self.tokenizer.encode_src([line])[0]
         plain = sorted(set(range(len(pieces))) - set(unknown))
