@@ -73,6 +73,8 @@ def test_finetuning_starts_from_the_source_weights_with_a_fresh_run(corpus, sour
     assert Tokenizer.load(tmp_path / "ft" / "src.model").fingerprint == best["tokenizer_fingerprint"]
     assert trainer.origin["step"] == best["progress"]["step"]
     assert "init_from: " in (tmp_path / "ft" / "config.yaml").read_text()
+    # its dev figures are those of the checkpoint it saves: decoded without name stand-ins
+    assert not trainer.validator.translator().stand_in_names
 
 
 def test_provenance_in_the_checkpoint_info_and_card(corpus, source, new_data, tmp_path):

@@ -38,6 +38,7 @@ from .schedules import LRSchedule, scaled_lr
 from .shortlist import Lexicon, build_lexicon
 from .tokenizer import Tokenizer
 from .training import Corpora, Learner, RunOutput, ScheduledForward, Trainer, TrainResult
+from .translator import stand_ins_for
 from .validation import DevSet, Validator
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def _assemble(config: Config, world: World, payload: dict | None, run_dir: Path,
                        metrics=MetricsLog(run_dir, cfg.tensorboard) if main else None)
     validator = Validator(learner.model, corpora.tokenizer, corpora.dev, beam=cfg.eval_beam, amp=cfg.amp,
                           device=device, amp_dtype=learner.amp_dtype, lexicon=corpora.lexicon,
-                          extra=corpora.extra_dev) if main else None
+                          extra=corpora.extra_dev, stand_in_names=stand_ins_for(config)) if main else None
     trainer = Trainer(config, world, corpora, learner, progress, output, validator)
     _announce(trainer)
     return trainer

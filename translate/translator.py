@@ -490,6 +490,12 @@ def _in_processes(fn: Callable, items: Sequence, workers: int) -> Iterator:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def stand_ins_for(config: Config) -> bool:
+    """Whether a model trained by ``config`` decodes unseen names as stand-ins: not once it was
+    fine-tuned (``train.init_from``), since its tokenizer was fitted on other data than its last."""
+    return config.train.init_from is None
+
+
 class Translator:
     """Translates lines with one model, tokenizer and set of default ``DecodeOptions``.
 
@@ -499,7 +505,8 @@ class Translator:
     ``train.amp``: on CUDA it decodes under bf16/fp16 autocast."""
 
     def __init__(self, model, tokenizer: Tokenizer, options: DecodeOptions = DecodeOptions(),
-                 precision: str = "fp32", amp: str | bool = "auto", lexicon: Lexicon | None = None):
+                 precision: str = "fp32", amp: str | bool = "auto", lexicon: Lexicon | None = None,
+                 stand_in_names: bool = True):
         self.model, self.precision, self.note = _model_for(model, precision)
         self.tokenizer, self.options, self.amp = tokenizer, options, amp
         self.lexicon = lexicon  # for shortlists; None: the whole vocabulary is always scored
@@ -515,8 +522,9 @@ class Translator:
         self.progress: dict[str, Any] = {}  # the checkpoint's training progress, set by ``load``
         # names the vocabulary does not hold whole are decoded as stand-ins (names.py): a name
         # the model never learned, where the tokenizer was fitted on the model's own training
-        # data; not for a fine-tuned model, which has learned its new data's names (set by ``load``)
-        self.stand_in_names = True
+        # data; not for a fine-tuned model, which has learned its new data's names
+        # (``stand_ins_for``)
+        self.stand_in_names = stand_in_names
 
     @classmethod
     def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "auto",
@@ -527,9 +535,9 @@ class Translator:
         progress = payload.get("progress", {})
         lexicon = Lexicon.of_checkpoint(payload)
         del payload
-        translator = cls(model, tokenizer, options, precision, amp=config.train.amp, lexicon=lexicon)
+        translator = cls(model, tokenizer, options, precision, amp=config.train.amp, lexicon=lexicon,
+                         stand_in_names=stand_ins_for(config))
         translator.config, translator.progress = config, progress
-        translator.stand_in_names = config.train.init_from is None
         return translator
 
     def translate(self, lines: Sequence[str], options: DecodeOptions | None = None,

@@ -61,18 +61,20 @@ class Validator:
 
     def __init__(self, model: Seq2Seq, tokenizer: Tokenizer, dev: DevSet, *, beam: int, amp: str | bool,
                  device: torch.device, amp_dtype: torch.dtype | None, lexicon: Lexicon | None = None,
-                 extra: Sequence[DevSet] = ()):
+                 extra: Sequence[DevSet] = (), stand_in_names: bool = True):
         self.model, self.tokenizer, self.dev, self.lexicon = model, tokenizer, dev, lexicon
         self.extra = list(extra)  # more dev sets, scored as the dev set is (data.extra_dev)
         self.beam, self.amp = beam, amp  # the run's train.eval_beam and train.amp
         self.device, self.amp_dtype = device, amp_dtype  # where and in what type training computes
+        self.stand_in_names = stand_in_names  # as the checkpoint will decode (translator.stand_ins_for)
 
     def translator(self) -> Translator:
         """Decodes as `translate eval` decodes by default (in its precision: on a CPU, a
         ``CPU_PRECISION`` copy of this step's weights), so the two figures agree; one batch at a
         time, since two at once would add a second batch's memory to training's peak."""
         return Translator(self.model, self.tokenizer, DecodeOptions(beam=self.beam, inter_threads=1),
-                          precision="auto", amp=self.amp, lexicon=self.lexicon)
+                          precision="auto", amp=self.amp, lexicon=self.lexicon,
+                          stand_in_names=self.stand_in_names)
 
     @torch.no_grad()
     def loss(self, dev: DevSet | None = None) -> float:
