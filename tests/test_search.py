@@ -353,7 +353,7 @@ def test_finish_against_a_plain_list_version():
             assert finished.tokens[s, j].tolist() == tokens + [PAD] * (limit - len(tokens))
             assert finished.scores[s, j].item() == pytest.approx(score, rel=1e-6)
             if attention is not None:
-                torch.testing.assert_close(finished.attention[s, j, : t + 1], torch.tensor(attention))
+                torch.testing.assert_close(finished.attention[s, j], torch.tensor(attention))
         assert finished.scores[s, len(plain[s]):].tolist() == [-math.inf] * (k - len(plain[s]))
 
 
@@ -426,7 +426,7 @@ def test_finished_best_against_a_plain_sort():
         assert [h.tokens for h in hyps] == tokens
         assert [h.score for h in hyps] == [finished.scores[s, j].item() for j in order]
         for h, j in zip(hyps, order):
-            assert torch.equal(h.attention, finished.attention[s, j, : len(h.tokens) + 1, : src_real[s]])
+            assert torch.equal(h.attention, finished.attention[s, j][: len(h.tokens) + 1, : src_real[s]])
     assert finished.best(n_best, src_real)[2] == []
     assert all(h.attention is None for hyps in finished._replace(attention=None).best(n_best, src_real) for h in hyps)
 
@@ -612,3 +612,30 @@ def test_coverage_batch_equals_one_by_one(search_model, tokenizer):
         alone = search(model, *encode(model, tokenizer, [sentence], ratio=0.3), 4, **options)[0]
         assert [h.tokens for h in alone] == [h.tokens for h in hyps]
         assert [h.score for h in alone] == pytest.approx([h.score for h in hyps], abs=1e-4)
+
+
+@pytest.mark.parametrize("beam", [1, 8])
+def test_attention_memory_follows_the_outputs_not_their_limit(search_model, tokenizer, beam):
+    # outputs of a few pieces under a limit of 1,000: the attention kept must grow with the steps taken, where
+    # a buffer of batch x beam x limit x src_len floats would have been the largest allocation by far
+    from torch.profiler import ProfilerActivity, profile
+
+    model = search_model
+    memory, state, limits = encode(model, tokenizer, SENTENCES * 4)
+    limits = torch.full_like(limits, 1000)
+    with torch.no_grad():
+        bias = model.decoder.output.bias.clone()
+        model.decoder.output.bias[EOS] = 8.0  # every hypothesis ends within a few steps
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            hyps = (greedy(model, memory, state, limits, return_attention=True) if beam == 1
+                    else beam_search(model, memory, state, beam, limits, return_attention=True))
+    finally:
+        with torch.no_grad():
+            model.decoder.output.bias.copy_(bias)
+    assert max(len(h[0].tokens) for h in hyps) < 10
+    batch, src_len = memory.mask.shape
+    buffer = batch * beam * 1000 * src_len * 4  # bytes
+    assert max(event.cpu_memory_usage for event in prof.events()) < buffer / 4
+    with_attention = [h[0].attention.shape for h in hyps]
+    assert with_attention == [(len(h[0].tokens) + 1, int(n)) for h, n in zip(hyps, memory.mask.sum(1))]

@@ -103,7 +103,8 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
     src_real = memory.mask.sum(1).tolist()
     out_tokens = torch.full((batch, limit), PAD, dtype=torch.long, device=device)  # (batch, limit)
     out_scores = torch.zeros(batch, device=device)
-    out_attn = torch.zeros(batch, limit, src_len, device=device) if return_attention else None
+    # grown as steps are taken (``_room``), so that its memory follows the outputs, not their limit
+    out_attn = torch.zeros(batch, 0, src_len, device=device) if return_attention else None  # (batch, steps, src_len)
     live = torch.arange(batch, device=device)  # original index of each row still decoding
     prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
@@ -119,6 +120,7 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
         scores = scores + best
         out_tokens[live, t] = prev
         if return_attention:
+            out_attn = _room(out_attn, t + 1, limit)
             out_attn[live, t] = weights.float()
         ended = prev == EOS  # every row ends by its limit (_allowed), so all scores get written
         if bool(ended.any()):
@@ -136,6 +138,16 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
         hyp_attn = out_attn[b, : length + 1, : src_real[b]].cpu() if out_attn is not None else None
         results.append([Hypothesis(row[:length], final[b], hyp_attn)])
     return results
+
+
+def _room(steps: torch.Tensor, needed: int, cap: int) -> torch.Tensor:
+    """``steps`` (rows, t, ...) with room for ``needed`` steps along dim 1: twice as many as it had
+    (at most ``cap``) once it is full, the new ones zero; itself while it has room."""
+    have = steps.size(1)
+    if needed <= have:
+        return steps
+    more = min(max(needed, 2 * have), cap) - have
+    return torch.cat([steps, steps.new_zeros(steps.size(0), more, *steps.shape[2:])], dim=1)
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -259,7 +271,9 @@ class Finished(NamedTuple):
 
     scores: torch.Tensor  # (batch, k) normalised by the length penalty; -inf in a free slot
     tokens: torch.Tensor  # (batch, k, limit) without EOS, PAD after the end
-    attention: torch.Tensor | None  # (batch, k, limit, src_len), row len(tokens) for EOS; None when not asked for
+    # (sentence, slot) -> (len(tokens) + 1, src_len), the last row for EOS, kept per hypothesis as it ends, so
+    # that memory follows the outputs' lengths, not batch x k x limit x src_len; None when not asked for
+    attention: dict[tuple[int, int], torch.Tensor] | None
     count: torch.Tensor  # (batch,) slots taken
 
     @classmethod
@@ -267,7 +281,7 @@ class Finished(NamedTuple):
               return_attention: bool) -> Finished:
         return cls(torch.full((batch, k), NEG_INF, device=device),
                    torch.full((batch, k, limit), PAD, dtype=torch.long, device=device),
-                   torch.zeros(batch, k, limit, src_len, device=device) if return_attention else None,
+                   {} if return_attention else None,
                    torch.zeros(batch, dtype=torch.long, device=device))
 
     def best(self, n_best: int, src_real: list[int]) -> list[list[Hypothesis]]:
@@ -285,7 +299,7 @@ class Finished(NamedTuple):
                 length = row.index(PAD) if PAD in row else len(row)
                 attn = None
                 if self.attention is not None:
-                    attn = self.attention[b, order[b, j], : length + 1, : src_real[b]].cpu()
+                    attn = self.attention[b, int(order[b, j])][: length + 1, : src_real[b]].cpu()
                 hyps.append(Hypothesis(row[:length], score, attn))
             results.append(hyps)
         return results
@@ -310,9 +324,10 @@ def finish(finished: Finished, beams: Beams, top: Continuations, weights: torch.
                                            beams.memory.mask[take_b], beta)
     finished.scores[target, where] = scores
     finished.tokens[target, where, :t] = beams.seqs[rows]
-    if finished.attention is not None:
-        finished.attention[target, where, :t] = beams.history[rows]
-        finished.attention[target, where, t] = weights[rows].float()
+    if finished.attention is not None:  # each (t + 1, src_len)
+        ended_attn = torch.cat([beams.history[rows], weights[rows].float().unsqueeze(1)], dim=1)
+        for hyp, key in zip(ended_attn, zip(target.tolist(), where.tolist())):
+            finished.attention[key] = hyp
     finished.count.index_add_(0, target, torch.ones_like(target))
 
 
