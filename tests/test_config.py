@@ -119,3 +119,37 @@ def test_messages_show_paths_as_a_user_knows_them(tmp_path, monkeypatch):
     assert shown_path(tmp_path / "data" / "x.tsv") == "data/x.tsv"  # relative to where the user is
     assert shown_path("data/x.tsv") == "data/x.tsv"
     assert shown_path("/elsewhere/y.tsv") == "/elsewhere/y.tsv"
+
+
+def test_resume_takes_the_limits_a_user_set_even_at_their_defaults(tmp_path):
+    """A resumed run keeps its saved config but for the keys its user set; a key set to its default
+    value is set all the same (``--max-minutes 25`` on a run saved with 60 trains for 25)."""
+    from translate.config import TrainConfig, resume_config
+
+    saved = Config.from_dict(load_config(overrides={"train.max_minutes": 60, "train.device": "cpu",
+                                                    "train.max_steps": 500}).to_dict())
+    defaults = Config().train
+    given = load_config(overrides={"train.max_minutes": defaults.max_minutes, "train.device": defaults.device,
+                                   "train.max_steps": defaults.max_steps})
+    resumed = resume_config(given, saved)
+    assert (resumed.train.max_minutes, resumed.train.device, resumed.train.max_steps) == (25.0, "auto", 0)
+    untouched = resume_config(load_config(overrides={"train.max_steps": 600}), saved).train
+    assert (untouched.max_minutes, untouched.device, untouched.max_steps) == (60.0, "cpu", 600)
+    path = tmp_path / "c.yaml"  # a YAML file sets what it names
+    path.write_text("train:\n  max_minutes: 25\n")
+    assert resume_config(load_config(path), saved).train.max_minutes == 25
+    # a config made with the constructors names no key: those unlike the defaults count as set
+    assert resume_config(Config(train=TrainConfig(max_minutes=30)), saved).train.max_minutes == 30
+    assert resume_config(Config(), saved) == saved
+    # a key a resume may not change, set to its default against another saved value, is refused
+    small = Config.from_dict(load_config(overrides={"model.hidden_dim": 256}).to_dict())
+    with pytest.raises(ConfigError, match="model.hidden_dim=384 differs from the run's saved value 256"):
+        resume_config(load_config(overrides={"model.hidden_dim": 384}), small)
+
+
+def test_the_keys_given_are_not_config_keys():
+    config = load_config(overrides={"train.lr": "0.001"}).override({"model.cell": "gru"})
+    assert config.given == {"train.lr", "model.cell"} and "given" not in config.to_dict()
+    assert config == Config.from_dict(config.to_dict())  # compared by value, not by what set it
+    with pytest.raises(ConfigError, match="unknown config key 'given'"):
+        Config.from_dict({"given": ["train.lr"]})

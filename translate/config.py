@@ -176,21 +176,45 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the dotted keys a source set (a YAML file, --set, a flag, ``override``), whatever their values: a resumed
+    # run takes these from the command line even where they equal the defaults (not a key of any file)
+    given: frozenset[str] = field(default=frozenset(), init=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain data (tuples as lists), as YAML and JSON write it."""
-        return {section: {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
-                for section, values in dataclasses.asdict(self).items()}
+        return {section: {key: list(value) if isinstance(value, tuple) else value
+                          for key, value in dataclasses.asdict(getattr(self, section)).items()}
+                for section in SECTIONS}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """A config from plain data; every key ``raw`` holds counts as given."""
+        given = frozenset(f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
+                          for key in values) if isinstance(raw, dict) else frozenset()
+        return cls._from_raw(raw)._given(given)
+
+    @classmethod
+    def _from_raw(cls, raw: dict[str, Any]) -> Config:
         model = raw.get("model") if isinstance(raw, dict) else None
         if isinstance(model, dict) and _bahdanau_alone(model.get("decoder"), "input_feeding" in model):
             raw = {**raw, "model": {**model, "input_feeding": False}}
         return _build(cls, raw, "")
 
+    def _given(self, keys: frozenset[str]) -> Config:
+        """This config, with ``keys`` as the keys its sources set (set once, on a new object)."""
+        object.__setattr__(self, "given", frozenset(keys))
+        return self
+
+    def set_keys(self) -> frozenset[str]:
+        """The keys a user set: those a source named (``given``), and those unlike the defaults (a
+        config built with the dataclasses' constructors names none)."""
+        defaults, values = Config().to_dict(), self.to_dict()
+        return self.given | {f"{section}.{key}" for section, items in values.items() for key, value in items.items()
+                             if value != defaults[section][key]}
+
     def override(self, pairs: dict[str, Any]) -> Config:
-        """Returns a copy with dotted keys (``model.hidden_dim``) replaced, type-checked."""
+        """Returns a copy with dotted keys (``model.hidden_dim``) replaced, type-checked; they count
+        as given (``given``), with those given before."""
         raw = self.to_dict()
         for key, value in pairs.items():
             section, _, name = key.partition(".")
@@ -201,7 +225,7 @@ class Config:
             raw[section][name] = value
         if _bahdanau_alone(pairs.get("model.decoder"), "model.input_feeding" in pairs):
             raw["model"]["input_feeding"] = False
-        config = Config.from_dict(raw)
+        config = Config._from_raw(raw)._given(self.given | frozenset(pairs))
         config.validate()
         return config
 
@@ -285,7 +309,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section {prefix or 'top level'!r} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - names)
     if unknown:
         key = f"{prefix}{unknown[0]}"
@@ -383,12 +407,13 @@ RESUMABLE_KEYS = ("max_steps", "max_epochs", "max_minutes", "patience", "eval_ev
 
 def resume_config(given: Config, saved: Config) -> Config:
     """The config of a resumed run: the saved one, with the run's limits (and where it runs) taken
-    from ``given``. Any other key set to a value unlike the saved one is an error, not ignored."""
-    defaults, given_raw, saved_raw = Config().to_dict(), given.to_dict(), saved.to_dict()
+    from ``given`` where its user set them (``Config.set_keys``: an explicit value equal to the
+    default counts). Any other key set to a value unlike the saved one is an error, not ignored."""
+    given_raw, saved_raw, set_keys = given.to_dict(), saved.to_dict(), given.set_keys()
     changed = {}
     for section, values in given_raw.items():
         for key, value in values.items():
-            if value == defaults[section][key] or value == saved_raw[section][key]:
+            if f"{section}.{key}" not in set_keys or value == saved_raw[section][key]:
                 continue
             if section == "train" and key in RESUMABLE_KEYS:
                 changed[f"train.{key}"] = value
@@ -420,7 +445,7 @@ def finetune_config(given: Config, source: Config) -> Config:
                                   f"given with --init-from (train.init_from); fine-tuning keeps that model's "
                                   f"{section}.* config: drop the override, or train from scratch without --init-from")
         raw[section] = source_raw[section]
-    config = Config.from_dict(raw)
+    config = Config._from_raw(raw)._given(given.given)
     config.validate()
     return config
 
