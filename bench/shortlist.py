@@ -36,12 +36,13 @@ from translate.translator import DecodeOptions, Translator, decode_batches
 
 
 def mean_shortlist(translator: Translator, sources: list[str], options: DecodeOptions) -> float:
-    """The mean size of the shortlists of the batches ``translator`` decodes ``sources`` in."""
+    """The mean size of the shortlists of the sentences ``translator`` decodes ``sources`` as."""
     encoded = Encoded(translator.tokenizer.encode_src(sources))
     sizes = []
     for indices in decode_batches(encoded, options):
         batch = collate(encoded, None, indices, max_src_len=options.max_src_len)
-        sizes.append(len(translator.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)))
+        shortlist = translator.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
+        sizes += shortlist.allowed.sum(1).tolist()
     return float(np.mean(sizes))
 
 

@@ -86,15 +86,45 @@ def test_the_lexicon_finds_a_word_for_word_mapping():
     assert sorted(lexicon.frequent.tolist()) == list(range(41))
 
 
-def test_a_shortlist_is_the_specials_the_frequent_and_the_translations_of_the_batch():
+def test_pieces_outside_the_sample_still_get_their_translations():
+    # pairs beyond max_links are left out, but not the pieces only they hold: a rare name or number
+    rng = random.Random(2)
+    mapping = {s: 60 - s for s in range(SPECIAL, 40)}  # source piece s is target piece 60 - s
+    pairs = []
+    for _ in range(600):  # pieces 4 to 29 are common, in sentences of 2 to 7
+        src = [rng.randrange(SPECIAL, 30) for _ in range(rng.randint(2, 7))]
+        pairs.append((src, [mapping[s] for s in src]))
+    for rare in range(30, 40):  # each of 30 to 39 in one pair, among the common ones
+        src = [rng.randrange(SPECIAL, 30), rare, rng.randrange(SPECIAL, 30)]
+        pairs.insert(rng.randrange(len(pairs)), (src, [mapping[s] for s in src]))
+    src, tgt = Encoded([s for s, _ in pairs]), Encoded([t for _, t in pairs])
+    total = int(((src.lengths + 1) * tgt.lengths).sum())
+    lexicon = build_lexicon(src, tgt, 40, 61, max_links=total // 8)
+    assert all(int(lexicon.translations[s, 0]) == t for s, t in mapping.items())
+    whole = build_lexicon(src, tgt, 40, 61)
+    assert torch.equal(lexicon.translations[30:40, 0], whole.translations[30:40, 0])
+
+
+def own_shortlists(shortlist):
+    return [[i for i, ok in zip(shortlist.ids.tolist(), row) if ok] for row in shortlist.allowed.tolist()]
+
+
+def test_a_shortlist_is_the_specials_the_frequent_and_the_translations_of_each_sentence():
     translations = torch.full((10, TOP), -1, dtype=torch.int32)
     translations[5, :3] = torch.tensor([20, 21, 22])
     translations[6, :2] = torch.tensor([23, 7])
     translations[EOS, :1] = torch.tensor([24])
+    translations[0, :1] = torch.tensor([25])  # (PAD's: never a sentence's, since padding is no source piece)
     lexicon = Lexicon(translations, torch.tensor([9, 8, 30, 31, 0, 1], dtype=torch.int32))
     src = torch.tensor([[5, 6, EOS], [6, EOS, 0]])  # 0: padding
-    assert lexicon.shortlist(src, per_piece=2, frequent=2).tolist() == [0, 1, 2, 3, 7, 8, 9, 20, 21, 23, 24]
-    assert lexicon.shortlist(src, per_piece=1, frequent=0).tolist() == [0, 1, 2, 3, 20, 23, 24]
+    batch = lexicon.shortlist(src, per_piece=2, frequent=2)
+    assert batch.ids.tolist() == [0, 1, 2, 3, 7, 8, 9, 20, 21, 23, 24]  # the union: the columns scored
+    assert own_shortlists(batch) == [[0, 1, 2, 3, 7, 8, 9, 20, 21, 23, 24], [0, 1, 2, 3, 7, 8, 9, 23, 24]]
+    batch = lexicon.shortlist(src, per_piece=1, frequent=0)
+    assert own_shortlists(batch) == [[0, 1, 2, 3, 20, 23, 24], [0, 1, 2, 3, 23, 24]]
+    for row, sentence in zip(own_shortlists(batch), src):  # a sentence's own is its shortlist alone
+        alone = lexicon.shortlist(sentence[sentence != 0].unsqueeze(0), per_piece=1, frequent=0)
+        assert alone.ids.tolist() == row and alone.allowed.all()
     with pytest.raises(ValueError, match="per_piece must be from 1 to 64"):
         lexicon.shortlist(src, per_piece=0, frequent=2)
     again = Lexicon.from_state(lexicon.state())
@@ -178,7 +208,7 @@ def test_the_translator_scores_each_batchs_shortlist_or_with_0_the_whole_vocabul
         [[t.tokens for t in n] for n in plain.translate(SENTENCES)]
     encoded = tokenizer.encode_src(SENTENCES)
     for ids, nbest, full in zip(encoded, listed.translate(SENTENCES), plain.translate(SENTENCES)):
-        allowed = set(lexicon.shortlist(torch.tensor([ids + [EOS]]), one_by_one.shortlist, 5).tolist())
+        allowed = set(lexicon.shortlist(torch.tensor([ids + [EOS]]), one_by_one.shortlist, 5).ids.tolist())
         assert set(nbest[0].tokens) <= allowed
         if not set(full[0].tokens) <= allowed:
             assert nbest[0].tokens != full[0].tokens
@@ -206,3 +236,27 @@ def test_runs_keep_their_lexicon_in_every_checkpoint_and_average(run_with_steps,
     assert torch.equal(load_checkpoint(out)["lexicon"]["frequent"], last["frequent"])
     translator = Translator.load(out)
     assert translator.lexicon is not None and torch.equal(translator.lexicon.frequent, last["frequent"])
+
+
+def bundled_test_sentences(n):
+    from translate.config import BUNDLED_DATA
+
+    lines = (BUNDLED_DATA / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    return [line.split("\t")[0] for line in lines[:n]]
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_each_sentence_decodes_alike_alone_and_batched_with_any_others(run_with_steps, beam):
+    # each sentence's shortlist is its own: the union a batch scores may not change what it may produce
+    options = DecodeOptions(beam=beam, n_best=beam, shortlist=2, shortlist_frequent=4, inter_threads=1)
+    translator = Translator.load(run_with_steps / "last.pt", options, precision="fp32")
+    sentences = bundled_test_sentences(40)
+    alone = {s: translator.translate([s])[0] for s in sentences}
+    rng = random.Random(beam)
+    for _ in range(3):
+        chosen = rng.sample(sentences, rng.randint(2, len(sentences)))  # a random subset in a random order
+        for sentence, nbest in zip(chosen, translator.translate(chosen)):
+            assert [t.text for t in nbest] == [t.text for t in alone[sentence]], sentence
+            assert [t.score for t in nbest] == pytest.approx([t.score for t in alone[sentence]], abs=1e-4)
+    batch = translator.lexicon.shortlist(torch.tensor([[5, 6, 7, EOS], [8, 9, EOS, 0]]), 2, 4)
+    assert not batch.allowed.all()  # the sentences' shortlists differ, so the test can tell

@@ -91,11 +91,12 @@ def _allowed(logp: torch.Tensor, force: torch.Tensor | None, early: torch.Tensor
 @torch.no_grad()
 def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
            return_attention: bool = False, vocab: OutputVocab | None = None,
-           no_repeat_ngram: int = 0) -> list[list[Hypothesis]]:
+           no_repeat_ngram: int = 0, allowed: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Picks the most probable token at each step; max_lens: (batch,) limits counting EOS; ``vocab``:
-    a shortlist, the only tokens scored; ``no_repeat_ngram``: n-grams of that many pieces never
-    repeat (``repeat_bans``; 0: off). Sentences that have ended leave the batch, so later steps
-    only pay for the ones still going."""
+    a shortlist, the only tokens scored; ``allowed``: (batch, columns of ``vocab``) bool, the columns
+    each sentence's probabilities are normalised over (its own shortlist; None: all);
+    ``no_repeat_ngram``: n-grams of that many pieces never repeat (``repeat_bans``; 0: off).
+    Sentences that have ended leave the batch, so later steps only pay for the ones still going."""
     batch, src_len = memory.mask.shape
     device = memory.mask.device
     max_lens = max_lens.to(device)
@@ -109,11 +110,15 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
     prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
     soonest = int(max_lens.min())  # the first step at which a live row reaches its limit
+    blocked = None if allowed is None else ~allowed.to(device)  # (batch, n) columns outside a sentence's shortlist
     for t in range(limit):
         logits, state, weights = model.decode_step(prev, memory, state, vocab)
         force = t + 1 >= max_lens[live] if t + 1 >= soonest else None
         banned = repeat_bans(out_tokens[live, :t], no_repeat_ngram, vocab) if t >= no_repeat_ngram > 0 else None
-        logp = _allowed(logits.float().log_softmax(-1), force, banned=banned)  # (live, vocab or n)
+        logits = logits.float()  # (live, vocab or n)
+        if blocked is not None:
+            logits = logits.masked_fill(blocked[live], NEG_INF)
+        logp = _allowed(logits.log_softmax(-1), force, banned=banned)  # (live, vocab or n)
         best, prev = logp.max(-1)  # (live,)
         if vocab is not None:
             prev = vocab.ids[prev]  # column -> token
@@ -232,13 +237,17 @@ def step_bounds(t: int, beams: Beams, max_lens: torch.Tensor, min_lens: torch.Te
 
 
 def step_candidates(logits: torch.Tensor, scores: torch.Tensor, early: torch.Tensor | None,
-                    force: torch.Tensor | None, banned: torch.Tensor | None = None) -> torch.Tensor:
+                    force: torch.Tensor | None, banned: torch.Tensor | None = None,
+                    blocked: torch.Tensor | None = None) -> torch.Tensor:
     """Every continuation's summed score: the hypothesis' score plus the token's log-probability,
     over what ``_allowed`` lets the row produce. logits: (live*beams, columns); scores: (live, beams)
-    -> (live, beams, columns); banned: (live*beams, m) columns blocked (``repeat_bans``). Works in
-    place on ``logits.float()``, the largest tensor of a step."""
+    -> (live, beams, columns); banned: (live*beams, m) columns blocked (``repeat_bans``); blocked:
+    (live, columns) the columns outside each sentence's own shortlist, left out of its softmax.
+    Works in place on ``logits.float()``, the largest tensor of a step."""
     live, beams = scores.shape
     logp = logits.float()  # (live*beams, columns)
+    if blocked is not None:
+        logp.view(live, beams, -1).masked_fill_(blocked.unsqueeze(1), NEG_INF)
     torch.log_softmax(logp, -1, out=logp)
     logp = _allowed(logp, force, early, banned)
     return logp.view(live, beams, -1).add_(scores.unsqueeze(2))  # (live, beams, columns)
@@ -377,17 +386,20 @@ def drop_done(beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, 
 
 
 def beam_step(model, beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, min_lens: torch.Tensor | None,
-              alpha: float, vocab: OutputVocab | None, no_repeat_ngram: int = 0, coverage: float = 0.0) -> Beams | None:
+              alpha: float, vocab: OutputVocab | None, no_repeat_ngram: int = 0, coverage: float = 0.0,
+              blocked: torch.Tensor | None = None) -> Beams | None:
     """Step ``t`` of the search for every live sentence: decode, rank the continuations (those that
     would repeat an n-gram of ``no_repeat_ngram`` pieces blocked), move the ended ones into
     ``finished`` (with a coverage penalty of weight ``coverage``), keep the best others, let done
-    sentences go. A function of its own so that the step's tensors, (live, beams, vocab) scores the
-    largest, are freed before the next step decodes. Returns the next beams, None when every sentence is done."""
+    sentences go. blocked: (batch, columns) the columns outside each sentence's shortlist. A function
+    of its own so that the step's tensors, (live, beams, vocab) scores the largest, are freed before
+    the next step decodes. Returns the next beams, None when every sentence is done."""
     k = finished.scores.size(1)
     # logits: (live*beams, vocab or n); weights: (live*beams, src_len)
     logits, state, weights = model.decode_step(beams.prev, beams.memory, beams.state, vocab)
     candidates = step_candidates(logits, beams.scores, *step_bounds(t, beams, max_lens, min_lens),
-                                 repeat_bans(beams.seqs, no_repeat_ngram, vocab))
+                                 repeat_bans(beams.seqs, no_repeat_ngram, vocab),
+                                 None if blocked is None else blocked[beams.sent])
     top = best_continuations(candidates, 2 * k, vocab)  # each (live, 2k)
     finish(finished, beams, top, weights, t, alpha, coverage)
     return drop_done(advance(beams, state, weights, top, k), finished, t, max_lens, k)
@@ -397,11 +409,14 @@ def beam_step(model, beams: Beams, finished: Finished, t: int, max_lens: torch.T
 def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
                 alpha: float = 1.0, n_best: int = 1, return_attention: bool = False,
                 min_lens: torch.Tensor | None = None, vocab: OutputVocab | None = None,
-                no_repeat_ngram: int = 0, coverage: float = 0.0) -> list[list[Hypothesis]]:
+                no_repeat_ngram: int = 0, coverage: float = 0.0,
+                allowed: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, up to ``n_best`` hypotheses, best first.
     ``min_lens`` (batch,), counting EOS: no hypothesis ends sooner (``min_lens == max_lens`` asks
     for outputs of one length, as the sentence-level oracle of scheduled teacher forcing does).
-    ``vocab``: a shortlist, the only tokens scored. ``no_repeat_ngram``: no hypothesis holds an
+    ``vocab``: a shortlist, the only tokens scored; ``allowed``: (batch, columns of ``vocab``) bool,
+    the columns each sentence's probabilities are normalised over (its own shortlist; None: all).
+    ``no_repeat_ngram``: no hypothesis holds an
     n-gram of that many pieces twice (``repeat_bans``; 0: off). ``coverage``: the weight (beta) of the
     coverage penalty in a finished hypothesis' score (``coverage_penalty``; 0: off).
 
@@ -421,8 +436,10 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     limit = int(max_lens.max())
     beams = start_beams(memory, state, max_lens, return_attention, coverage=coverage > 0)
     finished = Finished.empty(batch, beam, limit, src_len, device, return_attention)
+    blocked = None if allowed is None else ~allowed.to(device)  # (batch, n)
     for t in range(limit):
-        beams = beam_step(model, beams, finished, t, max_lens, min_lens, alpha, vocab, no_repeat_ngram, coverage)
+        beams = beam_step(model, beams, finished, t, max_lens, min_lens, alpha, vocab, no_repeat_ngram, coverage,
+                          blocked)
         if beams is None:
             break
     return finished.best(n_best, memory.mask.sum(1).tolist())

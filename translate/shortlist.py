@@ -1,25 +1,39 @@
 """Vocabulary selection for decoding (Jean et al., 2015; L'Hostis et al., 2016): a search scores
-only the target pieces that are likely translations of some source piece in its batch, and the
+only the target pieces that are likely translations of some source piece of the sentence, and the
 most frequent pieces, instead of the whole vocabulary. On a CPU the output layer is most of a
-decoding step, and a batch's shortlist is a small part of the vocabulary.
+decoding step, and a sentence's shortlist is a small part of the vocabulary.
+
+Each sentence has a shortlist of its own, so that its translation does not depend on the sentences
+batched with it (in ``translate serve``, other clients' requests): a batch's output layer is taken
+over the union of its sentences' shortlists, once, and each sentence's probabilities are
+normalised over its own (``Shortlist.allowed``), as Marian's lexical shortlists normalise over
+theirs.
 
 The lexicon is IBM Model 1 (Brown et al., 1993), fitted by EM on the tokenized training pairs
 when a run starts and saved in every checkpoint: for each source piece, its likeliest target
-pieces by t(target | source), the source EOS standing in for the model's empty word. A step's
-probabilities are normalised over the shortlist, as Marian's lexical shortlists do.
+pieces by t(target | source), the source EOS standing in for the model's empty word.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .encoded import EncodedCorpus
-from .tokenizer import EOS, SPECIAL
+from .errors import CheckpointError
+from .tokenizer import EOS, PAD, SPECIAL
 
 TOP = 64  # translations kept per source piece: the most a decode can ask for
+
+
+class Shortlist(NamedTuple):
+    """A batch's shortlists: the columns its output layer scores and which of them each sentence may produce."""
+
+    ids: torch.Tensor  # (n,) int64 target ids, sorted, from the special tokens on: the union of the sentences'
+    allowed: torch.Tensor  # (batch, n) bool: the columns of each sentence's own shortlist
 
 
 @dataclass(frozen=True)
@@ -27,18 +41,41 @@ class Lexicon:
     translations: torch.Tensor  # (src_vocab, TOP) int32 target ids, likeliest first; -1 past a piece's last
     frequent: torch.Tensor  # (tgt_vocab,) int32 target ids, most frequent in the training targets first
 
-    def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int) -> torch.Tensor:
-        """The target ids a batch may produce: src (batch, src_len) source ids -> (n,) int64, sorted
-        and so starting with the special tokens (column i is token i for i < 4, as the searches
-        expect): the ``frequent`` most frequent pieces and the ``per_piece`` likeliest
-        translations of every source piece in the batch."""
+    def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int) -> Shortlist:
+        """The target ids each sentence may produce: src (batch, src_len) source ids, PAD after a
+        sentence's end. A sentence's shortlist is the special tokens, the ``frequent`` most frequent
+        pieces and the ``per_piece`` likeliest translations of each of its own source pieces; the
+        ids are sorted and so start with the special tokens (column i is token i for i < 4, as the
+        searches expect)."""
         if not 1 <= per_piece <= self.translations.size(1):
             raise ValueError(f"per_piece must be from 1 to {self.translations.size(1)}, not {per_piece}")
-        pieces = src.reshape(-1).cpu().unique().clamp(max=self.translations.size(0) - 1)
-        candidates = self.translations[pieces, :per_piece].reshape(-1)
-        specials = torch.arange(SPECIAL, dtype=torch.int32)
-        ids = torch.cat([specials, self.frequent[:frequent], candidates[candidates >= 0]])
-        return ids.unique().long()  # sorted
+        src = src.cpu()
+        pieces = src.clamp(max=self.translations.size(0) - 1)  # (batch, src_len)
+        candidates = self.translations[pieces, :per_piece].long()  # (batch, src_len, per_piece), -1 for none
+        candidates = candidates.masked_fill((src == PAD).unsqueeze(2), -1).flatten(1)  # (batch, src_len*per_piece)
+        common = torch.cat([torch.arange(SPECIAL), self.frequent[:frequent].long()])  # every sentence's
+        ids = torch.cat([common, candidates[candidates >= 0]]).unique()  # (n,) sorted
+        allowed = torch.zeros(src.size(0), ids.numel(), dtype=torch.bool)  # (batch, n)
+        allowed[:, torch.searchsorted(ids, common)] = True
+        columns = torch.searchsorted(ids, candidates.clamp(min=0)).masked_fill_(candidates < 0, PAD)
+        allowed.scatter_(1, columns, True)  # PAD's column, where there is no candidate, is every sentence's anyway
+        return Shortlist(ids, allowed)
+
+    def check(self, src_vocab: int, tgt_vocab: int, origin: str = "checkpoint") -> Lexicon:
+        """Itself, when it fits a model with these vocabularies; else a CheckpointError: an id out
+        of range would index past the output layer (on a GPU, a device-side assert that breaks the
+        process for every later request)."""
+        t, f = self.translations, self.frequent
+        if t.dim() != 2 or t.size(0) != src_vocab or not 1 <= t.size(1) <= TOP or f.dim() != 1:
+            raise CheckpointError(f"{origin}: its lexicon does not fit the model's vocabulary (translations "
+                                  f"{tuple(t.shape)}, frequent {tuple(f.shape)} for {src_vocab:,} source and "
+                                  f"{tgt_vocab:,} target pieces); export the model again")
+        for name, ids, low in (("translations", t, -1), ("frequent", f, 0)):
+            if ids.numel() and (int(ids.min()) < low or int(ids.max()) >= tgt_vocab):
+                raise CheckpointError(f"{origin}: its lexicon's {name} hold target ids outside the vocabulary "
+                                      f"of {tgt_vocab:,} pieces ({int(ids.min())} to {int(ids.max())}); "
+                                      f"export the model again")
+        return self
 
     def state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of it."""
@@ -49,22 +86,31 @@ class Lexicon:
         return cls(state["translations"].to(torch.int32), state["frequent"].to(torch.int32))
 
     @classmethod
-    def of_checkpoint(cls, payload: dict) -> Lexicon | None:
-        """A checkpoint's lexicon; None for one written before lexicons were saved."""
-        return cls.from_state(payload["lexicon"]) if payload.get("lexicon") else None
+    def of_checkpoint(cls, payload: dict, vocab: tuple[int, int] | None = None,
+                      origin: str = "checkpoint") -> Lexicon | None:
+        """A checkpoint's lexicon, checked (``check``) against the model's (source, target)
+        ``vocab`` sizes when given; None for one written before lexicons were saved."""
+        state = payload.get("lexicon")
+        if not state:
+            return None
+        try:
+            lexicon = cls.from_state(state)
+        except (KeyError, TypeError, AttributeError, RuntimeError):
+            raise CheckpointError(f"{origin}: its lexicon is incomplete or damaged; export the model again") from None
+        return lexicon if vocab is None else lexicon.check(*vocab, origin)
 
 
 def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vocab: int, iterations: int = 5,
                   max_links: int = 20_000_000, max_len: int = 200, seed: int = 0) -> Lexicon:
     """IBM Model 1 on (a random sample of) the tokenized pairs with both sides 1 to ``max_len``
-    pieces long, up to ``max_links`` source x target position pairs (about 1 GB of working memory
-    at the most), ``iterations`` rounds of EM from uniform t(target | source); keeps each source
-    piece's ``TOP`` likeliest translations."""
+    pieces long, up to ``max_links`` source x target position pairs, and up to a quarter as many
+    again for pairs that hold source pieces the sample lacks (``_sample``; about 1.3 GB of working
+    memory at the most), ``iterations`` rounds of EM from uniform t(target | source); keeps each
+    source piece's ``TOP`` likeliest translations."""
     src_len, tgt_len = np.asarray(src.lengths, dtype=np.int64), np.asarray(tgt.lengths, dtype=np.int64)
     usable = np.flatnonzero((src_len > 0) & (tgt_len > 0) & (src_len <= max_len) & (tgt_len <= max_len))
     order = usable[np.random.default_rng(seed).permutation(len(usable))]
-    links = (src_len[order] + 1) * tgt_len[order]
-    chosen = order[: int(np.searchsorted(np.cumsum(links), max_links, side="right"))]
+    chosen = _sample(src, order, (src_len[order] + 1) * tgt_len[order], src_vocab, max_links)
     sources, targets, positions = [], [], []  # per link: source id, target id, which target token
     target_tokens = []
     token = 0
@@ -100,3 +146,25 @@ def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vo
         translations[ranked_src[keep], rank[keep]] = pair_tgt[ranked][keep]
     return Lexicon(torch.from_numpy(translations), torch.from_numpy(frequent))
 
+
+def _sample(src: EncodedCorpus, order: np.ndarray, links: np.ndarray, src_vocab: int, max_links: int) -> list[int]:
+    """The pairs to fit the lexicon on: those of ``order`` (shuffled) up to ``max_links`` links
+    (``links``, each pair's), then, where that leaves pairs out, those of the rest, in their order,
+    that hold a source piece no pair chosen so far holds, up to ``max_links // 4`` links more: a
+    piece seldom seen (a name, a number in a big corpus) gets translations of its own too, rather
+    than none."""
+    cut = int(np.searchsorted(np.cumsum(links), max_links, side="right"))
+    chosen = order[:cut].tolist()
+    if cut == len(order):
+        return chosen
+    seen = np.zeros(src_vocab, dtype=bool)
+    for i in chosen:
+        seen[np.asarray(src[i])] = True
+    budget = max_links // 4
+    for i, cost in zip(order[cut:].tolist(), links[cut:].tolist()):
+        pieces = np.asarray(src[i])
+        if cost <= budget and not seen[pieces].all():
+            chosen.append(i)
+            seen[pieces] = True
+            budget -= cost
+    return chosen

@@ -33,6 +33,7 @@ from .casual import recasing, restore
 from .checkpoint import load_model
 from .config import Config
 from .data import collate, token_batches
+from .decoder import OutputVocab
 from .encoded import Encoded
 from .errors import ConfigError, UserError
 from .names import stand_in_words
@@ -40,7 +41,7 @@ from .quantize import int8_available, quantized_copy
 from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, length_penalty, max_lengths
 from .segment import SPLITS, segment
-from .shortlist import TOP, Lexicon
+from .shortlist import TOP, Lexicon, Shortlist
 from .tokenizer import PAD, UNK, WORD_START, Tokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -703,12 +704,22 @@ class Translator:
         if self.lexicon is not None and options.shortlist > 0:
             shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
         batch = batch.to(self.device)
+        vocab, allowed = self._vocab(shortlist)
         with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
-            vocab = None if shortlist is None else model.output_vocab(shortlist.to(self.device))
             memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
             limits = max_lengths(batch.src_lengths, options.max_len_ratio)
             if options.beam == 1:
-                return greedy(model, memory, state, limits, options.return_attention, vocab, options.no_repeat_ngram)
+                return greedy(model, memory, state, limits, options.return_attention, vocab, options.no_repeat_ngram,
+                              allowed=allowed)
             return beam_search(model, memory, state, options.beam, limits, options.alpha, options.n_best,
                                options.return_attention, vocab=vocab, no_repeat_ngram=options.no_repeat_ngram,
-                               coverage=options.coverage)
+                               coverage=options.coverage, allowed=allowed)
+
+    def _vocab(self, shortlist: Shortlist | None) -> tuple[OutputVocab | None, torch.Tensor | None]:
+        """A batch's output layer over its sentences' shortlists, and which columns each sentence may
+        produce (None where every sentence may produce them all, as one sentence alone may)."""
+        if shortlist is None:
+            return None, None
+        with torch.no_grad(), autocast_for(self.device, self.dtype):
+            vocab = self.model.output_vocab(shortlist.ids.to(self.device))
+        return vocab, None if bool(shortlist.allowed.all()) else shortlist.allowed.to(self.device)
