@@ -85,13 +85,14 @@ def step_tuples(steps) -> list[tuple[int, list[list[int]], int]]:
 
 
 def reference_training_steps(data: TrainingData, epoch: int, start: int, group: int, mine: slice):
-    """Steps of ``group`` consecutive batches from batch ``start`` on, an incomplete tail left out,
-    written plainly: what ``TrainingData.steps`` must equal."""
+    """Steps of ``group`` consecutive batches from batch ``start`` on, an incomplete last group
+    filled up with the epoch's first batches, written plainly: what ``TrainingData.steps`` must equal."""
     batches = [b.tolist() for b in data.epoch_batches(epoch)]
+    padded = batches + batches * group  # enough to fill any last group
     steps = []
     position = start
-    while position + group <= len(batches):
-        step = batches[position: position + group]
+    while position < len(batches):
+        step = padded[position: position + group]
         tokens = sum(len(b) + int(data.tgt.lengths[b].sum()) for b in step)
         steps.append((position + group, step[mine], tokens))
         position += group
@@ -105,9 +106,9 @@ def random_corpus(n: int, seed: int) -> tuple[Encoded, Encoded]:
     return Encoded(src), Encoded(tgt)
 
 
-# (start, group, mine); the streamed corpus below has two pools, of 69 and 17 batches
+# (start, group, mine); the streamed corpus below has two pools, of 69 and 17 batches (with one process)
 STEPS = [(0, 1, slice(0, 1)), (0, 2, slice(0, 2)), (5, 3, slice(1, 3)), (7, 4, slice(2, 4)), (3, 2, slice(1, 2)),
-         (66, 4, slice(1, 3)), (70, 3, slice(2, 3)), (10_000, 2, slice(0, 1))]
+         (66, 4, slice(1, 3)), (70, 3, slice(2, 3)), (84, 8, slice(3, 5)), (10_000, 2, slice(0, 1))]
 
 
 @pytest.mark.parametrize("start,group,mine", STEPS)
@@ -122,7 +123,8 @@ def test_training_steps_equal_a_plain_loop(start, group, mine):
 
 def reference_stream_steps(pairs, data: StreamingData, epoch: int, start: int, group: int, mine: slice):
     """``StreamingData.steps`` written plainly: pools filled a thousand rows at a time, each
-    bucketed with the epoch's generator, steps counted across pools, each pool's tail left out."""
+    bucketed with the epoch's generator, steps counted across pools, each pool's incomplete group
+    carried into the next, the last one filled up with the first batches of its pool."""
     tokenizer = data.tokenizer
     pools, src, tgt = [], [], []
     for first in range(0, len(pairs), 1000):
@@ -137,15 +139,23 @@ def reference_stream_steps(pairs, data: StreamingData, epoch: int, start: int, g
     if src:
         pools.append((src, tgt))
     rng = np.random.default_rng([data.seed, epoch])
-    steps, position = [], 0
-    for src, tgt in pools:
+    steps, position, carried = [], 0, ([], [])
+    for pool_src, pool_tgt in pools + [([], [])]:  # the last: what is left over, if anything
+        src, tgt = carried[0] + pool_src, carried[1] + pool_tgt
+        if not src:
+            break
         lengths = TrainingData(Encoded(src), Encoded(tgt), data.batch_tokens, data.seed).lengths
         batches = [b.tolist() for b in token_batches(lengths, data.batch_tokens, rng)]
-        for first in range(0, len(batches) - group + 1, group):
+        last = not pool_src
+        first = 0
+        while first + group <= len(batches) or (last and first < len(batches)):
+            step = [batches[(first + i) % len(batches)] for i in range(group)]
             position += group
+            first += group
             if position > start:
-                step = batches[first: first + group]
                 steps.append((position, step[mine], sum(len(b) + sum(len(tgt[i]) for i in b) for b in step)))
+        left = [i for b in batches[first:] for i in b]  # a pool's incomplete group joins the next pool
+        carried = ([src[i] for i in left], [tgt[i] for i in left])
     return steps
 
 
@@ -159,6 +169,43 @@ def test_streaming_steps_equal_a_plain_loop(tokenizer, start, group, mine):
     steps = step_tuples(data.steps(1, start, group, mine))
     expected = reference_stream_steps(pairs, data, 1, start, group, mine)
     assert data.pool == 1000 and steps == expected and data.dropped > 0  # some pairs too long
+
+
+@pytest.mark.parametrize("ranks,accumulate", [(1, 1), (2, 1), (8, 1), (2, 3)])
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streamed"])
+def test_every_pair_trains_each_epoch(tokenizer, ranks, accumulate, streaming):
+    """Over an epoch the ranks' steps together hold every pair the corpus keeps (none lost to an
+    incomplete last group), and repeat fewer batches than a step takes."""
+    import collections
+
+    import datasets
+
+    pairs = make_pairs(2300, seed=11)
+    src_ids, tgt_ids = tokenizer.encode_src([s for s, _ in pairs]), tokenizer.encode_tgt([t for _, t in pairs])
+    if streaming:
+        table = datasets.Dataset.from_dict({"spa": [s for s, _ in pairs], "eng": [t for _, t in pairs]})
+        data = StreamingData(table, tokenizer, "spa", "eng", batch_tokens=200, seed=3, max_len=12)
+    else:
+        data = TrainingData(Encoded(src_ids), Encoded(tgt_ids), batch_tokens=200, seed=3, max_len=12)
+    kept = collections.Counter((tuple(s), tuple(t)) for s, t in zip(src_ids, tgt_ids) if len(s) <= 12 >= len(t))
+    group = ranks * accumulate
+    seen, batches, positions = collections.Counter(), 0, set()
+    for rank in range(ranks):
+        for position, mine, _ in data.steps(1, 0, group, slice(rank * accumulate, (rank + 1) * accumulate)):
+            assert len(mine) == accumulate
+            positions.add(position)
+            batches += len(mine)
+            for batch in mine:
+                for row in range(batch.size):
+                    src = batch.src[row, : int(batch.src_lengths[row]) - 1].tolist()
+                    tgt = batch.tgt_out[row][batch.tgt_out[row] != PAD][:-1].tolist()
+                    seen[(tuple(src), tuple(tgt))] += 1
+    assert not kept - seen  # every pair, as often as the corpus holds it
+    assert batches == len(positions) * group
+    largest = max(batch.size for _, mine, _ in data.steps(1, 0, 1, slice(0, 1)) for batch in mine)
+    assert sum(seen.values()) - sum(kept.values()) <= (group - 1) * largest  # only the last step fills up
+    if not streaming:
+        assert len(positions) == -(-len(data.epoch_batches(1)) // group)
 
 
 def test_streaming_batches_cover_the_corpus(corpus, tokenizer, hf_cache):

@@ -158,17 +158,20 @@ class TrainingData:
             yield position, collate(self.src, self.tgt, indices)
 
     def steps(self, epoch: int, start: int, group: int, mine: slice) -> Iterator[tuple[int, list[Batch], int]]:
-        """``group_steps`` over the epoch's batches from batch ``start`` on; an incomplete tail is
-        left for the next epoch's shuffle."""
+        """``group_steps`` over the epoch's batches from batch ``start`` on, every batch in a step."""
         yield from self.group_steps(self.epoch_batches(epoch), start, group, mine)
 
     def group_steps(self, batches: Sequence[np.ndarray], first: int, group: int, mine: slice,
                     offset: int = 0) -> Iterator[tuple[int, list[Batch], int]]:
-        """One optimiser step per ``group`` consecutive batches from ``batches[first]`` on, an
-        incomplete tail left out: (``offset`` + position after the step, this process's share of
-        the step collated, target tokens of the whole step, which the loss is averaged over)."""
-        for position in range(first, len(batches) - group + 1, group):
-            step = batches[position: position + group]
+        """One optimiser step per ``group`` consecutive batches from ``batches[first]`` on:
+        (``offset`` + position after the step, this process's share of the step collated, target
+        tokens of the whole step, which the loss is averaged over). An incomplete last group is
+        filled up with the first batches again (round and round when there are fewer batches than
+        a step takes), so that every pair trains each epoch, as many times as with one process;
+        its position, past the last batch, ends the epoch on resume too."""
+        count = len(batches)
+        for position in range(first, count, group):
+            step = [batches[(position + i) % count] for i in range(group)]
             yield (offset + position + group, [collate(self.src, self.tgt, b) for b in step[mine]],
                    sum(self.target_tokens(b) for b in step))
 
@@ -187,7 +190,7 @@ class StreamingData:
         self.pool = max(1000, pool_batches * batch_tokens // mean_length)  # pairs per bucketing pool
         self.dropped = 0
 
-    def _pools(self) -> Iterator[tuple[Encoded, Encoded]]:
+    def _pools(self) -> Iterator[tuple[list[list[int]], list[list[int]]]]:
         src: list[list[int]] = []
         tgt: list[list[int]] = []
         for rows in self.table.iter(batch_size=1000):
@@ -200,26 +203,35 @@ class StreamingData:
                 else:
                     self.dropped += 1
             if len(src) >= self.pool:
-                yield Encoded(src), Encoded(tgt)
+                yield src, tgt
                 src, tgt = [], []
         if src:
-            yield Encoded(src), Encoded(tgt)
+            yield src, tgt
 
     def steps(self, epoch: int, start: int, group: int, mine: slice) -> Iterator[tuple[int, list[Batch], int]]:
         """``TrainingData.group_steps`` over each pool's batches, positions counted across the
         pools; a step whose position is at most ``start`` was trained on before, and is skipped
-        without collating it. Each pool's incomplete tail is left out."""
+        without collating it. The pairs of a pool's incomplete last group join the next pool;
+        after the stream's last pool what is left makes a pool of its own, whose last group is
+        filled up (``group_steps``): every pair trains each epoch."""
         rng = np.random.default_rng([self.seed, epoch])
-        done = 0  # batches of the epoch in the complete steps of the pools before this one
+        done = 0  # batches of the epoch in the steps of the pools before this one
         self.dropped = 0
+        carried: tuple[list, list] = ([], [])  # the pairs of the last pool's incomplete group
         for src, tgt in self._pools():
-            data = TrainingData(src, tgt, self.batch_tokens, self.seed)
+            src, tgt = carried[0] + src, carried[1] + tgt
+            data = TrainingData(Encoded(src), Encoded(tgt), self.batch_tokens, self.seed)
             batches = token_batches(data.lengths, self.batch_tokens, rng)
+            whole = len(batches) - len(batches) % group
             # step k of this pool ends at done + (k + 1) * group; the first past start: k = (start - done) // group
-            first = max(0, (start - done) // group) * group
-            yield from data.group_steps(batches, first, group, mine, offset=done)
-            done += len(batches) - len(batches) % group
-
+            yield from data.group_steps(batches[:whole], max(0, (start - done) // group) * group, group, mine,
+                                        offset=done)
+            carried = ([src[i] for b in batches[whole:] for i in b], [tgt[i] for b in batches[whole:] for i in b])
+            done += whole
+        if carried[0]:
+            data = TrainingData(Encoded(carried[0]), Encoded(carried[1]), self.batch_tokens, self.seed)
+            batches = token_batches(data.lengths, self.batch_tokens, rng)
+            yield from data.group_steps(batches, max(0, (start - done) // group) * group, group, mine, offset=done)
 
 
 class Joined:
