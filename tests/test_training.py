@@ -179,6 +179,33 @@ def test_resume_rejects_changed_model_keys(corpus, tiny_tokenizer_file, tmp_path
     assert train(longer, tmp_path / "run", resume=True).progress.step == 4
 
 
+def test_resume_takes_limits_set_to_their_defaults(corpus, tiny_tokenizer_file, tmp_path):
+    """``--resume --max-minutes 25`` on a run saved with 60 trains for 25 minutes, though 25 is the
+    default; so do ``train.device=auto`` after ``cpu`` and ``train.max_steps=0`` (through the
+    command line, then the library)."""
+    from click.testing import CliRunner
+
+    from translate.cli import main
+    from translate.config import Config, load_config
+
+    run_dir = tmp_path / "run"
+    first = CliRunner().invoke(main, cli_train_args(corpus, run_dir, **{
+        "tokenizer.model": tiny_tokenizer_file, "train.max_steps": 2, "train.eval_every": 2,
+        "train.max_minutes": 60, "train.device": "cpu"}))
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, ["train", "--run-dir", str(run_dir), "--resume", "--max-minutes", "25",
+                                      "--max-epochs", "1", "--set", "train.device=auto", "--set",
+                                      "train.max_steps=0"])
+    assert again.exit_code == 0, again.output
+    saved = load_checkpoint(run_dir / "last.pt")
+    cfg = saved["config"]["train"]
+    assert (cfg["max_minutes"], cfg["device"], cfg["max_steps"], cfg["max_epochs"]) == (25.0, "auto", 0, 1)
+    assert "reached max_epochs=1" in again.output and saved["progress"]["epoch"] == 1  # max_steps=2 is gone
+    for minutes in (60.0, Config().train.max_minutes):  # the library: a config's overrides are what its user set
+        train(load_config(overrides={"train.max_minutes": minutes}), run_dir, resume=True)
+        assert load_checkpoint(run_dir / "last.pt")["config"]["train"]["max_minutes"] == minutes
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_says_how_to_resume(corpus, tiny_tokenizer_file, tmp_path):
     import signal
@@ -346,3 +373,87 @@ def test_validation_decodes_as_eval_does_by_default(corpus, tiny_tokenizer_file,
         with torch.no_grad():
             trainer.model.decoder.output.weight.mul_(2)
         assert not torch.allclose(trainer.validator.translator().model.decoder.output(x), before, atol=1e-3)
+
+
+def test_a_resumed_run_keeps_the_precision_it_saved(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    """train.amp=auto on a CPU is a timing (runtime.cpu_bf16_pays); a run resumed when the timing
+    says otherwise keeps the precision its checkpoint saved, so exact resume does not switch it."""
+    from translate import runtime
+
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 2, "train.eval_every": 2, "train.amp": "auto",
+                                                   "train.device": "cpu"})
+    for pays, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(runtime, "cpu_bf16_pays", lambda pays=pays: pays)
+        result = train(config, tmp_path / f"pays-{pays}")
+        saved = load_checkpoint(result.last_checkpoint)["precision"]
+        assert saved == {"device": "cpu", "amp": "bf16" if pays else "off"}
+        monkeypatch.setattr(runtime, "cpu_bf16_pays", lambda pays=pays: not pays)  # the timing now says otherwise
+        trainer = build_trainer(config.override({"train.max_steps": 3}), tmp_path / f"pays-{pays}", resume=True)
+        assert trainer.amp_dtype is expected
+        trainer.run()
+        assert load_checkpoint(result.last_checkpoint)["precision"] == saved
+    # a new run decides anew; an explicit train.amp is what it says
+    assert build_trainer(config, tmp_path / "new").amp_dtype is torch.bfloat16
+    assert build_trainer(config.override({"train.amp": "off"}), tmp_path / "off").amp_dtype is None
+
+
+def test_every_rank_trains_in_the_precision_rank_0_decided(monkeypatch):
+    from translate import build, runtime
+    from translate.distributed import World
+    from translate.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    sent = []
+    monkeypatch.setattr(build, "broadcast", lambda world, value: sent.append(value) or ("ok", "bf16"))
+    monkeypatch.setattr(runtime, "cpu_bf16_pays", lambda: pytest.fail("only rank 0 times the CPU"))
+    assert build.training_precision(World(rank=1, size=2), cpu, "auto") is torch.bfloat16 and sent == [None]
+    monkeypatch.setattr(runtime, "cpu_bf16_pays", lambda: False)
+    monkeypatch.setattr(build, "broadcast", lambda world, value: sent.append(value) or value)
+    assert build.training_precision(World(rank=0, size=2), cpu, "auto") is None and sent[-1] == ("ok", "off")
+    # a saved decision holds on the device type it was made for, not on another
+    assert build.training_precision(World(), cpu, "auto", {"device": "cpu", "amp": "bf16"}) is torch.bfloat16
+    assert build.training_precision(World(), cpu, "auto", {"device": "cuda", "amp": "fp16"}) is None
+    # rank 0's error is every rank's
+    monkeypatch.setattr(build, "broadcast", lambda world, value: ("error", "train.amp=fp16 needs a CUDA GPU"))
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        build.training_precision(World(rank=1, size=2), cpu, "auto")
+
+
+def test_fp16_gradients_that_stay_nan_stop_the_run(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    """A finite loss whose gradients are NaN: the loss scaler halves its scale at each such step,
+    which is no non-finite step while the scale is above 1; below it they count, and the run stops
+    after MAX_NONFINITE in a row instead of skipping steps until its limit."""
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 40, "train.eval_every": 100})
+    trainer = build_trainer(config, tmp_path / "run")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    trainer.model.decoder.output.bias.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingError, match="5 non-finite steps in a row"):
+        trainer.run()
+    # 8, 4, 2: the scaler's calibration; then five steps at scale 1 and below
+    assert trainer.progress.step == 3 + training.MAX_NONFINITE - 1  # (the last raises before it is counted)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_skipped_steps_leave_the_progress_window_and_metrics_stay_json(corpus, tiny_tokenizer_file, tmp_path,
+                                                                       monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 6, "train.eval_every": 2})
+    trainer = build_trainer(config, tmp_path / "run")
+    real = training.sequence_loss
+    nan_steps = {1, 3, 4}  # step 2's report covers steps 1-2, step 4's only skipped steps
+
+    def loss(*args, **kwargs):
+        return real(*args, **kwargs) * (float("nan") if trainer.progress.step + 1 in nan_steps else 1.0)
+
+    monkeypatch.setattr(training, "sequence_loss", loss)
+    trainer.run()
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in metrics.jsonl: not JSON")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    reports = {r["step"]: r for r in (json.loads(line, parse_constant=no_constants) for line in lines)
+               if r["kind"] == "train"}
+    assert reports[2]["loss"] is not None and reports[2]["loss"] > 0  # step 2's own loss, no NaN mixed in
+    assert reports[4]["loss"] is None and reports[4]["tok_per_s"] == 0  # nothing trained in that window
+    assert reports[6]["loss"] > 0 and trainer.progress.nonfinite_steps == 0

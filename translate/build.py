@@ -7,9 +7,11 @@ and OpenNMT-py's build_trainer). ``train`` builds, runs and cleans up."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -17,18 +19,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (
+    PRECISIONS,
     CheckpointSaver,
     Progress,
     Source,
     describe_source,
     load_source,
+    precision_name,
     restore_tokenizer,
     restore_training_state,
 )
 from .config import Config, finetune_config, resume_config, shown_path
 from .corpus import Parallel, corpus_name, first_sentences, load_pairs, read_parallel, sample_sentences
 from .data import MixedData, StreamingData, TrainingData, padding_fraction
-from .distributed import World, barrier, broadcast, init_world, shutdown
+from .distributed import World, barrier, broadcast, init_world, leave
 from .encoded import Encoded, tokenize_corpus
 from .errors import ConfigError, DataError
 from .model import build_model
@@ -50,15 +54,23 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     """Trains (or resumes) a model in ``run_dir``. Under torchrun every process calls this; the
     process group is left when training ends. Messages go to the ``translate`` logger (and the
     run's train.log); the result says what the run reached."""
-    trainer = build_trainer(config, run_dir, resume, progress_bar)
+    finished, trainer = False, None
     try:
+        trainer = build_trainer(config, run_dir, resume, progress_bar)
         result = trainer.run()
-    except BaseException:
-        trainer.train_log.close()
-        shutdown(trainer.world, finished=False)
+        finished = True
+        return result
+    except BaseException as exc:
+        if trainer is not None:
+            trainer.train_log.close()
+        traceback.clear_frames(exc.__traceback__)  # the frames' locals (the trainer) go with the group
         raise
-    shutdown(trainer.world)
-    return result
+    finally:
+        # the trainer's DistributedDataParallel holds the process group (through reference cycles):
+        # it goes before the group does, so no gloo object is left for interpreter exit to tear down
+        trainer = None
+        gc.collect()
+        leave(finished)
 
 
 def build_trainer(config: Config, run_dir: str | Path, resume: bool = False,
@@ -123,7 +135,8 @@ def _assemble(config: Config, world: World, payload: dict | None, run_dir: Path,
     seed_everything(cfg.seed + world.rank)  # each rank its own dropout masks
 
     corpora = prepare_corpora(config, world, payload, run_dir, source)
-    learner = build_learner(config, world, corpora.tokenizer, device)
+    saved_precision = None if payload is None else payload.get("precision")
+    learner = build_learner(config, world, corpora.tokenizer, device, saved_precision)
     progress = Progress()
     if payload is not None:
         progress = restore_learner(payload, learner, world, cfg.seed)
@@ -151,15 +164,44 @@ def _assemble(config: Config, world: World, payload: dict | None, run_dir: Path,
     return trainer
 
 
-def build_learner(config: Config, world: World, tokenizer: Tokenizer, device: torch.device) -> Learner:
+def build_learner(config: Config, world: World, tokenizer: Tokenizer, device: torch.device,
+                  saved_precision: dict | None = None) -> Learner:
     """A new model on ``device`` and what trains it: Adam at the LR scaled for the world size, the
-    LR schedule, the mixed-precision type and fp16's loss scaler."""
+    LR schedule, the mixed-precision type (``training_precision``; ``saved_precision``: what a
+    resumed run's checkpoint says it trained in) and fp16's loss scaler."""
     cfg = config.train
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).to(device)
     peak_lr = scaled_lr(cfg, world.size)
-    precision = amp_dtype(device, cfg.amp)
+    precision = training_precision(world, device, cfg.amp, saved_precision)
     return Learner(model, ScheduledForward(model, cfg), make_adam(model, peak_lr), LRSchedule(cfg, peak_lr),
                    torch.amp.GradScaler("cuda", enabled=precision == torch.float16), device, precision)
+
+
+def training_precision(world: World, device: torch.device, mode: str, saved: dict | None = None) -> torch.dtype | None:
+    """The autocast type of a run for ``train.amp`` = ``mode``: rank 0's decision, sent to every
+    rank (``auto`` on a CPU times bf16 against fp32, and timings differ from process to process,
+    so ranks deciding for themselves could train in different types). A resumed run on the kind
+    of device it ``saved`` (``checkpoint.precision_record``) keeps that type, whatever a timing
+    now says: exact resume must not switch precision."""
+    decision = None
+    if world.main:
+        try:
+            decision = ("ok", precision_name(_precision_for(device, mode, saved)))
+        except ConfigError as exc:  # said on every rank, not only where it was found
+            decision = ("error", str(exc))
+    outcome, value = broadcast(world, decision)
+    if outcome == "error":
+        raise ConfigError(value)
+    return PRECISIONS[value]
+
+
+def _precision_for(device: torch.device, mode: str, saved: dict | None) -> torch.dtype | None:
+    if mode == "auto" and saved and saved.get("device") == device.type and saved.get("amp") in PRECISIONS:
+        try:
+            return amp_dtype(device, saved["amp"])
+        except ConfigError:  # this device cannot: decided anew
+            logger.warning(f"the run trained in {saved['amp']}, which {device} lacks; train.amp=auto decides again")
+    return amp_dtype(device, mode)
 
 
 def restore_learner(payload: dict, learner: Learner, world: World, seed: int) -> Progress:

@@ -259,17 +259,27 @@ class Progress:
 
 
 # what a resumed run needs beyond the weights
-TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng", "rank_rng")
+TRAINING_STATE = ("optimizer", "lr_schedule", "scaler", "rng", "rank_rng", "precision")
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # autocast types by train.amp's names
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``PRECISIONS``' name of an autocast type (``off``: full precision)."""
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
 
 
 def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer,
                      lr_schedule: LRSchedule, scaler: torch.amp.GradScaler, progress: Progress,
                      device: torch.device, rank_rng: list[dict[str, Any]] | None = None,
-                     lexicon: Lexicon | None = None, init_from: dict[str, Any] | None = None) -> dict[str, Any]:
+                     lexicon: Lexicon | None = None, init_from: dict[str, Any] | None = None,
+                     amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Everything a run needs to go on exactly where it stands, for ``save_checkpoint``: with
     ``rank_rng`` (every rank's RNG state, under torchrun) each rank resumes with its own dropout
     masks; ``lexicon`` gives the run's decoding shortlists; ``init_from``, the provenance of the
-    model a fine-tuning run started from (``Source.provenance``)."""
+    model a fine-tuning run started from (``Source.provenance``); ``amp_dtype``, the autocast type
+    it trains in on ``device``, which a resumed run keeps (saved as ``precision``: the device
+    type and a ``PRECISIONS`` name)."""
     payload = {
         "config": config.to_dict(),
         "tokenizer": {"src": tokenizer.src_proto, "tgt": tokenizer.tgt_proto},
@@ -280,6 +290,7 @@ def training_payload(config: Config, tokenizer: Tokenizer, model: nn.Module, opt
         "scaler": scaler.state_dict(),
         "progress": asdict(progress),
         "rng": rng_state(device),
+        "precision": {"device": device.type, "amp": precision_name(amp_dtype)},
     }
     if rank_rng is not None:
         payload["rank_rng"] = rank_rng

@@ -83,11 +83,17 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shutdown(world: World, finished: bool = True) -> None:
-    """Leaves the process group. After a run that ``finished``, first waits until every rank is
-    done with it: a rank that tears its connections down while another still reads from them can
-    abort that process. After a failure it leaves at once (the others may never reach a barrier)."""
-    if world.distributed and dist.is_initialized():
+def leave(finished: bool = True) -> None:
+    """Leaves the process group, if this process is in one. After a run that ``finished``, first
+    waits until every rank is done with it: a rank that tears its connections down while another
+    still reads from them can abort that process. After a failure it leaves at once (the others
+    may never reach a barrier). Call it once nothing holds the group any more (drop the
+    DistributedDataParallel module first): a group that outlives this call is torn down at
+    interpreter exit, where gloo can abort the process."""
+    if not dist.is_initialized():
+        return
+    try:
         if finished:
             dist.barrier()
+    finally:
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -201,10 +202,15 @@ class Trainer:
         if self.scaler.is_enabled():  # fp16: gradients that overflow at this loss scale are the scaler's
             total, bad = reduce_step(self.world, total, not bool(torch.isfinite(total)))
             if not bad and not torch.isfinite(norm):  # (the same on every rank: gradients are all-reduced)
-                self.scaler.step(self.optimizer)  # skips the update, and the scale calibrates down
-                self.scaler.update()
-                self.progress.nonfinite_steps = 0
-                return total, 0
+                # the scaler skips the update and halves the scale; while the scale is above 1 that
+                # is its calibration, which neither counts nor resets the non-finite steps (a good
+                # step resets them); gradients that overflow at a scale of 1 or less overflow
+                # unscaled, and count: else a run whose gradients stay NaN skipped steps forever
+                if self.scaler.get_scale() > 1:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    return total, 0
+                bad = True
         else:
             total, bad = reduce_step(self.world, total, not (torch.isfinite(total) and torch.isfinite(norm)))
         if bad:
@@ -283,7 +289,8 @@ class Trainer:
 
     def payload(self) -> dict[str, Any]:
         return training_payload(self.config, self.tokenizer, self.model, self.optimizer, self.lr_schedule,
-                                self.scaler, self.progress, self.device, self.rank_rng, self.lexicon, self.origin)
+                                self.scaler, self.progress, self.device, self.rank_rng, self.lexicon, self.origin,
+                                self.amp_dtype)
 
     def _gather_rng(self) -> None:
         """Every rank, before rank 0 writes a checkpoint: all ranks' RNG states to rank 0."""
@@ -291,8 +298,11 @@ class Trainer:
             self.rank_rng = gather(self.world, rng_state(self.device))
 
     def write_metrics(self, record: dict[str, Any]) -> None:
+        """A line of metrics.jsonl; a value that is not a finite number (a window of skipped steps,
+        a dev loss that overflowed) is written as null: JSON has no NaN or Infinity."""
         if self.metrics is not None:
-            self.metrics.write(record)
+            self.metrics.write({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                                for key, value in record.items()})
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -311,7 +321,8 @@ class Trainer:
                         loss, tokens = self.guarded_step(my_batches, group_tokens)
                         p.step += 1
                         p.tokens += tokens
-                        self.speed.add(loss, tokens)
+                        if tokens:  # a skipped step's loss (NaN, perhaps) stays out of the progress window
+                            self.speed.add(loss, tokens)
                         # 2. report
                         if self.speed.due(self.line.interval) or p.step % cfg.eval_every == 0:
                             self._report()
@@ -460,7 +471,7 @@ class Speedometer:
         """Mean loss per token, tokens a second, and the shares of positions fed the model's choice
         and fed a token not gold since the last flush; starts a new window."""
         now = time.monotonic()
-        mean = float(self.loss) / max(self.tokens, 1)
+        mean = float(self.loss) / self.tokens if self.tokens else float("nan")  # (nan: no step trained)
         tok_s = self.tokens / max(now - self.start, 1e-9)
         positions, fed, wrong = (int(n) for n in self.fed.tolist())
         self.loss.zero_()
