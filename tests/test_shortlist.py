@@ -260,3 +260,28 @@ def test_each_sentence_decodes_alike_alone_and_batched_with_any_others(run_with_
             assert [t.score for t in nbest] == pytest.approx([t.score for t in alone[sentence]], abs=1e-4)
     batch = translator.lexicon.shortlist(torch.tensor([[5, 6, 7, EOS], [8, 9, EOS, 0]]), 2, 4)
     assert not batch.allowed.all()  # the sentences' shortlists differ, so the test can tell
+
+
+def test_scores_of_pairs_use_the_shortlist_that_decoding_uses(run_with_steps):
+    from dataclasses import replace
+
+    from .conftest import make_pairs
+
+    options = DecodeOptions(beam=1, shortlist=2, shortlist_frequent=4, no_repeat_ngram=0, copy_unknown=False,
+                            restore_casual=False, split="none", inter_threads=1)
+    translator = Translator.load(run_with_steps / "last.pt", options, precision="fp32")
+    sources = [s for s, _ in make_pairs(20, seed=5)]
+    best = [nbest[0] for nbest in translator.translate(sources)]
+    scored = translator.score_pairs(sources, [t.text for t in best])
+    compared = 0
+    for hyp, pair in zip(best, scored):  # greedy's score is the log-probability of what it produced
+        if translator.tokenizer.encode_tgt([hyp.text])[0] == hyp.tokens:
+            assert pair.logprob == pytest.approx(hyp.score, abs=1e-4)
+            compared += 1
+    assert compared >= 10
+    whole = translator.score_pairs(sources, [t.text for t in best], replace(options, shortlist=0))
+    assert all(w.logprob < s.logprob for w, s in zip(whole, scored))  # normalised over every piece: less each
+    outside = [i for i in range(SPECIAL, translator.tokenizer.tgt_vocab_size)
+               if i not in translator.lexicon.shortlist(torch.tensor([[EOS]]), 2, 4).ids.tolist()]
+    text = translator.tokenizer.decode_tgt([[outside[0]]])[0]
+    assert translator.score_pairs([""], [text])[0].logprob == float("-inf")  # decoding could not produce it

@@ -518,3 +518,38 @@ def test_the_repl_sets_the_split_and_shows_a_split_line_s_attention(search_model
     assert repl.command(":split none") == ("split none", False) and repl.options.split == "none"
     assert repl.command(":split words") == ("usage: :split MODE with MODE one of sentences, clauses, none", False)
     assert repl.options.split == "none"
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_no_finite_score_is_an_empty_translation_and_one_warning(checkpoint, monkeypatch, caplog, tmp_path, beam):
+    # every score NaN, as an fp16 overflow gives: no n-best list may be empty (decode, eval and serve take its first)
+    import logging
+
+    from click.testing import CliRunner
+
+    from translate.cli import main
+    from translate.model import Seq2Seq
+
+    real = Seq2Seq.decode_step
+
+    def overflowing(self, prev, memory, state, vocab=None):
+        logits, state, weights = real(self, prev, memory, state, vocab)
+        return torch.full_like(logits, float("nan")), state, weights
+
+    monkeypatch.setattr(Seq2Seq, "decode_step", overflowing)
+    lines = [*SENTENCES, "El gato come. El perro bebe.", "Xyzzy come ☃."]
+    translator = Translator.load(checkpoint, DecodeOptions(beam=beam, n_best=beam, inter_threads=1), precision="fp32")
+    with caplog.at_level(logging.WARNING):
+        got = translator.translate(lines)
+    assert [[t.text for t in nbest] for nbest in got] == [[""]] * len(lines)
+    warned = [r.getMessage() for r in caplog.records if "no translation with a finite score" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    attended = translator.translate(["El gato come pan."], DecodeOptions(beam=beam, return_attention=True))[0][0]
+    assert attended.attention.shape == (1, len(translator.source_pieces("El gato come pan.")) + 1)
+    decoded = CliRunner().invoke(main, ["decode", str(checkpoint), "--fp32", "--beam", str(beam)], input="Gato.\nY.\n")
+    assert decoded.exit_code == 0 and decoded.stdout == "\n\n", decoded.output
+    (tmp_path / "src").write_text("El gato come pan.\n")
+    (tmp_path / "ref").write_text("The cat eats bread.\n")
+    evaluated = CliRunner().invoke(main, ["eval", str(checkpoint), "--fp32", "--beam", str(beam), "--src",
+                                          str(tmp_path / "src"), "--ref", str(tmp_path / "ref"), "--json"])
+    assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["bleu"] == 0.0, evaluated.output

@@ -92,7 +92,8 @@ def _allowed(logp: torch.Tensor, force: torch.Tensor | None, early: torch.Tensor
 def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
            return_attention: bool = False, vocab: OutputVocab | None = None,
            no_repeat_ngram: int = 0, allowed: torch.Tensor | None = None) -> list[list[Hypothesis]]:
-    """Picks the most probable token at each step; max_lens: (batch,) limits counting EOS; ``vocab``:
+    """Picks the most probable token at each step (no hypothesis for a sentence whose score is not
+    finite); max_lens: (batch,) limits counting EOS; ``vocab``:
     a shortlist, the only tokens scored; ``allowed``: (batch, columns of ``vocab``) bool, the columns
     each sentence's probabilities are normalised over (its own shortlist; None: all);
     ``no_repeat_ngram``: n-grams of that many pieces never repeat (``repeat_bans``; 0: off).
@@ -141,7 +142,8 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
     for b, row in enumerate(ids):
         length = row.index(EOS) if EOS in row else len(row)
         hyp_attn = out_attn[b, : length + 1, : src_real[b]].cpu() if out_attn is not None else None
-        results.append([Hypothesis(row[:length], final[b], hyp_attn)])
+        # none with a score that is not finite (a NaN of an fp16 overflow, say), as ``Finished.best`` keeps none
+        results.append([Hypothesis(row[:length], final[b], hyp_attn)] if math.isfinite(final[b]) else [])
     return results
 
 

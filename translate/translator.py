@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import logging
 import math
 import multiprocessing
 import numbers
@@ -43,6 +44,8 @@ from .search import Hypothesis, beam_search, greedy, length_penalty, max_lengths
 from .segment import SPLITS, segment
 from .shortlist import TOP, Lexicon, Shortlist
 from .tokenizer import PAD, UNK, WORD_START, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # what ``auto`` decodes with on a CPU: the fastest precision whose BLEU stays within 0.1 of fp32
@@ -609,12 +612,19 @@ class Translator:
             encoded[i] = self.tokenizer.encode_src([line])[0]
         plain = sorted(set(range(len(pieces))) - set(unknown))
         out: list[list[Translation]] = [[] for _ in pieces]
+        lost = 0  # pieces without a hypothesis of finite score
         for group, group_options in ((plain, options), (sorted(unknown), replace(options, return_attention=True))):
             if not group:
                 continue
             for index, hyps in self.translate_ids(Encoded([encoded[i] for i in group]), group_options):
                 piece = group[index]
                 src_len = min(len(encoded[piece]) + 1, options.max_src_len)
+                if not hyps:  # every score non-finite: an empty translation, never an empty n-best
+                    lost += 1
+                    out[piece] = [Translation("", float("-inf"), [],
+                                              torch.zeros(1, src_len) if options.return_attention else None)]
+                    done(piece)
+                    continue
                 if piece in unknown:
                     texts = [carry_unknown(self.tokenizer, h, unknown[piece][1], src_len) for h in hyps]
                 else:
@@ -623,6 +633,9 @@ class Translator:
                                           h.attention[:, :src_len] if options.return_attention else None)
                               for text, h in zip(texts, hyps)]
                 done(piece)
+        if lost:
+            logger.warning(f"{lost} sentence(s) got no translation with a finite score (a numeric overflow, as "
+                           f"fp16 can give); left empty")
         return out, cut
 
     def stream(self, lines: Iterable[str], chunk_lines: int = 2000, options: DecodeOptions | None = None,
@@ -665,7 +678,9 @@ class Translator:
                     options: DecodeOptions | None = None) -> list[PairScore]:
         """The model's log-probability of each target given its source (forced decoding through
         ``decode_step``, so every precision and decoder scores as it decodes), in input order;
-        batched by ``options.batch_tokens``, in length order. Used to rank or filter pairs."""
+        batched by ``options.batch_tokens``, in length order. Used to rank or filter pairs. With a
+        shortlist (``options.shortlist`` and a lexicon), over each source's shortlist, as decoding
+        scores a hypothesis: a target piece outside it scores -inf, since decoding cannot produce it."""
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         options = options or self.options
@@ -677,23 +692,34 @@ class Translator:
         self.model.eval()
         try:
             for indices in token_batches(lengths, options.batch_tokens):
-                batch = collate(src, tgt, indices, max_src_len=options.max_src_len).to(self.device)
-                for index, logprob, pieces in zip(indices, *self._forced(batch)):
+                batch = collate(src, tgt, indices, max_src_len=options.max_src_len)
+                shortlist = None
+                if self.lexicon is not None and options.shortlist > 0:
+                    shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
+                for index, logprob, pieces in zip(indices, *self._forced(batch.to(self.device), shortlist)):
                     scores[index] = PairScore(logprob, pieces)
         finally:
             self.model.train(was_training)
         return scores
 
-    def _forced(self, batch) -> tuple[list[float], list[int]]:
+    def _forced(self, batch, shortlist: Shortlist | None) -> tuple[list[float], list[int]]:
         model = self.model
+        vocab, allowed = self._vocab(shortlist)
+        gold_all = batch.tgt_out  # (batch, tgt_len) token ids; with a shortlist, columns of ``vocab``
+        if vocab is not None:  # a token outside the batch's shortlists goes to PAD's column, then to -inf
+            column = torch.searchsorted(vocab.ids, gold_all).clamp_(max=vocab.ids.numel() - 1)
+            gold_all = column.masked_fill_(vocab.ids[column] != gold_all, PAD)
         with torch.no_grad(), autocast_for(self.device, self.dtype):
             memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
             total = torch.zeros(batch.tgt_in.size(0), device=self.device)  # (batch,)
             for t in range(batch.tgt_in.size(1)):
-                logits, state, _ = model.decode_step(batch.tgt_in[:, t], memory, state)  # (batch, vocab)
-                gold = batch.tgt_out[:, t]
-                logp = logits.float().log_softmax(-1).gather(1, gold.unsqueeze(1)).squeeze(1)
-                total += logp.masked_fill(gold == PAD, 0.0)
+                logits, state, _ = model.decode_step(batch.tgt_in[:, t], memory, state, vocab)  # (batch, columns)
+                logits = logits.float()
+                if allowed is not None:
+                    logits = logits.masked_fill(~allowed, float("-inf"))
+                logp = logits.log_softmax(-1).gather(1, gold_all[:, t].unsqueeze(1)).squeeze(1)  # (batch,)
+                logp = logp.masked_fill(gold_all[:, t] == PAD, float("-inf"))  # outside the shortlist
+                total += logp.masked_fill(batch.tgt_out[:, t] == PAD, 0.0)
         return total.tolist(), (batch.tgt_out != PAD).sum(1).tolist()
 
     def _search(self, src: Encoded, indices, options: DecodeOptions) -> list[list[Hypothesis]]:
