@@ -3,6 +3,7 @@ tokenization cached on disk and reused, ids read back with pread."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 from pathlib import Path
@@ -101,6 +102,8 @@ def test_a_writer_that_finishes_second_takes_the_first_ones_files(corpus, tokeni
 
     def slower(directory, key, pairs):  # just before this writer finishes, another one does
         monkeypatch.setattr(encoded, "_write_manifest", real)
+        # ... on a node whose file system does not share this one's locks
+        monkeypatch.setattr(encoded, "_locked", lambda directory, exclusive: contextlib.nullcontext())
         winner["src"], _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng",
                                            num_proc=1)
         real(directory, key, pairs)
@@ -111,3 +114,61 @@ def test_a_writer_that_finishes_second_takes_the_first_ones_files(corpus, tokeni
     assert [src[i].tolist() for i in range(len(src))] == [winner["src"][i].tolist() for i in range(len(src))]
     siblings = [p.name for p in Path(src.ids_path).parent.parent.iterdir() if p.name.startswith("translate-")]
     assert len(siblings) == 1 and ".part-" not in siblings[0]
+
+
+def test_a_cache_found_incomplete_is_checked_again_before_it_is_set_aside(corpus, tokenizer, hf_cache, monkeypatch,
+                                                                           caplog):
+    """A process that found no intact cache while another node's process was finishing it must
+    not remove that cache, which the other node's ranks are opening: it checks again once it
+    holds the lock alone, and reuses what it finds."""
+    from translate import encoded
+
+    caplog.set_level(logging.INFO, logger="translate")
+    src, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1)
+    directory = Path(src.ids_path).parent
+    (directory / "opened-by-another-node").write_text("")
+    real, looks = encoded._intact, []
+
+    def first_look_too_early(*args):  # the first check ran before the other process's rename
+        looks.append(args)
+        return len(looks) > 1 and real(*args)
+
+    monkeypatch.setattr(encoded, "_intact", first_look_too_early)
+    caplog.clear()
+    again, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1)
+    assert (directory / "opened-by-another-node").exists() and again.ids_path == src.ids_path
+    assert not any(line.startswith("tokenizing") for line in package_messages(caplog))
+    assert [again[i].tolist() for i in range(len(again))] == [src[i].tolist() for i in range(len(src))]
+
+
+def test_a_damaged_cache_is_set_aside_only_while_no_process_holds_it(corpus, tokenizer, hf_cache, monkeypatch):
+    """Readers check and open the cache under a shared lock; setting aside and rebuilding happen
+    under the exclusive one, so a process opening the cache is never left without it."""
+    import fcntl
+    import os
+
+    from translate import encoded
+
+    src, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1)
+    expected = [src[i].tolist() for i in range(len(src))]
+    ids = Path(src.ids_path)
+    ids.write_bytes(ids.read_bytes()[:-8])
+    lock = ids.parent.with_name(f".{ids.parent.name}.lock")
+    states = []
+
+    def can_share() -> bool:  # what another process (here: another open file) would get
+        handle = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(handle)
+
+    real_aside, real_flat = encoded._set_aside, encoded._write_flat
+    monkeypatch.setattr(encoded, "_set_aside", lambda d: states.append(("aside", can_share())) or real_aside(d))
+    monkeypatch.setattr(encoded, "_write_flat", lambda t, d: states.append(("build", can_share())) or real_flat(t, d))
+    again, _ = tokenize_corpus(load_pairs(str(corpus["dev"]), "spa", "eng"), tokenizer, "spa", "eng", num_proc=1)
+    assert states == [("aside", False), ("build", False)] and can_share()
+    assert [again[i].tolist() for i in range(len(again))] == expected

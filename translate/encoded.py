@@ -10,6 +10,8 @@ for bucketing, and the epoch's order), so memory hardly grows with the corpus.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -17,7 +19,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -123,42 +125,80 @@ def tokenize_corpus(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str,
     """Tokenizes ``table`` once with ``Dataset.map`` (cached by the data's and the tokenizer's
     fingerprints, so a later run with the same tokenizer reuses it) and lays the ids out flat.
 
-    Safe under concurrent writers (processes on nodes that share the cache's file system, or a
-    second run started at the same time): each writes into a directory of its own, then renames
-    it into place in one step; the first to finish wins and the others take its files. A cache
-    is reused only when its manifest matches its files and the corpus."""
+    Safe under concurrent processes (ranks of nodes that share the cache's file system, or a
+    second run started at the same time): a reader checks and opens the cache under a shared
+    lock (``_locked``); a process that finds no intact cache takes the lock alone, checks again
+    (another may have finished it meanwhile), and only then sets a damaged cache aside, so it
+    never removes a cache that another process found intact and is opening. It builds in a
+    directory of its own and renames it into place in one step; where the file system has no
+    locks the first rename wins and the others take its files. A cache is reused only when its
+    manifest matches its files and the corpus."""
     key = hashlib.sha256(f"{FORMAT_VERSION}|{table._fingerprint}|{tokenizer.fingerprint}|{src_lang}|{tgt_lang}"
                          .encode()).hexdigest()[:16]
     directory = cache_dir_for(table) / f"translate-{key}"
-    if _intact(directory, key, len(table)):
-        logger.info("reusing the corpus tokenized by an earlier run (cached beside its Arrow files)")
-    else:
-        if directory.exists():  # incomplete or damaged: set aside, then rebuilt
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(directory, exclusive=False):
+        if _intact(directory, key, len(table)):
+            logger.info("reusing the corpus tokenized by an earlier run (cached beside its Arrow files)")
+            return _open_side(directory, "src"), _open_side(directory, "tgt")
+    with _locked(directory, exclusive=True):
+        if _intact(directory, key, len(table)):  # another process finished it while this one waited
+            logger.info("reusing the corpus tokenized by another process (cached beside its Arrow files)")
+            return _open_side(directory, "src"), _open_side(directory, "tgt")
+        if directory.exists():  # incomplete or damaged, and no process is opening it: set aside, then rebuilt
             logger.info(f"the cached tokenized corpus ({directory.name}) does not match its manifest; tokenizing again")
             _set_aside(directory)
-        own = directory.with_name(f"{directory.name}.part-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        own.mkdir(parents=True)
-        workers = num_proc or max(1, min(os.cpu_count() or 1, 8))
-        logger.info(f"tokenizing {len(table):,} pairs with {workers} process(es) (cached for later runs)")
-        tokenized = table.map(
-            _encode_rows, batched=True, batch_size=MAP_BATCH, writer_batch_size=MAP_BATCH,
-            num_proc=workers if workers > 1 else None,
-            fn_kwargs={"src_lang": src_lang, "tgt_lang": tgt_lang,
-                       "protos": (tokenizer.src_proto, tokenizer.tgt_proto)},
-            remove_columns=table.column_names, cache_file_name=str(own / "tokens.arrow"),
-            new_fingerprint=key, desc="tokenizing")
-        release_mapped_pages()
-        _write_flat(tokenized, own)
-        del tokenized
-        _write_manifest(own, key, len(table))
-        try:
-            os.rename(own, directory)  # atomic; fails if another writer's directory is already there
-        except OSError:
-            if not _intact(directory, key, len(table)):
-                raise
-            shutil.rmtree(own, ignore_errors=True)  # another writer finished first: its files are the same
-        return_freed_memory()
-    return (_open_side(directory, "src"), _open_side(directory, "tgt"))
+        _build(table, tokenizer, src_lang, tgt_lang, num_proc, key, directory)
+        return _open_side(directory, "src"), _open_side(directory, "tgt")
+
+
+def _build(table, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, num_proc: int, key: str,
+           directory: Path) -> None:
+    """``tokenize_corpus``' files, written into a directory of this process's own, then renamed
+    to ``directory`` in one step."""
+    own = directory.with_name(f"{directory.name}.part-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    own.mkdir(parents=True)
+    workers = num_proc or max(1, min(os.cpu_count() or 1, 8))
+    logger.info(f"tokenizing {len(table):,} pairs with {workers} process(es) (cached for later runs)")
+    tokenized = table.map(
+        _encode_rows, batched=True, batch_size=MAP_BATCH, writer_batch_size=MAP_BATCH,
+        num_proc=workers if workers > 1 else None,
+        fn_kwargs={"src_lang": src_lang, "tgt_lang": tgt_lang,
+                   "protos": (tokenizer.src_proto, tokenizer.tgt_proto)},
+        remove_columns=table.column_names, cache_file_name=str(own / "tokens.arrow"),
+        new_fingerprint=key, desc="tokenizing")
+    release_mapped_pages()
+    _write_flat(tokenized, own)
+    del tokenized
+    _write_manifest(own, key, len(table))
+    try:
+        os.rename(own, directory)  # atomic; fails if another writer's directory is already there
+    except OSError:
+        if not _intact(directory, key, len(table)):
+            raise
+        shutil.rmtree(own, ignore_errors=True)  # another writer finished first: its files are the same
+    return_freed_memory()
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, exclusive: bool) -> Iterator[None]:
+    """An advisory lock (``flock``) on a hidden file beside the cache ``directory``, shared or
+    exclusive, for ``tokenize_corpus``; none where the file system refuses locks (its writers
+    then rely on the atomic rename alone)."""
+    try:
+        handle = os.open(directory.with_name(f".{directory.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        handle = None
+    try:
+        if handle is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            except OSError:
+                pass
+        yield
+    finally:
+        if handle is not None:
+            os.close(handle)  # (which releases the lock)
 
 
 FLAT_FILES = [f"{side}.{name}" for side in ("src", "tgt") for name in ("ids", "offsets", "lengths")]
@@ -183,7 +223,8 @@ def _intact(directory: Path, key: str, pairs: int) -> bool:
 
 
 def _set_aside(directory: Path) -> None:
-    """Moves a damaged cache out of the way (renamed first, so no reader sees it half removed)."""
+    """Moves a damaged cache out of the way (renamed first, so no reader sees it half removed);
+    under ``tokenize_corpus``' exclusive lock, so no process is opening it."""
     aside = directory.with_name(f"{directory.name}.stale-{uuid.uuid4().hex[:8]}")
     try:
         os.rename(directory, aside)
