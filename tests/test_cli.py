@@ -160,17 +160,18 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
 
 
-DECODING_FLAGS = ["--beam", "--n-best", "--max-len-ratio", "--alpha", "--fp32", "--bf16", "--int8", "--inter-threads"]
+DECODING_FLAGS = ["--beam", "--n-best", "--max-len-ratio", "--alpha", "--fp32", "--bf16", "--int8", "--device",
+                  "--inter-threads"]
 PRECISION_FLAGS = ["--fp32", "--bf16", "--int8"]
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("eval", ["--beam", "--alpha", *PRECISION_FLAGS, "--inter-threads"]),
+    ("eval", ["--beam", "--alpha", *PRECISION_FLAGS, "--device", "--inter-threads"]),
     ("decode", DECODING_FLAGS),
-    ("repl", ["--beam", *PRECISION_FLAGS]),
-    ("serve", PRECISION_FLAGS),
+    ("repl", ["--beam", *PRECISION_FLAGS, "--device"]),
+    ("serve", [*PRECISION_FLAGS, "--device"]),
     ("attend", ["--beam", *PRECISION_FLAGS]),
-    ("score", PRECISION_FLAGS),
+    ("score", [*PRECISION_FLAGS, "--device"]),
 ])
 def test_each_command_has_its_decoding_flags(command, flags):
     usage = CliRunner().invoke(main, [command, "--help"]).output
@@ -263,7 +264,8 @@ def test_decode_scores_and_the_score_command(trained, tmp_path):
     ref.write_text("The cat eats bread.\nThe dog drinks water.\nWater the bread drinks.\n", encoding="utf-8")
     result = runner.invoke(main, ["score", str(run_dir), "--src", str(src), "--ref", str(ref)])
     assert result.exit_code == 0, result.output
-    rows = [[float(x) for x in line.split("\t")] for line in result.output.strip().split("\n")]
+    rows = [[float(x) for x in line.split("\t")] for line in result.stdout.strip().split("\n")]
+    assert "scoring over each source's shortlist (--shortlist 50), as decoding does" in result.stderr
     expected = Translator.load(run_dir, DecodeOptions()).score_pairs(src.read_text().split("\n")[:3],
                                                                       ref.read_text().split("\n")[:3])
     assert rows == [[round(p.per_piece, 4), round(p.logprob, 4)] for p in expected]

@@ -14,7 +14,7 @@ import yaml
 
 from translate import runtime
 from translate.build import build_trainer, train
-from translate.checkpoint import load_checkpoint
+from translate.checkpoint import load_checkpoint, save_checkpoint
 from translate.data import collate
 from translate.translator import DecodeOptions, Translator
 
@@ -88,3 +88,71 @@ def test_two_nccl_processes_equal_one_process_with_the_same_batches(tiny_config,
     assert a["progress"]["step"] == b["progress"]["step"] == single.progress.step
     for name, value in a["model"].items():
         torch.testing.assert_close(value, b["model"][name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_fp32_decodes_without_autocast_and_a_bf16_model_decodes_without_native_bf16(tiny_config, tmp_path,
+                                                                                   monkeypatch):
+    from click.testing import CliRunner
+
+    from translate.cli import main
+    from translate.model import Seq2Seq
+
+    run_dir = tmp_path / "run"
+    train(tiny_config.override({"train.device": "cuda", "train.max_steps": 3, "train.amp": "fp16"}), run_dir,
+          progress_bar=False)
+    seen = []
+    real = Seq2Seq.decode_step
+
+    def recording(self, prev, memory, state, vocab=None):
+        logits, state, weights = real(self, prev, memory, state, vocab)
+        seen.append(logits.dtype)
+        return logits, state, weights
+
+    monkeypatch.setattr(Seq2Seq, "decode_step", recording)
+    for precision, dtype in (("fp32", torch.float32), ("auto", torch.float16)):
+        translator = Translator.load(run_dir, DecodeOptions(beam=2), precision=precision, device="cuda")
+        assert translator.precision == {"fp32": "fp32", "auto": "fp16"}[precision]
+        seen.clear()
+        translator.translate(["El gato come pan.", "Perro."])
+        assert seen and set(seen) == {dtype}
+    result = CliRunner().invoke(main, ["decode", str(run_dir), "--device", "cuda", "--fp32"], input="Gato.\n")
+    assert result.exit_code == 0, result.output
+    # a checkpoint trained in bf16, on a GPU taken for one without native bf16: fp32, with a note
+    payload = load_checkpoint(run_dir / "last.pt")
+    payload["config"]["train"]["amp"] = "bf16"
+    save_checkpoint(tmp_path / "bf16.pt", payload)
+    monkeypatch.setattr(runtime, "cuda_has_bf16", lambda device: False)
+    translator = Translator.load(tmp_path / "bf16.pt", device="cuda")
+    assert translator.precision == "fp32" and translator.dtype is None and "no native bf16" in translator.note
+    assert translator.translate(["El gato come pan."])[0][0].text is not None
+
+
+@pytest.mark.parametrize("beam", [1, 8])
+def test_attention_memory_on_the_gpu_follows_the_outputs_not_their_limit(tiny_config, beam):
+    from translate.encoded import Encoded
+    from translate.model import build_model
+    from translate.search import beam_search, greedy
+    from translate.tokenizer import EOS, Tokenizer
+
+    from .conftest import SENTENCES, make_pairs
+
+    pairs = make_pairs(200, seed=1)
+    tokenizer = Tokenizer.train([s for s, _ in pairs], [t for _, t in pairs], vocab_size=80)
+    torch.manual_seed(0)
+    model = build_model(tiny_config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).cuda().eval()
+    sentences = SENTENCES * 13  # 65
+    batch = collate(Encoded(tokenizer.encode_src(sentences)), None, list(range(len(sentences))))
+    batch = batch.to(torch.device("cuda"))
+    with torch.no_grad():
+        model.decoder.output.bias[EOS] = 8.0  # every hypothesis ends within a few steps
+        memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    limits = torch.full((len(sentences),), 1000)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    hyps = (greedy(model, memory, state, limits, return_attention=True) if beam == 1
+            else beam_search(model, memory, state, beam, limits, return_attention=True))
+    peak = torch.cuda.max_memory_allocated() - before
+    batch, src_len = memory.mask.shape
+    assert max(len(h[0].tokens) for h in hyps) < 10
+    assert peak < batch * beam * 1000 * src_len * 4 / 4  # a quarter of the buffer allocated up front before

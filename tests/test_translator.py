@@ -553,3 +553,52 @@ def test_no_finite_score_is_an_empty_translation_and_one_warning(checkpoint, mon
     evaluated = CliRunner().invoke(main, ["eval", str(checkpoint), "--fp32", "--beam", str(beam), "--src",
                                           str(tmp_path / "src"), "--ref", str(tmp_path / "ref"), "--json"])
     assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["bleu"] == 0.0, evaluated.output
+
+
+def on_a_gpu(model, monkeypatch):
+    """``model`` as the Translator sees a model on CUDA (there is no GPU here)."""
+    fake = type("Param", (), {"device": torch.device("cuda"), "dtype": torch.float32})()
+    monkeypatch.setattr(model, "parameters", lambda: iter([fake]))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_on_a_gpu_fp32_decodes_without_autocast_and_bf16_falls_back_without_native_bf16(
+        search_model, tokenizer, monkeypatch, native):
+    from translate import runtime
+
+    monkeypatch.setattr(runtime, "cuda_has_bf16", lambda device: native)
+    on_a_gpu(search_model, monkeypatch)
+    for amp in ("auto", "bf16", "fp16", True):  # --fp32: full precision, whatever the checkpoint trained in
+        asked = Translator(search_model, tokenizer, precision="fp32", amp=amp)
+        assert (asked.dtype, asked.precision, asked.note) == (None, "fp32", None)
+    expected = {("auto", True): torch.bfloat16, ("auto", False): torch.float16, ("fp16", True): torch.float16,
+                ("fp16", False): torch.float16, ("off", True): None, ("off", False): None,
+                ("bf16", True): torch.bfloat16, ("bf16", False): None}
+    for (amp, has_bf16), dtype in expected.items():
+        if has_bf16 != native:
+            continue
+        default = Translator(search_model, tokenizer, precision="auto", amp=amp)
+        assert default.dtype == dtype and default.precision == {None: "fp32", torch.bfloat16: "bf16",
+                                                                torch.float16: "fp16"}[dtype]
+        assert (default.note is not None) == (amp == "bf16" and not native)  # trained in bf16: fp32, with a note
+    if not native:
+        note = Translator(search_model, tokenizer, precision="auto", amp="bf16").note
+        assert "no native bf16" in note and "decoding in fp32" in note and "\n" not in note
+
+
+def test_device_option(checkpoint, monkeypatch):
+    from click.testing import CliRunner
+
+    from translate.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(main, ["decode", str(checkpoint), "--device", "cuda"], input="Gato.\n")
+    assert result.exit_code == 2 and "--device cuda but no CUDA GPU is visible; use --device auto" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["decode", str(checkpoint), "--device", "tpu"], input="Gato.\n")
+    assert result.exit_code == 2 and "Invalid value for '--device'" in result.output
+    on_cpu = CliRunner().invoke(main, ["decode", str(checkpoint), "--device", "cpu", "--fp32"], input="Gato.\n")
+    assert on_cpu.exit_code == 0 and on_cpu.stdout == Translator.load(checkpoint, precision="fp32").translate(
+        ["Gato."])[0][0].text + "\n"
+    with pytest.raises(ConfigError, match="--device cuda but no CUDA GPU"):
+        Translator.load(checkpoint, device="cuda")

@@ -17,7 +17,7 @@ from . import __version__
 from .config import load_config, parse_overrides
 from .corpus import iter_lines, no_tqdm_monitor, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
-from .runtime import configure_logging, configure_process, console_level
+from .runtime import DEVICES, configure_logging, configure_process, console_level
 from .segment import SPLITS
 from .translator import CPU_PRECISION, DecodeOptions, Translator
 
@@ -72,11 +72,12 @@ def _echo_err(line: str) -> None:
     click.echo(line, err=True)
 
 
-def _load_translator(checkpoint: str, options: DecodeOptions, precision: str) -> Translator:
+def _load_translator(checkpoint: str, options: DecodeOptions, precision: str, device: str = "auto") -> Translator:
     """``Translator.load``, with a warning when it cannot decode in the precision asked for."""
-    translator = Translator.load(checkpoint, options, precision)
+    translator = Translator.load(checkpoint, options, precision, device)
     if translator.note:
         logger.warning(translator.note)
+    logger.debug(f"decoding on {translator.device} in {translator.precision}")
     return translator
 
 
@@ -139,7 +140,8 @@ def _bounded(name: str) -> click.ParamType:
     return click.FloatRange(bound.low, bound.high, min_open=bound.low_open)
 
 
-# the flags of the commands that decode, by the DecodeOptions field they set ("precision": --fp32 / --bf16 / --int8)
+# the flags of the commands that decode, by the DecodeOptions field they set ("precision": --fp32 / --bf16 / --int8;
+# "device": --device, the device to decode on)
 DECODING_FLAGS = {
     "beam": [click.option("--beam", default=DEFAULT_DECODING.beam, show_default=True, type=_bounded("beam"),
                           help="Beam size; 1 is greedy.")],
@@ -165,9 +167,9 @@ DECODING_FLAGS = {
                                     show_default=True, help="Give a sentence typed casually (no capital letter, or "
                                     "no final mark) the capitals and the final mark the model was trained on.")],
     "precision": [
-        click.option("--fp32", is_flag=True, help=f"Decode in full precision. (By default a CPU decodes in "
-                     f"{CPU_PRECISION}, which keeps BLEU within 0.1 of fp32 and is faster; a GPU under the "
-                     f"checkpoint's train.amp.)"),
+        click.option("--fp32", is_flag=True, help=f"Decode in full precision, also on a GPU. (By default a CPU "
+                     f"decodes in {CPU_PRECISION}, which keeps BLEU within 0.1 of fp32 and is faster; a GPU under "
+                     f"the checkpoint's train.amp.)"),
         click.option("--bf16", is_flag=True, help="On a CPU with native bf16, decode in bf16. (On CUDA, decoding "
                      "uses bf16/fp16 whenever the checkpoint's train.amp is on.)"),
         click.option("--int8", is_flag=True, help="On CPU, decode with int8 weights (dynamic quantisation)."),
@@ -177,6 +179,8 @@ DECODING_FLAGS = {
                                "each source piece (the checkpoint's lexicon) and the "
                                f"{DEFAULT_DECODING.shortlist_frequent} most frequent target pieces; 0: the whole "
                                "vocabulary.")],
+    "device": [click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
+                            help="Decode on this device; auto: a CUDA GPU when one is visible, else the CPU.")],
     "inter_threads": [click.option("--inter-threads", default=DEFAULT_DECODING.inter_threads, show_default=True,
                                    type=_bounded("inter_threads"), help="Batches decoded at once; 0: on a Linux CPU "
                                    "one per thread, each in a process of its own; two on other CPUs; one on GPU.")],
@@ -185,13 +189,14 @@ DECODING_FLAGS = {
 
 def decoding_options(*names: str, **fixed):
     """Adds the decoding flags ``names`` (keys of DECODING_FLAGS) to a command, which receives
-    ``options``, a DecodeOptions of those flags and ``fixed``, in their place, and ``precision``
-    (auto, fp32, bf16 or int8) when "precision" is among them."""
+    ``options``, a DecodeOptions of those flags and ``fixed``, in their place, ``precision``
+    (auto, fp32, bf16 or int8) when "precision" is among them, and ``device`` (auto, cpu or cuda)
+    when "device" is."""
 
     def decorate(command):
         @functools.wraps(command)
         def run(*args, **kwargs):
-            chosen = {name: kwargs.pop(name) for name in names if name != "precision"}
+            chosen = {name: kwargs.pop(name) for name in names if name not in ("precision", "device")}
             if chosen.get("n_best", 1) > chosen.get("beam", 1):
                 raise click.UsageError(f"--n-best ({chosen['n_best']}) cannot exceed --beam ({chosen['beam']})")
             if "precision" in names:
@@ -217,12 +222,12 @@ def decoding_options(*names: str, **fixed):
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @decoding_options("beam", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual", "shortlist", "precision",
-                  "inter_threads")
-def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision):
+                  "device", "inter_threads")
+def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision, device):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate, test_set
 
-    translator = _load_translator(checkpoint, options, precision)
+    translator = _load_translator(checkpoint, options, precision, device)
     config = translator.config
     if (src_file is None) != (ref_file is None):
         raise click.UsageError("give both --src and --ref, or neither")
@@ -240,7 +245,8 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
     if output:
         Path(output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if as_json:
-        click.echo(json.dumps({**scores, "beam": options.beam, "sentences": len(sources), "test": origin}))
+        click.echo(json.dumps({**scores, "beam": options.beam, "sentences": len(sources), "test": origin,
+                               "device": translator.device.type, "precision": translator.precision}))
     else:
         click.echo(f"{origin}: {len(sources)} sentences, beam {options.beam}")
         click.echo(f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | TER {scores['ter']:.2f}")
@@ -254,10 +260,10 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
 @click.option("--scores", is_flag=True, help="Print each translation's score (log-probability, length-normalised "
               "in beam search) before it, tab-separated.")
 @decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual",
-                  "shortlist", "precision", "inter_threads")
-def decode(checkpoint, input_file, output_file, scores, options, precision):
+                  "shortlist", "precision", "device", "inter_threads")
+def decode(checkpoint, input_file, output_file, scores, options, precision, device):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
-    translator = _load_translator(checkpoint, options, precision)
+    translator = _load_translator(checkpoint, options, precision, device)
     truncated = []
     total = _count_lines(input_file) if input_file else None
     with _progress_bar(total, quiet=not input_file) as advance, _output(output_file) as out:
@@ -277,11 +283,16 @@ def decode(checkpoint, input_file, output_file, scores, options, precision):
 @click.option("--ref", "ref_file", required=True, type=click.Path(dir_okay=False),
               help="Their translations, one a line.")
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
-@decoding_options("precision")
-def score(checkpoint, src_file, ref_file, output_file, options, precision):
+@decoding_options("shortlist", "precision", "device")
+def score(checkpoint, src_file, ref_file, output_file, options, precision, device):
     """Score given translations (forced decoding): per pair, the log-probability per target piece
-    and in all, tab-separated, in input order. For ranking or filtering a corpus."""
-    translator = _load_translator(checkpoint, options, precision)
+    and in all, tab-separated, in input order. For ranking or filtering a corpus. As decoding
+    scores: over each source's shortlist, where a piece outside it scores -inf (--shortlist 0: over
+    the whole vocabulary)."""
+    translator = _load_translator(checkpoint, options, precision, device)
+    if translator.lexicon is not None and options.shortlist > 0:
+        logger.info(f"scoring over each source's shortlist (--shortlist {options.shortlist}), as decoding does: a "
+                    f"target piece outside it scores -inf; --shortlist 0 scores over the whole vocabulary")
     sources, references = read_lines(src_file), read_lines(ref_file)
     if len(sources) != len(references):
         raise DataError(f"{src_file} has {len(sources)} lines but {ref_file} has {len(references)}; "
@@ -340,12 +351,12 @@ def _output(path: str | None):
 
 @main.command()
 @click.argument("checkpoint")
-@decoding_options("beam", "split", "restore_casual", "shortlist", "precision")
-def repl(checkpoint, options, precision):
+@decoding_options("beam", "split", "restore_casual", "shortlist", "precision", "device")
+def repl(checkpoint, options, precision, device):
     """Translate lines as you type them (:help for commands)."""
     from .repl import Repl
 
-    Repl(_load_translator(checkpoint, options, precision)).run(sys.stdin, sys.stdout)
+    Repl(_load_translator(checkpoint, options, precision, device)).run(sys.stdin, sys.stdout)
 
 
 @main.command()

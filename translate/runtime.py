@@ -86,10 +86,16 @@ def console_level() -> int:
 
 # ---------------------------------------------------------------- device and precision
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def select_device(name: str = "auto", setting: str = "train.device=") -> torch.device:
+    """``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``; ``setting`` names the choice in
+    the error (``--device `` for the decoding commands)."""
+    if name not in DEVICES:
+        raise ConfigError(f"{setting}{name}: unknown device; use one of {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+        raise ConfigError(f"{setting}cuda but no CUDA GPU is visible; use {setting}auto or {setting}cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from . import runtime
 from .casual import recasing, restore
 from .checkpoint import load_model
 from .config import Config
@@ -39,7 +40,7 @@ from .encoded import Encoded
 from .errors import ConfigError, UserError
 from .names import stand_in_words
 from .quantize import int8_available, quantized_copy
-from .runtime import amp_dtype, autocast_for, cpu_has_bf16, select_device
+from .runtime import autocast_for, cpu_has_bf16, select_device
 from .search import Hypothesis, beam_search, greedy, length_penalty, max_lengths
 from .segment import SPLITS, segment
 from .shortlist import TOP, Lexicon, Shortlist
@@ -356,7 +357,8 @@ def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
     - ``auto``: ``CPU_PRECISION`` on a CPU, falling back quietly where it is not to be had; the
       model itself elsewhere.
 
-    On CUDA the model is used as it is and decodes under autocast (``amp``)."""
+    On CUDA the model is used as it is and decodes under autocast (``amp``), or with ``fp32`` without
+    (``cuda_autocast``)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     device = next(model.parameters()).device
@@ -369,7 +371,7 @@ def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
         return model, "fp32", None
     if device.type != "cpu":
         return model, "fp32", (f"--{precision} is for CPU decoding; on {device.type} the model decodes under "
-                               f"its checkpoint's train.amp")
+                               f"its checkpoint's train.amp (--fp32: in full precision)")
     if precision == "int8":
         if not int8_available():
             return model, "fp32", ("this torch build lacks the int8 kernels (fbgemm, torch.ops.quantized); "
@@ -378,6 +380,25 @@ def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
     if not cpu_has_bf16():
         return model, "fp32", "this CPU has no native bf16 arithmetic; decoding in fp32"
     return copy.deepcopy(model).to(torch.bfloat16).eval(), "bf16", None
+
+
+AUTOCAST_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def cuda_autocast(device: torch.device, amp: str | bool, precision: str) -> tuple[torch.dtype | None, str, str | None]:
+    """On CUDA: the autocast type to decode under (None: none), the precision that makes, and a
+    note when it is not what the checkpoint trained in. ``fp32`` asked for: none. Else the
+    checkpoint's ``train.amp`` (``runtime.amp_dtype``), except that a model trained in bf16 decodes
+    in fp32 on a GPU without native bf16: fp32 holds every bf16 value, where fp16's range could
+    overflow (and autocast to an emulated bf16 is slow)."""
+    if precision == "fp32":
+        return None, "fp32", None
+    mode = {True: "auto", False: "off"}.get(amp, amp)
+    if mode == "bf16" and not runtime.cuda_has_bf16(device):
+        return None, "fp32", ("this checkpoint trained in bf16 (train.amp=bf16) and this GPU has no native bf16 "
+                              "(compute capability below 8.0); decoding in fp32")
+    dtype = runtime.amp_dtype(device, mode)
+    return dtype, AUTOCAST_NAMES[dtype], None
 
 
 class Workers(NamedTuple):
@@ -516,10 +537,11 @@ class Translator:
         self.lexicon = lexicon  # for shortlists; None: the whole vocabulary is always scored
         param = next(self.model.parameters())
         self.device = param.device
-        # autocast: AMP on CUDA; on CPU, the type of a copy already cast down (autocast then
-        # keeps softmax and the like in fp32), else none
+        # autocast: on CUDA, the checkpoint's AMP unless fp32 is asked for (``cuda_autocast``); on CPU,
+        # the type of a copy already cast down (autocast then keeps softmax and the like in fp32), else none
         if self.device.type == "cuda":
-            self.dtype = amp_dtype(self.device, amp)
+            self.dtype, self.precision, note = cuda_autocast(self.device, amp, precision)
+            self.note = self.note or note
         else:
             self.dtype = None if param.dtype == torch.float32 else param.dtype
         self.config: Config | None = None  # set by ``load``
@@ -532,12 +554,16 @@ class Translator:
 
     @classmethod
     def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "auto",
-             device: torch.device | None = None) -> Translator:
-        """A checkpoint (file or run directory) ready to decode; keeps its ``config``, training
-        ``progress`` and lexicon, and lets go of the rest of the payload (a mapped file)."""
-        model, tokenizer, config, payload = load_model(checkpoint, device or select_device("auto"))
+             device: torch.device | str | None = None) -> Translator:
+        """A checkpoint (file, run directory or exported folder) ready to decode on ``device`` (a
+        torch device, or auto, cpu or cuda as ``--device`` takes them); keeps its ``config``,
+        training ``progress`` and lexicon (checked against the vocabulary before any id of it can
+        index the output layer), and lets go of the rest of the payload (a mapped file)."""
+        if not isinstance(device, torch.device):
+            device = select_device(device or "auto", "--device ")
+        model, tokenizer, config, payload = load_model(checkpoint, device)
         progress = payload.get("progress", {})
-        lexicon = Lexicon.of_checkpoint(payload)
+        lexicon = Lexicon.of_checkpoint(payload, (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size), str(checkpoint))
         del payload
         translator = cls(model, tokenizer, options, precision, amp=config.train.amp, lexicon=lexicon,
                          stand_in_names=stand_ins_for(config))
