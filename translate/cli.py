@@ -19,6 +19,7 @@ from .corpus import iter_lines, no_tqdm_monitor, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
 from .runtime import DEVICES, configure_logging, configure_process, console_level
 from .segment import SPLITS
+from .serve import DEADLINE, MAX_CONNECTIONS, MAX_COST
 from .translator import CPU_PRECISION, DecodeOptions, Translator
 
 
@@ -364,13 +365,18 @@ def repl(checkpoint, options, precision, device):
 @click.option("-o", "--output", "folder", required=True, type=click.Path(), help="Folder to write the model into.")
 @click.option("--beam", default=DEFAULT_DECODING.beam, show_default=True, type=_bounded("beam"),
               help="Beam of the test-set scores on the model card.")
+@click.option("--test", "test_path", help="The test set of the card's scores: a TSV/CSV/JSON-lines file in the "
+              "model's languages (default: its data.test, else the bundled split where its languages are spa/eng).")
 @click.option("--no-scores", is_flag=True, help="Leave the scores off the card (no test set is decoded).")
-def export(checkpoint, folder, beam, no_scores):
+def export(checkpoint, folder, beam, test_path, no_scores):
     """Write a model to share: model.safetensors, config.json, the SentencePiece models and a
-    README.md model card with its test scores. Every command that takes a checkpoint takes it."""
+    README.md model card with its test scores. Every command that takes a checkpoint takes it.
+    The folder appears complete or not at all."""
     from .export import export_model
 
-    card = export_model(checkpoint, folder, beam=beam, scores=not no_scores)
+    card = export_model(checkpoint, folder, beam=beam, scores=not no_scores, test=test_path)
+    if card["note"]:
+        logger.warning(card["note"])
     scores = card["scores"]
     summary = f"; BLEU {scores['bleu']:.2f} on {scores['test']}" if scores else ""
     click.echo(f"exported to {folder} ({card['parameters']:,} parameters{summary})")
@@ -442,26 +448,43 @@ def average(run_dir, last, output):
 @click.option("--max-sentences", default=256, show_default=True, type=click.IntRange(1, 100_000),
               help="Most sentences in one request.")
 @click.option("--timeout", "request_timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
-              help="Seconds a connection may stay silent (mid-request or between requests) before it is dropped.")
+              help="Seconds a connection may idle before a request, and then to send the request whole; "
+              "a client slower than that is dropped.")
+@click.option("--deadline", default=DEADLINE, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a request may wait for its translation before it is answered 503 and dropped.")
+@click.option("--max-connections", default=MAX_CONNECTIONS, show_default=True, type=click.IntRange(1, 100_000),
+              help="Connections held at once; one more is answered 503 and closed.")
+@click.option("--max-cost", default=MAX_COST, show_default=True, type=click.IntRange(1),
+              help="Most a request may cost: beam x output length x source length (pieces), summed over "
+              "its sentences; a costlier one is answered 413.")
+@click.option("--api-keys", "api_keys_file", type=click.Path(dir_okay=False),
+              help="A file of API keys, one a line (optionally followed by its own requests per minute): a "
+              "request without one of them as its api_key is refused 403.")
+@click.option("--req-limit", default=0, show_default=True, type=click.IntRange(0),
+              help="Translation requests per minute per client IP address (0: no limit); beyond: 429.")
+@click.option("--char-limit", default=0, show_default=True, type=click.IntRange(0),
+              help="Characters per request (0: no limit); beyond: 400.")
 @click.option("--access-log", is_flag=True, help="One line per request on stderr: client, request, status, "
               "bytes, time.")
 @click.option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN (or * for any) call the API from a browser.")
-@decoding_options("split", "restore_casual", "shortlist", "precision")
-def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request_timeout, access_log, cors,
-          options, precision):
+@decoding_options("split", "restore_casual", "shortlist", "precision", "device")
+def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request_timeout, deadline, max_connections,
+          max_cost, api_keys_file, req_limit, char_limit, access_log, cors, options, precision, device):
     """Serve a model over HTTP: a page to translate in a browser at /; POST /translate with
     {"sentences": [...], "beam": 5} or LibreTranslate's {"q": ..., "source": ..., "target": ...};
     GET /languages; GET /health."""
-    from .serve import RequestBatcher, make_server
+    from .serve import Access, RequestBatcher, load_api_keys, make_server, model_info
 
-    translator = _load_translator(checkpoint, options, precision)
+    access = Access(load_api_keys(api_keys_file) if api_keys_file else None, req_limit)
+    translator = _load_translator(checkpoint, options, precision, device)
     batcher = RequestBatcher(translator, max_batch, max_wait_ms)
-    info = {"checkpoint": str(checkpoint), "step": translator.progress.get("step")}
     languages = (translator.config.data.src_lang, translator.config.data.tgt_lang)
     try:
-        server = make_server(batcher, host, port, max_sentences=max_sentences, info=info, languages=languages,
+        server = make_server(batcher, host, port, max_sentences=max_sentences,
+                             info=model_info(checkpoint, translator.progress.get("step")), languages=languages,
                              request_timeout=request_timeout, access_log=logger.info if access_log else None,
-                             cors=cors)
+                             cors=cors, max_connections=max_connections, max_cost=max_cost, char_limit=char_limit,
+                             deadline=deadline, access=access)
     except OSError as exc:
         raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     _echo_err(f"serving {checkpoint} on http://{server.server_address[0]}:{server.server_address[1]} "

@@ -14,36 +14,49 @@ options, so concurrent clients share batches instead of queueing behind each oth
 
 A ``TranslationService`` answers parsed requests (method, path, headers, body) with
 ``Response`` values; the ``Handler`` only moves bytes between a connection and it. Connections are
-HTTP/1.1 with keep-alive. Each connection's socket has a timeout, so a client that stalls
-mid-request is dropped and holds no thread; a client that goes away early is forgotten without a
-trace in the log. ``access_log`` gets one line per request.
+HTTP/1.1 with keep-alive. Safe to expose: a request's decoding cost is bounded (``request_cost``)
+and so is its wait (``deadline``); the server holds at most ``max_connections`` connections, and
+a client has ``request_timeout`` seconds to send each request whole, however slowly it trickles;
+a body the service did not read, or whose end is ambiguous, closes the connection (so it is never
+taken for the next request); ``Access`` holds the API keys and the requests-per-minute limit.
+Nothing sent back names the server's files or its exceptions; a client that goes away early is
+forgotten without a trace in the log. ``access_log`` gets one line per request.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import queue
+import re
+import socket
 import sys
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
+from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from .errors import ConfigError, RequestError
-from .segment import SPLITS
+import torch
+
+from .errors import ConfigError, RequestError, ServiceError
+from .search import max_lengths
+from .segment import SPLITS, segment
 from .translator import DecodeOptions, Translation, Translator
 
 logger = logging.getLogger(__name__)
 
 # named as DecodeOptions names them
 OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram", "coverage")
-REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "split", "scores", "attention")
+REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "split", "scores", "attention", "api_key")
 LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key")
 # ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1
 # codes, which LibreTranslate clients send; a language outside this table is known by its own name
@@ -53,6 +66,23 @@ ISO_639_1 = {"spa": "es", "eng": "en", "fra": "fr", "deu": "de", "ita": "it", "p
              "hun": "hu", "ron": "ro", "cat": "ca", "epo": "eo", "heb": "he", "hin": "hi", "vie": "vi"}
 LANGUAGE_NAMES = {"es": "Spanish", "en": "English", "fr": "French", "de": "German", "it": "Italian",
                   "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "pl": "Polish", "tr": "Turkish"}
+# a request's decoding cost (``request_cost``) that the server takes by default: 40 MB of attention
+# weights in fp32 (beam 5 and 256 sentences of 30 pieces cost 2.9M; beam 64 and 64 of 400 pieces, 1.3G)
+MAX_COST = 10_000_000
+DEADLINE = 60.0  # seconds a request may wait for its translation by default
+MAX_CONNECTIONS = 100  # connections held at once by default
+
+
+class Busy(RequestError):
+    """The server cannot take a request now (429, 503): the answer says when to try again."""
+
+    def __init__(self, status: int, message: str, retry_after: float):
+        super().__init__(status, message)
+        self.retry_after = max(1, math.ceil(retry_after))  # whole seconds, as Retry-After takes them
+
+
+class _Abandoned(Exception):
+    """Every client of a running search has stopped waiting: the search stops between batches."""
 
 
 @dataclass
@@ -60,11 +90,14 @@ class Job:
     sentences: list[str]
     options: DecodeOptions
     future: Future = field(default_factory=Future)
+    abandoned: bool = False  # its client stopped waiting (past its deadline): nobody reads the result
 
 
 class RequestBatcher:
     """Queues the jobs of concurrent requests and has one worker thread translate them together
-    with a ``Translator``, one search per set of options."""
+    with a ``Translator``, one search per set of options. A job whose client stopped waiting is
+    skipped while queued, and a search whose every client stopped waiting ends at its next batch,
+    so that no request holds the worker past its deadline for long."""
 
     def __init__(self, translator: Translator, max_batch: int = 64, max_wait_ms: float = 10.0):
         self.translator = translator
@@ -74,11 +107,20 @@ class RequestBatcher:
         self.worker = threading.Thread(target=self._run, name="request-batcher", daemon=True)
         self.worker.start()
 
-    def translate(self, sentences: list[str], options: DecodeOptions) -> list[list[Translation]]:
-        """Waits for the n-best translations of ``sentences``, decoded with ``options``."""
+    def translate(self, sentences: list[str], options: DecodeOptions,
+                  timeout: float | None = None) -> list[list[Translation]]:
+        """Waits for the n-best translations of ``sentences``, decoded with ``options``; raises
+        Busy (503) after ``timeout`` seconds (None: no limit), and the job is dropped."""
         job = Job(sentences, options)
         self.jobs.put(job)
-        return job.future.result()
+        try:
+            return job.future.result(timeout=timeout)
+        except TimeoutError:
+            job.abandoned = True
+            job.future.cancel()  # while still queued; a running one stops at its next batch (_search)
+            raise Busy(503, f"the translation did not finish within {timeout:g} s (the server is busy); "
+                            f"try again later, or send fewer or shorter sentences or a smaller beam",
+                       retry_after=5) from None
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -89,6 +131,8 @@ class RequestBatcher:
             job = self.jobs.get()
             if job is None:
                 return
+            if not job.future.set_running_or_notify_cancel():  # its client stopped waiting
+                continue
             pending, size = [job], len(job.sentences)
             deadline = time.monotonic() + self.max_wait
             while size < self.max_batch:
@@ -99,8 +143,9 @@ class RequestBatcher:
                 if more is None:
                     self.jobs.put(None)  # stop after this batch
                     break
-                pending.append(more)
-                size += len(more.sentences)
+                if more.future.set_running_or_notify_cancel():
+                    pending.append(more)
+                    size += len(more.sentences)
             by_options: dict[DecodeOptions, list[Job]] = {}
             for item in pending:
                 by_options.setdefault(item.options, []).append(item)
@@ -108,11 +153,19 @@ class RequestBatcher:
                 self._search(group, options)
 
     def _search(self, group: list[Job], options: DecodeOptions) -> None:
+        group = [job for job in group if not job.abandoned]
+        if not group:
+            return
+
+        def still_wanted(_lines_done: int) -> None:  # hears of lines as their batches finish
+            if all(job.abandoned for job in group):
+                raise _Abandoned
+
         lines = [s for job in group for s in job.sentences]
         try:
-            results = self.translator.translate(lines, options)
+            results = self.translator.translate(lines, options, on_progress=still_wanted)
             self.searches += 1
-        except Exception as exc:  # the clients learn about it; the server keeps serving
+        except Exception as exc:  # the clients learn about it (if any still wait); the server keeps serving
             for job in group:
                 job.future.set_exception(exc)
             return
@@ -120,6 +173,20 @@ class RequestBatcher:
         for job in group:
             job.future.set_result(results[start: start + len(job.sentences)])
             start += len(job.sentences)
+
+
+def request_cost(translator: Translator, sentences: list[str], options: DecodeOptions) -> int:
+    """What decoding ``sentences`` with ``options`` costs, as the search will cut them
+    (``options.split``): beam x output length limit x source length (in pieces, with EOS, as
+    ``search.max_lengths`` and ``max_src_len`` bound them), summed over the pieces. It is the number
+    of attention weights the search may hold for them (4 bytes each in fp32), and its time grows
+    with it; the server refuses a request that costs more than its ``max_cost``."""
+    parts = [part for line in sentences for part in segment(line, options.split).pieces]
+    if not parts:
+        return 0
+    src = torch.tensor([min(len(ids) + 1, options.max_src_len) for ids in translator.tokenizer.encode_src(parts)])
+    out = max_lengths(src, options.max_len_ratio)  # (parts,)
+    return options.beam * int((out * src).sum())
 
 
 class Request(NamedTuple):
@@ -172,6 +239,9 @@ def _json_object(body: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, f"the body is not JSON ({exc.__class__.__name__}); send "
                                 f'{{"sentences": ["..."]}}') from None
+    except RecursionError:  # the parser's own recursion, on arrays or objects nested thousands deep
+        raise RequestError(400, "the body's JSON is nested too deeply; send a flat object like "
+                                '{"sentences": ["..."]}') from None
     if not isinstance(request, dict):
         raise RequestError(400, 'the body must be a JSON object like {"sentences": ["..."]}')
     return request
@@ -258,6 +328,7 @@ def attention_payload(translator: Translator, source: str, translation: Translat
 PAGE = "page.html"
 ROUTES = {"/": ("GET",), "/health": ("GET",), "/languages": ("GET",), "/translate": ("POST",)}
 JSON = "application/json; charset=utf-8"
+FORM = "application/x-www-form-urlencoded"
 
 
 class Response(NamedTuple):
@@ -267,7 +338,121 @@ class Response(NamedTuple):
     content_type: str
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()  # beyond Content-Type and Content-Length, in order
-    close: bool = False  # the connection cannot go on: where the request's body ends is unknown
+    # the connection cannot go on: where the request's body ends is unknown, or the body was not read
+    close: bool = False
+
+
+def model_info(checkpoint: str | Path, step: Any) -> dict[str, Any]:
+    """What ``GET /health`` says of the model: its file's (or run directory's) name, never where
+    it lies on the server, and its training step."""
+    return {"model": Path(checkpoint).name, "step": step}
+
+
+def load_api_keys(path: str | Path) -> dict[str, int | None]:
+    """``--api-keys FILE``: a key a line, optionally followed by the requests per minute that key
+    may make (as LibreTranslate's ``ltmanage keys add 120``; otherwise the server's ``--req-limit``);
+    blank lines and lines starting with # are skipped. Raises ServiceError saying what is wrong,
+    without quoting a key."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ServiceError(f"cannot read the API keys in {path} ({why}); give a UTF-8 text file with a key "
+                           f"a line") from None
+    keys: dict[str, int | None] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if len(words) > 2 or (len(words) == 2 and not re.fullmatch(r"[1-9][0-9]{0,8}", words[1])):
+            raise ServiceError(f"{path}, line {number}: write a key, optionally followed by its requests "
+                               f"per minute (a whole number above 0), and nothing else")
+        keys[words[0]] = int(words[1]) if len(words) == 2 else None
+    if not keys:
+        raise ServiceError(f"{path} holds no API keys; write one a line")
+    return keys
+
+
+class Access:
+    """Who may translate, and how often, as LibreTranslate's ``--api-keys`` and ``--req-limit``:
+    with ``keys``, a request without one of them as its ``api_key`` is refused (403, with
+    LibreTranslate's "Invalid API key"); with a limit, each client (an IP address) may make that
+    many translation requests in any minute, and is answered 429 with ``Retry-After`` beyond it.
+    A key may carry a limit of its own (``load_api_keys``). ``clock``: seconds, for the tests."""
+
+    WINDOW = 60.0  # seconds: the limit is per minute
+
+    def __init__(self, keys: Mapping[str, int | None] | None = None, req_limit: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.keys = None if keys is None else dict(keys)
+        self.req_limit, self.clock = req_limit, clock
+        self.recent: dict[str, deque[float]] = {}  # client -> the times of its requests within the window
+        self.swept = clock()
+        self.lock = threading.Lock()
+
+    def admit(self, key: Any, client: str) -> None:
+        """Counts a request with ``key`` (None: none given) from ``client``, or raises RequestError
+        (403) or Busy (429) saying why it is refused."""
+        limit = self.req_limit
+        if self.keys is not None:
+            if key is None or key == "":
+                raise RequestError(403, "Please contact the server operator to get an API key")
+            if not isinstance(key, str) or key not in self.keys:
+                raise RequestError(403, "Invalid API key")
+            limit = self.keys[key] or self.req_limit
+        if limit > 0:
+            self._count(client, limit)
+
+    def _count(self, client: str, limit: int) -> None:
+        now = self.clock()
+        with self.lock:
+            if now - self.swept > self.WINDOW:  # forget the clients gone quiet, once a window
+                self.recent = {c: t for c, t in self.recent.items() if t and t[-1] > now - self.WINDOW}
+                self.swept = now
+            times = self.recent.setdefault(client, deque())
+            while times and times[0] <= now - self.WINDOW:
+                times.popleft()
+            if len(times) >= limit:
+                raise Busy(429, f"Slowdown: {limit} per 1 minute", retry_after=times[0] + self.WINDOW - now)
+            times.append(now)
+
+
+class _Body:
+    """A request's body: reads stop at its Content-Length, and ``left`` says how much is unread."""
+
+    def __init__(self, stream: BinaryIO | None, length: int):
+        self.stream, self.left = stream, length if stream is not None else 0
+
+    def read(self, size: int) -> bytes:
+        data = self.stream.read(min(size, self.left)) if self.left and size > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+def _header_fields(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request's header fields by lowercase name; a repeated field's values joined by ", "
+    (RFC 9110, 5.3), so that two Content-Lengths read as no number."""
+    fields: dict[str, str] = {}
+    for name, value in headers.items():  # an http.client message gives every occurrence
+        key = name.lower()
+        fields[key] = f"{fields[key]}, {value}" if key in fields else value
+    return fields
+
+
+def _framing(fields: Mapping[str, str]) -> tuple[int, tuple[int, str] | None]:
+    """The length of a request's body (0 where it declares none) and, where its end cannot be
+    trusted, the status and message to refuse it with (and close the connection)."""
+    if "transfer-encoding" in fields:
+        if "content-length" in fields:  # RFC 9112, 6.3: the message is ambiguous, a smuggling vector
+            return 0, (400, "a request cannot have both Content-Length and Transfer-Encoding; "
+                            "send Content-Length alone")
+        return 0, (411, "send the body with a Content-Length header (Transfer-Encoding is not accepted)")
+    value = fields.get("content-length")
+    if value is None:
+        return 0, None
+    if not re.fullmatch(r"[0-9]{1,15}", value.strip()):
+        return 0, (400, "Content-Length must be one number of bytes")
+    return int(value), None
 
 
 class TranslationService:
@@ -275,23 +460,42 @@ class TranslationService:
     returns a ``Response``, so that routing, sniffing the body (JSON or form, this project's API or
     LibreTranslate's) and shaping the answer are tested without sockets (as OpenNMT-py's server
     routes are one-line wrappers over its ``TranslationServer``). Holds the batcher, the page, the
-    model's (source, target) ``languages``, the ``cors`` origin and the request limits; a request's
+    model's (source, target) ``languages``, the ``cors`` origin and the request limits: ``max_body``
+    bytes, ``max_sentences``, ``max_chars`` a sentence, ``char_limit`` characters a request (0: no
+    limit; LibreTranslate's ``--char-limit``), ``max_cost`` (``request_cost``), ``deadline``
+    seconds to wait for a translation, and ``access`` (keys and requests per minute). A request's
     options default to the batcher's translator's."""
 
     def __init__(self, batcher: RequestBatcher, max_body: int = 1 << 20, max_sentences: int = 256,
                  max_chars: int = 10_000, info: dict[str, Any] | None = None,
-                 languages: tuple[str, str] = ("spa", "eng"), cors: str | None = None):
+                 languages: tuple[str, str] = ("spa", "eng"), cors: str | None = None, max_cost: int = MAX_COST,
+                 char_limit: int = 0, deadline: float | None = DEADLINE, access: Access | None = None):
         self.batcher, self.defaults = batcher, batcher.translator.options
         self.max_body, self.max_sentences, self.max_chars = max_body, max_sentences, max_chars
+        self.max_cost, self.char_limit, self.deadline = max_cost, char_limit, deadline
         self.info, self.languages, self.cors = info or {}, languages, cors
+        self.access = access or Access()
         self.page = files("translate").joinpath(PAGE).read_bytes()
 
     def respond(self, method: str, target: str, headers: Mapping[str, str],
-                body: BinaryIO | None = None) -> Response | None:
-        """The answer to ``method`` on ``target`` (a path, perhaps with a query). ``headers``: the
-        request's (Content-Length and Content-Type are read); ``body``: the stream a POST's body
-        is read from, and only once its Content-Length is accepted. None: the client left
-        mid-body, and there is no one to answer."""
+                body: BinaryIO | None = None, client: str = "") -> Response | None:
+        """The answer to ``method`` on ``target`` (a path, perhaps with a query) from ``client`` (an
+        IP address). ``headers``: the request's; ``body``: the stream a POST's body is read from,
+        and only once its Content-Length is accepted. A response whose request's body was left
+        unread (or could not be delimited) closes the connection, so that the body is never taken
+        for the next request. None: the client left mid-body, and there is no one to answer."""
+        fields = _header_fields(headers)
+        length, refused = _framing(fields)
+        if refused is not None:
+            return self._json(refused[0], {"error": refused[1]}, close=True)
+        stream = _Body(body, length)
+        response = self._route(method, target, fields, stream, client)
+        if response is not None and stream.left:
+            response = response._replace(close=True)
+        return response
+
+    def _route(self, method: str, target: str, fields: Mapping[str, str], body: _Body,
+               client: str) -> Response | None:
         path = urllib.parse.urlsplit(target).path.rstrip("/") or "/"
         methods = ROUTES.get(path)
         command = "GET" if method == "HEAD" else method
@@ -313,44 +517,62 @@ class TranslationService:
             return self._json(200, languages_payload(self.languages))
         if path == "/health":
             return self._json(200, {"status": "ok", **self.info, "languages": list(self.languages)})
-        return self._post(headers, body)
+        return self._post(fields, body, client)
 
-    def _post(self, headers: Mapping[str, str], body: BinaryIO | None) -> Response | None:
-        try:
-            length = int(headers.get("Content-Length") or -1)
-        except ValueError:
-            length = -1
-        if length < 0:  # the body's end is unknown: the connection cannot go on
+    def _post(self, fields: Mapping[str, str], body: _Body, client: str) -> Response | None:
+        if "content-length" not in fields:  # the body's end is unknown: the connection cannot go on
             return self._json(411, {"error": "send a Content-Length header"}, close=True)
+        length = body.left
         if length > self.max_body:
             return self._json(413, {"error": f"the body has {length} bytes; send at most {self.max_body}"},
                               close=True)
-        data = body.read(length) if body is not None and length else b""
+        data = body.read(length)
         if len(data) < length:  # the client closed mid-body
             return None
         try:
-            return self.translate(data, headers.get("Content-Type", "application/json"))
+            return self.translate(data, fields.get("content-type", "application/json"), client)
+        except Busy as exc:
+            return self._json(exc.status, {"error": str(exc)}, [("Retry-After", str(exc.retry_after))])
         except RequestError as exc:
             return self._json(exc.status, {"error": str(exc)})
         except (ConnectionError, TimeoutError):
             raise
-        except Exception as exc:  # a model failure: report it, keep serving
-            return self._json(500, {"error": f"translation failed: {exc}"})
+        except Exception as exc:  # a model failure: logged on one line, never sent; the service goes on
+            logger.error(f"translation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}")
+            return self._json(500, {"error": "translation failed: an error on the server (it is in the server's log)"})
 
-    def translate(self, body: bytes, content_type: str = "application/json") -> Response:
-        """A ``POST /translate`` body answered in this project's API or LibreTranslate's, as the
-        body says: a JSON object with ``q`` and no ``sentences`` is LibreTranslate's, and so is
-        a form (curl -d sends JSON labelled as a form: the body decides). Raises RequestError."""
+    def translate(self, body: bytes, content_type: str = "application/json", client: str = "") -> Response:
+        """A ``POST /translate`` body from ``client`` answered in this project's API or
+        LibreTranslate's, as the body says: a JSON object with ``q`` and no ``sentences`` is
+        LibreTranslate's, and so is a form (curl -d sends JSON labelled as a form: the body
+        decides). Its ``api_key`` and its client are let in (``access``) before anything else.
+        Raises RequestError."""
         as_json = _json_dict(body)
         if as_json is not None:
             libre = "q" in as_json and "sentences" not in as_json
+            key = as_json.get("api_key")
         else:
-            libre = content_type.startswith("application/x-www-form-urlencoded")
+            libre = content_type.startswith(FORM)
+            key = _form_field(body, "api_key") if libre else None
+        self.access.admit(key, client)
         return self._libretranslate(body, content_type) if libre else self._own_api(body)
+
+    def _within_limits(self, sentences: list[str], options: DecodeOptions, lower: str) -> None:
+        """Raises RequestError where ``sentences`` hold more characters than ``char_limit`` (400,
+        as LibreTranslate says it) or cost more than ``max_cost`` (413, saying what to ``lower``)."""
+        chars = sum(len(s) for s in sentences)
+        if 0 < self.char_limit < chars:
+            raise RequestError(400, f"Invalid request: request ({chars}) exceeds text limit ({self.char_limit})")
+        cost = request_cost(self.batcher.translator, sentences, options)
+        if cost > self.max_cost:
+            raise RequestError(413, f"this request would cost {cost:,} (beam {options.beam} x output length x "
+                                    f"source length, in pieces, summed over its sentences); the server takes at "
+                                    f"most {self.max_cost:,}: lower {lower}, or send fewer or shorter sentences")
 
     def _own_api(self, body: bytes) -> Response:
         sentences, options, scores = parse_request(body, self.max_sentences, self.max_chars, self.defaults)
-        results = self.batcher.translate(sentences, options)
+        self._within_limits(sentences, options, '"beam" or "max_len_ratio"')
+        results = self.batcher.translate(sentences, options, self.deadline)
         answer: dict[str, Any]
         if options.n_best == 1:
             answer = {"translations": [r[0].text for r in results]}
@@ -368,7 +590,8 @@ class TranslationService:
         request = parse_libretranslate(body, content_type, self.languages, self.max_sentences, self.max_chars)
         n = request.alternatives + 1
         options = replace(self.defaults, beam=max(self.defaults.beam, n), n_best=n)
-        results = self.batcher.translate(request.sentences, options)
+        self._within_limits(request.sentences, options, '"alternatives"')
+        results = self.batcher.translate(request.sentences, options, self.deadline)
         texts = [r[0].text for r in results]
         answer: dict[str, Any] = {"translatedText": texts[0] if request.single else texts}
         if request.alternatives:
@@ -387,18 +610,53 @@ class TranslationService:
         return Response(status, content_type, body, (*cors, *extra), close)
 
 
+class _Reader(io.RawIOBase):
+    """A connection's reading side with a deadline on each request as a whole: ``seconds`` for its
+    first byte to come (a keep-alive connection may idle that long) and as many again for the rest,
+    however the bytes trickle in (a timeout on each read would let a byte every few seconds hold
+    the connection for ever)."""
+
+    def __init__(self, sock: socket.socket, seconds: float):
+        self.sock, self.seconds = sock, seconds
+        self.until, self.started = math.inf, False
+
+    def next_request(self) -> None:
+        self.until, self.started = time.monotonic() + self.seconds, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long to arrive")
+        self.sock.settimeout(left)
+        count = self.sock.recv_into(buffer)
+        if count and not self.started:  # the request's first bytes: its own clock starts
+            self.started, self.until = True, time.monotonic() + self.seconds
+        return count
+
+
 class Handler(BaseHTTPRequestHandler):
     """Moves bytes: reads a request, has the server's ``TranslationService`` answer it, writes the
-    answer and the access log line. Connections are HTTP/1.1 with keep-alive, with the server's
-    ``request_timeout`` on their sockets, so that a silent client is dropped."""
+    answer and the access log line. Connections are HTTP/1.1 with keep-alive; a client has the
+    server's ``request_timeout`` to start each request and as long again to send it whole
+    (``_Reader``), and as long to take each answer."""
 
     server: Server
     server_version = "translate"
     protocol_version = "HTTP/1.1"  # keep-alive
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # read by StreamRequestHandler.setup
+        self.timeout = self.server.request_timeout  # read by StreamRequestHandler.setup: for writing answers
         super().setup()
+        self.rfile.close()  # the stream setup made: read through the deadline instead
+        self.reader = _Reader(self.connection, self.server.request_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        self.reader.next_request()
+        super().handle_one_request()
 
     def handle(self) -> None:
         try:
@@ -414,10 +672,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def serve(self) -> None:
         started = time.monotonic()
-        response = self.server.service.respond(self.command, self.path, self.headers, self.rfile)
+        response = self.server.service.respond(self.command, self.path, self.headers, self.rfile,
+                                               client=self.client_address[0])
         if response is None:  # the client left mid-body
             self.close_connection = True
             return
+        self.connection.settimeout(self.server.request_timeout)  # reads left it at what the deadline had left
         self.close_connection = self.close_connection or response.close
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
@@ -429,50 +689,105 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(response.body)
-        if self.server.access_log is not None:
-            took = (time.monotonic() - started) * 1000
-            self.server.access_log(f'{self.client_address[0]} "{self.command} {self.path} {self.request_version}" '
-                                   f"{response.status} {len(response.body)} {took:.1f}ms")
+        self.server.log_access(f'{self.client_address[0]} "{self.command} {self.path} {self.request_version}" '
+                               f"{response.status} {len(response.body)} {(time.monotonic() - started) * 1000:.1f}ms")
 
     # the methods the service answers (404, 405 or the route's answer); http.server answers others with 501
     do_GET = do_HEAD = do_OPTIONS = do_POST = do_PUT = do_DELETE = do_PATCH = serve
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server of a ``TranslationService``: a thread per connection, a silent connection
-    dropped after ``request_timeout`` seconds, and ``access_log`` (when given) hearing of each
-    request."""
+    """The HTTP server of a ``TranslationService``: a thread per connection, at most
+    ``max_connections`` of them (a connection beyond is answered 503 at once and closed, by the
+    accepting thread, which never waits on it), ``request_timeout`` for each request (``Handler``),
+    and ``access_log`` (when given) hearing of each request."""
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], service: TranslationService, request_timeout: float = 30.0,
-                 access_log: Callable[[str], None] | None = None):
+                 access_log: Callable[[str], None] | None = None, max_connections: int = MAX_CONNECTIONS):
         self.service, self.request_timeout, self.access_log = service, request_timeout, access_log
+        self.max_connections, self.connections = max_connections, 0
+        self.counting = threading.Lock()
         super().__init__(address, Handler)
+
+    def log_access(self, line: str) -> None:
+        if self.access_log is not None:
+            self.access_log(line)
+
+    def process_request(self, request, client_address) -> None:
+        with self.counting:
+            admitted = self.connections < self.max_connections
+            self.connections += admitted
+        if not admitted:
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self.counting:
+            self.connections -= 1
+
+    def _refuse(self, request: socket.socket, client_address) -> None:
+        body = json.dumps({"error": f"the server holds {self.max_connections} connections already; "
+                                    f"try again later"}).encode("utf-8")
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {JSON}\r\nContent-Length: {len(body)}\r\n"
+                f"Retry-After: 1\r\nConnection: close\r\n\r\n").encode("ascii")
+        try:
+            request.setblocking(False)  # a few hundred bytes fit any socket's buffer
+            request.send(head + body)
+            request.recv(1 << 16)  # what the client sent already, so that closing does not reset the answer
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        self.log_access(f'{client_address[0]} "-" 503 {len(body)} 0.0ms (connections full)')
 
     def handle_error(self, request, client_address) -> None:
         """One line, no traceback (clients that go away are not errors, and are not reported)."""
         error = sys.exc_info()[1]
         if not isinstance(error, (ConnectionError, TimeoutError)):
-            logger.error(f"serving {client_address[0]}: {type(error).__name__}: {error}")
+            logger.error(f"serving {client_address[0]}: {type(error).__name__}: {' '.join(str(error).split())[:500]}")
 
 
 def make_server(batcher: RequestBatcher, host: str = "127.0.0.1", port: int = 8080, max_body: int = 1 << 20,
                 max_sentences: int = 256, max_chars: int = 10_000, info: dict[str, Any] | None = None,
                 languages: tuple[str, str] = ("spa", "eng"), request_timeout: float = 30.0,
-                access_log: Callable[[str], None] | None = None, cors: str | None = None) -> Server:
+                access_log: Callable[[str], None] | None = None, cors: str | None = None,
+                max_connections: int = MAX_CONNECTIONS, max_cost: int = MAX_COST, char_limit: int = 0,
+                deadline: float | None = DEADLINE, access: Access | None = None) -> Server:
     """An HTTP server (not started) that answers through ``batcher``; a request's options default
     to its translator's. ``languages``: the model's (source, target), for the LibreTranslate API;
-    ``request_timeout``: seconds a connection may stay silent mid-request or between requests;
-    ``cors``: the origin allowed to call it from a browser page of its own (``*``: any)."""
-    service = TranslationService(batcher, max_body, max_sentences, max_chars, info, languages, cors)
-    return Server((host, port), service, request_timeout, access_log)
+    ``request_timeout``: seconds a connection may idle before a request, and then to send it whole;
+    ``cors``: the origin allowed to call it from a browser page of its own (``*``: any); the
+    other limits as ``TranslationService`` and ``Server`` take them."""
+    service = TranslationService(batcher, max_body, max_sentences, max_chars, info, languages, cors,
+                                 max_cost, char_limit, deadline, access)
+    return Server((host, port), service, request_timeout, access_log, max_connections)
+
+
+def _form_field(body: bytes, name: str) -> str | None:
+    """The first value of ``name`` in a form-encoded body (None: absent, or not UTF-8)."""
+    try:
+        values = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True).get(name)
+    except UnicodeDecodeError:
+        return None
+    return values[0] if values else None
 
 
 def _json_dict(body: bytes) -> dict[str, Any] | None:
     """The body as a JSON object, or None when it is not one."""
     try:
         request = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return request if isinstance(request, dict) else None
