@@ -335,3 +335,93 @@ def test_export_writes_a_folder_every_command_takes(trained, tmp_path, corpus):
     broken = runner.invoke(main, ["decode", str(folder)], input="El perro.\n")
     assert broken.exit_code == 2 and "not a readable exported model" in broken.output
     assert "Traceback" not in broken.output
+
+
+def one_line_error(result) -> bool:
+    return (result.exit_code == 2 and "Traceback" not in result.output
+            and len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1)
+
+
+def test_an_export_is_complete_or_absent_and_scores_only_on_a_test_set_in_its_languages(trained, tmp_path,
+                                                                                        monkeypatch):
+    from translate import export as export_module
+    from translate.checkpoint import save_checkpoint
+    from translate.config import BUNDLED_DATA
+
+    run_dir, _ = trained
+    payload = load_checkpoint(run_dir / "best.pt")
+    payload["config"]["data"].update(src_lang="es", tgt_lang="en")  # as a model of a user's own files is
+    save_checkpoint(tmp_path / "es-en.pt", payload)
+    runner = CliRunner()
+    folder = tmp_path / "es-en"
+    result = runner.invoke(main, ["export", str(tmp_path / "es-en.pt"), "-o", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "no test set in es/en" in result.output and str(BUNDLED_DATA.parent) not in result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "lexicon.safetensors",
+                                                        "model.safetensors", "src.model", "tgt.model"]
+    assert "## Scores" not in (folder / "README.md").read_text(encoding="utf-8")
+    test = tmp_path / "test.tsv"
+    test.write_text("es\ten\nEl gato come pan.\tThe cat eats bread.\nEl perro.\tThe dog.\n", encoding="utf-8")
+    result = runner.invoke(main, ["export", str(tmp_path / "es-en.pt"), "-o", str(folder), "--test", str(test)])
+    assert result.exit_code == 0 and "BLEU" in result.output, result.output
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert "## Scores" in card and "(2 sentences)" in card
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "model_card", failing)  # the export fails after the weights are written
+    for target in (folder, tmp_path / "new"):
+        failed = runner.invoke(main, ["export", str(tmp_path / "es-en.pt"), "-o", str(target), "--no-scores"])
+        assert failed.exit_code != 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the earlier export, whole
+    assert not (tmp_path / "new").exists()  # absent
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing left beside
+    monkeypatch.undo()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    refused = runner.invoke(main, ["export", str(tmp_path / "es-en.pt"), "-o", str(tmp_path / "mine"), "--no-scores"])
+    assert one_line_error(refused) and "holds files an export does not write (notes.txt)" in refused.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_damaged_or_crafted_export_is_a_one_line_error(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run_dir, _ = trained
+    good = tmp_path / "good"
+    assert CliRunner().invoke(main, ["export", str(run_dir), "-o", str(good), "--no-scores"]).exit_code == 0
+    weights, lexicon = load_file(good / "model.safetensors"), load_file(good / "lexicon.safetensors")
+    meta = json.loads((good / "config.json").read_text())
+    vocab = meta["config"]["tokenizer"]["vocab_size"]
+
+    def crafted(name, config=None, weights_file=None, lexicon_file=None):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(config))
+        if weights_file is not None:
+            save_file(weights_file, str(folder / "model.safetensors"), metadata={"format": "translate-export"})
+        if lexicon_file is not None:
+            save_file(lexicon_file, str(folder / "lexicon.safetensors"))
+        return folder
+
+    first = next(iter(weights))
+    far = lexicon["translations"].clone()
+    far[5, 0] = vocab + 7  # a target id past the output layer
+    cases = {
+        crafted("list", config=[meta]): "not a translate export",
+        crafted("config", config={**meta, "config": 5}): "config.json is damaged (config",
+        crafted("tied", config={**meta, "tied": {"decoder.output.weight": "no.such.weight"}}): "damaged (tied",
+        crafted("tied-list", config={**meta, "tied": ["x"]}): "damaged (tied",
+        crafted("progress", config={**meta, "progress": "x"}): "damaged (progress",
+        crafted("missing", weights_file={k: v for k, v in weights.items() if k != first}): "weights do not fit",
+        crafted("ids", lexicon_file={**lexicon, "translations": far}): "target ids outside the vocabulary",
+        crafted("no-frequent", lexicon_file={"translations": lexicon["translations"]}): "lexicon is incomplete",
+    }
+    for folder, message in cases.items():
+        result = CliRunner().invoke(main, ["decode", str(folder)], input="El perro.\n")
+        assert one_line_error(result) and message in result.output, (folder.name, result.output)

@@ -126,10 +126,17 @@ def _load_export(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"{folder}: not a readable exported model ({exc}); export it again with "
                               f"translate export") from None
-    if meta.get("format") != EXPORT_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{folder}: config.json is not a translate export; give a folder written by "
                               f"translate export")
-    for copy, source in meta.get("tied", {}).items():  # weights shared in the model are stored once
+    tied = meta.get("tied", {})
+    kinds = {"config": dict, "tied": dict, "progress": dict, "init_from": (dict, type(None))}
+    wrong = [key for key, kind in kinds.items() if key in meta and not isinstance(meta[key], kind)]
+    if wrong or not all(isinstance(copy, str) and isinstance(source, str) and source in weights
+                        for copy, source in tied.items()):
+        raise CheckpointError(f"{folder}: config.json is damaged ({', '.join(wrong) or 'tied'} not as translate "
+                              f"export writes it); export the model again")
+    for copy, source in tied.items():  # weights shared in the model are stored once
         weights[copy] = weights[source]
     lexicon = None
     if (folder / "lexicon.safetensors").exists():  # (exports of earlier versions have none)

@@ -10,6 +10,9 @@ model's scores. Every command that takes a checkpoint takes such a folder
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,8 @@ import torch
 from . import __version__
 from .checkpoint import EXPORT_FORMAT, describe_source, load_model, provenance_chain
 from .config import BUNDLED_DATA, shown_path
-from .errors import CheckpointError
+from .corpus import Parallel
+from .errors import CheckpointError, DataError
 from .evaluate import evaluate, test_set
 from .shortlist import Lexicon
 from .translator import DecodeOptions, Translator
@@ -41,30 +45,91 @@ def tied_weights(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return tied
 
 
-def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scores: bool = True) -> dict[str, Any]:
-    """Writes the export of ``checkpoint`` into ``folder`` (created; files already there with the
-    same names are replaced). With ``scores``, the card carries BLEU, chrF and TER on the model's
-    test set (beam ``beam``). Returns what the card says, as data."""
+EXPORT_WRITES = ("model.safetensors", "config.json", "src.model", "tgt.model", "lexicon.safetensors", "README.md")
+
+
+def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scores: bool = True,
+                 test: str | None = None) -> dict[str, Any]:
+    """Writes the export of ``checkpoint`` as ``folder``: complete or not at all. The files are
+    written into a new folder beside it and renamed into place at the end, so an export that fails
+    leaves no part behind, and one over an earlier export replaces it whole (a folder that holds
+    other files is refused, so that none of them is lost). With ``scores``, the card carries BLEU,
+    chrF and TER (beam ``beam``) on ``test``, or else on the model's test set where one in its
+    languages is to be had (``card_test_set``); ``note`` in what is returned says why there are
+    none when there are not. Returns what the card says, as data."""
+    folder = Path(folder)
+    _check_target(folder)
+    model, tokenizer, config, payload = load_model(checkpoint)
+    lexicon = Lexicon.of_checkpoint(payload, (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size), str(checkpoint))
+    progress = dict(payload.get("progress", {}))
+    init_from = payload.get("init_from")
+    del payload
+    card: dict[str, Any] = {"parameters": model.parameter_count(), "scores": None, "note": None}
+    if scores:
+        chosen, card["note"] = card_test_set(config, test)
+        if chosen is not None:
+            # as `translate eval` scores it by default (its precision included)
+            translator = Translator(model, tokenizer, DecodeOptions(beam=beam), precision="auto",
+                                    amp=config.train.amp, lexicon=lexicon)
+            result, _ = evaluate(translator, chosen.src, chosen.tgt)
+            card["scores"] = {"test": shown_path(chosen.origin), "sentences": len(chosen.src), "beam": beam,
+                              "precision": translator.precision, **result}
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # as a folder made with mkdir, not mkdtemp's owner-only
+    except OSError as exc:
+        raise CheckpointError(f"cannot write into {shown_path(folder.parent)} ({exc.strerror}); choose a writable "
+                              f"folder") from None
+    try:
+        meta = _write_files(staging, model, tokenizer, config, lexicon, progress, init_from)
+        (staging / "README.md").write_text(model_card(config, meta, card), encoding="utf-8")
+        _replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return card
+
+
+def card_test_set(config, test: str | None) -> tuple[Parallel | None, str | None]:
+    """The test set of the card's scores: ``test`` when given (its errors are the user's to see),
+    else the model's (``evaluate.test_set``) where it has the model's language columns; None and
+    a note why when there is none."""
+    if test is not None:
+        return test_set(config, test), None
+    try:
+        return test_set(config), None
+    except DataError:
+        data = config.data
+        return None, (f"no test set in {data.src_lang}/{data.tgt_lang} to score the model on (its data.test, or "
+                      f"the bundled spa/eng split); the card has no scores: give one with --test")
+
+
+def _check_target(folder: Path) -> None:
+    """A folder that an export may take the place of: none yet, an empty one or an earlier export."""
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{shown_path(folder)} is a file; give a folder to export into")
+    if folder.is_dir():
+        others = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_WRITES)
+        if others:
+            raise CheckpointError(f"{shown_path(folder)} holds files an export does not write ({', '.join(others[:3])}"
+                                  f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
+
+
+def _write_files(folder: Path, model, tokenizer, config, lexicon: Lexicon | None, progress: dict[str, Any],
+                 init_from: dict[str, Any] | None) -> dict[str, Any]:
+    """The weights, lexicon, config.json and SentencePiece models, into ``folder``; returns config.json's content."""
     from safetensors.torch import save_file
 
-    model, tokenizer, config, payload = load_model(checkpoint)
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file; give a folder to export into")
-    folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     tied = tied_weights(state)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items() if k not in tied},
               str(folder / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
-    progress = dict(payload.get("progress", {}))
-    init_from = payload.get("init_from")
-    lexicon = Lexicon.of_checkpoint(payload)
-    del payload
     if lexicon is not None:
         save_file({k: v.contiguous() for k, v in lexicon.state().items()}, str(folder / "lexicon.safetensors"),
                   metadata={"format": EXPORT_FORMAT})
-    else:  # a file of an earlier export into this folder would be read as this model's
-        (folder / "lexicon.safetensors").unlink(missing_ok=True)
     meta = {"format": EXPORT_FORMAT, "translate_version": __version__, "config": config.to_dict(),
             "tied": tied, "tokenizer_fingerprint": tokenizer.fingerprint, "progress": progress,
             "parameters": model.parameter_count()}
@@ -72,17 +137,24 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
         meta["init_from"] = init_from
     (folder / "config.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     tokenizer.save(folder)
-    card = {"parameters": model.parameter_count(), "scores": None}
-    if scores:
-        # as `translate eval` scores it by default (its precision included)
-        translator = Translator(model, tokenizer, DecodeOptions(beam=beam), precision="auto", amp=config.train.amp,
-                                lexicon=lexicon)
-        test = test_set(config)
-        result, _ = evaluate(translator, test.src, test.tgt)
-        card["scores"] = {"test": test.origin, "sentences": len(test.src), "beam": beam,
-                          "precision": translator.precision, **result}
-    (folder / "README.md").write_text(model_card(config, meta, card), encoding="utf-8")
-    return card
+    return meta
+
+
+def _replace_folder(staging: Path, folder: Path) -> None:
+    """``staging`` renamed to ``folder``; an earlier export there is set aside first and removed
+    after, or put back if the rename fails, so ``folder`` is never a mix of the two."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
+    os.replace(folder, aside / folder.name)
+    try:
+        os.replace(staging, folder)
+    except BaseException:
+        os.replace(aside / folder.name, folder)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def fine_tuning_lines(config, init_from: dict[str, Any] | None) -> list[str]:
