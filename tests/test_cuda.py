@@ -156,3 +156,21 @@ def test_attention_memory_on_the_gpu_follows_the_outputs_not_their_limit(tiny_co
     batch, src_len = memory.mask.shape
     assert max(len(h[0].tokens) for h in hyps) < 10
     assert peak < batch * beam * 1000 * src_len * 4 / 4  # a quarter of the buffer allocated up front before
+
+
+def test_fp16_gradients_that_stay_nan_stop_the_run_on_cuda(tiny_config, tmp_path):
+    """fp16's loss scaler calibrates while its scale is above 1; NaN gradients below it count as
+    non-finite steps, so the run stops instead of skipping steps until its limit. The checkpoint
+    says the precision the run trained in."""
+    from translate import training
+    from translate.errors import TrainingError
+
+    config = tiny_config.override({"train.device": "cuda", "train.amp": "fp16", "train.max_steps": 60,
+                                   "train.eval_every": 1000})
+    trainer = build_trainer(config, tmp_path / "nan", progress_bar=False)
+    trainer.scaler = torch.amp.GradScaler("cuda", init_scale=8.0)
+    trainer.model.decoder.output.bias.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    with pytest.raises(TrainingError, match="non-finite steps in a row"):
+        trainer.run()
+    assert trainer.progress.step == 3 + training.MAX_NONFINITE - 1
+    assert trainer.payload()["precision"] == {"device": "cuda", "amp": "fp16"}
