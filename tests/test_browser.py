@@ -66,3 +66,34 @@ def test_the_page_translates_what_is_typed(page_url, browser):
     assert len(cells) == (len(expected.tokens) + 1) * len(translator.tokenizer.src_pieces(line) + [0])
     screen, width = browser.execute_script("return [window.innerWidth, document.documentElement.scrollWidth]")
     assert screen == 390 and width <= screen  # nothing wider than the phone's screen (the heatmap scrolls)
+
+
+def test_the_page_asks_for_a_key_where_the_server_wants_one(tiny_model, tokenizer, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from translate.serve import Access
+
+    translator = Translator(tiny_model, tokenizer, DecodeOptions(beam=2))
+    batcher = RequestBatcher(translator, max_wait_ms=1)
+    server = make_server(batcher, "127.0.0.1", 0, access=Access({"the-key": None}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        key = browser.find_element(By.ID, "key")
+        assert not key.is_displayed()  # until the server asks for one
+        browser.find_element(By.ID, "source").send_keys("El gato come pan.")
+        browser.find_element(By.ID, "go").click()
+        wait = WebDriverWait(browser, 30)
+        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "API key"))
+        assert key.is_displayed()
+        key.send_keys("the-key")
+        browser.find_element(By.ID, "go").click()
+        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Score"))
+        expected = translator.translate(["El gato come pan."], DecodeOptions(beam=5))[0][0].text  # the page's beam
+        assert browser.find_element(By.ID, "target").get_property("value") == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+        batcher.close()

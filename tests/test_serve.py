@@ -161,6 +161,7 @@ def test_the_page_and_the_methods(server):
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert b"<textarea" in page and b"fetch(\"translate\"" in page
     assert b"http://" not in page and b"https://" not in page  # nothing from elsewhere
+    assert b'<input id="key" type="password"' in page and b"api_key: key.value" in page  # for --api-keys
     status, headers, body = _request(url + "/translate")
     assert status == 405 and "POST" in headers["Allow"] and b"takes POST" in body
     assert _request(url + "/health", "PUT", b"{}")[0] == 405
