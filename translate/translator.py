@@ -382,6 +382,23 @@ def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
     return copy.deepcopy(model).to(torch.bfloat16).eval(), "bf16", None
 
 
+def _restricted(model, shortlist: Shortlist | None, device: torch.device, dtype: torch.dtype | None
+                ) -> tuple[OutputVocab | None, torch.Tensor | None]:
+    """A batch's output layer over its sentences' shortlists, and which columns each sentence may
+    produce (None where every sentence may produce them all, as one sentence alone may)."""
+    if shortlist is None:
+        return None, None
+    with torch.no_grad(), autocast_for(device, dtype):
+        vocab = model.output_vocab(shortlist.ids.to(device))
+    return vocab, None if bool(shortlist.allowed.all()) else shortlist.allowed.to(device)
+
+
+def _columns(vocab: OutputVocab, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` (any shape) as columns of ``vocab``; PAD's column for a token it lacks."""
+    column = torch.searchsorted(vocab.ids, tokens).clamp_(max=vocab.ids.numel() - 1)
+    return column.masked_fill_(vocab.ids[column] != tokens, PAD)
+
+
 AUTOCAST_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -730,11 +747,8 @@ class Translator:
 
     def _forced(self, batch, shortlist: Shortlist | None) -> tuple[list[float], list[int]]:
         model = self.model
-        vocab, allowed = self._vocab(shortlist)
-        gold_all = batch.tgt_out  # (batch, tgt_len) token ids; with a shortlist, columns of ``vocab``
-        if vocab is not None:  # a token outside the batch's shortlists goes to PAD's column, then to -inf
-            column = torch.searchsorted(vocab.ids, gold_all).clamp_(max=vocab.ids.numel() - 1)
-            gold_all = column.masked_fill_(vocab.ids[column] != gold_all, PAD)
+        vocab, allowed = _restricted(self.model, shortlist, self.device, self.dtype)
+        gold_all = batch.tgt_out if vocab is None else _columns(vocab, batch.tgt_out)  # (batch, tgt_len)
         with torch.no_grad(), autocast_for(self.device, self.dtype):
             memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
             total = torch.zeros(batch.tgt_in.size(0), device=self.device)  # (batch,)
@@ -756,7 +770,7 @@ class Translator:
         if self.lexicon is not None and options.shortlist > 0:
             shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
         batch = batch.to(self.device)
-        vocab, allowed = self._vocab(shortlist)
+        vocab, allowed = _restricted(self.model, shortlist, self.device, self.dtype)
         with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
             memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
             limits = max_lengths(batch.src_lengths, options.max_len_ratio)
@@ -767,11 +781,3 @@ class Translator:
                                options.return_attention, vocab=vocab, no_repeat_ngram=options.no_repeat_ngram,
                                coverage=options.coverage, allowed=allowed)
 
-    def _vocab(self, shortlist: Shortlist | None) -> tuple[OutputVocab | None, torch.Tensor | None]:
-        """A batch's output layer over its sentences' shortlists, and which columns each sentence may
-        produce (None where every sentence may produce them all, as one sentence alone may)."""
-        if shortlist is None:
-            return None, None
-        with torch.no_grad(), autocast_for(self.device, self.dtype):
-            vocab = self.model.output_vocab(shortlist.ids.to(self.device))
-        return vocab, None if bool(shortlist.allowed.all()) else shortlist.allowed.to(self.device)
