@@ -145,6 +145,15 @@ def test_resume_takes_the_limits_a_user_set_even_at_their_defaults(tmp_path):
     small = Config.from_dict(load_config(overrides={"model.hidden_dim": 256}).to_dict())
     with pytest.raises(ConfigError, match="model.hidden_dim=384 differs from the run's saved value 256"):
         resume_config(load_config(overrides={"model.hidden_dim": 384}), small)
+    # a fine-tuning run's model.* and tokenizer.* are its source's: the defaults are no conflict, as
+    # when it started (finetune_config)
+    tuned = Config.from_dict(load_config(overrides={"model.hidden_dim": 256, "tokenizer.model": "src.model",
+                                                    "train.init_from": "source.pt"}).to_dict())
+    again = load_config(overrides={"model.hidden_dim": 384, "tokenizer.model": None, "train.init_from": "source.pt",
+                                   "train.max_minutes": 25})
+    assert resume_config(again, tuned).model.hidden_dim == 256 and resume_config(again, tuned).train.max_minutes == 25
+    with pytest.raises(ConfigError, match="model.hidden_dim=128 differs"):
+        resume_config(again.override({"model.hidden_dim": 128}), tuned)
 
 
 def test_the_keys_given_are_not_config_keys():

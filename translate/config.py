@@ -410,11 +410,14 @@ def resume_config(given: Config, saved: Config) -> Config:
     from ``given`` where its user set them (``Config.set_keys``: an explicit value equal to the
     default counts). Any other key set to a value unlike the saved one is an error, not ignored."""
     given_raw, saved_raw, set_keys = given.to_dict(), saved.to_dict(), given.set_keys()
+    defaults = Config().to_dict()
     changed = {}
     for section, values in given_raw.items():
         for key, value in values.items():
             if f"{section}.{key}" not in set_keys or value == saved_raw[section][key]:
                 continue
+            if saved.train.init_from and section in SOURCE_SECTIONS and value == defaults[section][key]:
+                continue  # a fine-tuning run's model.* and tokenizer.* are its source's: as finetune_config judges
             if section == "train" and key in RESUMABLE_KEYS:
                 changed[f"train.{key}"] = value
             else:
