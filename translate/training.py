@@ -199,21 +199,12 @@ class Trainer:
             self.speed.fed += fed
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-        if self.scaler.is_enabled():  # fp16: gradients that overflow at this loss scale are the scaler's
-            total, bad = reduce_step(self.world, total, not bool(torch.isfinite(total)))
-            if not bad and not torch.isfinite(norm):  # (the same on every rank: gradients are all-reduced)
-                # the scaler skips the update and halves the scale; while the scale is above 1 that
-                # is its calibration, which neither counts nor resets the non-finite steps (a good
-                # step resets them); gradients that overflow at a scale of 1 or less overflow
-                # unscaled, and count: else a run whose gradients stay NaN skipped steps forever
-                if self.scaler.get_scale() > 1:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    return total, 0
-                bad = True
-        else:
-            total, bad = reduce_step(self.world, total, not (torch.isfinite(total) and torch.isfinite(norm)))
-        if bad:
+        total, verdict = judge_step(self.world, self.scaler, total, norm)
+        if verdict == "calibrate":  # the scaler skips the update and halves its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return total, 0
+        if verdict == "skip":
             self.progress.nonfinite_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
@@ -298,11 +289,8 @@ class Trainer:
             self.rank_rng = gather(self.world, rng_state(self.device))
 
     def write_metrics(self, record: dict[str, Any]) -> None:
-        """A line of metrics.jsonl; a value that is not a finite number (a window of skipped steps,
-        a dev loss that overflowed) is written as null: JSON has no NaN or Infinity."""
         if self.metrics is not None:
-            self.metrics.write({key: None if isinstance(value, float) and not math.isfinite(value) else value
-                                for key, value in record.items()})
+            self.metrics.write(json_safe(record))
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -413,6 +401,32 @@ class Trainer:
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signal.Signals(signum).name
+
+
+def judge_step(world: World, scaler: torch.amp.GradScaler, total: torch.Tensor,
+               norm: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """A step's loss summed over the ranks, and what becomes of the step, the same on every rank
+    (gradients are all-reduced): ``take`` it; ``calibrate`` (fp16: gradients that overflow at a
+    loss scale above 1 are the scaler's to calibrate, which neither counts nor resets the run's
+    non-finite steps); or ``skip`` it as non-finite: a non-finite loss or gradient, and under fp16
+    gradients that overflow at a scale of 1 or less, which overflow unscaled (else a run whose
+    gradients stay NaN would calibrate, skipping steps, until its limit)."""
+    if not scaler.is_enabled():
+        total, bad = reduce_step(world, total, not (torch.isfinite(total) and torch.isfinite(norm)))
+        return total, "skip" if bad else "take"
+    total, bad = reduce_step(world, total, not bool(torch.isfinite(total)))
+    if bad:
+        return total, "skip"
+    if not torch.isfinite(norm):
+        return total, "calibrate" if scaler.get_scale() > 1 else "skip"
+    return total, "take"
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record with null for each value that is not a finite number (a window of skipped
+    steps, a dev loss that overflowed): JSON has no NaN or Infinity."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
 
 
 def limit_reached(cfg: TrainConfig, p: Progress, elapsed: float) -> str | None:
