@@ -180,9 +180,10 @@ def build_learner(config: Config, world: World, tokenizer: Tokenizer, device: to
 def training_precision(world: World, device: torch.device, mode: str, saved: dict | None = None) -> torch.dtype | None:
     """The autocast type of a run for ``train.amp`` = ``mode``: rank 0's decision, sent to every
     rank (``auto`` on a CPU times bf16 against fp32, and timings differ from process to process,
-    so ranks deciding for themselves could train in different types). A resumed run on the kind
-    of device it ``saved`` (``checkpoint.precision_record``) keeps that type, whatever a timing
-    now says: exact resume must not switch precision."""
+    so ranks deciding for themselves could train in different types). A resumed run with
+    ``auto`` on the kind of device it ``saved`` (its checkpoint's ``precision``, written by
+    ``training_payload``) keeps that type, whatever a timing now says: exact resume must not
+    switch precision."""
     decision = None
     if world.main:
         try:
