@@ -346,11 +346,12 @@ def test_an_export_is_complete_or_absent_and_scores_only_on_a_test_set_in_its_la
                                                                                         monkeypatch):
     from translate import export as export_module
     from translate.checkpoint import save_checkpoint
-    from translate.config import BUNDLED_DATA
+    from translate.config import BUNDLED_DATA, load_config
 
     run_dir, _ = trained
     payload = load_checkpoint(run_dir / "best.pt")
-    payload["config"]["data"].update(src_lang="es", tgt_lang="en")  # as a model of a user's own files is
+    # as a model of a user's own files is (trained with --src-lang es --tgt-lang en, data.test left as it is)
+    payload["config"]["data"].update(src_lang="es", tgt_lang="en", test=load_config().data.test)
     save_checkpoint(tmp_path / "es-en.pt", payload)
     runner = CliRunner()
     folder = tmp_path / "es-en"
@@ -360,6 +361,9 @@ def test_an_export_is_complete_or_absent_and_scores_only_on_a_test_set_in_its_la
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "lexicon.safetensors",
                                                         "model.safetensors", "src.model", "tgt.model"]
     assert "## Scores" not in (folder / "README.md").read_text(encoding="utf-8")
+    evaluated = runner.invoke(main, ["eval", str(tmp_path / "es-en.pt")])  # eval says so too, as one line
+    assert one_line_error(evaluated) and "no test set in es/en" in evaluated.output
+    assert str(BUNDLED_DATA.parent) not in evaluated.output
     test = tmp_path / "test.tsv"
     test.write_text("es\ten\nEl gato come pan.\tThe cat eats bread.\nEl perro.\tThe dog.\n", encoding="utf-8")
     result = runner.invoke(main, ["export", str(tmp_path / "es-en.pt"), "-o", str(folder), "--test", str(test)])

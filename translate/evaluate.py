@@ -6,6 +6,7 @@ Validation during training and ``translate eval`` both call ``evaluate``, so the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
@@ -42,10 +43,18 @@ def test_set(config: Config, spec: str | None = None) -> Parallel:
     still exists (a model trained elsewhere may name a file this machine lacks), else the bundled
     test split."""
     data = config.data
+    given = spec is not None
     if spec is None:
         spec = data.test
         try:
             data_source(spec, data.src_lang, data.tgt_lang)  # a file or files here, or a hub name
         except DataError:  # a file on the machine that trained it
             spec = str(BUNDLED_DATA / "test.tsv")
-    return read_parallel(spec, data.src_lang, data.tgt_lang, "test")
+    try:
+        return read_parallel(spec, data.src_lang, data.tgt_lang, "test")
+    except DataError:
+        if given or not Path(spec).resolve().is_relative_to(BUNDLED_DATA.resolve()):
+            raise
+        # the bundled split's columns are spa and eng: not a model of other language codes' (nor its install path)
+        raise DataError(f"no test set in {data.src_lang}/{data.tgt_lang} for this model: the bundled split is "
+                        f"spa/eng; give one with --test FILE (or --src/--ref)") from None
