@@ -74,12 +74,15 @@ def good_client(port: int, sentences: list[str], start: int, stop: float, tally:
             connection.request("POST", "/translate", body, {"Content-Type": "application/json"})
             response = connection.getresponse()
             answer = json.loads(response.read())
-            ok = response.status == 200 and isinstance(answer.get("translations"), list)
-        except (OSError, http.client.HTTPException, ValueError):
-            ok = False
+            error = None if response.status == 200 and isinstance(answer.get("translations"), list) else \
+                f"status {response.status}: {answer}"
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
             connection.close()
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        tally.good(time.monotonic() - began if ok else None)
+        if error is not None:
+            print(f"good client: {error}", file=sys.stderr)
+        tally.good(time.monotonic() - began if error is None else None)
         i += 7
     connection.close()
 

@@ -504,7 +504,7 @@ def test_connections_beyond_the_cap_are_refused_at_once(tiny_model, tokenizer):
         assert _statuses(answer) == [200]
 
 
-def test_a_client_trickling_a_request_is_dropped_after_the_timeout(tiny_model, tokenizer):
+def test_a_client_trickling_a_request_is_dropped_after_the_timeout(tiny_model, tokenizer, capfd):
     with _serving(tiny_model, tokenizer, request_timeout=1.0) as port:
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\n")
@@ -520,6 +520,7 @@ def test_a_client_trickling_a_request_is_dropped_after_the_timeout(tiny_model, t
                     dropped = True
                     break
         assert dropped
+    assert "Traceback" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("method, path", [("POST", "/nowhere"), ("PUT", "/health"), ("POST", "/"),
@@ -545,7 +546,7 @@ def test_requests_after_an_error_on_a_kept_alive_connection_are_answered_in_turn
     (("Content-Length: 27",), 400, b"one number of bytes"),  # two Content-Lengths
 ])
 def test_a_request_whose_body_s_end_is_ambiguous_is_refused_and_closed(tiny_model, tokenizer, headers, status,
-                                                                       message):
+                                                                       message, capfd):
     body = b'{"sentences": ["El gato."]}'
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if "chunked" in headers[0] else body
     request = _post_raw("/translate", chunked, *headers)
@@ -555,6 +556,7 @@ def test_a_request_whose_body_s_end_is_ambiguous_is_refused_and_closed(tiny_mode
                                  + chunked)
     assert _statuses(answer) == [status] and message in answer and b"Connection: close" in answer
     assert _statuses(only_chunked) == [411] and b"Connection: close" in only_chunked
+    assert "Traceback" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("body", [b"[" * 5000 + b"]" * 5000, b'{"q": ' + b"[" * 5000 + b"]" * 5000 + b"}",

@@ -703,6 +703,7 @@ class Server(ThreadingHTTPServer):
     and ``access_log`` (when given) hearing of each request."""
 
     daemon_threads = True
+    request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 drops a burst of clients)
 
     def __init__(self, address: tuple[str, int], service: TranslationService, request_timeout: float = 30.0,
                  access_log: Callable[[str], None] | None = None, max_connections: int = MAX_CONNECTIONS):
