@@ -663,3 +663,21 @@ def test_a_request_over_the_character_limit_is_a_400_as_libretranslate_says_it(s
         assert response.status == 400
         assert _json(response) == {"error": "Invalid request: request (17) exceeds text limit (10)"}
     assert _call(service, "POST", "/translate", b'{"sentences": ["El gato."]}').status == 200
+
+
+def test_a_request_past_its_deadline_is_a_503_with_retry_after(service, monkeypatch):
+    release = threading.Event()
+    translate = service.batcher.translator.translate
+
+    def held(lines, options=None, on_truncate=None, on_progress=None):
+        release.wait(30)
+        return translate(lines, options, on_truncate, on_progress)
+
+    monkeypatch.setattr(service.batcher.translator, "translate", held)
+    service.deadline = 0.2
+    try:
+        response = _call(service, "POST", "/translate", b'{"q": "El gato.", "target": "en"}')
+    finally:
+        release.set()
+    assert response.status == 503 and ("Retry-After", "5") in response.headers and not response.close
+    assert _json(response)["error"].startswith("the translation did not finish within 0.2 s (the server is busy)")
