@@ -29,7 +29,7 @@ from translate.serve import (
     parse_request,
     request_cost,
 )
-from translate.translator import DecodeOptions, Translator
+from translate.translator import DecodeOptions, Translation, Translator
 
 
 @pytest.fixture()
@@ -335,6 +335,18 @@ def test_a_model_failure_is_a_500_that_keeps_its_reason_in_the_log(service, monk
     logged = [r.getMessage() for r in caplog.records if r.name == "translate.serve"]
     assert logged == ["translation failed: RuntimeError: CUDA error at /home/someone/secret/model.py:12 second line"]
     assert not any(r.exc_info for r in caplog.records)  # one line, no traceback
+
+
+def test_a_sentence_without_a_finite_score_is_null_in_strict_json(service, monkeypatch):
+    def no_finite_score(sentences, options, deadline=None):
+        return [[Translation("", float("-inf"), [])] * options.n_best for _ in sentences]
+
+    monkeypatch.setattr(service.batcher, "translate", no_finite_score)
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} is not JSON")}
+    one = _call(service, "POST", "/translate", b'{"sentences": ["a"], "scores": true}')
+    assert json.loads(one.body, **strict) == {"translations": [""], "scores": [None]}
+    two = _call(service, "POST", "/translate", b'{"sentences": ["a"], "n_best": 2, "beam": 2}')
+    assert json.loads(two.body, **strict) == {"translations": [[{"text": "", "score": None}] * 2]}
 
 
 def test_a_request_may_turn_splitting_off_and_the_page_gets_a_split_line_s_attention(service):

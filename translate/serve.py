@@ -314,6 +314,12 @@ def languages_payload(languages: tuple[str, str]) -> list[dict[str, Any]]:
             {"code": tgt, "name": LANGUAGE_NAMES.get(tgt, languages[1]), "targets": []}]
 
 
+def json_score(score: float) -> float | None:
+    """A translation's score as JSON has it: null for a sentence that got no finite score (an
+    empty translation, scored -inf), which strict JSON parsers cannot read as -Infinity."""
+    return round(score, 4) if math.isfinite(score) else None
+
+
 def attention_payload(translator: Translator, source: str, translation: Translation,
                       options: DecodeOptions | None = None) -> dict[str, Any]:
     """The attention of one translation made with ``options``, for the page's heatmap: pieces on
@@ -577,9 +583,9 @@ class TranslationService:
         if options.n_best == 1:
             answer = {"translations": [r[0].text for r in results]}
             if scores:
-                answer["scores"] = [round(r[0].score, 4) for r in results]
+                answer["scores"] = [json_score(r[0].score) for r in results]
         else:
-            answer = {"translations": [[{"text": t.text, "score": round(t.score, 4)} for t in r]
+            answer = {"translations": [[{"text": t.text, "score": json_score(t.score)} for t in r]
                                        for r in results]}
         if options.return_attention:
             answer["attention"] = [attention_payload(self.batcher.translator, s, r[0], options)
@@ -601,7 +607,8 @@ class TranslationService:
 
     def _json(self, status: int, payload: Any, extra: Iterable[tuple[str, str]] = (),
               close: bool = False) -> Response:
-        return self._answer(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), JSON, extra, close)
+        body = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return self._answer(status, body, JSON, extra, close)
 
     def _answer(self, status: int, body: bytes, content_type: str, extra: Iterable[tuple[str, str]] = (),
                 close: bool = False) -> Response:
