@@ -46,6 +46,7 @@ import dataclasses
 import gzip
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -209,6 +210,12 @@ LABELS = {"before": "base, decoding of before", "zero-shot": "base, today's deco
           "finetune-mix": "base fine-tuned, mixed 1:1"}
 
 
+def learning_rate(command: str) -> str | None:
+    """The ``train.lr`` a run's command set, if it set one."""
+    found = re.search(r"train\.lr=(\S+)", command)
+    return found.group(1) if found else None
+
+
 def summary(results: Path) -> dict:
     records: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*-s*.json.gz")):
@@ -218,7 +225,8 @@ def summary(results: Path) -> dict:
     table = {}
     for arm, runs in records.items():
         row = {"seeds": sorted(r["seed"] for r in runs), "steps": [r["steps"] for r in runs],
-               "budget": runs[0].get("budget"), "machine": runs[0].get("machine")}
+               "budget": runs[0].get("budget"), "machine": runs[0].get("machine"),
+               "lr": learning_rate(runs[0].get("command", ""))}
         for name, metric in COLUMNS:
             row[f"{name} {metric}"] = mean_sd([r["scores"][name][metric] for r in runs])
         table[arm] = row
@@ -269,7 +277,8 @@ def doc_table(table: dict) -> str:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row["seeds"]) > 1 else f"{m:.2f}"
                  for m, s in (row[f"{n} {k}"] for n, k in COLUMNS)]
         steps = "/".join(f"{s:,}" for s in row["steps"])
-        lines.append(f"| {LABELS[arm]} | {len(row['seeds'])} | {steps} | " + " | ".join(cells) + " |")
+        label = LABELS[arm] + (f", lr {row['lr']}" if row.get("lr") else "")
+        lines.append(f"| {label} | {len(row['seeds'])} | {steps} | " + " | ".join(cells) + " |")
     machine = next(iter(table.values()))["machine"] if table else ""
     lines.append("")
     lines.append(f"Machine: {machine}, 2 cores. Beam 5, default decoding (int8, shortlist); steps: the run's "
