@@ -1,7 +1,7 @@
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from translate.attention import BahdanauAttention
 from translate.config import load_config
@@ -54,6 +54,34 @@ def test_int8_activations_keep_8_bits_only_where_products_accumulate_in_int32(mo
     reduced = Int8Linear(layer.weight, layer.bias, reduce_range=True)(x)
     assert relative_error(Int8Linear(layer.weight, layer.bias, reduce_range=False)(x), exact) < \
         relative_error(reduced, exact)
+
+
+def per_row_reference(layer: nn.Linear, x: torch.Tensor, levels: int) -> torch.Tensor:
+    """int8 weights per output row and each input row rounded to ``levels`` steps of its own largest magnitude."""
+    w_scale = layer.weight.abs().amax(1) / 127  # (out,)
+    weight = torch.round(layer.weight / w_scale[:, None]) * w_scale[:, None]
+    x_scale = x.abs().amax(1, keepdim=True) / levels  # (rows, 1)
+    return (torch.round(x / x_scale) * x_scale) @ weight.T + layer.bias
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_int8_linear_quantises_each_row_alone(reduce_range):
+    """Each row takes a scale of its own: its output is the same alone and with any other rows, and a
+    small row beside a large one keeps its precision (a scale over the batch would round it to nothing)."""
+    torch.manual_seed(6)
+    layer = nn.Linear(48, 40)
+    x = torch.randn(6, 48) * torch.tensor([1e-3, 1.0, 1e3, 0.0, 5.0, 1e-2])[:, None]  # row 3: zero, as padding
+    int8 = Int8Linear(layer.weight, layer.bias, reduce_range=reduce_range)
+    with torch.no_grad():
+        batched, exact = int8(x), layer(x)
+        reference = per_row_reference(layer, x, 63 if reduce_range else 127)
+    for row in range(6):
+        assert torch.equal(int8(x[row:row + 1]), batched[row:row + 1]), row
+        assert torch.equal(int8(x[[5, row, 2]])[1], batched[row]), row
+        if row != 3:
+            assert relative_error(batched[row] - layer.bias, exact[row] - layer.bias) < (0.05 if reduce_range else 0.02)
+            assert relative_error(batched[row], reference[row]) < 1e-3, row
+    assert torch.equal(batched[3], layer.bias.detach())
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
@@ -109,6 +137,30 @@ def test_int8_packed_rnn_follows_the_float_rnn(cell, bidirectional):
         assert relative_error(approx, exact) < 0.03
 
 
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_int8_packed_rnn_encodes_each_sentence_as_alone(cell):
+    """A sentence's outputs and final states do not depend on the sentences packed with it."""
+    torch.manual_seed(7)
+    rnn = cell(24, 32, num_layers=2, batch_first=True, bidirectional=True).eval()
+    x = torch.randn(4, 6, 24) * torch.tensor([0.1, 3.0, 1.0, 10.0])[:, None, None]
+    lengths = torch.tensor([4, 6, 1, 3])
+    int8 = Int8PackedRNN(rnn)
+
+    def run(rows):
+        packed = pack_padded_sequence(x[rows], lengths[rows], batch_first=True, enforce_sorted=False)
+        with torch.no_grad():
+            out, final = int8(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=6)
+        return out, final if cell is nn.LSTM else (final,)
+
+    out, finals = run([0, 1, 2, 3])
+    for row in range(4):
+        alone, alone_finals = run([row])
+        assert torch.equal(alone[0], out[row]), row
+        for state, state_alone in zip(finals, alone_finals):
+            assert torch.equal(state_alone[:, 0], state[:, row]), row
+
+
 @pytest.fixture(params=[("lstm", "bahdanau", "tied"), ("gru", "luong-general", "feed"),
                         ("lstm", "bahdanau", "bahdanau-decoder"), ("gru", "luong-dot", "bahdanau-decoder")],
                 ids="-".join)
@@ -145,7 +197,7 @@ def test_int8_copy_keeps_the_layers_names_and_gives_shortlist_rows(pair):
     one's (``decoder.OutputLayer``), are exactly those columns of the whole layer."""
     model, small = pair
     int8 = {name for name, module in small.named_modules()
-            if isinstance(module, (Int8Linear, Int8RNNStep)) and not name.startswith("decoder.rnn.")}
+            if isinstance(module, (Int8Linear, Int8RNNStep)) and not name.startswith(("decoder.rnn.", "encoder.rnn."))}
     floats = {name for name, module in model.named_modules()}
     assert int8 <= floats and "decoder.output" in int8 and "decoder.rnn" in int8
     assert {"decoder.combine", "decoder.readout"} & int8

@@ -246,10 +246,15 @@ def bundled_test_sentences(n):
 
 
 @pytest.mark.parametrize("beam", [1, 3])
-def test_each_sentence_decodes_alike_alone_and_batched_with_any_others(run_with_steps, beam):
-    # each sentence's shortlist is its own: the union a batch scores may not change what it may produce
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_each_sentence_decodes_alike_alone_and_batched_with_any_others(run_with_steps, beam, precision):
+    # each sentence's shortlist is its own: the union a batch scores may not change what it may produce;
+    # and in int8 (the CPU default) each sentence's activations are quantised with scales of their own
+    if precision == "int8" and not int8_available():
+        pytest.skip("this torch build has no fbgemm int8 kernels")
     options = DecodeOptions(beam=beam, n_best=beam, shortlist=2, shortlist_frequent=4, inter_threads=1)
-    translator = Translator.load(run_with_steps / "last.pt", options, precision="fp32")
+    translator = Translator.load(run_with_steps / "last.pt", options, precision=precision)
+    assert translator.precision == precision
     sentences = bundled_test_sentences(40)
     alone = {s: translator.translate([s])[0] for s in sentences}
     rng = random.Random(beam)

@@ -1,14 +1,20 @@
-"""Dynamic int8 quantisation for CPU decoding (Jacob et al., 2018; the scheme of fbgemm's
-dynamic linear): weights are stored once as int8 with one scale per output row, activations are
-quantised per call from their observed range, and the products accumulate in int32.
+"""Dynamic int8 quantisation for CPU decoding (Jacob et al., 2018): weights are stored once as
+int8 with one scale per output row, activations are quantised per call from their observed range,
+and the products accumulate in int32, in fbgemm's kernels.
+
+Each row of an activation (a sentence's, a hypothesis's, a source token's) is quantised with a
+scale of its own, its largest magnitude, not with one scale over the batch as fbgemm's dynamic
+linear takes it: so a sentence's translation does not depend on the sentences decoded with it (in
+``translate serve``, on other clients' requests). The row is divided by its scale onto one grid
+over [-1, 1] that every row shares, and the int32 product is multiplied back by it.
 
 Decoding is bound by the matrix products (the output layer over the vocabulary and the RNN
 gates, run once per target token; the encoder's RNN, once per source token), which fbgemm's
 int8 kernels run several times faster than fp32 on x86. What is quantised: the decoder's RNN
 step (input and recurrent weights joined into one product per layer), the attention query, the
 combination layer (Luong) or readout (Bahdanau), the output layer, the key projection, and the
-encoder's RNN, in torch's fused dynamic int8 RNN over the packed source (one call, like the fp32
-one; a step-by-step int8 RNN in Python was slower, holding the interpreter lock at every step).
+encoder's RNN: its input products for all source tokens at once, then the recurrent product per
+step (torch's fused int8 RNN, one call, would quantise each step's batch with one scale).
 Embedding lookups, softmaxes and LayerNorm stay in fp32. The model used for training is never
 changed: ``quantized_copy`` returns a new one.
 """
@@ -24,7 +30,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .runtime import cpu_has_vnni
 
-INT8_OPS = ("linear_prepack", "linear_dynamic")  # of torch.ops.quantized, which torch is retiring
+# of torch.ops.quantized, which torch is retiring: packing, and the product of a float input quantised on a given grid
+INT8_OPS = ("linear_prepack", "linear_with_input_q_dq_qweight_dq_output_fp32")
+TINY = torch.finfo(torch.float32).tiny  # the least scale a row takes (an all-zero row: padding)
 
 
 def int8_available() -> bool:
@@ -56,12 +64,24 @@ def _pack(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None)
         return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
+def _fixed_grid_linear(x: torch.Tensor, scale: float, zero: int, packed) -> torch.Tensor:
+    """x W^T for x (rows, in) quantised with ``scale`` and ``zero`` point (not from x's range, as a
+    dynamic product's would be, which would tie each row to the others): (rows, out), float."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zero, packed)
+
+
 class Int8Linear(nn.Module):
     """Drop-in for ``nn.Linear`` at inference: y = x W^T + b with W in int8, any leading dims. As the
     output layer (kept with ``keep_weight``), it provides the decoder's ``OutputLayer`` interface, as
-    the float ``decoder.OutputLinear`` does: ``rows`` gives a shortlist's layer. Activations are
-    quantised to 8 bits where the CPU accumulates int8 products in int32 (VNNI), else to 7 bits
-    (``reduce_range``), which keeps the products clear of int16 saturation."""
+    the float ``decoder.OutputLinear`` does: ``rows`` gives a shortlist's layer.
+
+    Each row of the input (a sentence, a hypothesis, a source token) is quantised with a scale of its
+    own, its largest magnitude, so that a row's output does not depend on the rows computed with it:
+    a sentence decodes alike alone and batched with any others. The row is divided by its scale and
+    quantised on one fixed grid over [-1, 1]; fbgemm's product accumulates in int32 (exact), and the
+    result is multiplied back by the row's scale. Activations take 8 bits where the CPU accumulates
+    int8 products in int32 (VNNI), else 7 (``reduce_range``), which keeps the products clear of int16
+    saturation."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool | None = None,
                  keep_weight: bool = False):
@@ -74,7 +94,10 @@ class Int8Linear(nn.Module):
                keep_weight: bool) -> None:
         self.in_features, self.out_features = values.size(1), values.size(0)
         self.reduce_range = reduce_range
-        self._packed = _pack(values, scales, bias)
+        self.bias = bias  # (out,) or None: added after the row's scale is applied
+        self._packed = _pack(values, scales, None)
+        levels = 63 if reduce_range else 127  # [-1, 1] onto [0, 126] or [0, 254]
+        self._grid = (1.0 / levels, levels)  # the activations' scale and zero point, the same for every row
         # the int8 weight unpacked, for ``rows`` (the output layer's, a quarter of its fp32 size)
         self._unpacked = (values, scales, bias) if keep_weight else None
 
@@ -90,13 +113,24 @@ class Int8Linear(nn.Module):
                      None if bias is None else bias.index_select(0, index), self.reduce_range, False)
         return layer
 
+    def product(self, x: torch.Tensor, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x W^T of rows x (rows, in), float, as (p, s): x W^T = p * s, p (rows, out) and each row's
+        scale s (rows, 1); without the bias, so that a caller can add it, or more, in one pass. With
+        ``scratch``, x is the caller's to lose: it is scaled in place (a pass that writes no new tensor)."""
+        x = x.detach()  # for decoding only, as the int8 product itself
+        # (rows, 1): the row's largest magnitude, from two reductions that write no (rows, in) tensor as abs would
+        scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_()).clamp_(min=TINY)
+        unit = x.div_(scale) if scratch else x / scale  # (rows, in), within [-1, 1]; a zero row stays zero
+        return _fixed_grid_linear(unit, *self._grid, self._packed), scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():  # a search step's input as it is
-            return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)  # (rows, out)
         shape = x.shape  # (..., in)
-        flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)  # (rows, out)
-        return out.view(*shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features).float()  # (rows, in)
+        return self.finish(*self.product(flat)).view(*shape[:-1], self.out_features)
+
+    def finish(self, product: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``product``'s p * s + b: the layer's output (rows, out), in p's place."""
+        return product.mul_(scale) if self.bias is None else torch.addcmul(self.bias, product, scale, out=product)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -143,7 +177,8 @@ class Int8RNNStep(nn.Module):
         for layer in range(self.layers):  # for decoding only: no dropout between layers
             h = hidden[0][layer]  # (batch, hidden)
             if self.cell == "lstm":
-                gates = self.joined[layer](torch.cat([x, h], dim=1))  # (batch, 4*hidden)
+                joined = self.joined[layer]
+                gates = joined.finish(*joined.product(torch.cat([x, h], dim=1), scratch=True))  # (batch, 4*hidden)
                 i, f, g, o = gates.chunk(4, dim=1)
                 c = torch.sigmoid(f) * hidden[1][layer] + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)
@@ -160,41 +195,90 @@ class Int8RNNStep(nn.Module):
 
 
 class Int8PackedRNN(nn.Module):
-    """The encoder's ``nn.LSTM``/``nn.GRU`` over a packed sequence with int8 weights, per row, in
-    torch's fused dynamic int8 RNN (``torch.quantized_lstm`` / ``quantized_gru``: one call, which
-    releases the interpreter lock as the fp32 one does); returns what the module it replaces returns.
-    Its activations are quantised to 7 bits (``reduce_range``) only where ``Int8Linear``'s are."""
+    """The encoder's ``nn.LSTM``/``nn.GRU`` over a packed sequence with int8 weights, per row; returns
+    what the module it replaces returns. Activations are quantised per row (``Int8Linear``): the
+    input product per source token, for all of a layer's tokens at once, the recurrent one per
+    sentence at each step, so that a sentence's encoding does not depend on the others packed with
+    it (torch's fused int8 RNN quantises each step's batch with one scale)."""
 
     def __init__(self, rnn: nn.LSTM | nn.GRU, reduce_range: bool | None = None):
         super().__init__()
         self.cell = "lstm" if isinstance(rnn, nn.LSTM) else "gru"
         self.layers, self.bidirectional, self.hidden_dim = rnn.num_layers, rnn.bidirectional, rnn.hidden_size
-        reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
-        self._params = []
+        inputs, recurrents = [], []
         for weights in rnn.all_weights:  # per layer, forward then reverse: [weight_ih, weight_hh, bias_ih, bias_hh]
-            w_ih, w_hh, b_ih, b_hh = (w.detach().float() for w in weights)
-            self._params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
-                _pack(*_quantize(w_ih), b_ih), _pack(*_quantize(w_hh), b_hh), b_ih, b_hh, reduce_range))
+            w_ih, w_hh = weights[:2]
+            b_ih, b_hh = weights[2:] or (None, None)
+            if self.cell == "lstm" and b_ih is not None:  # the LSTM adds both biases to its gates: once
+                b_ih, b_hh = b_ih + b_hh, None
+            inputs.append(Int8Linear(w_ih, b_ih, reduce_range))  # (gates*hidden, in)
+            recurrents.append(Int8Linear(w_hh, b_hh, reduce_range))  # (gates*hidden, hidden)
+        self.inputs, self.recurrents = nn.ModuleList(inputs), nn.ModuleList(recurrents)
 
     def forward(self, packed: PackedSequence):
         """packed: the embedded source, packed; returns the outputs, packed, and the final states
         (h, c) or h, each (layers * directions, batch, hidden), as ``nn.LSTM``/``nn.GRU`` started
         from zero states."""
-        data, batch_sizes = packed.data, packed.batch_sizes
+        data, sizes = packed.data, packed.batch_sizes.tolist()  # data: (tokens, in), time-major
         directions = 2 if self.bidirectional else 1
-        zeros = data.new_zeros(self.layers * directions, int(batch_sizes[0]), self.hidden_dim)
-        args = (data, batch_sizes)
-        rest = (self._params, True, self.layers, 0.0, False, self.bidirectional)
-        if self.cell == "lstm":
-            output, h, c = torch.quantized_lstm(*args, [zeros, zeros], *rest, dtype=torch.qint8, use_dynamic=True)
-            final = (h, c)
-        else:
-            output, h = torch.quantized_gru(*args, zeros, *rest)
-            final = (h,)
+        finals = []  # per layer and direction: h, or (h, c)
+        for layer in range(self.layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                gates = self.inputs[index](data)  # (tokens, gates*hidden): every token's input product at once
+                out, final = self._run(gates, sizes, self.recurrents[index], reverse=direction == 1)
+                outputs.append(out)
+                finals.append(final)
+            data = torch.cat(outputs, dim=1) if directions == 2 else outputs[0]  # (tokens, directions*hidden)
+        final = tuple(torch.stack(states) for states in zip(*finals))  # each (layers*directions, batch, hidden)
         if packed.unsorted_indices is not None:  # the states come in the packed (sorted) order
             final = tuple(x.index_select(1, packed.unsorted_indices) for x in final)
-        out = PackedSequence(output, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        out = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
         return out, final if self.cell == "lstm" else final[0]
+
+    def _run(self, gates: torch.Tensor, sizes: list[int], recurrent: Int8Linear, reverse: bool):
+        """One direction of one layer over the packed input products ``gates`` (tokens, gates*hidden):
+        the outputs (tokens, hidden), packed, and the final states, each (batch, hidden)."""
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        steps = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+        h = gates.new_zeros(sizes[0], self.hidden_dim)  # (batch, hidden): the sentences still running first
+        c = torch.zeros_like(h) if self.cell == "lstm" else None
+        final_h, final_c = torch.zeros_like(h), torch.zeros_like(h)
+        outputs = []
+        running = 0 if reverse else sizes[0]
+        for t in steps:
+            size = sizes[t]
+            if size > running:  # backwards, shorter sentences join (at their last token) from zero states
+                h = torch.cat([h[:running], h.new_zeros(size - running, self.hidden_dim)]) if running else h[:size]
+                c = None if c is None else torch.cat([c[:running], c.new_zeros(size - running, self.hidden_dim)])
+            elif size < running:  # forwards, the longest sentences go on and the others have ended
+                final_h[size:running] = h[size:]
+                if c is not None:
+                    final_c[size:running] = c[size:]
+                h = h[:size]
+                c = None if c is None else c[:size]
+            running = size
+            x = gates[starts[t]:starts[t] + size]  # (size, gates*hidden)
+            product, scale = recurrent.product(h)  # (size, gates*hidden), (size, 1)
+            if self.cell == "lstm":
+                i, f, g, o = torch.addcmul(x, product, scale).chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            else:
+                xr, xz, xn = x.chunk(3, dim=1)
+                hr, hz, hn = recurrent.finish(product, scale).chunk(3, dim=1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                n = torch.tanh(xn + r * hn)
+                h = n + z * (h - n)
+            outputs.append(h)
+        final_h[:running] = h
+        if c is not None:
+            final_c[:running] = c
+        outputs = outputs[::-1] if reverse else outputs
+        return torch.cat(outputs), ((final_h, final_c) if self.cell == "lstm" else (final_h,))
 
 
 def _int8_linear(layer: nn.Linear) -> nn.Module:
