@@ -23,6 +23,7 @@ LAYERS = [
     {"model"},
     {"quantize", "search", "schedules"},
     {"feeding"},
+    {"mrt"},
     {"checkpoint"},
     {"translator"},
     {"evaluate", "rundir", "distributed"},

@@ -1,9 +1,11 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from translate.config import load_config
+from translate.errors import ConfigError
 from translate.schedules import LRSchedule, teacher_forcing_ratio
 
 
@@ -124,3 +126,64 @@ def test_default_is_plain_teacher_forcing():
     # configs/default.yaml follows through test_config.test_the_presets_load
     cfg = load_config().train
     assert all(teacher_forcing_ratio(cfg, s) == 1.0 for s in (0, 999, 1000, 5000, 10**6))
+
+
+def phase(name, share, **extra):
+    values = {"train.teacher_forcing": name, "train.tf_phase": share, "train.tf_warmup": 1000, "train.tf_floor": 0.5,
+              "train.max_steps": 100, **extra}
+    return load_config(overrides=values).train
+
+
+def reaches(cfg, floor):
+    """The steps the plain step schedule (no phase, no warm-up) takes to reach ``floor``, by bisection."""
+    plain = replace(cfg, tf_phase=0.0, tf_warmup=0, tf_floor=0.0)
+    low, high = 0.0, 1e7
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if teacher_forcing_ratio(plain, middle) > floor else (low, middle)
+    return high
+
+
+def test_before_the_phase_is_teacher_forcing_whatever_the_warm_up():
+    cfg = phase("linear", 0.2, **{"train.tf_k": 10})
+    assert [teacher_forcing_ratio(cfg, s) for s in range(80)] == [1.0] * 80
+    assert teacher_forcing_ratio(cfg, 85) < 1.0  # inside the phase, though tf_warmup is 1000 steps
+
+
+@pytest.mark.parametrize("name,k", [("linear", 300.0), ("exponential", 0.99), ("inverse_sigmoid", 300.0)])
+def test_the_phase_stretches_the_schedule_to_reach_the_floor_at_its_end(name, k):
+    cfg = phase(name, 0.25, **{"train.tf_k": k, "train.tf_start": 0.9})
+    span = reaches(cfg, 0.5)
+    for step in range(75, 101):  # the phase: steps 75 .. 100 of 100, share (step - 75) / 25
+        plain = replace(cfg, tf_phase=0.0, tf_warmup=0)
+        assert teacher_forcing_ratio(cfg, step) == pytest.approx(teacher_forcing_ratio(plain, (step - 75) / 25 * span),
+                                                                 abs=1e-9), step
+    ratios = [teacher_forcing_ratio(cfg, s) for s in range(75, 101)]
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] == pytest.approx(0.5)
+    assert ratios[0] == teacher_forcing_ratio(replace(cfg, tf_phase=0.0, tf_warmup=0), 0)
+
+
+def test_a_time_budget_phase_follows_the_clock():
+    cfg = phase("linear", 0.5, **{"train.max_steps": 0, "train.max_minutes": 10, "train.tf_start": 1.0})
+    assert teacher_forcing_ratio(cfg, 10_000, 299.0) == 1.0  # steps do not count; the clock does
+    assert teacher_forcing_ratio(cfg, 5, 300.0) == 1.0  # the phase starts at the schedule's start
+    assert teacher_forcing_ratio(cfg, 5, 450.0) == pytest.approx(0.75)
+    assert teacher_forcing_ratio(cfg, 5, 600.0) == teacher_forcing_ratio(cfg, 5, 9000.0) == 0.5
+
+
+def test_a_constant_phase_switches_its_ratio_on():
+    cfg = phase("constant", 0.1, **{"train.tf_start": 0.7})
+    assert teacher_forcing_ratio(cfg, 89) == 1.0
+    assert teacher_forcing_ratio(cfg, 90) == teacher_forcing_ratio(cfg, 99) == 0.7
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"train.tf_phase": 1.5}, r"share of the budget in \[0, 1\]"),
+    ({"train.tf_phase": 0.2, "train.max_steps": 0, "train.max_minutes": 0, "train.max_epochs": 3},
+     "needs train.max_steps"),
+    ({"train.tf_phase": 0.2, "train.teacher_forcing": "exponential", "train.tf_k": 0.9, "train.tf_floor": 0.0},
+     "above 0"),
+])
+def test_bad_phases_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=values)

@@ -50,6 +50,64 @@ def test_resume_equals_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monk
                                                                       whole.progress.best_step)
 
 
+def ratios_and_resume(config, tmp_path, monkeypatch, stop_at):
+    """Trains ``config`` whole, then stopped after ``stop_at`` steps and resumed; asserts that the
+    two end with the same weights and returns the teacher-forcing ratio of each step taken."""
+    whole = train(config, tmp_path / "whole")
+    original, ratios = Trainer.train_step, []
+
+    def stop(self, batches, group_tokens=None):
+        ratios.append(self.progress.tf_ratio)
+        result = original(self, batches, group_tokens)
+        if self.progress.step + 1 >= stop_at:
+            self.stop_signal = "SIGTERM"
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", stop)
+    assert train(config, tmp_path / "split").progress.step == stop_at
+    monkeypatch.setattr(Trainer, "train_step", lambda self, *a: ratios.append(self.progress.tf_ratio)
+                        or original(self, *a))
+    second = train(config, tmp_path / "split", resume=True)
+    assert second.progress.step == whole.progress.step
+    weights, split = params(tmp_path / "whole"), params(tmp_path / "split")
+    for name in weights:
+        torch.testing.assert_close(split[name], weights[name], atol=1e-6, rtol=1e-5)
+    assert dev_steps(tmp_path / "split") == dev_steps(tmp_path / "whole")
+    return ratios
+
+
+def test_a_run_stopped_in_its_final_phase_resumes_as_if_uninterrupted(corpus, tiny_tokenizer_file, tmp_path,
+                                                                       monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 16, "train.eval_every": 4,
+                                                  "train.teacher_forcing": "linear", "train.tf_k": 300,
+                                                  "train.tf_floor": 0.5, "train.tf_phase": 0.5})
+    ratios = ratios_and_resume(config, tmp_path, monkeypatch, stop_at=11)  # stopped 3 steps into the phase
+    assert ratios[:8] == [1.0] * 8  # teacher forcing before the phase, the tiny runs' warm-up of 5 steps no matter
+    assert ratios[8:] == pytest.approx([1.0 - 0.5 * i / 8 for i in range(8)])  # 1 down towards 0.5 over the phase
+
+
+def test_a_finetuning_run_has_its_final_phase_in_its_own_budget(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    train(tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 4, "train.eval_every": 4}), tmp_path / "source")
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 8, "train.eval_every": 4,
+                                                  "train.teacher_forcing": "constant", "train.tf_start": 0.6,
+                                                  "train.tf_floor": 0.5, "train.tf_phase": 0.25,
+                                                  "train.init_from": str(tmp_path / "source")})
+    original, ratios = Trainer.train_step, []
+    monkeypatch.setattr(Trainer, "train_step", lambda self, *a: ratios.append(self.progress.tf_ratio)
+                        or original(self, *a))
+    train(config, tmp_path / "finetuned")
+    assert ratios == [1.0] * 6 + [0.6] * 2  # counted from the fine-tuning run's first step
+
+
+def test_an_mrt_run_resumes_as_if_uninterrupted(corpus, tiny_tokenizer_file, tmp_path, monkeypatch):
+    config = tiny(corpus, tiny_tokenizer_file, **{"train.max_steps": 6, "train.eval_every": 3,
+                                                  "train.teacher_forcing": "constant", "train.objective": "mrt",
+                                                  "train.mrt_samples": 2, "train.mrt_greedy": True})
+    ratios_and_resume(config, tmp_path, monkeypatch, stop_at=4)
+    logged = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] is None or 0 <= r["loss"] <= 1 for r in logged if r["kind"] == "train")  # a risk per token
+
+
 def dev_steps(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["step"] for line in lines if '"kind": "dev"' in line]

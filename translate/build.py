@@ -36,6 +36,7 @@ from .distributed import World, barrier, broadcast, init_world, leave
 from .encoded import Encoded, tokenize_corpus
 from .errors import ConfigError, DataError
 from .model import build_model
+from .mrt import MinimumRisk
 from .rundir import MetricsLog, ProgressLine, TrainLog, open_run_dir, refuse_a_run, write_config
 from .runtime import amp_dtype, seed_everything, select_device, set_rng_state
 from .schedules import LRSchedule, scaled_lr
@@ -173,7 +174,9 @@ def build_learner(config: Config, world: World, tokenizer: Tokenizer, device: to
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).to(device)
     peak_lr = scaled_lr(cfg, world.size)
     precision = training_precision(world, device, cfg.amp, saved_precision)
-    return Learner(model, ScheduledForward(model, cfg), make_adam(model, peak_lr), LRSchedule(cfg, peak_lr),
+    # the training pass of train.objective: scheduled teacher forcing's cross-entropy, or minimum risk training
+    forward = MinimumRisk(model, cfg, tokenizer) if cfg.objective == "mrt" else ScheduledForward(model, cfg)
+    return Learner(model, forward, make_adam(model, peak_lr), LRSchedule(cfg, peak_lr),
                    torch.amp.GradScaler("cuda", enabled=precision == torch.float16), device, precision)
 
 

@@ -158,6 +158,20 @@ class TrainConfig:
     # reads the mixed inputs; sequential: exact, token by token
     scheduled_sampling: Literal["sequential", "parallel"] = "parallel"
     tf_passes: int = 1  # (parallel) passes that predict before the trained one (Duckworth et al., 2019)
+    # a final phase: the share of the run's budget (of max_steps, else of max_minutes) at its end in which the
+    # teacher-forcing schedule runs, stretched over the phase to reach tf_floor at its end (tf_warmup and the step
+    # counts of tf_k do not apply); plain teacher forcing before it; 0: the schedule counts steps from the start
+    tf_phase: float = 0.0
+    # the training objective: mle (cross-entropy of the gold tokens, with the teacher-forcing keys above) or mrt,
+    # minimum risk training (Shen et al., 2016): the expected risk over the model's own candidates, a fine-tuning
+    # objective (docs/training.md); mrt uses no label smoothing and no teacher-forcing schedule
+    objective: Literal["mle", "mrt"] = "mle"
+    mrt_samples: int = 4  # (mrt) candidates sampled from the model per source sentence
+    mrt_reference: bool = False  # (mrt) the reference is a candidate too
+    mrt_greedy: bool = False  # (mrt) the greedy translation is a candidate too
+    mrt_alpha: float = 0.005  # (mrt) smoothness: Q(y|x) is proportional to p(y|x) ** mrt_alpha over the candidates
+    # (mrt) the risk, 1 - metric / 100: sentence BLEU (sacrebleu, exponential smoothing) or chrF, on detokenized text
+    mrt_metric: Literal["bleu", "chrf"] = "bleu"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU is visible, else the CPU
     # mixed precision. auto: bf16 on GPUs and CPUs with native bf16, fp16 (with loss scaling) on older
     # GPUs, none on other CPUs; bf16, fp16: that type (fp16 on CUDA only); off: full precision (docs/training.md)
@@ -272,6 +286,7 @@ class Config:
         if t.tf_feed == "sentence" and t.scheduled_sampling != "parallel":
             raise ConfigError("train.tf_feed=sentence chooses whole candidate sentences, so it needs "
                               "train.scheduled_sampling=parallel")
+        self._validate_phase_and_objective()
         if t.teacher_forcing == "linear" and t.tf_k <= 0:
             raise ConfigError(f"train.tf_k must be positive for the linear schedule, got {t.tf_k}")
         if t.dist_timeout_minutes <= 0:
@@ -284,6 +299,28 @@ class Config:
         if self.data.mix and self.data.streaming:
             raise ConfigError("data.mix samples the mixed corpus anew each epoch, which a stream cannot; "
                               "drop data.streaming (--streaming) or data.mix (--mix)")
+
+
+    def _validate_phase_and_objective(self) -> None:
+        """The final phase of scheduled teacher forcing and minimum risk training."""
+        t = self.train
+        if not 0 <= t.tf_phase <= 1:
+            raise ConfigError(f"train.tf_phase must be a share of the budget in [0, 1], got {t.tf_phase}")
+        if t.tf_phase > 0 and not (t.max_steps or t.max_minutes):
+            raise ConfigError("train.tf_phase is a share of the run's budget: it needs train.max_steps or "
+                              "train.max_minutes (--max-steps, --max-minutes)")
+        if t.tf_phase > 0 and t.teacher_forcing in ("exponential", "inverse_sigmoid") and t.tf_floor <= 0:
+            raise ConfigError(f"train.tf_phase stretches the {t.teacher_forcing} schedule to reach train.tf_floor "
+                              f"at the phase's end, which it never does at 0; set train.tf_floor above 0")
+        if t.objective == "mrt":
+            if t.mrt_samples < 0 or t.mrt_samples + t.mrt_reference + t.mrt_greedy < 1:
+                raise ConfigError("train.objective=mrt needs at least one candidate: train.mrt_samples >= 1, or "
+                                  "train.mrt_reference or train.mrt_greedy")
+            if not (math.isfinite(t.mrt_alpha) and t.mrt_alpha > 0):
+                raise ConfigError(f"train.mrt_alpha must be a positive number, got {t.mrt_alpha}")
+            if t.tf_phase > 0 or t.teacher_forcing != "constant" or t.tf_start < 1:
+                raise ConfigError("train.objective=mrt trains on the model's own translations, with no "
+                                  "teacher-forcing schedule: drop train.tf_phase and train.teacher_forcing")
 
 
 def _bahdanau_alone(decoder: Any, sets_feeding: bool) -> bool:

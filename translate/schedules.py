@@ -22,11 +22,48 @@ from .config import TrainConfig
 # ---------------------------------------------------------------- teacher forcing
 
 
-def teacher_forcing_ratio(cfg: TrainConfig, step: int) -> float:
-    """Probability of feeding the gold token at ``step`` (0-based); 1.0 during the warm-up."""
+def teacher_forcing_ratio(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
+    """Probability of feeding the gold token at ``step`` (0-based) after ``elapsed`` seconds of
+    training: 1.0 during the warm-up, or before the final phase (``tf_phase``), whose share done
+    stretches the schedule over it (``phase_share``)."""
+    if cfg.tf_phase > 0:
+        share = phase_share(cfg, step, elapsed)
+        return 1.0 if share is None else schedule_ratio(cfg, share * steps_to_floor(cfg))
     if step < cfg.tf_warmup:
         return 1.0
-    s = step - cfg.tf_warmup
+    return schedule_ratio(cfg, step - cfg.tf_warmup)
+
+
+def phase_share(cfg: TrainConfig, step: int, elapsed: float) -> float | None:
+    """How much of the final phase (the last ``tf_phase`` of ``max_steps``, else of ``max_minutes``,
+    as the linear LR schedule reads the budget) is done at ``step`` after ``elapsed`` seconds, in
+    [0, 1]; None before the phase. A function of the step and the run's clock, both restored by
+    ``--resume``, so a resumed run crosses into the phase where an uninterrupted one does."""
+    if cfg.max_steps:
+        done = step / cfg.max_steps
+    elif cfg.max_minutes:
+        done = elapsed / (cfg.max_minutes * 60)
+    else:  # (the config refuses a phase without a budget)
+        return None
+    start = 1.0 - cfg.tf_phase
+    return None if done < start else min(1.0, (done - start) / cfg.tf_phase)
+
+
+def steps_to_floor(cfg: TrainConfig) -> float:
+    """The steps the step schedule takes from its start down to ``tf_floor`` (0 when it starts at
+    or below it; ``constant`` never falls): the span that a final phase stretches over itself."""
+    floor, k = cfg.tf_floor, cfg.tf_k
+    if cfg.teacher_forcing == "linear":
+        return max(0.0, (cfg.tf_start - floor) * k)
+    if cfg.teacher_forcing == "exponential":
+        return 0.0 if k >= 1 or floor >= 1 else math.log(floor) / math.log(k)
+    if cfg.teacher_forcing == "inverse_sigmoid":  # k / (k + exp(s / k)) = floor
+        return max(0.0, k * math.log(k * (1.0 - floor) / floor)) if floor < 1 else 0.0
+    return 0.0
+
+
+def schedule_ratio(cfg: TrainConfig, s: float) -> float:
+    """The step schedule's ratio ``s`` steps after its start, never below ``tf_floor``."""
     if cfg.teacher_forcing == "constant":
         ratio = cfg.tf_start
     elif cfg.teacher_forcing == "linear":

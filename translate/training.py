@@ -47,14 +47,18 @@ MAX_NONFINITE = 5  # consecutive non-finite steps before the run stops
 
 class ScheduledForward(nn.Module):
     """The training forward pass as a module of its own, so DistributedDataParallel can wrap it
-    (DDP synchronises gradients for what runs through a wrapped module's ``forward``)."""
+    (DDP synchronises gradients for what runs through a wrapped module's ``forward``): the
+    summed (label-smoothed) cross-entropy of the gold tokens under scheduled teacher forcing.
+    ``mrt.MinimumRisk`` is the other objective's pass (``train.objective``), with the same call."""
 
     def __init__(self, model: Seq2Seq, cfg: TrainConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
 
     def forward(self, batch: Batch, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return scheduled_logits(self.model, batch, ratio, self.cfg)
+        """The loss summed over the batch's target tokens, and what was fed (``scheduled_logits``)."""
+        logits, fed = scheduled_logits(self.model, batch, ratio, self.cfg)
+        return sequence_loss(logits, batch.tgt_out, self.cfg.label_smoothing), fed
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -192,8 +196,7 @@ class Trainer:
             accumulating = self.world.distributed and i < len(batches) - 1
             with self.forward.no_sync() if accumulating else contextlib.nullcontext():  # sync once, at the end
                 with autocast_for(self.device, self.amp_dtype):
-                    logits, fed = self.forward(batch, self.progress.tf_ratio)
-                loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing)
+                    loss, fed = self.forward(batch, self.progress.tf_ratio)
                 self.scaler.scale(loss * scale).backward()
             total += loss.detach()
             self.speed.fed += fed
@@ -305,7 +308,7 @@ class Trainer:
                 while reason is None:
                     for my_batches, group_tokens in self._epoch_steps():
                         # 1. train one step at this step's teacher-forcing ratio
-                        p.tf_ratio = teacher_forcing_ratio(cfg, p.step)
+                        p.tf_ratio = teacher_forcing_ratio(cfg, p.step, p.elapsed)
                         loss, tokens = self.guarded_step(my_batches, group_tokens)
                         p.step += 1
                         p.tokens += tokens
