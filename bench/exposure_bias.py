@@ -23,6 +23,27 @@ hallucination looks like here) and the length ratio, then a paired bootstrap tes
 A configuration is NAME=KEY=VALUE,KEY=VALUE (NAME= for the defaults). The machine must be
 otherwise idle: the budget is wall time, so a busy machine trains fewer steps.
 
+Fine-tuning mode (``--base CKPT``): scheduled teacher forcing where the literature finds its gains,
+after teacher forcing has trained the model. From one converged checkpoint, every arm of
+``FINETUNE_VARIANTS`` (continued teacher forcing first, the baseline; each scheduled-sampling
+variant as a final phase over the whole fine-tuning run, ``train.tf_phase=1``; minimum risk
+training, ``train.objective=mrt``) fine-tunes for the same budget (``--minutes`` of wall time, or
+``--steps``) with ``translate train --init-from CKPT``, in two settings:
+
+(a) ``tatoeba``: continuing on the bundled training data (its dev set picks best.pt), scored on
+    the bundled test, its longest fifth and the Bible dev verses (evaluation only);
+(b) ``bible``: fine-tuning on ``../shared/data/bible-es-en.train.tsv`` less 500 verses held out as
+    the dev set (``domain.bible_split``), scored on the Bible dev verses (and the bundled test, for
+    what is forgotten).
+
+Each setting gets a table (means ± standard deviations over seeds, degenerate-output rates, the
+base model's own row) and paired bootstrap tests against continued teacher forcing; setting (a)
+is judged by the issue's goal (``GOAL``). Runs go to OUT/<setting>-<arm>-s<seed>, results to
+RESULTS/<setting>-<arm>-s<seed>.json.gz (``bench/results/exposure-finetune``):
+
+    python bench/exposure_bias.py --base checkpoints/default/best.pt --minutes 5 --seeds 1,2,3 \
+        --set train.lr=0.0003 --json bench/results/exposure_finetune.json --doc docs/benchmarks.md
+
 Every finished run leaves its translations, steps and command in RESULTS/<name>-s<seed>.json.gz
 (``bench/results/exposure`` by default, kept in git): the table is made again from those, and a
 later session goes on with the runs that are missing, seed by seed (one seed of every
@@ -39,6 +60,7 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
@@ -46,6 +68,7 @@ from sacrebleu.significance import PairedTest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, evaluation_sets, figures, long_fifth, write_between
+from domain import bible_split
 
 from translate.runtime import configure_process
 from translate.translator import DecodeOptions, Translator
@@ -68,6 +91,15 @@ DEFAULT_VARIANTS = [  # teacher forcing first: the baseline of the paired tests
     f"two-passes={_SCHEDULED},train.tf_passes=2",
     f"sentence-oracle={_SCHEDULED},train.tf_feed=sentence",
 ]
+
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """NAME=KEY=VALUE,KEY=VALUE,... -> {NAME: ["KEY=VALUE", ...]}, in the order given."""
+    variants = {}
+    for spec in specs:
+        name, _, sets = spec.partition("=")
+        variants[name] = [item for item in sets.split(",") if item]
+    return variants
+
 
 def train(run_dir: Path, seed: int, overrides: list[str], minutes: float | None) -> None:
     command = ["translate", "train", "--run-dir", str(run_dir), "--set", f"train.seed={seed}"]
@@ -155,21 +187,32 @@ def main() -> None:
                         help="a configuration (repeatable; default: the scheduled-sampling set in DEFAULT_VARIANTS)")
     parser.add_argument("--seeds", default="1234,2,3", help="comma-separated training seeds")
     parser.add_argument("--minutes", type=float, help="training budget (default: the config's, 25)")
-    parser.add_argument("--out", default="checkpoints/exposure", help="where the runs go")
-    parser.add_argument("--results", default="bench/results/exposure",
-                        help="where each finished run's translations are kept (and found again)")
+    parser.add_argument("--out", help="where the runs go (default checkpoints/exposure, or checkpoints/"
+                        "exposure-finetune with --base)")
+    parser.add_argument("--results", help="where each finished run's translations are kept (and found again; "
+                        "default bench/results/exposure, or bench/results/exposure-finetune with --base)")
     parser.add_argument("--json", dest="json_path", help="also write every figure to this JSON file")
     parser.add_argument("--eval-only", action="store_true", help="score the runs that exist; train none")
     parser.add_argument("--doc", help="rewrite the table between this file's exposure-bias markers "
                         "(docs/benchmarks.md)")
     parser.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
+    finetuning = parser.add_argument_group("fine-tuning mode (--base)")
+    finetuning.add_argument("--base", help="fine-tune this converged checkpoint in every arm (FINETUNE_VARIANTS)")
+    finetuning.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    finetuning.add_argument("--steps", type=int, help="a budget of updates instead of --minutes")
+    finetuning.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="a train.* setting for every fine-tuning run (e.g. train.lr=0.0003)")
+    finetuning.add_argument("--threads", type=int, default=0, help="train.threads of each run (0: torch's default)")
+    finetuning.add_argument("--limit", type=int, default=0,
+                            help="score only the first N sentences of each set (a smoke test; 0: all)")
     args = parser.parse_args()
     configure_process()
+    if args.base:
+        finetune_main(args)
+        return
 
-    variants = {}
-    for spec in args.variant or DEFAULT_VARIANTS:
-        name, _, sets = spec.partition("=")
-        variants[name] = [item for item in sets.split(",") if item]
+    args.out, args.results = args.out or "checkpoints/exposure", args.results or "bench/results/exposure"
+    variants = parse_variants(args.variant or DEFAULT_VARIANTS)
     seeds = [int(s) for s in args.seeds.split(",")]
     sets = evaluation_sets()
     test_src, test_tgt = sets["test"]
@@ -279,7 +322,8 @@ def doc_table(summary: dict, tests: dict, verdicts: dict) -> str:
     return "\n".join(lines)
 
 
-def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: int) -> dict:
+def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: int,
+                 keys: Sequence[str] = ("bible.b1", "long.b1", "test.b1", "bible.b5")) -> dict:
     """BLEU and chrF of every configuration against the first, paired by seed and sentence: the
     outputs of the seeds both have, one after another, as one system each."""
     outputs = {(r["variant"], r["seed"]): r["outputs"] for r in runs}
@@ -290,7 +334,7 @@ def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: 
         common = sorted(seeds[names[0]] & seeds[name])
         if not common:
             continue
-        for key in ("bible.b1", "long.b1", "test.b1", "bible.b5"):
+        for key in keys:
             refs = references[key.split(".")[0]] * len(common)
             systems = [(n, [line for seed in common for line in outputs[n, seed][key]]) for n in (names[0], name)]
             for metric_name, metric in (("BLEU", BLEU()), ("chrF", CHRF())):
@@ -299,6 +343,238 @@ def paired_tests(runs: list[dict], variants: dict, references: dict, resamples: 
                 tests.setdefault(f"{key} {metric_name}", {})[name] = {
                     "delta": other.score - base.score, "p": other.p_value, "seeds": len(common)}
     return tests
+
+# ---------------------------------------------------------------- fine-tuning mode (--base)
+
+SETTINGS = ("tatoeba", "bible")
+# The whole fine-tuning run is the final phase (train.tf_phase=1): each schedule falls from its start to its
+# floor over the run's budget, whatever the machine's speed. Continued teacher forcing first: the baseline.
+_PHASE = "train.tf_phase=1,train.teacher_forcing=inverse_sigmoid"
+FINETUNE_VARIANTS = [
+    "teacher-forcing=train.teacher_forcing=constant,train.tf_start=1.0",
+    f"inverse-sigmoid={_PHASE}",
+    "linear-0.5=train.tf_phase=1,train.teacher_forcing=linear,train.tf_floor=0.5",
+    f"position={_PHASE},train.tf_floor=0.5,train.tf_position=linear,train.tf_position_k=20",
+    f"sample={_PHASE},train.tf_feed=sample,train.tf_tau=0.5",
+    f"confidence={_PHASE},train.tf_select=confidence,train.tf_confidence=0.9,train.tf_noise=0.95",
+    f"two-passes={_PHASE},train.tf_passes=2",
+    f"sentence-oracle={_PHASE},train.tf_feed=sentence",
+    # Shen et al. (2016) as Wang & Sennrich (2020) fine-tuned with it: 4 samples, alpha 0.005, no label smoothing
+    "mrt=train.objective=mrt,train.mrt_samples=4,train.mrt_alpha=0.005,train.mrt_metric=bleu",
+]
+SCORED = {"tatoeba": ("test", "long", "bible"), "bible": ("bible", "test")}
+
+
+def finetune_command(setting: str, run_dir: Path, seed: int, overrides: list[str], args) -> list[str]:
+    """``translate train --init-from BASE`` for one arm, setting and seed, at the bench's budget."""
+    command = ["translate", "train", "--init-from", str(Path(args.base).resolve()), "--run-dir", str(run_dir),
+               "--set", f"train.seed={seed}"]
+    if setting == "bible":
+        bible_train, bible_dev = bible_split(Path(args.out))
+        command += ["--train", str(bible_train), "--dev", str(bible_dev)]
+    command += ["--max-steps", str(args.steps)] if args.steps else ["--max-minutes", str(args.minutes)]
+    if args.threads:
+        command += ["--set", f"train.threads={args.threads}"]
+    for item in [*args.set, *overrides]:  # the arm's own settings last: they win
+        command += ["--set", item]
+    return command
+
+
+def finetuned_run(setting: str, name: str, seed: int, overrides: list[str], sets: dict, args) -> dict | None:
+    """One fine-tuning run, scored and kept (RESULTS/<setting>-<name>-s<seed>.json.gz), or what was
+    kept before; None when there is nothing and --eval-only forbids training. A run stopped midway
+    (its last.pt without the done mark) is resumed."""
+    results = Path(args.results)
+    kept = results / f"{setting}-{name}-s{seed}.json.gz"
+    budget = {"steps": args.steps} if args.steps else {"minutes": args.minutes}
+    if kept.is_file():
+        with gzip.open(kept, "rt", encoding="utf-8") as source:
+            run = json.load(source)
+        if (run["overrides"], run["budget"], run["common"], run["limit"]) != (overrides, budget, args.set, args.limit):
+            sys.exit(f"{kept} was made with {run['overrides']}, {run['budget']}, --set {run['common']}, --limit "
+                     f"{run['limit']}; move it away to run it again")
+        return run
+    run_dir = Path(args.out) / f"{setting}-{name}-s{seed}"
+    command = finetune_command(setting, run_dir, seed, overrides, args)
+    done = run_dir / "quality-done"
+    if not done.is_file():
+        if args.eval_only:
+            return None
+        resume = ["--resume"] if (run_dir / "last.pt").is_file() else []
+        print("$", " ".join(command + resume), flush=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = run_dir.parent / f"{run_dir.name}.train.log"
+        with open(log, "a", encoding="utf-8") as out:
+            code = subprocess.call(command + resume, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        if code != 0:
+            sys.exit(f"training failed (exit {code}); see {log}")
+        done.write_text(" ".join(command) + "\n", encoding="utf-8")
+    run = {"setting": setting, "variant": name, "seed": seed, "overrides": overrides, "budget": budget,
+           "common": args.set, "limit": args.limit, "base": str(args.base), "steps": steps_trained(run_dir),
+           "command": " ".join(command), "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
+           "precision": training_precision(run_dir), "outputs": outputs(run_dir, sets)}
+    write_kept(kept, run)
+    return run
+
+
+def write_kept(path: Path, run: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with gzip.open(partial, "wt", encoding="utf-8") as sink:
+        json.dump(run, sink)
+    partial.replace(path)
+
+
+def base_run(sets: dict, args) -> dict:
+    """The base checkpoint itself, decoded once: where every arm starts (RESULTS/base.json.gz)."""
+    kept = Path(args.results) / "base.json.gz"
+    if kept.is_file():
+        with gzip.open(kept, "rt", encoding="utf-8") as source:
+            run = json.load(source)
+        if (run["base"], run["limit"]) == (str(args.base), args.limit):
+            return run
+    work = Path(args.out) / "base"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "best.pt").unlink(missing_ok=True)
+    (work / "best.pt").symlink_to(Path(args.base).resolve())
+    for stale in (work / "eval").glob("*.txt") if (work / "eval").is_dir() else ():
+        stale.unlink()  # another base, or another --limit
+    run = {"variant": "base", "seed": 0, "base": str(args.base), "limit": args.limit, "outputs": outputs(work, sets)}
+    write_kept(kept, run)
+    return run
+
+
+def finetune_sets(args) -> tuple[dict, dict, list[int]]:
+    """The sets every run decodes (sources and references), the references of every scored key
+    and the indices of the test's longest fifth; the first ``--limit`` sentences of each set when given."""
+    sets = evaluation_sets()
+    if args.limit:
+        sets = {name: (src[: args.limit], ref[: args.limit]) for name, (src, ref) in sets.items()}
+    longest = long_fifth(sets["test"][0])
+    references = {"test": sets["test"][1], "long": [sets["test"][1][i] for i in longest], "bible": sets["bible"][1]}
+    return sets, references, longest
+
+
+def scored(run: dict, references: dict, longest: list[int], keys: tuple[str, ...]) -> dict:
+    """The run's figures on ``keys`` (test, long, bible) at every beam; the long fifth is the test's subset."""
+    for beam in BEAMS:
+        run["outputs"][f"long.b{beam}"] = [run["outputs"][f"test.b{beam}"][i] for i in longest]
+    run["scores"] = {f"{key}.b{beam}": figures(run["outputs"][f"{key}.b{beam}"], references[key])
+                     for key in keys for beam in BEAMS}
+    return run
+
+
+def finetune_columns(setting: str) -> list[tuple[str, str]]:
+    """(key, metric) of a setting's table and summary: BLEU and chrF of its sets, degenerate outputs."""
+    columns = [(f"{key}.b{beam}", metric) for key in SCORED[setting] for beam in BEAMS for metric in ("bleu", "chrf")]
+    if setting == "tatoeba":
+        columns = [c for c in columns if not c[0].startswith("long")] + [("long.b1", "bleu"), ("long.b5", "bleu")]
+    return columns + [("bible.b1", "degenerate"), ("bible.b5", "degenerate"), ("bible.b1", "length_ratio")]
+
+
+def finetune_summary(runs: list[dict], names: list[str], columns: list[tuple[str, str]]) -> dict:
+    summary = {}
+    for name in names:
+        mine = [r for r in runs if r["variant"] == name]
+        if mine:
+            summary[name] = {"seeds": [r["seed"] for r in mine], "steps": mean_sd([r.get("steps", 0) for r in mine]),
+                             "trained": sorted({f"{r['machine']}, {r.get('precision', 'unknown')}"
+                                                for r in mine if "machine" in r}),
+                             **{f"{key} {metric}": mean_sd([r["scores"][key][metric] for r in mine])
+                                for key, metric in columns}}
+    return summary
+
+
+FINETUNE_DOC = {  # the columns each setting's table in docs/benchmarks.md shows
+    "tatoeba": [("test.b5 bleu", "test BLEU b5"), ("test.b1 bleu", "test BLEU greedy"),
+                ("long.b1 bleu", "long fifth BLEU greedy"), ("bible.b1 bleu", "Bible BLEU greedy"),
+                ("bible.b1 chrf", "Bible chrF greedy"), ("bible.b5 bleu", "Bible BLEU b5"),
+                ("bible.b1 degenerate", "Bible degenerate % greedy"), ("bible.b5 degenerate", "Bible degenerate % b5")],
+    "bible": [("bible.b1 bleu", "Bible BLEU greedy"), ("bible.b1 chrf", "Bible chrF greedy"),
+              ("bible.b5 bleu", "Bible BLEU b5"), ("bible.b5 chrf", "Bible chrF b5"),
+              ("bible.b1 degenerate", "Bible degenerate % greedy"), ("bible.b5 degenerate", "Bible degenerate % b5"),
+              ("test.b1 bleu", "test BLEU greedy (forgotten?)")],
+}
+FINETUNE_BEGIN = "<!-- exposure-bias finetune table: begin -->"
+FINETUNE_END = "<!-- exposure-bias finetune table: end -->"
+
+
+def finetune_doc(results: dict, args) -> str:
+    """Both settings' tables, their paired tests and the goal, for docs/benchmarks.md."""
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} minutes"
+    lines = [f"Fine-tuning `{args.base}` for {budget} a run"
+             + (f" (`--set {' '.join(args.set)}`)" if args.set else "") + "; made by `python bench/exposure_bias.py "
+             "--base ...`. Mean ± standard deviation over seeds; greedy and beam 5 with today's default decoding."]
+    for setting, part in results.items():
+        columns = FINETUNE_DOC[setting]
+        title = {"tatoeba": "(a) continuing on the bundled Tatoeba data",
+                 "bible": "(b) fine-tuning on the Bible verses"}[setting]
+        head = "| arm | seeds | steps | " + " | ".join(t for _, t in columns) + (" | goal |" if part["goal"] else " |")
+        lines += ["", f"**{title}**, trained on {'; '.join(trained_on(part['summary'])) or 'no run yet'}:", "",
+                  head, "|---|---|---|" + "---|" * (len(columns) + bool(part["goal"]))]
+        for name, row in part["summary"].items():
+            cells = [f"`{name}`", str(len(row["seeds"])) if name != "base" else "–",
+                     f"{row['steps'][0]:,.0f}" if name != "base" else "0"]
+            cells += [f"{row[key][0]:.2f} ± {row[key][1]:.2f}" if key in row else "–" for key, _ in columns]
+            if part["goal"]:
+                cells.append("–" if name == "base" else part["goal"].get(name, "(baseline)").split(":")[0])
+            lines.append("| " + " | ".join(cells) + " |")
+        if part["paired"]:
+            baseline = next(name for name in part["summary"] if name != "base")
+            lines.append(f"\nPaired bootstrap against `{baseline}` (the seeds "
+                         f"both have, outputs pooled; n: how many seeds; p: the chance of a difference this large by "
+                         f"luck):\n")
+        for key, found in part["paired"].items():
+            lines.append(f"- {key}: " + "; ".join(
+                f"`{name}` {r['delta']:+.2f} (n = {r['seeds']}, p = {r['p']:.3f})" for name, r in found.items()))
+    return "\n".join(lines)
+
+
+def finetune_main(args) -> None:
+    """The fine-tuning mode: every setting, seed and arm, then the tables."""
+    if not Path(args.base).is_file():
+        sys.exit(f"no checkpoint at {args.base}")
+    if bool(args.steps) == (args.minutes is not None):
+        sys.exit("give the fine-tuning budget as --minutes or as --steps (one of them)")
+    args.out = args.out or "checkpoints/exposure-finetune"
+    args.results = args.results or "bench/results/exposure-finetune"
+    settings = [s for s in args.settings.split(",") if s]
+    if set(settings) - set(SETTINGS):
+        sys.exit(f"unknown setting {sorted(set(settings) - set(SETTINGS))[0]!r}; use {', '.join(SETTINGS)}")
+    variants = parse_variants(args.variant or FINETUNE_VARIANTS)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sets, references, longest = finetune_sets(args)
+    base = base_run(sets, args)
+    results = {}
+    for setting in settings:
+        keys, runs = SCORED[setting], []
+        for seed in seeds:  # one seed of every arm first: the table fills in evenly
+            for name, overrides in variants.items():
+                run = finetuned_run(setting, name, seed, overrides, sets, args)
+                if run is not None:
+                    runs.append(scored(run, references, longest, keys))
+                    print(f"{setting} {name} seed {seed}: " + ", ".join(
+                        f"{k} BLEU {v['bleu']:.2f}" for k, v in run["scores"].items()), flush=True)
+        columns = finetune_columns(setting)
+        columns = [c for c in columns if c[0].split(".")[0] in keys]
+        summary = finetune_summary([scored(dict(base, outputs=dict(base["outputs"])), references, longest, keys)]
+                                   + runs, ["base", *variants], columns)
+        tested = paired_tests(runs, variants, references, args.resamples,
+                              [key for key in ("bible.b1", "long.b1", "test.b1", "bible.b5") if key[:-3] in keys])
+        arms = {name: row for name, row in summary.items() if name != "base"}
+        verdicts = goal(arms) if setting == "tatoeba" else {}
+        results[setting] = {"summary": summary, "paired": tested, "goal": verdicts,
+                            "runs": [{k: v for k, v in r.items() if k != "outputs"} for r in runs]}
+        print(f"\n{setting}:")
+        for name, verdict in verdicts.items():
+            print(f"goal against {next(iter(arms))}: {name}: {verdict}")
+    text = finetune_doc(results, args)
+    print("\n" + text)
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    if args.doc:
+        write_between(Path(args.doc), FINETUNE_BEGIN, FINETUNE_END, text)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def test_sequence_log_probs_are_the_step_by_step_sums(tokenizer, decoder):
                 logits, s, _ = model.decode_step(torch.tensor([prev]), m, s)
                 total += logits.log_softmax(-1)[0, token].item()
                 prev = token
-            assert float(got[b, c]) == pytest.approx(total, abs=1e-4)
+            assert got[b, c].item() == pytest.approx(total, abs=1e-4)
 
 
 def test_duplicates_count_once():
