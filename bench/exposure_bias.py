@@ -361,6 +361,8 @@ FINETUNE_VARIANTS = [
     f"sentence-oracle={_PHASE},train.tf_feed=sentence",
     # Shen et al. (2016) as Wang & Sennrich (2020) fine-tuned with it: 4 samples, alpha 0.005, no label smoothing
     "mrt=train.objective=mrt,train.mrt_samples=4,train.mrt_alpha=0.005,train.mrt_metric=bleu",
+    # the n-best of a beam of 4 instead of samples (Edunov et al., 2018)
+    "mrt-beam=train.objective=mrt,train.mrt_samples=4,train.mrt_search=beam,train.mrt_alpha=0.005",
 ]
 SCORED = {"tatoeba": ("test", "long", "bible"), "bible": ("bible", "test")}
 

@@ -180,12 +180,13 @@ def test_duplicates_count_once():
     assert distinct(tokens).tolist() == [[True, False, True], [True, False, False]]
 
 
+@pytest.mark.parametrize("search", ["sample", "beam"])
 @pytest.mark.parametrize("decoder", list(DECODERS))
-def test_mrt_trains_every_decoder(tokenizer, decoder):
+def test_mrt_trains_every_decoder(tokenizer, decoder, search):
     kind, feeding_on = DECODERS[decoder]
     config = load_config(overrides={"model.embed_dim": 16, "model.hidden_dim": 32, "model.decoder": kind,
                                     "model.input_feeding": feeding_on, "train.objective": "mrt",
-                                    "train.mrt_greedy": True, "train.mrt_metric": "chrf"})
+                                    "train.mrt_greedy": True, "train.mrt_metric": "chrf", "train.mrt_search": search})
     torch.manual_seed(0)
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).train()
     loss, _ = MinimumRisk(model, config.train, tokenizer)(tiny_batch(tokenizer))
@@ -205,3 +206,17 @@ def test_mrt_trains_every_decoder(tokenizer, decoder):
 def test_bad_mrt_settings_are_config_errors(values, message):
     with pytest.raises(ConfigError, match=message):
         mrt_cfg(**values)
+
+
+def test_beam_candidates_are_the_n_best_of_beam_search(tiny_model, tokenizer):
+    from translate.search import beam_search
+
+    batch = tiny_batch(tokenizer)
+    memory, state = tiny_model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    tokens = candidates(tiny_model, batch, memory, state, mrt_cfg(mrt_samples=3, mrt_search="beam"))
+    limit = int(batch.tgt_out.size(1) * 1.5) + 5
+    nbest = beam_search(tiny_model, memory, state, 3, torch.full((3,), limit), alpha=0.0, n_best=3)
+    for b, hypotheses in enumerate(nbest):
+        expected = [h.tokens[: limit - 1] + [EOS] for h in hypotheses]
+        expected += [expected[0]] * (3 - len(expected))  # too few finished: the first again, counted once
+        assert [row[: row.index(EOS) + 1] for row in tokens[b].tolist()] == expected

@@ -167,6 +167,9 @@ class TrainConfig:
     # objective (docs/training.md); mrt uses no label smoothing and no teacher-forcing schedule
     objective: Literal["mle", "mrt"] = "mle"
     mrt_samples: int = 4  # (mrt) candidates sampled from the model per source sentence
+    # (mrt) how the mrt_samples candidates are found: samples of the model's distribution (Shen et al. 2016), or
+    # the n-best of a beam search that wide, without length penalty
+    mrt_search: Literal["sample", "beam"] = "sample"
     mrt_reference: bool = False  # (mrt) the reference is a candidate too
     mrt_greedy: bool = False  # (mrt) the greedy translation is a candidate too
     mrt_alpha: float = 0.005  # (mrt) smoothness: Q(y|x) is proportional to p(y|x) ** mrt_alpha over the candidates

@@ -3,8 +3,9 @@ Translation"): a sequence-level objective over the model's own translations, for
 model that teacher forcing has trained (``train.objective=mrt``).
 
 For each source ``x`` the model proposes candidates ``S(x)``: ``train.mrt_samples`` samples of
-its own distribution, and with ``mrt_greedy`` / ``mrt_reference`` its greedy translation and the
-reference; duplicates count once (S(x) is a set in Shen et al.). Over them,
+its own distribution (or its n-best of beam search, ``mrt_search=beam``), and with
+``mrt_greedy`` / ``mrt_reference`` its greedy translation and the reference; duplicates count
+once (S(x) is a set in Shen et al.). Over them,
 
     Q(y | x) = p(y | x) ** alpha / sum over y' in S(x) of p(y' | x) ** alpha   (alpha: train.mrt_alpha)
     loss     = sum over x of sum over y in S(x) of Q(y | x) * risk(y, reference)
@@ -30,6 +31,7 @@ from .data import Batch
 from .decoder import DecoderState, Memory
 from .feeding import model_tokens
 from .model import Seq2Seq
+from .search import beam_search
 from .tokenizer import BOS, EOS, PAD, Tokenizer
 
 _METRICS = {"bleu": BLEU(effective_order=True), "chrf": CHRF()}
@@ -80,25 +82,51 @@ def sample(model: Seq2Seq, memory: Memory, state: DecoderState, greedy: torch.Te
 def candidates(model: Seq2Seq, batch: Batch, memory: Memory, state: DecoderState,
                cfg: TrainConfig) -> torch.Tensor:
     """Each source's candidates, (batch, n, length) in the form of ``batch.tgt_out`` (EOS, then
-    PAD): ``mrt_samples`` samples, then the greedy translation (``mrt_greedy``), then the reference
-    (``mrt_reference``). Sampled up to 1.5 times the batch's longest target, plus 5."""
-    batch_size, n_model = batch.tgt_out.size(0), cfg.mrt_samples + cfg.mrt_greedy
+    PAD): ``mrt_samples`` samples (or, with ``mrt_search=beam``, the n-best of a beam that wide),
+    then the greedy translation (``mrt_greedy``), then the reference (``mrt_reference``). The
+    model's own are at most 1.5 times the batch's longest target, plus 5, long; searched in eval
+    mode (no dropout), without gradient."""
+    limit = int(batch.tgt_out.size(1) * 1.5) + 5
     parts = []
-    if n_model:
-        index = torch.arange(batch_size, device=batch.src.device).repeat_interleave(n_model)  # (batch * n_model,)
-        greedy = (torch.arange(n_model, device=index.device) >= cfg.mrt_samples).repeat(batch_size)
-        limit = int(batch.tgt_out.size(1) * 1.5) + 5
-        was_training = model.training
-        model.eval()
-        try:
-            drawn = sample(model, memory.select(index), state.select(index), greedy, limit)
-        finally:
-            model.train(was_training)
-        parts.append(drawn.view(batch_size, n_model, limit))
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.mrt_samples and cfg.mrt_search == "beam":
+            parts.append(beam_candidates(model, memory, state, cfg.mrt_samples, limit))
+        elif cfg.mrt_samples:
+            parts.append(drawn(model, memory, state, cfg.mrt_samples, False, limit))
+        if cfg.mrt_greedy:
+            parts.append(drawn(model, memory, state, 1, True, limit))
+    finally:
+        model.train(was_training)
     if cfg.mrt_reference:
         parts.append(batch.tgt_out.unsqueeze(1))
     width = max(part.size(2) for part in parts)
     return torch.cat([F.pad(part, (0, width - part.size(2)), value=PAD) for part in parts], 1)
+
+
+def drawn(model: Seq2Seq, memory: Memory, state: DecoderState, k: int, greedy: bool, limit: int) -> torch.Tensor:
+    """(batch, k, length) ``sample``s (or greedy translations) for each source of ``memory``."""
+    batch_size = memory.mask.size(0)
+    index = torch.arange(batch_size, device=memory.mask.device).repeat_interleave(k)  # (batch * k,)
+    rows = torch.full_like(index, int(greedy), dtype=torch.bool)
+    return sample(model, memory.select(index), state.select(index), rows, limit).view(batch_size, k, -1)
+
+
+def beam_candidates(model: Seq2Seq, memory: Memory, state: DecoderState, k: int, limit: int) -> torch.Tensor:
+    """(batch, k, length): the ``k`` best of beam search ``k`` wide (no length penalty), each with
+    EOS; a source with fewer finished hypotheses repeats its first (a duplicate counts once), one
+    with none gets the empty translation."""
+    batch_size = memory.mask.size(0)
+    max_lens = torch.full((batch_size,), limit, dtype=torch.long)
+    nbest = beam_search(model, memory, state, k, max_lens, alpha=0.0, n_best=k)
+    out = torch.full((batch_size, k, limit), PAD, dtype=torch.long)
+    for b, hypotheses in enumerate(nbest):
+        rows = [h.tokens[: limit - 1] + [EOS] for h in hypotheses] or [[EOS]]
+        for c in range(k):
+            row = rows[c] if c < len(rows) else rows[0]
+            out[b, c, : len(row)] = torch.tensor(row)
+    return out.to(memory.mask.device)
 
 
 def sequence_log_probs(model: Seq2Seq, memory: Memory, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
