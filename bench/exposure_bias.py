@@ -42,7 +42,12 @@ is judged by the issue's goal (``GOAL``). Runs go to OUT/<setting>-<arm>-s<seed>
 RESULTS/<setting>-<arm>-s<seed>.json.gz (``bench/results/exposure-finetune``):
 
     python bench/exposure_bias.py --base checkpoints/default/best.pt --minutes 5 --seeds 1,2,3 \
-        --set train.lr=0.0003 --json bench/results/exposure_finetune.json --doc docs/benchmarks.md
+        --set train.lr=0.0003 --set train.amp=bf16 --json bench/results/exposure_finetune.json \
+        --doc docs/benchmarks.md
+
+``--set`` applies to every arm (an arm's own settings win); ``--variant`` replaces the arms,
+``--settings tatoeba`` runs one setting. A second run of the command trains only what is missing
+and makes the tables again. ``--limit N --steps 3`` with a tiny base is a smoke test.
 
 Every finished run leaves its translations, steps and command in RESULTS/<name>-s<seed>.json.gz
 (``bench/results/exposure`` by default, kept in git): the table is made again from those, and a
