@@ -543,6 +543,8 @@ def finetune_main(args) -> None:
         sys.exit(f"no checkpoint at {args.base}")
     if bool(args.steps) == (args.minutes is not None):
         sys.exit("give the fine-tuning budget as --minutes or as --steps (one of them)")
+    if args.doc and FINETUNE_BEGIN not in Path(args.doc).read_text(encoding="utf-8"):
+        sys.exit(f"{args.doc} has no {FINETUNE_BEGIN} ... {FINETUNE_END} markers; add them where the tables go")
     args.out = args.out or "checkpoints/exposure-finetune"
     args.results = args.results or "bench/results/exposure-finetune"
     settings = [s for s in args.settings.split(",") if s]
