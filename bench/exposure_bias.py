@@ -1,4 +1,4 @@
-"""Where exposure bias bites: configurations trained over seeds at one wall-clock budget, scored
+r"""Where exposure bias bites: configurations trained over seeds at one wall-clock budget, scored
 in domain, on long sentences and under domain shift, greedy and beam 5.
 
 Each configuration is a name and ``translate train --set`` overrides. For every configuration and
