@@ -25,6 +25,7 @@ LAYERS = [
     {"feeding"},
     {"mrt"},
     {"checkpoint"},
+    {"ensemble"},
     {"translator"},
     {"evaluate", "rundir", "distributed"},
     {"validation"},

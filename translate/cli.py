@@ -73,9 +73,10 @@ def _echo_err(line: str) -> None:
     click.echo(line, err=True)
 
 
-def _load_translator(checkpoint: str, options: DecodeOptions, precision: str, device: str = "auto") -> Translator:
+def _load_translator(checkpoint: str, options: DecodeOptions, precision: str, device: str = "auto",
+                     ensemble: tuple[str, ...] = ()) -> Translator:
     """``Translator.load``, with a warning when it cannot decode in the precision asked for."""
-    translator = Translator.load(checkpoint, options, precision, device)
+    translator = Translator.load(checkpoint, options, precision, device, ensemble)
     if translator.note:
         logger.warning(translator.note)
     logger.debug(f"decoding on {translator.device} in {translator.precision}")
@@ -188,6 +189,13 @@ DECODING_FLAGS = {
 }
 
 
+# the models decoded with CHECKPOINT as one (ensemble.py): an option rather than more arguments, so that CHECKPOINT
+# stays the model whose config, languages and progress a command reports, and attend's SENTENCE stays an argument
+ensemble_option = click.option("--ensemble", "ensemble", multiple=True, metavar="CHECKPOINT",
+                               help="Decode with this model too (repeatable): the models' log-probabilities are "
+                               "averaged at each step; they must share CHECKPOINT's tokenizer.")
+
+
 def decoding_options(*names: str, **fixed):
     """Adds the decoding flags ``names`` (keys of DECODING_FLAGS) to a command, which receives
     ``options``, a DecodeOptions of those flags and ``fixed``, in their place, ``precision``
@@ -222,13 +230,14 @@ def decoding_options(*names: str, **fixed):
 @click.option("--test", "test_path", help="A TSV/CSV/JSON-lines test set (default: the bundled test split).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@ensemble_option
 @decoding_options("beam", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual", "shortlist", "precision",
                   "device", "inter_threads")
-def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, options, precision, device):
+def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ensemble, options, precision, device):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate, test_set
 
-    translator = _load_translator(checkpoint, options, precision, device)
+    translator = _load_translator(checkpoint, options, precision, device, ensemble)
     config = translator.config
     if (src_file is None) != (ref_file is None):
         raise click.UsageError("give both --src and --ref, or neither")
@@ -262,9 +271,10 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, opt
               "in beam search) before it, tab-separated.")
 @decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual",
                   "shortlist", "precision", "device", "inter_threads")
-def decode(checkpoint, input_file, output_file, scores, options, precision, device):
+@ensemble_option
+def decode(checkpoint, input_file, output_file, scores, options, precision, device, ensemble):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
-    translator = _load_translator(checkpoint, options, precision, device)
+    translator = _load_translator(checkpoint, options, precision, device, ensemble)
     truncated = []
     total = _count_lines(input_file) if input_file else None
     with _progress_bar(total, quiet=not input_file) as advance, _output(output_file) as out:
@@ -285,12 +295,13 @@ def decode(checkpoint, input_file, output_file, scores, options, precision, devi
               help="Their translations, one a line.")
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
 @decoding_options("shortlist", "precision", "device")
-def score(checkpoint, src_file, ref_file, output_file, options, precision, device):
+@ensemble_option
+def score(checkpoint, src_file, ref_file, output_file, options, precision, device, ensemble):
     """Score given translations (forced decoding): per pair, the log-probability per target piece
     and in all, tab-separated, in input order. For ranking or filtering a corpus. As decoding
     scores: over each source's shortlist, where a piece outside it scores -inf (--shortlist 0: over
     the whole vocabulary)."""
-    translator = _load_translator(checkpoint, options, precision, device)
+    translator = _load_translator(checkpoint, options, precision, device, ensemble)
     if translator.lexicon is not None and options.shortlist > 0:
         logger.info(f"scoring over each source's shortlist (--shortlist {options.shortlist}), as decoding does: a "
                     f"target piece outside it scores -inf; --shortlist 0 scores over the whole vocabulary")
@@ -353,11 +364,12 @@ def _output(path: str | None):
 @main.command()
 @click.argument("checkpoint")
 @decoding_options("beam", "split", "restore_casual", "shortlist", "precision", "device")
-def repl(checkpoint, options, precision, device):
+@ensemble_option
+def repl(checkpoint, options, precision, device, ensemble):
     """Translate lines as you type them (:help for commands)."""
     from .repl import Repl
 
-    Repl(_load_translator(checkpoint, options, precision, device)).run(sys.stdin, sys.stdout)
+    Repl(_load_translator(checkpoint, options, precision, device, ensemble)).run(sys.stdin, sys.stdout)
 
 
 @main.command()
@@ -468,20 +480,21 @@ def average(run_dir, last, output):
               "bytes, time.")
 @click.option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN (or * for any) call the API from a browser.")
 @decoding_options("split", "restore_casual", "shortlist", "precision", "device")
+@ensemble_option
 def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request_timeout, deadline, max_connections,
-          max_cost, api_keys_file, req_limit, char_limit, access_log, cors, options, precision, device):
+          max_cost, api_keys_file, req_limit, char_limit, access_log, cors, options, precision, device, ensemble):
     """Serve a model over HTTP: a page to translate in a browser at /; POST /translate with
     {"sentences": [...], "beam": 5} or LibreTranslate's {"q": ..., "source": ..., "target": ...};
     GET /languages; GET /health."""
     from .serve import Access, RequestBatcher, load_api_keys, make_server, model_info
 
     access = Access(load_api_keys(api_keys_file) if api_keys_file else None, req_limit)
-    translator = _load_translator(checkpoint, options, precision, device)
+    translator = _load_translator(checkpoint, options, precision, device, ensemble)
     batcher = RequestBatcher(translator, max_batch, max_wait_ms)
     languages = (translator.config.data.src_lang, translator.config.data.tgt_lang)
     try:
-        server = make_server(batcher, host, port, max_sentences=max_sentences,
-                             info=model_info(checkpoint, translator.progress.get("step")), languages=languages,
+        server = make_server(batcher, host, port, max_sentences=max_sentences, languages=languages,
+                             info=model_info(checkpoint, translator.progress.get("step"), ensemble),
                              request_timeout=request_timeout, access_log=logger.info if access_log else None,
                              cors=cors, max_connections=max_connections, max_cost=max_cost, char_limit=char_limit,
                              deadline=deadline, access=access)
@@ -513,14 +526,15 @@ def plot(run_dir, output):
 @click.argument("sentence")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @decoding_options("beam", "shortlist", "precision", return_attention=True)
-def attend(checkpoint, sentence, output, options, precision):
+@ensemble_option
+def attend(checkpoint, sentence, output, options, precision, ensemble):
     """Translate SENTENCE and draw its attention as a heatmap PNG (pieces on the axes)."""
     from .plots import plot_attention
     from .repl import alignment
 
     if not sentence.strip():
         raise click.UsageError("give a sentence to translate")
-    translator = _load_translator(checkpoint, options, precision)
+    translator = _load_translator(checkpoint, options, precision, ensemble=ensemble)
     result = translator.translate([sentence])[0][0]
     src, tgt, weights = alignment(translator, sentence, result)
     click.echo(result.text)

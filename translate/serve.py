@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -348,10 +348,14 @@ class Response(NamedTuple):
     close: bool = False
 
 
-def model_info(checkpoint: str | Path, step: Any) -> dict[str, Any]:
+def model_info(checkpoint: str | Path, step: Any, ensemble: Sequence[str | Path] = ()) -> dict[str, Any]:
     """What ``GET /health`` says of the model: its file's (or run directory's) name, never where
-    it lies on the server, and its training step."""
-    return {"model": Path(checkpoint).name, "step": step}
+    it lies on the server, and its training step; with ``ensemble``, the names of the models
+    decoded with it too."""
+    info = {"model": Path(checkpoint).name, "step": step}
+    if ensemble:
+        info["ensemble"] = [Path(other).name for other in ensemble]
+    return info
 
 
 def load_api_keys(path: str | Path) -> dict[str, int | None]:

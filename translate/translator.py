@@ -37,6 +37,7 @@ from .config import Config
 from .data import collate, token_batches
 from .decoder import OutputVocab
 from .encoded import Encoded
+from .ensemble import Ensemble, join_models
 from .errors import ConfigError, UserError
 from .names import stand_in_words
 from .quantize import int8_available, quantized_copy
@@ -361,6 +362,9 @@ def _model_for(model, precision: str) -> tuple[Any, str, str | None]:
     (``cuda_autocast``)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if isinstance(model, Ensemble):  # each model by itself: an int8 copy is made of one model
+        chosen = [_model_for(member, precision) for member in model.models]
+        return Ensemble([member for member, _, _ in chosen]), chosen[0][1], chosen[0][2]
     device = next(model.parameters()).device
     if precision == "auto":
         if device.type != "cpu":
@@ -571,7 +575,7 @@ class Translator:
 
     @classmethod
     def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "auto",
-             device: torch.device | str | None = None) -> Translator:
+             device: torch.device | str | None = None, ensemble: Sequence[str | Path] = ()) -> Translator:
         """A checkpoint (file, run directory or exported folder) ready to decode on ``device`` (a
         torch device, or auto, cpu or cuda as ``--device`` takes them); keeps its ``config``,
         training ``progress`` and lexicon (checked against the vocabulary before any id of it can
@@ -582,8 +586,12 @@ class Translator:
         progress = payload.get("progress", {})
         lexicon = Lexicon.of_checkpoint(payload, (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size), str(checkpoint))
         del payload
+        configs = [config]
+        if ensemble:  # the models of ``ensemble`` decoded with it as one (ensemble.py); ``config`` stays the first's
+            model, lexicon, configs = join_models(checkpoint, tokenizer.fingerprint, model, lexicon, config, ensemble,
+                                                  device)
         translator = cls(model, tokenizer, options, precision, amp=config.train.amp, lexicon=lexicon,
-                         stand_in_names=stand_ins_for(config))
+                         stand_in_names=all(map(stand_ins_for, configs)))
         translator.config, translator.progress = config, progress
         return translator
 
