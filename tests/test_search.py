@@ -33,10 +33,11 @@ from translate.tokenizer import BOS, EOS, PAD, SPECIAL, UNK
 from .conftest import SENTENCES, encode  # test_quantize imports them from here too
 
 
-def search(model, memory, state, limits, beam, no_repeat_ngram=0, vocab=None, **options):
+def search(model, memory, state, limits, beam, no_repeat_ngram=0, vocab=None, prefix=None, **options):
     if beam == 1:
-        return greedy(model, memory, state, limits, vocab=vocab, no_repeat_ngram=no_repeat_ngram)
-    return beam_search(model, memory, state, beam, limits, vocab=vocab, no_repeat_ngram=no_repeat_ngram, **options)
+        return greedy(model, memory, state, limits, vocab=vocab, no_repeat_ngram=no_repeat_ngram, prefix=prefix)
+    return beam_search(model, memory, state, beam, limits, vocab=vocab, no_repeat_ngram=no_repeat_ngram,
+                       prefix=prefix, **options)
 
 
 def test_max_lengths():
@@ -147,11 +148,12 @@ def plain_coverage_penalty(attention_rows, real, beta):
     return beta * total
 
 
-def reference_beam_search(model, memory, state, beam, limit, alpha, no_repeat_ngram=0, coverage=0.0):
+def reference_beam_search(model, memory, state, beam, limit, alpha, no_repeat_ngram=0, coverage=0.0, prefix=()):
     """The same rules as beam_search, written plainly for one sentence (batch 1), hypothesis by
     hypothesis, with a full sort over every continuation; a continuation that would hold an
     n-gram of ``no_repeat_ngram`` pieces twice is impossible; a finished hypothesis gains the
-    coverage penalty of weight ``coverage`` over the attention of all its steps."""
+    coverage penalty of weight ``coverage`` over the attention of all its steps; at step t below
+    len(``prefix``) the one possible continuation is prefix[t], with its log-probability."""
     real = int(memory.mask.sum())
     alive = [([], 0.0, state, [])]
     finished = []
@@ -162,6 +164,12 @@ def reference_beam_search(model, memory, state, beam, limit, alpha, no_repeat_ng
             logits, next_state, weights = model.decode_step(prev, memory, hyp_state)
             attended = seen + [weights[0].float().tolist()]
             logp = logits[0].float().log_softmax(-1)
+            if t < len(prefix):  # forced, whatever a ban or the limit would say
+                forced = torch.full_like(logp, float("-inf"))
+                forced[prefix[t]] = logp[prefix[t]]
+                expansions += [(score + value, tokens, token, next_state, attended)
+                               for token, value in enumerate(forced.tolist())]
+                continue
             if t + 1 >= limit:
                 logp = torch.where(torch.arange(logp.numel()) == EOS, logp, torch.full_like(logp, float("-inf")))
             for token, value in enumerate(logp.tolist()):
@@ -639,3 +647,110 @@ def test_attention_memory_follows_the_outputs_not_their_limit(search_model, toke
     assert max(event.cpu_memory_usage for event in prof.events()) < buffer / 4
     with_attention = [h[0].attention.shape for h in hyps]
     assert with_attention == [(len(h[0].tokens) + 1, int(n)) for h, n in zip(hyps, memory.mask.sum(1))]
+
+
+def prefix_of(prefixes):
+    """Prefixes (lists of ids) as the searches take them: (batch, longest), PAD past each."""
+    out = torch.full((len(prefixes), max(map(len, prefixes))), PAD, dtype=torch.long)
+    for row, ids in enumerate(prefixes):
+        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+PREFIXES = [[SPECIAL + 5, SPECIAL + 9], [], [SPECIAL + 20], [SPECIAL + 9, SPECIAL + 9, SPECIAL + 9], [SPECIAL + 27]]
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_outputs_begin_with_their_prefix(search_model, tokenizer, beam):
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES)
+    prefix = prefix_of(PREFIXES)
+    longer = limits + (prefix != PAD).sum(1)
+    options = {} if beam == 1 else {"n_best": 3}
+    results = search(search_model, memory, state, longer, beam, no_repeat_ngram=2, prefix=prefix, **options)
+    for ids, hyps in zip(PREFIXES, results):  # also where the prefix repeats an n-gram that would be banned
+        assert hyps and all(h.tokens[: len(ids)] == ids for h in hyps)
+
+
+def test_beam_with_a_prefix_equals_a_plain_reference(search_model, tokenizer):
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES)
+    prefix = prefix_of(PREFIXES)
+    longer = limits + (prefix != PAD).sum(1)
+    results = beam_search(search_model, memory, state, 3, longer, alpha=0.6, prefix=prefix)
+    for i, hyps in enumerate(results):
+        rows = torch.tensor([i])
+        tokens, score = reference_beam_search(search_model, memory.select(rows), state.select(rows), 3,
+                                              int(longer[i]), 0.6, prefix=PREFIXES[i])
+        assert hyps[0].tokens == tokens
+        assert hyps[0].score == pytest.approx(score, abs=1e-4)
+
+
+def test_greedy_with_a_prefix_scores_the_prefix_too(search_model, tokenizer):
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES[:1])
+    ids = PREFIXES[0]
+    hyp = greedy(search_model, memory, state, limits + len(ids), prefix=prefix_of([ids]))[0][0]
+    total, prev = 0.0, torch.tensor([BOS])
+    with torch.no_grad():
+        for token in hyp.tokens + [EOS]:
+            logits, state, _ = search_model.decode_step(prev, memory, state)
+            total += float(logits[0].log_softmax(-1)[token])
+            prev = torch.tensor([token])
+    assert hyp.score == pytest.approx(total, abs=1e-4)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_no_prefix_rows_are_untouched_by_others_prefixes(search_model, tokenizer, beam):
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES)
+    plain = search(search_model, memory, state, limits, beam)
+    empty = prefix_of([[]] * len(SENTENCES) + [[SPECIAL]])[:-1]  # a prefix of PAD only: nothing forced
+    assert [h[0].tokens for h in search(search_model, memory, state, limits, beam, prefix=empty)] == \
+        [h[0].tokens for h in plain]
+    mixed = search(search_model, memory, state, limits + (prefix_of(PREFIXES) != PAD).sum(1), beam,
+                   prefix=prefix_of(PREFIXES))
+    for ids, got, want in zip(PREFIXES, mixed, plain):
+        if not ids:
+            assert got[0].tokens == want[0].tokens
+            assert got[0].score == pytest.approx(want[0].score, abs=1e-4)
+
+
+def test_prefix_pieces_outside_a_shortlist_are_forced(search_model, tokenizer):
+    vocab = a_shortlist(search_model, size=10)  # ids SPECIAL + 2 .. SPECIAL + 11, and the special ones
+    ids = [SPECIAL + 30, SPECIAL + 40]
+    with_ids = search_model.output_vocab(torch.cat([vocab.ids, torch.tensor(ids)]).unique())
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES[:1])
+    hyp = greedy(search_model, memory, state, limits + 2, vocab=with_ids, prefix=prefix_of([ids]))[0][0]
+    assert hyp.tokens[:2] == ids
+    assert set(hyp.tokens[2:]) <= set(with_ids.ids.tolist())
+
+
+def prefix_translator(model, tokenizer, **options):
+    from translate.translator import DecodeOptions, Translator
+
+    from .test_shortlist import lexicon_for
+
+    options = {"inter_threads": 1, "shortlist": 3, "shortlist_frequent": 5, **options}
+    return Translator(model, tokenizer, DecodeOptions(**options), lexicon=lexicon_for(tokenizer))
+
+
+@pytest.mark.parametrize("options", [{"beam": 1}, {"beam": 3, "n_best": 2}, {"sample": True, "n_best": 2}])
+def test_translations_begin_with_the_prefix_even_outside_the_shortlist(search_model, tokenizer, options):
+    decoder = prefix_translator(search_model, tokenizer, **options)
+    prefixes = ["The big", "", "I think that", "dog", "Tom"]
+    results = decoder.translate(SENTENCES, prefixes=prefixes)
+    for sentence, prefix, nbest in zip(SENTENCES, prefixes, results):
+        ids = tokenizer.encode_tgt([prefix])[0]
+        outside = set(ids) - set(decoder.lexicon.shortlist(torch.tensor([tokenizer.encode_src([sentence])[0]]),
+                                                           3, 5).ids.tolist())
+        assert prefix != "The big" or outside  # the test forces pieces the shortlist lacks
+        for translation in nbest:
+            assert translation.tokens[: len(ids)] == ids
+            assert translation.text.startswith(tokenizer.decode_tgt([ids])[0])
+    one = decoder.translate(SENTENCES, decoder.options.__class__(**{**options, "inter_threads": 1, "shortlist": 3,
+                                                                    "shortlist_frequent": 5, "prefix": "The big"}))
+    assert all(nbest[0].text.startswith("The big") for nbest in one)  # options.prefix: every line's
+
+
+def test_an_empty_prefix_is_no_prefix(search_model, tokenizer):
+    decoder = prefix_translator(search_model, tokenizer, beam=3)
+    plain = [[(t.text, t.score) for t in nbest] for nbest in decoder.translate(SENTENCES)]
+    assert [[(t.text, t.score) for t in nbest] for nbest in
+            decoder.translate(SENTENCES, prefixes=[""] * len(SENTENCES))] == plain

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -168,6 +169,23 @@ DECODING_FLAGS = {
     "restore_casual": [click.option("--restore/--no-restore", "restore_casual", default=DEFAULT_DECODING.restore_casual,
                                     show_default=True, help="Give a sentence typed casually (no capital letter, or "
                                     "no final mark) the capitals and the final mark the model was trained on.")],
+    "sample": [click.option("--sample", "--sampling", "sample", is_flag=True, default=DEFAULT_DECODING.sample,
+                            help="Draw each token from the model's distribution instead of searching (the beam "
+                            "is then unused; an n-best of N: N draws, likeliest first, not deduplicated).")],
+    "temperature": [click.option("--temperature", default=DEFAULT_DECODING.temperature, show_default=True,
+                                 type=_bounded("temperature"), help="Sampling: divide the logits by T (below 1: "
+                                 "surer, above 1: more varied); 0: the likeliest token.")],
+    "top_k": [click.option("--top-k", default=DEFAULT_DECODING.top_k, show_default=True, type=_bounded("top_k"),
+                           help="Sampling: draw from the K likeliest tokens only; 0: all.")],
+    "top_p": [click.option("--top-p", default=DEFAULT_DECODING.top_p, show_default=True, type=_bounded("top_p"),
+                           help="Sampling: draw from the likeliest tokens that hold P of the probability "
+                           "(nucleus sampling); 1: all.")],
+    "seed": [click.option("--seed", default=DEFAULT_DECODING.seed, show_default=True, type=_bounded("seed"),
+                          help="Sampling: the seed; a sentence draws the same with the same seed, whatever its "
+                          "batch or place in the input.")],
+    "prefix": [click.option("--prefix", default=DEFAULT_DECODING.prefix, metavar="TEXT",
+                            help="Every translation starts with TEXT (forced, its log-probability in the score), "
+                            "and the search goes on from there; a line with a prefix is translated whole.")],
     "precision": [
         click.option("--fp32", is_flag=True, help=f"Decode in full precision, also on a GPU. (By default a CPU "
                      f"decodes in {CPU_PRECISION}, which keeps BLEU within 0.1 of fp32 and is faster; a GPU under "
@@ -206,7 +224,7 @@ def decoding_options(*names: str, **fixed):
         @functools.wraps(command)
         def run(*args, **kwargs):
             chosen = {name: kwargs.pop(name) for name in names if name not in ("precision", "device")}
-            if chosen.get("n_best", 1) > chosen.get("beam", 1):
+            if chosen.get("n_best", 1) > chosen.get("beam", 1) and not chosen.get("sample"):
                 raise click.UsageError(f"--n-best ({chosen['n_best']}) cannot exceed --beam ({chosen['beam']})")
             if "precision" in names:
                 flags = [name for name in ("fp32", "bf16", "int8") if kwargs.pop(name)]
@@ -232,7 +250,7 @@ def decoding_options(*names: str, **fixed):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @ensemble_option
 @decoding_options("beam", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual", "shortlist", "precision",
-                  "device", "inter_threads")
+                  "device", "inter_threads", "sample", "temperature", "top_k", "top_p", "seed")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ensemble, options, precision, device):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate, test_set
@@ -269,16 +287,24 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ens
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
 @click.option("--scores", is_flag=True, help="Print each translation's score (log-probability, length-normalised "
               "in beam search) before it, tab-separated.")
+@click.option("--prefix-tab", is_flag=True, help="Each input line is SOURCE<TAB>PREFIX, as Marian's --force-decode "
+              "reads them: its translation starts with PREFIX (a line without a tab: --prefix's).")
 @decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual",
-                  "shortlist", "precision", "device", "inter_threads")
+                  "shortlist", "precision", "device", "inter_threads", "sample", "temperature", "top_k", "top_p",
+                  "seed", "prefix")
 @ensemble_option
-def decode(checkpoint, input_file, output_file, scores, options, precision, device, ensemble):
+def decode(checkpoint, input_file, output_file, scores, prefix_tab, options, precision, device, ensemble):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
     translator = _load_translator(checkpoint, options, precision, device, ensemble)
     truncated = []
     total = _count_lines(input_file) if input_file else None
     with _progress_bar(total, quiet=not input_file) as advance, _output(output_file) as out:
-        stream = translator.stream(iter_lines(input_file), on_truncate=truncated.append, on_progress=advance)
+        lines, prefixes = iter_lines(input_file), None
+        if prefix_tab:  # one pass over the input, read twice
+            first, second = itertools.tee(line.partition("\t") for line in lines)
+            lines = (source for source, _, _ in first)
+            prefixes = (prefix if tab else options.prefix for _, tab, prefix in second)
+        stream = translator.stream(lines, on_truncate=truncated.append, on_progress=advance, prefixes=prefixes)
         for index, nbest in enumerate(stream):
             if options.n_best == 1:
                 out.write(f"{nbest[0].score:.4f}\t{nbest[0].text}\n" if scores else nbest[0].text + "\n")
@@ -363,7 +389,8 @@ def _output(path: str | None):
 
 @main.command()
 @click.argument("checkpoint")
-@decoding_options("beam", "split", "restore_casual", "shortlist", "precision", "device")
+@decoding_options("beam", "split", "restore_casual", "shortlist", "precision", "device", "sample", "temperature",
+                  "top_k", "top_p", "seed", "prefix")
 @ensemble_option
 def repl(checkpoint, options, precision, device, ensemble):
     """Translate lines as you type them (:help for commands)."""

@@ -11,9 +11,17 @@ from .errors import ConfigError
 from .segment import SPLITS
 from .translator import DecodeOptions, Translation, Translator
 
+SAMPLING = ("temperature", "top_k", "top_p", "seed")  # the options of ``Repl.set_option``
+
 HELP = """commands:
   :beam N   beam size for the next translations (1 = greedy)
   :split M  sentences, clauses or none: how a line is cut before it is translated
+  :sample on|off     draw each token from the model's distribution instead of searching
+  :temperature T     sampling: divide the logits by T (0: the likeliest token)
+  :top-k K           sampling: draw from the K likeliest tokens only (0: all)
+  :top-p P           sampling: draw from the nucleus of probability P (1: all)
+  :seed S            sampling: the seed (a line draws the same with the same seed)
+  :prefix TEXT       every translation starts with TEXT (:prefix alone: none)
   :attn     attention of the last translation, as a table (rows: output pieces)
   :help     this help
   :quit     leave (Ctrl-D works too; Ctrl-C cancels the line)"""
@@ -67,6 +75,12 @@ class Repl:
             return self.set_beam(arg), False
         if name == "split":
             return self.set_split(arg.strip()), False
+        if name == "sample":
+            return self.set_sample(arg.strip()), False
+        if name.replace("-", "_") in SAMPLING:
+            return self.set_option(name.replace("-", "_"), arg.strip()), False
+        if name == "prefix":
+            return self.set_prefix(arg.strip()), False
         if name == "attn":
             return self.attention(), False
         return f"unknown command :{name}; :help lists them", False
@@ -82,6 +96,34 @@ class Repl:
         except ConfigError as exc:
             return f"usage: :beam N; {exc}"
         return f"beam {beam}"
+
+    def set_sample(self, arg: str) -> str:
+        """``:sample on|off``; sampling draws one translation, so n_best stays 1."""
+        if arg not in ("on", "off"):
+            return "usage: :sample on|off"
+        self.options = replace(self.options, sample=arg == "on")
+        return f"sample {arg}"
+
+    def set_option(self, name: str, arg: str) -> str:
+        """``:temperature T`` and the like: a number, checked against ``DecodeOptions.BOUNDS``."""
+        bound = DecodeOptions.BOUNDS[name]
+        label = ":" + name.replace("_", "-")
+        try:
+            value = bound.kind(arg)
+        except ValueError:
+            return f"usage: {label} {name[0].upper()} with {name[0].upper()} {bound.describe()}"
+        try:
+            self.options = replace(self.options, **{name: value})
+        except ConfigError as exc:
+            return f"usage: {label}; {exc}"
+        return f"{name.replace('_', '-')} {value:g}" + ("" if self.options.sample else " (:sample on to sample)")
+
+    def set_prefix(self, arg: str) -> str:
+        try:
+            self.options = replace(self.options, prefix=arg)
+        except ConfigError as exc:
+            return f"usage: :prefix TEXT; {exc}"
+        return f"prefix {arg!r}" if arg else "no prefix"
 
     def set_split(self, arg: str) -> str:
         """``:split MODE``; segment.SPLITS names the modes."""

@@ -19,6 +19,15 @@ al., 2016, eq. 14), so that of the hypotheses that end, one that left source wor
 lower: the attention each hypothesis has paid every source position is summed step by step and
 reordered with the beams.
 
+Greedy can also sample (``Sampler``): each token drawn from the model's distribution, sharpened or
+flattened by a temperature and cut to the top-k tokens and to the nucleus (top-p, Holtzman et al.,
+2020), each row drawing from a random stream of its own, so that a sentence's draws do not depend
+on the batch it is decoded in.
+
+Both searches can force the start of the output (``prefix``): for a row's first steps the prefix's
+pieces are its only continuation, scored with their log-probability, whatever a ban or a length
+rule would say; the search then goes on as usual.
+
 Batching, precision and threads belong to ``translator.Translator``: these functions take one
 encoded batch and return its hypotheses.
 """
@@ -29,6 +38,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .decoder import DecoderState, Memory, OutputVocab
@@ -88,12 +98,81 @@ def _allowed(logp: torch.Tensor, force: torch.Tensor | None, early: torch.Tensor
     return torch.where(force.unsqueeze(1), only_eos, logp)
 
 
+def prefix_columns(prefix: torch.Tensor | None, rows: torch.Tensor, t: int,
+                   vocab: OutputVocab | None) -> torch.Tensor | None:
+    """The column each row must produce at step ``t`` (-1: none, the row is past its prefix), or
+    None where no row must. prefix: (batch, p) target ids, PAD past a sentence's prefix; rows:
+    (live,) each row's sentence. Every prefix id is in ``vocab`` (the caller adds them)."""
+    if prefix is None or t >= prefix.size(1):
+        return None
+    tokens = prefix[rows, t]  # (live,)
+    if not bool((tokens != PAD).any()):
+        return None
+    columns = tokens if vocab is None else torch.searchsorted(vocab.ids, tokens).clamp_(max=vocab.ids.numel() - 1)
+    return columns.masked_fill(tokens == PAD, -1)
+
+
+def force_columns(logp: torch.Tensor, kept: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """``logp`` (rows, columns) with each forced row's only option its ``forced`` column, scored
+    ``kept`` (rows,), its log-probability before any ban; rows with -1 unchanged."""
+    only = torch.full_like(logp, NEG_INF).scatter_(1, forced.clamp(min=0).unsqueeze(1), kept.unsqueeze(1))
+    return torch.where((forced >= 0).unsqueeze(1), only, logp)
+
+
+def sampling_distribution(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                          top_p: float = 1.0) -> torch.Tensor:
+    """The probabilities a row samples its next token from. logp: (rows, columns) log-probabilities
+    (-inf where not allowed) -> (rows, columns) summing to 1: ``softmax(logp / temperature)``
+    (temperature 0: all on the likeliest column, as greedy picks), over the ``top_k`` likeliest
+    columns (0: all; ties with the k-th are kept), then over the nucleus: the likeliest columns
+    whose probabilities sum to ``top_p``, the one that crosses it included (Holtzman et al., 2020)."""
+    if temperature == 0:
+        return torch.zeros_like(logp).scatter_(1, logp.argmax(-1, keepdim=True), 1.0)
+    scaled = logp / temperature  # (rows, columns)
+    if 0 < top_k < scaled.size(1):
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # (rows, 1)
+        scaled = scaled.masked_fill(scaled < kth, NEG_INF)
+    probs = scaled.softmax(-1)
+    if top_p < 1.0:
+        ranked, order = probs.sort(dim=-1, descending=True)  # (rows, columns)
+        before = ranked.cumsum(-1) - ranked  # the probability of the likelier columns
+        probs = probs.masked_fill(torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, before >= top_p), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@dataclass
+class Sampler:
+    """How greedy samples instead of picking the likeliest token: ``draws``, one random stream per
+    row of the batch (a sentence's, seeded by the caller), and the distribution's settings
+    (``sampling_distribution``). Each step takes one uniform number from each live row's stream and
+    inverts the distribution's cumulative sum with it, so a row's tokens depend on its own stream
+    and probabilities only."""
+
+    draws: list[np.random.Generator]
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def pick(self, logp: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The column drawn for each row. logp: (live, columns); rows: (live,) their batch rows."""
+        probs = sampling_distribution(logp, self.temperature, self.top_k, self.top_p)
+        uniform = torch.tensor([self.draws[row].random() for row in rows.tolist()], dtype=torch.float64,
+                               device=logp.device)  # (live,)
+        cdf = probs.double().cumsum(-1)  # (live, columns)
+        chosen = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        return chosen.clamp_(max=logp.size(1) - 1)
+
+
 @torch.no_grad()
 def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
            return_attention: bool = False, vocab: OutputVocab | None = None,
-           no_repeat_ngram: int = 0, allowed: torch.Tensor | None = None) -> list[list[Hypothesis]]:
-    """Picks the most probable token at each step (no hypothesis for a sentence whose score is not
-    finite); max_lens: (batch,) limits counting EOS; ``vocab``:
+           no_repeat_ngram: int = 0, allowed: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+           sampler: Sampler | None = None) -> list[list[Hypothesis]]:
+    """Picks the most probable token at each step, or draws one with ``sampler`` (no hypothesis
+    for a sentence whose score, the model's log-probability of its tokens, is not finite); prefix:
+    (batch, p) target ids each output starts with (PAD past a sentence's; ``prefix_columns``), whose
+    room ``max_lens`` must hold; max_lens: (batch,) limits counting EOS; ``vocab``:
     a shortlist, the only tokens scored; ``allowed``: (batch, columns of ``vocab``) bool, the columns
     each sentence's probabilities are normalised over (its own shortlist; None: all);
     ``no_repeat_ngram``: n-grams of that many pieces never repeat (``repeat_bans``; 0: off).
@@ -112,6 +191,7 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
     scores = torch.zeros(batch, device=device)
     soonest = int(max_lens.min())  # the first step at which a live row reaches its limit
     blocked = None if allowed is None else ~allowed.to(device)  # (batch, n) columns outside a sentence's shortlist
+    prefix = None if prefix is None else prefix.to(device)  # (batch, p)
     for t in range(limit):
         logits, state, weights = model.decode_step(prev, memory, state, vocab)
         force = t + 1 >= max_lens[live] if t + 1 >= soonest else None
@@ -119,8 +199,17 @@ def greedy(model, memory: Memory, state: DecoderState, max_lens: torch.Tensor,
         logits = logits.float()  # (live, vocab or n)
         if blocked is not None:
             logits = logits.masked_fill(blocked[live], NEG_INF)
-        logp = _allowed(logits.log_softmax(-1), force, banned=banned)  # (live, vocab or n)
-        best, prev = logp.max(-1)  # (live,)
+        logp = logits.log_softmax(-1)  # (live, vocab or n)
+        forced = prefix_columns(prefix, live, t, vocab)
+        kept = None if forced is None else logp.gather(1, forced.clamp(min=0).unsqueeze(1)).squeeze(1)
+        logp = _allowed(logp, force, banned=banned)
+        if forced is not None:
+            logp = force_columns(logp, kept, forced)
+        if sampler is None:
+            best, prev = logp.max(-1)  # (live,)
+        else:
+            prev = sampler.pick(logp, live)
+            best = logp.gather(1, prev.unsqueeze(1)).squeeze(1)
         if vocab is not None:
             prev = vocab.ids[prev]  # column -> token
         scores = scores + best
@@ -240,18 +329,22 @@ def step_bounds(t: int, beams: Beams, max_lens: torch.Tensor, min_lens: torch.Te
 
 def step_candidates(logits: torch.Tensor, scores: torch.Tensor, early: torch.Tensor | None,
                     force: torch.Tensor | None, banned: torch.Tensor | None = None,
-                    blocked: torch.Tensor | None = None) -> torch.Tensor:
+                    blocked: torch.Tensor | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
     """Every continuation's summed score: the hypothesis' score plus the token's log-probability,
     over what ``_allowed`` lets the row produce. logits: (live*beams, columns); scores: (live, beams)
     -> (live, beams, columns); banned: (live*beams, m) columns blocked (``repeat_bans``); blocked:
-    (live, columns) the columns outside each sentence's own shortlist, left out of its softmax.
-    Works in place on ``logits.float()``, the largest tensor of a step."""
+    (live, columns) the columns outside each sentence's own shortlist, left out of its softmax;
+    forced: (live*beams,) the column a row must produce (-1: none; ``prefix_columns``). Works in place
+    on ``logits.float()``, the largest tensor of a step."""
     live, beams = scores.shape
     logp = logits.float()  # (live*beams, columns)
     if blocked is not None:
         logp.view(live, beams, -1).masked_fill_(blocked.unsqueeze(1), NEG_INF)
     torch.log_softmax(logp, -1, out=logp)
+    kept = None if forced is None else logp.gather(1, forced.clamp(min=0).unsqueeze(1)).squeeze(1)
     logp = _allowed(logp, force, early, banned)
+    if forced is not None:
+        logp = force_columns(logp, kept, forced)
     return logp.view(live, beams, -1).add_(scores.unsqueeze(2))  # (live, beams, columns)
 
 
@@ -389,19 +482,21 @@ def drop_done(beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, 
 
 def beam_step(model, beams: Beams, finished: Finished, t: int, max_lens: torch.Tensor, min_lens: torch.Tensor | None,
               alpha: float, vocab: OutputVocab | None, no_repeat_ngram: int = 0, coverage: float = 0.0,
-              blocked: torch.Tensor | None = None) -> Beams | None:
+              blocked: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> Beams | None:
     """Step ``t`` of the search for every live sentence: decode, rank the continuations (those that
     would repeat an n-gram of ``no_repeat_ngram`` pieces blocked), move the ended ones into
     ``finished`` (with a coverage penalty of weight ``coverage``), keep the best others, let done
-    sentences go. blocked: (batch, columns) the columns outside each sentence's shortlist. A function
+    sentences go. blocked: (batch, columns) the columns outside each sentence's shortlist; prefix:
+    (batch, p) the target ids each output starts with (``prefix_columns``). A function
     of its own so that the step's tensors, (live, beams, vocab) scores the largest, are freed before
     the next step decodes. Returns the next beams, None when every sentence is done."""
     k = finished.scores.size(1)
     # logits: (live*beams, vocab or n); weights: (live*beams, src_len)
     logits, state, weights = model.decode_step(beams.prev, beams.memory, beams.state, vocab)
+    forced = prefix_columns(prefix, beams.sent.repeat_interleave(beams.scores.size(1)), t, vocab)
     candidates = step_candidates(logits, beams.scores, *step_bounds(t, beams, max_lens, min_lens),
                                  repeat_bans(beams.seqs, no_repeat_ngram, vocab),
-                                 None if blocked is None else blocked[beams.sent])
+                                 None if blocked is None else blocked[beams.sent], forced)
     top = best_continuations(candidates, 2 * k, vocab)  # each (live, 2k)
     finish(finished, beams, top, weights, t, alpha, coverage)
     return drop_done(advance(beams, state, weights, top, k), finished, t, max_lens, k)
@@ -412,7 +507,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
                 alpha: float = 1.0, n_best: int = 1, return_attention: bool = False,
                 min_lens: torch.Tensor | None = None, vocab: OutputVocab | None = None,
                 no_repeat_ngram: int = 0, coverage: float = 0.0,
-                allowed: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+                allowed: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, up to ``n_best`` hypotheses, best first.
     ``min_lens`` (batch,), counting EOS: no hypothesis ends sooner (``min_lens == max_lens`` asks
     for outputs of one length, as the sentence-level oracle of scheduled teacher forcing does).
@@ -420,7 +515,9 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     the columns each sentence's probabilities are normalised over (its own shortlist; None: all).
     ``no_repeat_ngram``: no hypothesis holds an
     n-gram of that many pieces twice (``repeat_bans``; 0: off). ``coverage``: the weight (beta) of the
-    coverage penalty in a finished hypothesis' score (``coverage_penalty``; 0: off).
+    coverage penalty in a finished hypothesis' score (``coverage_penalty``; 0: off). ``prefix``: (batch, p)
+    target ids each output starts with, PAD past a sentence's (``prefix_columns``): while it is
+    forced a sentence has one live hypothesis; ``max_lens`` must leave room for it.
 
     Each step takes the 2*beam best continuations over beam x vocab: those among the first
     ``beam`` that end in EOS are finished (score normalised by the length penalty), the best
@@ -441,7 +538,7 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
     blocked = None if allowed is None else ~allowed.to(device)  # (batch, n)
     for t in range(limit):
         beams = beam_step(model, beams, finished, t, max_lens, min_lens, alpha, vocab, no_repeat_ngram, coverage,
-                          blocked)
+                          blocked, None if prefix is None else prefix.to(device))
         if beams is None:
             break
     return finished.best(n_best, memory.mask.sum(1).tolist())

@@ -55,8 +55,9 @@ from .translator import DecodeOptions, Translation, Translator
 logger = logging.getLogger(__name__)
 
 # named as DecodeOptions names them
-OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram", "coverage")
-REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "split", "scores", "attention", "api_key")
+OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram", "coverage", "temperature", "top_k",
+                 "top_p", "seed")
+REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "sample", "prefix", "split", "scores", "attention", "api_key")
 LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key")
 # ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1
 # codes, which LibreTranslate clients send; a language outside this table is known by its own name
@@ -186,7 +187,7 @@ def request_cost(translator: Translator, sentences: list[str], options: DecodeOp
         return 0
     src = torch.tensor([min(len(ids) + 1, options.max_src_len) for ids in translator.tokenizer.encode_src(parts)])
     out = max_lengths(src, options.max_len_ratio)  # (parts,)
-    return options.beam * int((out * src).sum())
+    return (options.n_best if options.sample else options.beam) * int((out * src).sum())
 
 
 class Request(NamedTuple):
@@ -207,13 +208,18 @@ def parse_request(body: bytes, max_sentences: int, max_chars: int,
         raise RequestError(400, f"unknown field(s) {', '.join(unknown)}; use {', '.join(REQUEST_FIELDS)}")
     sentences = _sentences(request.get("sentences"), '"sentences"', max_sentences, max_chars)
     flags = {name: request.get(name, False) for name in ("scores", "attention")}
+    flags["sample"] = request.get("sample", defaults.sample)
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise RequestError(400, f'"{name}" must be true or false')
     try:  # DecodeOptions owns the bounds and says what is wrong, naming the request's field
         chosen = {name: DecodeOptions.check(name, request[name], label=f'"{name}"')
                   for name in OPTION_FIELDS if name in request}
-        options = replace(defaults, **chosen, return_attention=flags["attention"])
+        prefix = request.get("prefix", defaults.prefix)
+        if not isinstance(prefix, str) or len(prefix) > DecodeOptions.MAX_PREFIX:
+            raise RequestError(400, f'"prefix" must be text of at most {DecodeOptions.MAX_PREFIX} characters')
+        options = replace(defaults, **chosen, return_attention=flags["attention"],
+                          sample=flags["sample"], prefix=prefix)
     except ConfigError as exc:
         raise RequestError(400, str(exc)) from None
     if "split" in request:

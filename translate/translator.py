@@ -42,7 +42,7 @@ from .errors import ConfigError, UserError
 from .names import stand_in_words
 from .quantize import int8_available, quantized_copy
 from .runtime import autocast_for, cpu_has_bf16, select_device
-from .search import Hypothesis, beam_search, greedy, length_penalty, max_lengths
+from .search import Hypothesis, Sampler, beam_search, greedy, length_penalty, max_lengths
 from .segment import SPLITS, segment
 from .shortlist import TOP, Lexicon, Shortlist
 from .tokenizer import PAD, UNK, WORD_START, Tokenizer
@@ -129,11 +129,22 @@ class DecodeOptions:
     copy_unknown: bool = True
     # text typed casually (no capital letter, no final mark) is given them before decoding (casual.py)
     restore_casual: bool = True
+    # draw each token from the model's distribution instead of searching (search.Sampler; docs/decoding.md,
+    # "Sampling"): beam is then unused, and the n-best are n_best draws (not deduplicated), likeliest first
+    sample: bool = False
+    temperature: float = 1.0  # sampling: the logits divided by it; 0: the likeliest token (as greedy)
+    top_k: int = 0  # sampling: only the k likeliest tokens; 0: all
+    top_p: float = 1.0  # sampling: only the nucleus of this much probability (Holtzman et al., 2020); 1: all
+    seed: int = 0  # sampling: with the source's pieces, seeds each sentence's draws (the same whatever its batch)
+    # the start of every translation (target text, forced; its log-probability is in the score); a line with
+    # a prefix is decoded whole (not split); "": none
+    prefix: str = ""
 
     MAX_BEAM: ClassVar[int] = 64  # the widest beam, and so the most n-best, a decode may ask for
     ALPHA_RANGE: ClassVar[tuple[float, float]] = (0.0, 100.0)  # the length penalty exponent
     MAX_LEN_RATIO: ClassVar[float] = 100.0  # longest output per source piece (above 0)
     MAX_INTER_THREADS: ClassVar[int] = 64
+    MAX_PREFIX: ClassVar[int] = 1000  # characters of a prefix
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "beam": Bound(int, 1, MAX_BEAM),
         "n_best": Bound(int, 1, MAX_BEAM),
@@ -147,16 +158,22 @@ class DecodeOptions:
         "shortlist_frequent": Bound(int, 0),
         "no_repeat_ngram": Bound(int, 0, 64, note="off"),
         "coverage": Bound(float, 0, 100, note="off"),
+        "temperature": Bound(float, 0, 100, note="the likeliest token"),
+        "top_k": Bound(int, 0),  # 0: off
+        "top_p": Bound(float, 0, 1, low_open=True),
+        "seed": Bound(int, 0),
     }
 
     def __post_init__(self):
         for name, bound in self.BOUNDS.items():
             object.__setattr__(self, name, bound.check(name, getattr(self, name)))  # 3 -> 3.0 for a float
-        if self.n_best > self.beam:
+        if self.n_best > self.beam and self.sample is False:  # sampling draws n_best, whatever the beam
             raise ConfigError(f"n_best ({self.n_best}) cannot exceed the beam size ({self.beam})")
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
-        for name in ("return_attention", "restore_casual", "copy_unknown"):
+        if not isinstance(self.prefix, str) or len(self.prefix) > self.MAX_PREFIX:
+            raise ConfigError(f"prefix must be text of at most {self.MAX_PREFIX} characters, not {self.prefix!r:.60}")
+        for name in ("return_attention", "restore_casual", "copy_unknown", "sample"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
 
@@ -200,7 +217,7 @@ def join(parts: list[list[Translation]], options: DecodeOptions) -> list[Transla
     for rank in range(min(len(nbest) for nbest in parts)):
         chosen = [nbest[rank] for nbest in parts]
         lengths = [len(t.tokens) + 1 for t in chosen]  # with EOS
-        if options.beam == 1:
+        if options.beam == 1 or options.sample:
             score = sum(t.score for t in chosen)
         else:
             logprob = sum(t.score * length_penalty(n, options.alpha) for t, n in zip(chosen, lengths))
@@ -460,12 +477,13 @@ def decode_batches(src: Encoded, options: DecodeOptions) -> list[np.ndarray]:
     """The batches ``Translator.translate_ids`` decodes ``src`` in: indices in length order,
     ``options.batch_sentences`` a batch, or up to ``options.batch_tokens`` source tokens per
     hypothesis."""
-    lengths = np.minimum(src.lengths + 1, options.max_src_len) * options.beam
+    rows = options.n_best if options.sample else options.beam  # a sentence's rows in the search
+    lengths = np.minimum(src.lengths + 1, options.max_src_len) * rows
     if options.batch_sentences > 0:
         order = np.argsort(lengths, kind="stable")
         step = options.batch_sentences
         return [order[i: i + step] for i in range(0, len(order), step)]
-    return token_batches(lengths, options.batch_tokens * options.beam)
+    return token_batches(lengths, options.batch_tokens * rows)
 
 
 def _in_order(pool: Executor, fn: Callable, items: Sequence, workers: int) -> Iterator:
@@ -597,14 +615,20 @@ class Translator:
 
     def translate(self, lines: Sequence[str], options: DecodeOptions | None = None,
                   on_truncate: Callable[[int], None] | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> list[list[Translation]]:
+                  on_progress: Callable[[int], None] | None = None,
+                  prefixes: Sequence[str] | None = None) -> list[list[Translation]]:
         """The n-best translations of ``lines``, in input order; empty lines give empty translations.
+        ``prefixes``: the start of each line's translation (``options.prefix`` for every line where
+        None); a line with one is decoded whole.
         Each line is cut into sentences (``options.split``, segment.py); the sentences of all the
         lines are decoded as one batch, and a line's translation is theirs joined (``join``).
         ``on_truncate`` hears how many lines were longer than ``max_src_len`` (and cut);
         ``on_progress`` hears of each line done, as batches finish (for a progress bar)."""
         options = options or self.options
-        segments = [segment(line, options.split) for line in lines]
+        prefixes = [options.prefix] * len(lines) if prefixes is None else list(prefixes)
+        for prefix in set(prefixes):
+            replace(options, prefix=prefix)  # checked as an option is
+        segments = [segment(line, "none" if prefix else options.split) for line, prefix in zip(lines, prefixes)]
         owner = [index for index, parts in enumerate(segments) for _ in parts.pieces]
         left = [len(parts.pieces) for parts in segments]
         if on_progress is not None and left.count(0):
@@ -616,7 +640,8 @@ class Translator:
                 on_progress(1)
 
         pieces = [piece for parts in segments for piece in parts.pieces]
-        translated, cut = self._translate_pieces(pieces, options, piece_done)
+        starts = [prefixes[line] for line in owner]  # a line with a prefix is one piece
+        translated, cut = self._translate_pieces(pieces, options, piece_done, starts)
         if on_truncate is not None and cut:
             on_truncate(len({owner[piece] for piece in cut}))
         out: list[list[Translation]] = []
@@ -647,8 +672,8 @@ class Translator:
         table = recasing(self.tokenizer)
         return [restore(piece, table) for piece in pieces]
 
-    def _translate_pieces(self, pieces: list[str], options: DecodeOptions, done: Callable[[int], None]
-                          ) -> tuple[list[list[Translation]], list[int]]:
+    def _translate_pieces(self, pieces: list[str], options: DecodeOptions, done: Callable[[int], None],
+                          prefixes: list[str] | None = None) -> tuple[list[list[Translation]], list[int]]:
         """The n-best translations of ``pieces`` (sentences, or whole lines), and the pieces cut
         to ``max_src_len``. Pieces with unknown words (``copy_unknown``) are decoded with their
         attention, so that the words can be carried into the output; the others as asked."""
@@ -662,12 +687,14 @@ class Translator:
         for i, (line, _) in unknown.items():
             encoded[i] = self.tokenizer.encode_src([line])[0]
         plain = sorted(set(range(len(pieces))) - set(unknown))
+        starts = self.tokenizer.encode_tgt(prefixes) if prefixes and any(prefixes) else None
         out: list[list[Translation]] = [[] for _ in pieces]
         lost = 0  # pieces without a hypothesis of finite score
         for group, group_options in ((plain, options), (sorted(unknown), replace(options, return_attention=True))):
             if not group:
                 continue
-            for index, hyps in self.translate_ids(Encoded([encoded[i] for i in group]), group_options):
+            group_starts = None if starts is None else [starts[i] for i in group]
+            for index, hyps in self.translate_ids(Encoded([encoded[i] for i in group]), group_options, group_starts):
                 piece = group[index]
                 src_len = min(len(encoded[piece]) + 1, options.max_src_len)
                 if not hyps:  # every score non-finite: an empty translation, never an empty n-best
@@ -691,28 +718,35 @@ class Translator:
 
     def stream(self, lines: Iterable[str], chunk_lines: int = 2000, options: DecodeOptions | None = None,
                on_truncate: Callable[[int], None] | None = None,
-               on_progress: Callable[[int], None] | None = None) -> Iterator[list[Translation]]:
+               on_progress: Callable[[int], None] | None = None,
+               prefixes: Iterable[str] | None = None) -> Iterator[list[Translation]]:
         """Translates a stream of lines chunk by chunk and yields n-best lists in input order, so
-        memory is bounded by the chunk, not the input."""
+        memory is bounded by the chunk, not the input. ``prefixes``: each line's (``translate``),
+        read alongside the lines."""
         chunk: list[str] = []
-        for line in lines:
+        starts: list[str] | None = None if prefixes is None else []
+        for line, prefix in zip(lines, prefixes) if prefixes is not None else ((line, "") for line in lines):
             chunk.append(line)
+            if starts is not None:
+                starts.append(prefix)
             if len(chunk) >= chunk_lines:
-                yield from self.translate(chunk, options, on_truncate, on_progress)
-                chunk = []
+                yield from self.translate(chunk, options, on_truncate, on_progress, starts)
+                chunk, starts = [], None if starts is None else []
         if chunk:
-            yield from self.translate(chunk, options, on_truncate, on_progress)
+            yield from self.translate(chunk, options, on_truncate, on_progress, starts)
 
-    def translate_ids(self, src: Encoded, options: DecodeOptions | None = None
-                      ) -> Iterator[tuple[int, list[Hypothesis]]]:
+    def translate_ids(self, src: Encoded, options: DecodeOptions | None = None,
+                      prefixes: Sequence[Sequence[int]] | None = None) -> Iterator[tuple[int, list[Hypothesis]]]:
         """Yields (index, n-best) for every encoded source sentence; batches go in length order,
-        for speed, ``decode_workers`` of them at once."""
+        for speed, ``decode_workers`` of them at once. ``prefixes``: the target ids each sentence's
+        output starts with (None: none)."""
         options = options or self.options
         batches = decode_batches(src, options)
 
         def decode(indices) -> list[tuple[int, list[Hypothesis]]]:
             return [(index, [_own_attention(h) for h in hyps])
-                    for index, hyps in zip(indices, self._search(src, indices, options))]
+                    for index, hyps in zip(indices, self._search(src, indices, options) if prefixes is None
+                                           else self._search(src, indices, options, prefixes))]
 
         workers = decode_workers(self.device, options.inter_threads, len(batches))
         was_training = self.model.training
@@ -770,22 +804,74 @@ class Translator:
                 total += logp.masked_fill(batch.tgt_out[:, t] == PAD, 0.0)
         return total.tolist(), (batch.tgt_out != PAD).sum(1).tolist()
 
-    def _search(self, src: Encoded, indices, options: DecodeOptions) -> list[list[Hypothesis]]:
-        """One batch of ``src``: encode, then greedy or beam search."""
+    def _search(self, src: Encoded, indices, options: DecodeOptions,
+                prefixes: Sequence[Sequence[int]] | None = None) -> list[list[Hypothesis]]:
+        """One batch of ``src``: encode, then greedy or beam search, or sampling; each output
+        starting with its ``prefixes`` (target ids), which its shortlist then holds."""
         model = self.model
         batch = collate(src, None, indices, max_src_len=options.max_src_len)
+        prefix = None if prefixes is None else _prefix_tensor([prefixes[i] for i in indices])
         shortlist = None
         if self.lexicon is not None and options.shortlist > 0:
             shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
+            shortlist = _with_prefix(shortlist, prefix)
         batch = batch.to(self.device)
         vocab, allowed = _restricted(self.model, shortlist, self.device, self.dtype)
         with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
             memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
             limits = max_lengths(batch.src_lengths, options.max_len_ratio)
+            if prefix is not None:  # the continuation keeps the room it would have without one
+                prefix = prefix.to(self.device)
+                limits = limits + (prefix != PAD).sum(1).to(limits.device)
+            if options.sample:
+                return _sampled(model, memory, state, limits, options, vocab, allowed, prefix,
+                                [src[i] for i in indices])
             if options.beam == 1:
                 return greedy(model, memory, state, limits, options.return_attention, vocab, options.no_repeat_ngram,
-                              allowed=allowed)
+                              allowed=allowed, prefix=prefix)
             return beam_search(model, memory, state, options.beam, limits, options.alpha, options.n_best,
                                options.return_attention, vocab=vocab, no_repeat_ngram=options.no_repeat_ngram,
-                               coverage=options.coverage, allowed=allowed)
+                               coverage=options.coverage, allowed=allowed, prefix=prefix)
+
+
+def _prefix_tensor(prefixes: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """A batch's prefixes as (batch, longest) target ids, PAD past each; None where all are empty."""
+    longest = max((len(ids) for ids in prefixes), default=0)
+    if longest == 0:
+        return None
+    out = torch.full((len(prefixes), longest), PAD, dtype=torch.long)
+    for row, ids in enumerate(prefixes):
+        out[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+    return out
+
+
+def _with_prefix(shortlist: Shortlist, prefix: torch.Tensor | None) -> Shortlist:
+    """``shortlist`` with each sentence's prefix pieces among the columns it may produce: a forced
+    piece is scored against its shortlist's others, as any piece it produces. prefix: (batch, p)."""
+    if prefix is None:
+        return shortlist
+    ids = torch.cat([shortlist.ids, prefix[prefix != PAD]]).unique()  # (m,) sorted
+    allowed = torch.zeros(prefix.size(0), ids.numel(), dtype=torch.bool)  # (batch, m)
+    allowed[:, torch.searchsorted(ids, shortlist.ids)] = shortlist.allowed
+    allowed.scatter_(1, torch.searchsorted(ids, prefix), True)  # PAD's column: a special token's, allowed anyway
+    return Shortlist(ids, allowed)
+
+
+def _sampled(model, memory, state, limits: torch.Tensor, options: DecodeOptions, vocab: OutputVocab | None,
+             allowed: torch.Tensor | None, prefix: torch.Tensor | None, sources: list) -> list[list[Hypothesis]]:
+    """``options.n_best`` draws per sentence (greedy with a ``Sampler``), likeliest first, not
+    deduplicated. Draw d of a sentence has a random stream of its own, seeded by ``options.seed``,
+    d and the sentence's source ids: the same sentence draws the same, whatever its batch or place."""
+    n = options.n_best
+    batch = memory.mask.size(0)
+    rows = torch.arange(batch, device=memory.mask.device).repeat_interleave(n)  # (batch*n,)
+    draws = [np.random.default_rng([options.seed, draw, len(ids), *(int(i) for i in ids)])
+             for ids in sources for draw in range(n)]
+    sampler = Sampler(draws, options.temperature, options.top_k, options.top_p)
+    found = greedy(model, memory.select(rows), state.select(rows), limits[rows.to(limits.device)],
+                   options.return_attention, vocab, options.no_repeat_ngram,
+                   allowed=None if allowed is None else allowed[rows], prefix=None if prefix is None else prefix[rows],
+                   sampler=sampler)
+    return [sorted((h for hyps in found[b * n: (b + 1) * n] for h in hyps), key=lambda h: -h.score)
+            for b in range(batch)]
 
