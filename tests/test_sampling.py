@@ -242,3 +242,17 @@ def test_decode_command_samples_and_forces_prefixes(run_with_steps, tmp_path):
     too_long = runner.invoke(main, ["decode", str(run_with_steps), "--prefix", "x" * 1001], input=lines)
     assert too_long.exit_code != 0 and "prefix must be text of at most 1000 characters" in too_long.output
     assert "Traceback" not in too_long.output
+
+
+def test_sampling_and_a_prefix_with_an_ensemble(tokenizer):
+    from translate.ensemble import Ensemble
+
+    from .test_ensemble import sharp_model
+
+    models = Ensemble([sharp_model(tokenizer, 1, 0), sharp_model(tokenizer, 2, 1)])
+    decoder = Translator(models, tokenizer, DecodeOptions(sample=True, seed=2, n_best=3, shortlist=0, inter_threads=1))
+    drawn = decoder.translate(SENTENCES, prefixes=["the dog"] + [""] * (len(SENTENCES) - 1))
+    ids = tokenizer.encode_tgt(["the dog"])[0]
+    assert all(t.tokens[: len(ids)] == ids for t in drawn[0])
+    assert texts(drawn) == texts(decoder.translate(SENTENCES, prefixes=["the dog"] + [""] * (len(SENTENCES) - 1)))
+    assert texts(drawn[1:]) == texts([decoder.translate([line])[0] for line in SENTENCES[1:]])
