@@ -15,7 +15,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 LAYERS = [
     {"errors"},
     {"runtime", "memory", "config", "tokenizer", "segment"},
-    {"corpus", "casual", "names"},
+    {"corpus", "casual", "names", "glossary"},
     {"encoded"},
     {"data", "shortlist"},
     {"attention", "encoder", "unrolled"},

@@ -542,3 +542,256 @@ def beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens:
         if beams is None:
             break
     return finished.best(n_best, memory.mask.sum(1).tolist())
+
+
+class Progress(NamedTuple):
+    """Where a hypothesis stands with its sentence's constraints (dynamic beam allocation)."""
+
+    met: int  # bit c set: constraint c appears complete in the hypothesis
+    current: int  # the constraint it is in the middle of; -1: none
+    pos: int  # pieces of ``current`` produced so far
+
+    def count(self, constraints: list[list[int]]) -> int:
+        """Constraint pieces met: those of the complete constraints and of the one begun."""
+        return sum(len(c) for i, c in enumerate(constraints) if self.met >> i & 1) + (self.pos if self.current >= 0
+                                                                                     else 0)
+
+    def wanted(self, constraints: list[list[int]]) -> list[int]:
+        """The tokens that would take it a piece further: the next of the constraint begun, else
+        the first of each constraint not met."""
+        if self.current >= 0:
+            return [constraints[self.current][self.pos]]
+        return [c[0] for i, c in enumerate(constraints) if not self.met >> i & 1]
+
+    def after(self, token: int, constraints: list[list[int]]) -> Progress:
+        """The progress once ``token`` is added: a hypothesis in the middle of a constraint either
+        continues it or abandons it (its pieces so far count no more), and may begin another."""
+        if self.current >= 0:
+            if constraints[self.current][self.pos] == token:
+                if self.pos + 1 == len(constraints[self.current]):
+                    return Progress(self.met | 1 << self.current, -1, 0)
+                return Progress(self.met, self.current, self.pos + 1)
+            self = Progress(self.met, -1, 0)
+        for i, c in enumerate(constraints):
+            if not self.met >> i & 1 and c[0] == token:
+                return Progress(self.met | 1 << i, -1, 0) if len(c) == 1 else Progress(self.met, i, 1)
+        return self
+
+
+def bank_order(scores: list[float], counts: list[int]) -> list[int]:
+    """Dynamic beam allocation's choice among candidates (Post & Vilar, 2018, as Sockeye ranks
+    them): banked by the number of constraint pieces met, each bank best first, then taken in turn
+    from the banks, the one that met most first, so that a bank left short lends its slots to the
+    others. scores, counts: one per candidate -> the candidates' indices in the order taken."""
+    by_bank: dict[int, list[int]] = {}
+    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+        by_bank.setdefault(counts[i], []).append(i)
+    ranked = [(rank, -bank, i) for bank, members in by_bank.items() for rank, i in enumerate(members)]
+    return [i for _, _, i in sorted(ranked)]
+
+
+def missing_constraints(tokens: list[int], constraints: list[list[int]]) -> list[int]:
+    """The indices of the constraints whose pieces do not appear, in order and together, in ``tokens``."""
+    text = tuple(tokens)
+    return [i for i, c in enumerate(constraints)
+            if not any(text[j: j + len(c)] == tuple(c) for j in range(len(text) - len(c) + 1))]
+
+
+class Constrained(NamedTuple):
+    """The hypotheses of constrained beam search still going: ``per`` rows a live sentence (1 at
+    the first step, the beam after), sentence by sentence, as ``Beams`` holds them."""
+
+    sent: torch.Tensor  # (live,) each live sentence's index among the constrained ones
+    scores: list[list[float]]  # per live sentence, its rows' summed log-probabilities
+    progress: list[list[Progress]]  # per live sentence, its rows' progress through its constraints
+    seqs: torch.Tensor  # (rows, t) tokens so far
+    prev: torch.Tensor  # (rows,) the last token
+    memory: Memory  # (live, ...)
+    state: DecoderState  # (rows) the next step's
+    history: torch.Tensor | None  # (rows, t, src_len) the attention so far, when asked for
+
+
+class Rules(NamedTuple):
+    """What constrains every step of a constrained search: the constraints as columns, the
+    shortlist, the limits, the bans."""
+
+    cons: list[list[list[int]]]  # per constrained sentence, its constraints as columns of ``vocab``
+    cons_cols: torch.Tensor  # (sentences, m) the columns of each sentence's constraints, padded by repeats
+    vocab: OutputVocab | None
+    ids: list[int] | None  # column -> token
+    blocked: torch.Tensor | None  # (sentences, columns) the columns outside each sentence's shortlist
+    limits: torch.Tensor  # (sentences,) counting EOS
+    index: torch.Tensor  # (sentences,) each one's row in the batch, for ``prefix``
+    prefix: torch.Tensor | None  # (batch, p)
+    no_repeat_ngram: int
+
+
+def constrained_scores(logits: torch.Tensor, hyps: Constrained, rules: Rules, t: int) -> torch.Tensor:
+    """Every continuation's summed score (rows, columns): a hypothesis with a constraint unmet may
+    not end (unless at its length limit, where every one must), a constraint's pieces escape n-gram
+    blocking, the prefix is forced as in ``beam_search``."""
+    rows_sent = hyps.sent.repeat_interleave(len(hyps.scores[0]))  # (rows,)
+    logp = logits.float()
+    if rules.blocked is not None:
+        logp = logp.masked_fill(rules.blocked[rows_sent], NEG_INF)
+    logp = logp.log_softmax(-1)
+    forced = prefix_columns(rules.prefix, rules.index[rows_sent], t, rules.vocab)
+    kept = None if forced is None else logp.gather(1, forced.clamp(min=0).unsqueeze(1)).squeeze(1)
+    force = t + 1 >= rules.limits[rows_sent]  # (rows,)
+    unmet = torch.tensor([p.count(rules.cons[s]) < sum(map(len, rules.cons[s]))
+                          for s, row in zip(hyps.sent.tolist(), hyps.progress) for p in row], device=logp.device)
+    banned = repeat_bans(hyps.seqs, rules.no_repeat_ngram, rules.vocab)
+    if banned is not None:  # a constraint's pieces may repeat
+        banned = banned.masked_fill((banned.unsqueeze(2) == rules.cons_cols[rows_sent].unsqueeze(1)).any(2), PAD)
+    logp = _allowed(logp, force if bool(force.any()) else None, unmet & ~force, banned)
+    if forced is not None:
+        logp = force_columns(logp, kept, forced)
+    flat = torch.tensor([x for row in hyps.scores for x in row], device=logp.device)  # (rows,)
+    return logp.add_(flat.unsqueeze(1))
+
+
+def sentence_candidates(pairs: dict[tuple[int, int], float], progress: list[Progress], cons: list[list[int]],
+                        ids: list[int] | None) -> list[tuple[int, int, float, int, Progress, int]]:
+    """A sentence's candidates (row, column) -> score as (row, column, score, token, progress after,
+    pieces met), the impossible ones (score -inf) left out."""
+    out = []
+    for (r, c), v in pairs.items():
+        if math.isfinite(v):
+            token = c if ids is None else ids[c]
+            after = progress[r] if token == EOS else progress[r].after(c, cons)  # constraints as columns
+            out.append((r, c, v, token, after, after.count(cons)))
+    return out
+
+
+@torch.no_grad()
+def constrained_beam_search(model, memory: Memory, state: DecoderState, beam: int, max_lens: torch.Tensor,
+                            constraints: list[list[list[int]]], alpha: float = 1.0, n_best: int = 1,
+                            return_attention: bool = False, vocab: OutputVocab | None = None,
+                            no_repeat_ngram: int = 0, allowed: torch.Tensor | None = None,
+                            prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+    """Beam search whose outputs hold every one of their sentence's ``constraints`` (per sentence,
+    a list of target-id lists, each to appear whole and in order): dynamic beam allocation (Post &
+    Vilar, 2018), batched. Sentences without constraints are searched by ``beam_search`` (the
+    same output, bit for bit); the others step together, one ``decode_step`` a step for all.
+
+    Each step a sentence's candidates are the best ``beam`` continuations over beam x vocab, each
+    hypothesis' best token and each token that takes a hypothesis a piece further into a
+    constraint (``Progress.wanted``); the ``beam`` kept are chosen by ``bank_order``. EOS is banned
+    until every constraint is met; at the length limit every hypothesis must end (the fallback:
+    one without all constraints then ranks below any with them; ``missing_constraints`` says which
+    it lacks). A constraint's pieces escape n-gram blocking. ``vocab`` must hold every constraint
+    piece (the caller adds them to the shortlist, and to each sentence's ``allowed``). The other
+    arguments are ``beam_search``'s."""
+    if n_best > beam:
+        raise ValueError(f"n_best ({n_best}) cannot exceed the beam size ({beam})")
+    batch, src_len = memory.mask.shape
+    device = memory.mask.device
+    max_lens = max_lens.to(device)
+    prefix = None if prefix is None else prefix.to(device)
+    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    plain = [b for b in range(batch) if not constraints[b]]
+    if plain:
+        index = torch.tensor(plain, device=device)
+        found = beam_search(model, memory.select(index), state.select(index), beam, max_lens[index], alpha, n_best,
+                            return_attention, vocab=vocab, no_repeat_ngram=no_repeat_ngram,
+                            allowed=None if allowed is None else allowed[index.cpu()],
+                            prefix=None if prefix is None else prefix[index])
+        for b, hyps in zip(plain, found):
+            results[b] = hyps
+    held = [b for b in range(batch) if constraints[b]]
+    if not held:
+        return results
+    index = torch.tensor(held, device=device)
+    cons = [[_as_columns(c, vocab) for c in constraints[b]] for b in held]
+    rules = Rules(cons, _prefix_rows([sorted({p for c in sent for p in c}) for sent in cons], device), vocab,
+                  None if vocab is None else vocab.ids.tolist(),
+                  None if allowed is None else ~allowed[index.cpu()].to(device), max_lens[index], index, prefix,
+                  no_repeat_ngram)
+    hyps = Constrained(torch.arange(len(held), device=device), [[0.0] for _ in held],
+                       [[Progress(0, -1, 0)] for _ in held], torch.zeros(len(held), 0, dtype=torch.long, device=device),
+                       torch.full((len(held),), BOS, dtype=torch.long, device=device), memory.select(index),
+                       state.select(index), torch.zeros(len(held), 0, src_len, device=device) if return_attention
+                       else None)
+    done: list[list[tuple[bool, float, list[int], torch.Tensor | None]]] = [[] for _ in held]
+    for t in range(int(rules.limits.max())):
+        hyps = constrained_step(model, hyps, rules, done, t, beam, alpha)
+        if hyps is None:
+            break
+    src_real = memory.mask.sum(1).tolist()
+    for s, b in enumerate(held):
+        ranked = sorted(done[s], key=lambda d: (not d[0], -d[1]))[:n_best]
+        results[b] = [Hypothesis(tokens, score, None if attn is None else attn[:, : src_real[b]].cpu())
+                      for _, score, tokens, attn in ranked]
+    return results
+
+
+def constrained_step(model, hyps: Constrained, rules: Rules, done: list[list], t: int, beam: int,
+                     alpha: float) -> Constrained | None:
+    """Step ``t`` of ``constrained_beam_search`` for every live sentence: decode, gather each
+    sentence's candidates, move the ended ones into ``done`` (per sentence: all constraints met,
+    normalised score, tokens, attention), keep ``beam`` others by ``bank_order``. None when every
+    sentence is done (``beam`` ended, its limit reached, nothing left alive)."""
+    per = len(hyps.scores[0])
+    logits, state, weights = model.decode_step(hyps.prev, hyps.memory, hyps.state, rules.vocab)
+    total = constrained_scores(logits, hyps, rules, t)  # (rows, columns)
+    columns = total.size(1)
+    top_scores, top_index = (x.tolist() for x in total.view(len(hyps.scores), per * columns)
+                             .topk(min(beam, per * columns), dim=1))
+    best_scores, best_rows = (x.tolist() for x in total.max(1))  # each row's best column
+    wanted = [p.wanted(rules.cons[s]) for s, row in zip(hyps.sent.tolist(), hyps.progress) for p in row]
+    want_scores = total.gather(1, _prefix_rows(wanted, total.device)).tolist()
+    rows, cols, scores, progress, keep = [], [], [], [], []
+    for i, s in enumerate(hyps.sent.tolist()):
+        base = i * per
+        pairs = {(j // columns, j % columns): v for j, v in zip(top_index[i], top_scores[i])}
+        for r in range(per):
+            pairs.setdefault((r, best_rows[base + r]), best_scores[base + r])
+            for c, v in zip(wanted[base + r], want_scores[base + r]):
+                pairs.setdefault((r, c), v)
+        cands = sentence_candidates(pairs, hyps.progress[i], rules.cons[s], rules.ids)
+        full = sum(map(len, rules.cons[s]))
+        at_limit = t + 1 >= int(rules.limits[s])
+        # ended: at the limit, any; else those among the best ``beam`` of the bank that met every constraint
+        ending = cands if at_limit else sorted((c for c in cands if c[5] == full), key=lambda c: -c[2])[:beam]
+        for r, _, v, token, _, met in ending:
+            if token == EOS and len(done[s]) < beam:
+                attn = None if hyps.history is None else torch.cat([hyps.history[base + r],
+                                                                    weights[base + r].float().unsqueeze(0)])
+                done[s].append((met == full, v / length_penalty(t + 1, alpha), hyps.seqs[base + r].tolist(), attn))
+        going = [cands[j] for j in bank_order([c[2] for c in cands], [c[5] for c in cands])
+                 if cands[j][3] != EOS][:beam]
+        if len(done[s]) >= beam or not going or at_limit:
+            continue
+        keep.append(i)
+        short = beam - len(going)  # a sentence short of candidates repeats one, scored -inf
+        scores.append([c[2] for c in going] + [NEG_INF] * short)
+        going += [going[0]] * short
+        rows += [base + c[0] for c in going]
+        cols += [c[1] for c in going]
+        progress.append([c[4] for c in going])
+    if not keep:
+        return None
+    device = total.device
+    rows_t, cols_t, keep_t = (torch.tensor(x, device=device) for x in (rows, cols, keep))
+    prev = cols_t if rules.vocab is None else rules.vocab.ids[cols_t]
+    history = hyps.history
+    if history is not None:
+        history = torch.cat([history.index_select(0, rows_t), weights.float().index_select(0, rows_t).unsqueeze(1)], 1)
+    return Constrained(hyps.sent[keep_t], scores, progress, torch.cat([hyps.seqs.index_select(0, rows_t),
+                                                                      prev.unsqueeze(1)], dim=1),
+                       prev, hyps.memory.select(keep_t), state.select(rows_t), history)
+
+
+def _as_columns(ids: list[int], vocab: OutputVocab | None) -> list[int]:
+    """Target ids as columns of ``vocab`` (which holds them), or as they are without one."""
+    if vocab is None:
+        return list(ids)
+    return torch.searchsorted(vocab.ids, torch.tensor(ids, device=vocab.ids.device)).tolist()
+
+
+def _prefix_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Lists of columns as one (len(rows), longest) tensor, each padded with its own first column
+    (PAD where empty), so that a gather over it repeats a real column rather than a new one."""
+    width = max(1, max(map(len, rows), default=1))
+    return torch.tensor([row + [row[0] if row else PAD] * (width - len(row)) for row in rows], dtype=torch.long,
+                        device=device)
