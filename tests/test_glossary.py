@@ -1,6 +1,8 @@
 """Glossaries: reading and matching them (glossary.py) and constrained beam search
 (search.constrained_beam_search), checked against plain references written here."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -112,3 +114,151 @@ def test_a_term_that_cannot_fit_is_reported(search_model, tokenizer):
     found = constrained_beam_search(search_model, memory, state, 3, limits, cons)
     assert found[0] and missing_constraints(found[0][0].tokens, cons[0]) == [0]  # the fallback, reported
     assert missing_constraints(found[1][0].tokens, cons[1]) == []
+
+
+@pytest.mark.parametrize("shortlist, precision", [(0, "fp32"), (6, "int8")])
+def test_translator_places_glossary_terms(search_model, tokenizer, shortlist, precision, caplog):
+    from translate.translator import DecodeOptions, Translator
+
+    from .test_shortlist import lexicon_for
+
+    glossary = (("gato", "elephant"), ("perro", "sunny day"), ("libro", "cat"))
+    options = DecodeOptions(shortlist=shortlist, inter_threads=1, glossary=glossary, n_best=2)
+    decoder = Translator(search_model, tokenizer, options, precision=precision,
+                         lexicon=lexicon_for(tokenizer) if shortlist else None)
+    out = decoder.translate(SENTENCES)
+    for line, nbest in zip(SENTENCES, out):
+        for _, target in matches(glossary, line):
+            ids = tokenizer.encode_tgt([target])[0]
+            assert holds(nbest[0].tokens, ids) and not nbest[0].missed
+    plain = Translator(search_model, tokenizer, replace(options, glossary=()), precision=precision,
+                       lexicon=lexicon_for(tokenizer) if shortlist else None)
+    for line, nbest, free in zip(SENTENCES, out, plain.translate(SENTENCES)):  # no term: as without a glossary
+        if not matches(glossary, line):
+            assert [t.text for t in nbest] == [t.text for t in free]
+
+
+
+def test_a_term_the_search_could_not_place_is_reported(search_model, tokenizer, caplog, monkeypatch):
+    import translate.translator as translator
+
+    def unconstrained(model, memory, state, beam, limits, constraints, *args):  # a search that fails every term
+        return beam_search(model, memory, state, beam, limits)
+
+    monkeypatch.setattr(translator, "constrained_beam_search", unconstrained)
+    options = translator.DecodeOptions(shortlist=0, inter_threads=1, glossary=(("gato", "elephant zebra"),))
+    out = translator.Translator(search_model, tokenizer, options).translate(["El gato come pan. Y.", "Y."])
+    assert out[0][0].missed == ("elephant zebra",) and out[1][0].missed == ()
+    assert "could not place 'elephant zebra' in the translation of 'El gato come pan. Y.'" in caplog.text
+
+
+def test_a_glossary_is_checked_as_an_option():
+    from translate.translator import DecodeOptions
+
+    assert DecodeOptions(glossary=[["gato", "cat"]]).glossary == (("gato", "cat"),)
+    for bad, message in (([["", "cat"]], "empty source term"), ([["gato"]], "pair of texts"),
+                         ({"gato": "c" * (MAX_TERM + 1)}, "at most"), ([["a", "b"]] * (MAX_ENTRIES + 1), "entries")):
+        with pytest.raises(UserError, match=message):
+            DecodeOptions(glossary=bad)
+    with pytest.raises(UserError, match="sampling"):
+        DecodeOptions(glossary=[["gato", "cat"]], sample=True)
+
+
+def test_a_term_ends_a_word(search_model, tokenizer):
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES)
+    vocab_size = search_model.decoder.output.bias.numel()
+    joins = (torch.arange(vocab_size) % 2 == 0) & (torch.arange(vocab_size) >= SPECIAL)  # half the pieces continue
+    cons = [[[SPECIAL + 7]], [[SPECIAL + 9, SPECIAL + 3]], [[SPECIAL + 5]], [[SPECIAL + 11]], [[SPECIAL + 13]]]
+    for hyps, (c,) in zip(constrained_beam_search(search_model, memory, state, 3, limits, cons, joins=joins), cons):
+        tokens = hyps[0].tokens + [EOS]
+        end = next(i for i in range(len(tokens)) if tokens[i: i + len(c)] == c) + len(c)
+        assert not joins[tokens[end]]  # what follows the term does not continue its word
+
+
+def test_serve_takes_a_glossary_in_both_apis(tiny_model, tokenizer):
+    import io
+    import json
+    import urllib.parse
+
+    from translate.errors import RequestError
+    from translate.serve import RequestBatcher, TranslationService, parse_request
+    from translate.translator import DecodeOptions, Translator
+
+    batcher = RequestBatcher(Translator(tiny_model, tokenizer, DecodeOptions(shortlist=0)), max_wait_ms=1)
+    service = TranslationService(batcher, max_body=1 << 16, max_sentences=8, info={})
+
+    def call(body: bytes, content_type="application/json"):
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        response = service.respond("POST", "/translate", headers, io.BytesIO(body))
+        return response.status, json.loads(response.body)
+
+    try:
+        ids = tokenizer.encode_tgt(["perro"])[0]
+        status, own = call(json.dumps({"sentences": ["El gato come pan.", "Y."], "glossary": [["gato", "perro"]],
+                                       "scores": True}).encode())
+        assert status == 200 and own["missed_terms"] == [[], []]
+        assert holds(tokenizer.encode_tgt([own["translations"][0]])[0], ids)
+        status, libre = call(json.dumps({"q": "El gato come pan.", "target": "en",
+                                         "glossary": {"gato": "perro"}}).encode())
+        assert status == 200 and libre == {"translatedText": own["translations"][0], "missed_terms": []}
+        form = urllib.parse.urlencode({"q": "El gato come pan.", "target": "en", "glossary": '[["gato", "perro"]]'})
+        assert call(form.encode(), "application/x-www-form-urlencoded")[1] == libre
+        status, plain = call(json.dumps({"sentences": ["El gato come pan."]}).encode())
+        assert "missed_terms" not in plain
+        for glossary, message in (([["gato", ""]], "empty target term"), ([["gato"]], "pair of texts"),
+                                  ("not json", "must be JSON"), ([["a", "b"]] * 1001, "at most 1000")):
+            status, error = call(json.dumps({"sentences": ["Hola."], "glossary": glossary}).encode())
+            assert status == 400 and message in error["error"] and "\n" not in error["error"]
+        with pytest.raises(RequestError, match="sampling"):
+            parse_request(json.dumps({"sentences": ["Hola."], "glossary": [["a", "b"]], "sample": True}).encode(),
+                          8, 100)
+    finally:
+        batcher.close()
+
+
+def test_repl_sets_a_glossary(tmp_path):
+    from types import SimpleNamespace
+
+    from translate.repl import Repl
+    from translate.translator import DecodeOptions
+
+    good, bad = tmp_path / "good.tsv", tmp_path / "bad.tsv"
+    good.write_text("gato\tcat\nperro\tdog\n", encoding="utf-8")
+    bad.write_text("gato cat\n", encoding="utf-8")
+    repl = Repl(SimpleNamespace(tokenizer=None, options=DecodeOptions()))
+    assert repl.command(f":glossary {good}")[0] == f"glossary of 2 entries from {good}"
+    assert repl.options.glossary == (("gato", "cat"), ("perro", "dog"))
+    answer = repl.command(f":glossary {bad}")[0]
+    assert answer.startswith("usage: :glossary FILE;") and "line 1" in answer and "\n" not in answer
+    assert repl.options.glossary == (("gato", "cat"), ("perro", "dog"))  # a bad file leaves it as it was
+    assert repl.command(":glossary")[0] == "no glossary" and repl.options.glossary == ()
+
+
+def test_decode_and_eval_take_a_glossary_file(run_with_steps, tmp_path):
+    from click.testing import CliRunner
+
+    from translate.cli import main
+
+    runner = CliRunner()
+    glossary = tmp_path / "terms.tsv"
+    glossary.write_text("gato\tdog\n", encoding="utf-8")
+    lines = "El gato come pan.\nEl perro bebe agua.\n"
+    base = ["decode", str(run_with_steps), "--shortlist", "0", "--beam", "3"]
+    plain = runner.invoke(main, base, input=lines)
+    forced = runner.invoke(main, [*base, "--glossary", str(glossary)], input=lines)
+    assert plain.exit_code == 0 and forced.exit_code == 0, forced.output
+    first, second = forced.stdout.splitlines()
+    assert "dog" in first.split() and "dog" not in plain.stdout.splitlines()[0].split()
+    assert second == plain.stdout.splitlines()[1]  # no term in it: as without a glossary
+    src, ref = tmp_path / "src.txt", tmp_path / "ref.txt"
+    src.write_text(lines, encoding="utf-8")
+    ref.write_text("The dog eats bread.\nThe dog drinks water.\n", encoding="utf-8")
+    scored = runner.invoke(main, ["eval", str(run_with_steps), "--src", str(src), "--ref", str(ref), "--json",
+                                  "--glossary", str(glossary)])
+    assert scored.exit_code == 0, scored.output
+    for text, message in (("gato dog\n", "line 1: write SOURCE<TAB>TARGET"), ("gato\t\n", "empty target term"),
+                          ("gato\t" + "x" * 201 + "\n", "at most 200")):
+        glossary.write_text(text, encoding="utf-8")
+        bad = runner.invoke(main, [*base, "--glossary", str(glossary)], input=lines)
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
+        assert len([line for line in bad.output.splitlines() if line.startswith("Error")]) == 1

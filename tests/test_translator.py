@@ -69,7 +69,7 @@ def _outside(name: str) -> list[tuple[str, float]]:
 def test_every_option_but_the_attention_flag_has_its_bounds():
     fields = {f.name for f in dataclasses.fields(DecodeOptions)}
     # checked on their own
-    switches = {"return_attention", "restore_casual", "copy_unknown", "split", "sample", "prefix"}
+    switches = {"return_attention", "restore_casual", "copy_unknown", "split", "sample", "prefix", "glossary"}
     assert set(DecodeOptions.BOUNDS) == fields - switches
     assert DecodeOptions.BOUNDS["beam"].high == DecodeOptions.MAX_BEAM
     edges = {name: bound.high if bound.high is not None else bound.low + 1 for name, bound in

@@ -18,6 +18,7 @@ from . import __version__
 from .config import load_config, parse_overrides
 from .corpus import iter_lines, no_tqdm_monitor, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
+from .glossary import read_glossary
 from .runtime import DEVICES, configure_logging, configure_process, console_level
 from .segment import SPLITS
 from .serve import DEADLINE, MAX_CONNECTIONS, MAX_COST
@@ -186,6 +187,10 @@ DECODING_FLAGS = {
     "prefix": [click.option("--prefix", default=DEFAULT_DECODING.prefix, metavar="TEXT",
                             help="Every translation starts with TEXT (forced, its log-probability in the score), "
                             "and the search goes on from there; a line with a prefix is translated whole.")],
+    "glossary": [click.option("--glossary", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+                              help="A TSV file of SOURCE<TAB>TARGET terms: a sentence that holds a source term (whole "
+                              "words, any case) gets its target term in the translation (constrained beam search); "
+                              "a term that cannot be placed is named on stderr.")],
     "precision": [
         click.option("--fp32", is_flag=True, help=f"Decode in full precision, also on a GPU. (By default a CPU "
                      f"decodes in {CPU_PRECISION}, which keeps BLEU within 0.1 of fp32 and is faster; a GPU under "
@@ -224,6 +229,8 @@ def decoding_options(*names: str, **fixed):
         @functools.wraps(command)
         def run(*args, **kwargs):
             chosen = {name: kwargs.pop(name) for name in names if name not in ("precision", "device")}
+            if "glossary" in chosen:  # a file's name -> its entries (glossary.py)
+                chosen["glossary"] = read_glossary(chosen["glossary"]) if chosen["glossary"] else ()
             if chosen.get("n_best", 1) > chosen.get("beam", 1) and not chosen.get("sample"):
                 raise click.UsageError(f"--n-best ({chosen['n_best']}) cannot exceed --beam ({chosen['beam']})")
             if "precision" in names:
@@ -250,7 +257,7 @@ def decoding_options(*names: str, **fixed):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @ensemble_option
 @decoding_options("beam", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual", "shortlist", "precision",
-                  "device", "inter_threads", "sample", "temperature", "top_k", "top_p", "seed")
+                  "device", "inter_threads", "sample", "temperature", "top_k", "top_p", "seed", "glossary")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ensemble, options, precision, device):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .evaluate import evaluate, test_set
@@ -291,7 +298,7 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ens
               "reads them: its translation starts with PREFIX (a line without a tab: --prefix's).")
 @decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual",
                   "shortlist", "precision", "device", "inter_threads", "sample", "temperature", "top_k", "top_p",
-                  "seed", "prefix")
+                  "seed", "prefix", "glossary")
 @ensemble_option
 def decode(checkpoint, input_file, output_file, scores, prefix_tab, options, precision, device, ensemble):
     """Translate lines from stdin or -i FILE to stdout or -o FILE."""
@@ -390,7 +397,7 @@ def _output(path: str | None):
 @main.command()
 @click.argument("checkpoint")
 @decoding_options("beam", "split", "restore_casual", "shortlist", "precision", "device", "sample", "temperature",
-                  "top_k", "top_p", "seed", "prefix")
+                  "top_k", "top_p", "seed", "prefix", "glossary")
 @ensemble_option
 def repl(checkpoint, options, precision, device, ensemble):
     """Translate lines as you type them (:help for commands)."""

@@ -7,7 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
+from .glossary import read_glossary
 from .segment import SPLITS
 from .translator import DecodeOptions, Translation, Translator
 
@@ -22,6 +23,8 @@ HELP = """commands:
   :top-p P           sampling: draw from the nucleus of probability P (1: all)
   :seed S            sampling: the seed (a line draws the same with the same seed)
   :prefix TEXT       every translation starts with TEXT (:prefix alone: none)
+  :glossary FILE     a TSV file of SOURCE<TAB>TARGET terms whose target terms translations must hold
+                     (:glossary alone: none)
   :attn     attention of the last translation, as a table (rows: output pieces)
   :help     this help
   :quit     leave (Ctrl-D works too; Ctrl-C cancels the line)"""
@@ -81,6 +84,8 @@ class Repl:
             return self.set_option(name.replace("-", "_"), arg.strip()), False
         if name == "prefix":
             return self.set_prefix(arg.strip()), False
+        if name == "glossary":
+            return self.set_glossary(arg.strip()), False
         if name == "attn":
             return self.attention(), False
         return f"unknown command :{name}; :help lists them", False
@@ -124,6 +129,14 @@ class Repl:
         except ConfigError as exc:
             return f"usage: :prefix TEXT; {exc}"
         return f"prefix {arg!r}" if arg else "no prefix"
+
+    def set_glossary(self, arg: str) -> str:
+        """``:glossary FILE``, read as ``--glossary`` reads it; ``:glossary`` alone: none."""
+        try:
+            self.options = replace(self.options, glossary=read_glossary(arg) if arg else ())
+        except UserError as exc:
+            return f"usage: :glossary FILE; {exc}"
+        return f"glossary of {len(self.options.glossary)} entries from {arg}" if arg else "no glossary"
 
     def set_split(self, arg: str) -> str:
         """``:split MODE``; segment.SPLITS names the modes."""

@@ -550,6 +550,7 @@ class Progress(NamedTuple):
     met: int  # bit c set: constraint c appears complete in the hypothesis
     current: int  # the constraint it is in the middle of; -1: none
     pos: int  # pieces of ``current`` produced so far
+    just: bool = False  # its last token completed a constraint: the next may not continue that word
 
     def count(self, constraints: list[list[int]]) -> int:
         """Constraint pieces met: those of the complete constraints and of the one begun."""
@@ -569,13 +570,13 @@ class Progress(NamedTuple):
         if self.current >= 0:
             if constraints[self.current][self.pos] == token:
                 if self.pos + 1 == len(constraints[self.current]):
-                    return Progress(self.met | 1 << self.current, -1, 0)
+                    return Progress(self.met | 1 << self.current, -1, 0, True)
                 return Progress(self.met, self.current, self.pos + 1)
             self = Progress(self.met, -1, 0)
         for i, c in enumerate(constraints):
             if not self.met >> i & 1 and c[0] == token:
-                return Progress(self.met | 1 << i, -1, 0) if len(c) == 1 else Progress(self.met, i, 1)
-        return self
+                return Progress(self.met | 1 << i, -1, 0, True) if len(c) == 1 else Progress(self.met, i, 1)
+        return self._replace(just=False)
 
 
 def bank_order(scores: list[float], counts: list[int]) -> list[int]:
@@ -624,6 +625,7 @@ class Rules(NamedTuple):
     index: torch.Tensor  # (sentences,) each one's row in the batch, for ``prefix``
     prefix: torch.Tensor | None  # (batch, p)
     no_repeat_ngram: int
+    joins: torch.Tensor | None  # (columns,) bool: pieces that continue the word before them
 
 
 def constrained_scores(logits: torch.Tensor, hyps: Constrained, rules: Rules, t: int) -> torch.Tensor:
@@ -644,6 +646,9 @@ def constrained_scores(logits: torch.Tensor, hyps: Constrained, rules: Rules, t:
     if banned is not None:  # a constraint's pieces may repeat
         banned = banned.masked_fill((banned.unsqueeze(2) == rules.cons_cols[rows_sent].unsqueeze(1)).any(2), PAD)
     logp = _allowed(logp, force if bool(force.any()) else None, unmet & ~force, banned)
+    if rules.joins is not None:  # a term ends a word: "apply" is not placed by "apply" + "s"
+        ended = torch.tensor([p.just for row in hyps.progress for p in row], device=logp.device)  # (rows,)
+        logp = logp.masked_fill(ended.unsqueeze(1) & rules.joins.unsqueeze(0), NEG_INF)
     if forced is not None:
         logp = force_columns(logp, kept, forced)
     flat = torch.tensor([x for row in hyps.scores for x in row], device=logp.device)  # (rows,)
@@ -668,7 +673,8 @@ def constrained_beam_search(model, memory: Memory, state: DecoderState, beam: in
                             constraints: list[list[list[int]]], alpha: float = 1.0, n_best: int = 1,
                             return_attention: bool = False, vocab: OutputVocab | None = None,
                             no_repeat_ngram: int = 0, allowed: torch.Tensor | None = None,
-                            prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+                            prefix: torch.Tensor | None = None, joins: torch.Tensor | None = None
+                            ) -> list[list[Hypothesis]]:
     """Beam search whose outputs hold every one of their sentence's ``constraints`` (per sentence,
     a list of target-id lists, each to appear whole and in order): dynamic beam allocation (Post &
     Vilar, 2018), batched. Sentences without constraints are searched by ``beam_search`` (the
@@ -680,7 +686,9 @@ def constrained_beam_search(model, memory: Memory, state: DecoderState, beam: in
     until every constraint is met; at the length limit every hypothesis must end (the fallback:
     one without all constraints then ranks below any with them; ``missing_constraints`` says which
     it lacks). A constraint's pieces escape n-gram blocking. ``vocab`` must hold every constraint
-    piece (the caller adds them to the shortlist, and to each sentence's ``allowed``). The other
+    piece (the caller adds them to the shortlist, and to each sentence's ``allowed``). ``joins``:
+    (target vocabulary,) bool, the pieces that continue the word before them, which may not follow
+    a constraint's last piece, so that a term stays a word of its own (None: any may). The other
     arguments are ``beam_search``'s."""
     if n_best > beam:
         raise ValueError(f"n_best ({n_best}) cannot exceed the beam size ({beam})")
@@ -706,7 +714,8 @@ def constrained_beam_search(model, memory: Memory, state: DecoderState, beam: in
     rules = Rules(cons, _prefix_rows([sorted({p for c in sent for p in c}) for sent in cons], device), vocab,
                   None if vocab is None else vocab.ids.tolist(),
                   None if allowed is None else ~allowed[index.cpu()].to(device), max_lens[index], index, prefix,
-                  no_repeat_ngram)
+                  no_repeat_ngram, None if joins is None else joins.to(device)[vocab.ids] if vocab is not None
+                  else joins.to(device))
     hyps = Constrained(torch.arange(len(held), device=device), [[0.0] for _ in held],
                        [[Progress(0, -1, 0)] for _ in held], torch.zeros(len(held), 0, dtype=torch.long, device=device),
                        torch.full((len(held),), BOS, dtype=torch.long, device=device), memory.select(index),

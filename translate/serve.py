@@ -47,7 +47,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
-from .errors import ConfigError, RequestError, ServiceError
+from .errors import ConfigError, RequestError, ServiceError, UserError
+from .glossary import Glossary, check_glossary
 from .search import max_lengths
 from .segment import SPLITS, segment
 from .translator import DecodeOptions, Translation, Translator
@@ -57,8 +58,10 @@ logger = logging.getLogger(__name__)
 # named as DecodeOptions names them
 OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram", "coverage", "temperature", "top_k",
                  "top_p", "seed")
-REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "sample", "prefix", "split", "scores", "attention", "api_key")
-LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key")
+REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "sample", "prefix", "split", "scores", "attention", "api_key",
+                  "glossary")
+# "glossary": an extension of LibreTranslate's request (docs/serving.md)
+LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key", "glossary")
 # ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1
 # codes, which LibreTranslate clients send; a language outside this table is known by its own name
 ISO_639_1 = {"spa": "es", "eng": "en", "fra": "fr", "deu": "de", "ita": "it", "por": "pt", "nld": "nl",
@@ -219,7 +222,7 @@ def parse_request(body: bytes, max_sentences: int, max_chars: int,
         if not isinstance(prefix, str) or len(prefix) > DecodeOptions.MAX_PREFIX:
             raise RequestError(400, f'"prefix" must be text of at most {DecodeOptions.MAX_PREFIX} characters')
         options = replace(defaults, **chosen, return_attention=flags["attention"],
-                          sample=flags["sample"], prefix=prefix)
+                          sample=flags["sample"], prefix=prefix, glossary=request_glossary(request, defaults.glossary))
     except ConfigError as exc:
         raise RequestError(400, str(exc)) from None
     if "split" in request:
@@ -273,6 +276,18 @@ class LibreRequest(NamedTuple):
     sentences: list[str]
     single: bool  # ``q`` was one string: answer with one string
     alternatives: int
+    glossary: Glossary = ()  # an extension: target terms the translations must hold
+
+
+def request_glossary(request: dict[str, Any], default: Glossary = ()) -> Glossary:
+    """A request's "glossary" ([[source, target], ...] or {source: target}; in a form, that as JSON
+    text), checked (glossary.py); RequestError(400) saying what is wrong."""
+    value = request.get("glossary", default)
+    try:
+        return check_glossary(json.loads(value) if isinstance(value, str) else value, '"glossary"')
+    except (UserError, ValueError) as exc:
+        message = str(exc) if isinstance(exc, UserError) else '"glossary" in a form must be JSON'
+        raise RequestError(400, message) from None
 
 
 def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, str], max_sentences: int,
@@ -310,7 +325,8 @@ def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, s
     if not 0 <= alternatives <= most:
         raise RequestError(400, f'"alternatives" must be an integer from 0 to {most}')
     q = request.get("q")
-    return LibreRequest(_sentences(q, '"q"', max_sentences, max_chars), isinstance(q, str), alternatives)
+    return LibreRequest(_sentences(q, '"q"', max_sentences, max_chars), isinstance(q, str), alternatives,
+                        request_glossary(request))
 
 
 def languages_payload(languages: tuple[str, str]) -> list[dict[str, Any]]:
@@ -597,6 +613,8 @@ class TranslationService:
         else:
             answer = {"translations": [[{"text": t.text, "score": json_score(t.score)} for t in r]
                                        for r in results]}
+        if options.glossary:  # the terms the search could not place, per sentence: reported, never dropped
+            answer["missed_terms"] = [list(r[0].missed) for r in results]
         if options.return_attention:
             answer["attention"] = [attention_payload(self.batcher.translator, s, r[0], options)
                                    for s, r in zip(sentences, results)]
@@ -605,11 +623,15 @@ class TranslationService:
     def _libretranslate(self, body: bytes, content_type: str) -> Response:
         request = parse_libretranslate(body, content_type, self.languages, self.max_sentences, self.max_chars)
         n = request.alternatives + 1
-        options = replace(self.defaults, beam=max(self.defaults.beam, n), n_best=n)
+        options = replace(self.defaults, beam=max(self.defaults.beam, n), n_best=n,
+                          glossary=request.glossary or self.defaults.glossary)
         self._within_limits(request.sentences, options, '"alternatives"')
         results = self.batcher.translate(request.sentences, options, self.deadline)
         texts = [r[0].text for r in results]
         answer: dict[str, Any] = {"translatedText": texts[0] if request.single else texts}
+        if options.glossary:  # an extension, as this project's "missed_terms"
+            missed = [list(r[0].missed) for r in results]
+            answer["missed_terms"] = missed[0] if request.single else missed
         if request.alternatives:
             others = [[t.text for t in r[1:]] for r in results]
             answer["alternatives"] = others[0] if request.single else others

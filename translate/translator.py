@@ -39,13 +39,23 @@ from .decoder import OutputVocab
 from .encoded import Encoded
 from .ensemble import Ensemble, join_models
 from .errors import ConfigError, UserError
+from .glossary import Glossary, check_glossary, matches
 from .names import stand_in_words
 from .quantize import int8_available, quantized_copy
 from .runtime import autocast_for, cpu_has_bf16, select_device
-from .search import Hypothesis, Sampler, beam_search, greedy, length_penalty, max_lengths
+from .search import (
+    Hypothesis,
+    Sampler,
+    beam_search,
+    constrained_beam_search,
+    greedy,
+    length_penalty,
+    max_lengths,
+    missing_constraints,
+)
 from .segment import SPLITS, segment
 from .shortlist import TOP, Lexicon, Shortlist
-from .tokenizer import PAD, UNK, WORD_START, Tokenizer
+from .tokenizer import PAD, SPECIAL, UNK, WORD_START, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +149,9 @@ class DecodeOptions:
     # the start of every translation (target text, forced; its log-probability is in the score); a line with
     # a prefix is decoded whole (not split); "": none
     prefix: str = ""
+    # source term -> target term pairs: a sentence holding a source term (whole words, any case) gets its target
+    # term in the output (search.constrained_beam_search; glossary.py; docs/decoding.md, "Glossaries"); (): none
+    glossary: Glossary = ()
 
     MAX_BEAM: ClassVar[int] = 64  # the widest beam, and so the most n-best, a decode may ask for
     ALPHA_RANGE: ClassVar[tuple[float, float]] = (0.0, 100.0)  # the length penalty exponent
@@ -173,6 +186,9 @@ class DecodeOptions:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
         if not isinstance(self.prefix, str) or len(self.prefix) > self.MAX_PREFIX:
             raise ConfigError(f"prefix must be text of at most {self.MAX_PREFIX} characters, not {self.prefix!r:.60}")
+        object.__setattr__(self, "glossary", check_glossary(self.glossary))
+        if self.glossary and self.sample:
+            raise ConfigError("a glossary constrains the search; it cannot be used with sampling")
         for name in ("return_attention", "restore_casual", "copy_unknown", "sample"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
@@ -192,6 +208,7 @@ class Translation:
     score: float
     tokens: list[int]
     attention: torch.Tensor | None = None  # (target pieces + EOS, source pieces + EOS)
+    missed: tuple[str, ...] = ()  # the glossary's target terms that the search could not place in it
 
 
 @dataclass
@@ -226,7 +243,8 @@ def join(parts: list[list[Translation]], options: DecodeOptions) -> list[Transla
         if all(t.attention is not None for t in chosen):
             attention = _block_diagonal([t.attention for t in chosen])
         joined.append(Translation(" ".join(t.text for t in chosen if t.text), score,
-                                  [i for t in chosen for i in t.tokens], attention))
+                                  [i for t in chosen for i in t.tokens], attention,
+                                  missed=tuple(term for t in chosen for term in t.missed)))
     return joined
 
 
@@ -616,10 +634,12 @@ class Translator:
     def translate(self, lines: Sequence[str], options: DecodeOptions | None = None,
                   on_truncate: Callable[[int], None] | None = None,
                   on_progress: Callable[[int], None] | None = None,
-                  prefixes: Sequence[str] | None = None) -> list[list[Translation]]:
+                  prefixes: Sequence[str] | None = None,
+                  glossaries: Sequence[Glossary] | None = None) -> list[list[Translation]]:
         """The n-best translations of ``lines``, in input order; empty lines give empty translations.
         ``prefixes``: the start of each line's translation (``options.prefix`` for every line where
-        None); a line with one is decoded whole.
+        None); a line with one is decoded whole. ``glossaries``: each line's (``options.glossary``
+        for every line where None).
         Each line is cut into sentences (``options.split``, segment.py); the sentences of all the
         lines are decoded as one batch, and a line's translation is theirs joined (``join``).
         ``on_truncate`` hears how many lines were longer than ``max_src_len`` (and cut);
@@ -641,7 +661,9 @@ class Translator:
 
         pieces = [piece for parts in segments for piece in parts.pieces]
         starts = [prefixes[line] for line in owner]  # a line with a prefix is one piece
-        translated, cut = self._translate_pieces(pieces, options, piece_done, starts)
+        books = [options.glossary] * len(lines) if glossaries is None else [check_glossary(g) for g in glossaries]
+        terms = [matches(books[line], piece) for piece, line in zip(pieces, owner)] if any(books) else None
+        translated, cut = self._translate_pieces(pieces, options, piece_done, starts, terms)
         if on_truncate is not None and cut:
             on_truncate(len({owner[piece] for piece in cut}))
         out: list[list[Translation]] = []
@@ -650,6 +672,7 @@ class Translator:
             count = len(parts.pieces)
             out.append(join(translated[start: start + count], options) if count else [Translation("", 0.0, [], None)])
             start += count
+        _report_missed(lines, out)
         return out
 
     def source_pieces(self, line: str, options: DecodeOptions | None = None) -> list[str]:
@@ -673,10 +696,12 @@ class Translator:
         return [restore(piece, table) for piece in pieces]
 
     def _translate_pieces(self, pieces: list[str], options: DecodeOptions, done: Callable[[int], None],
-                          prefixes: list[str] | None = None) -> tuple[list[list[Translation]], list[int]]:
+                          prefixes: list[str] | None = None,
+                          terms: list[Glossary] | None = None) -> tuple[list[list[Translation]], list[int]]:
         """The n-best translations of ``pieces`` (sentences, or whole lines), and the pieces cut
         to ``max_src_len``. Pieces with unknown words (``copy_unknown``) are decoded with their
-        attention, so that the words can be carried into the output; the others as asked."""
+        attention, so that the words can be carried into the output; the others as asked.
+        ``terms``: each piece's glossary entries, whose target terms its output must hold."""
         pieces = self._restored(pieces, options)
         encoded = self.tokenizer.encode_src(pieces)
         cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
@@ -688,13 +713,15 @@ class Translator:
             encoded[i] = self.tokenizer.encode_src([line])[0]
         plain = sorted(set(range(len(pieces))) - set(unknown))
         starts = self.tokenizer.encode_tgt(prefixes) if prefixes and any(prefixes) else None
+        wanted = _constraints(self.tokenizer, terms)
         out: list[list[Translation]] = [[] for _ in pieces]
         lost = 0  # pieces without a hypothesis of finite score
         for group, group_options in ((plain, options), (sorted(unknown), replace(options, return_attention=True))):
             if not group:
                 continue
             group_starts = None if starts is None else [starts[i] for i in group]
-            for index, hyps in self.translate_ids(Encoded([encoded[i] for i in group]), group_options, group_starts):
+            for index, hyps in self.translate_ids(Encoded([encoded[i] for i in group]), group_options, group_starts,
+                                                  None if wanted is None else [wanted[i] for i in group]):
                 piece = group[index]
                 src_len = min(len(encoded[piece]) + 1, options.max_src_len)
                 if not hyps:  # every score non-finite: an empty translation, never an empty n-best
@@ -708,7 +735,8 @@ class Translator:
                 else:
                     texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
                 out[piece] = [Translation(text, h.score, h.tokens,
-                                          h.attention[:, :src_len] if options.return_attention else None)
+                                          h.attention[:, :src_len] if options.return_attention else None,
+                                          missed=_missed(h, wanted, terms, piece))
                               for text, h in zip(texts, hyps)]
                 done(piece)
         if lost:
@@ -736,17 +764,19 @@ class Translator:
             yield from self.translate(chunk, options, on_truncate, on_progress, starts)
 
     def translate_ids(self, src: Encoded, options: DecodeOptions | None = None,
-                      prefixes: Sequence[Sequence[int]] | None = None) -> Iterator[tuple[int, list[Hypothesis]]]:
+                      prefixes: Sequence[Sequence[int]] | None = None,
+                      constraints: Sequence[list[list[int]]] | None = None) -> Iterator[tuple[int, list[Hypothesis]]]:
         """Yields (index, n-best) for every encoded source sentence; batches go in length order,
         for speed, ``decode_workers`` of them at once. ``prefixes``: the target ids each sentence's
-        output starts with (None: none)."""
+        output starts with (None: none); ``constraints``: the target-id lists each must hold."""
         options = options or self.options
         batches = decode_batches(src, options)
 
         def decode(indices) -> list[tuple[int, list[Hypothesis]]]:
             return [(index, [_own_attention(h) for h in hyps])
-                    for index, hyps in zip(indices, self._search(src, indices, options) if prefixes is None
-                                           else self._search(src, indices, options, prefixes))]
+                    for index, hyps in zip(indices, self._search(src, indices, options)
+                                           if prefixes is None and constraints is None
+                                           else self._search(src, indices, options, prefixes, constraints))]
 
         workers = decode_workers(self.device, options.inter_threads, len(batches))
         was_training = self.model.training
@@ -805,9 +835,11 @@ class Translator:
         return total.tolist(), (batch.tgt_out != PAD).sum(1).tolist()
 
     def _search(self, src: Encoded, indices, options: DecodeOptions,
-                prefixes: Sequence[Sequence[int]] | None = None) -> list[list[Hypothesis]]:
+                prefixes: Sequence[Sequence[int]] | None = None,
+                constraints: Sequence[list[list[int]]] | None = None) -> list[list[Hypothesis]]:
         """One batch of ``src``: encode, then greedy or beam search, or sampling; each output
-        starting with its ``prefixes`` (target ids), which its shortlist then holds."""
+        starting with its ``prefixes`` (target ids) and holding its ``constraints`` (constrained
+        beam search), whose pieces its shortlist then holds."""
         model = self.model
         batch = collate(src, None, indices, max_src_len=options.max_src_len)
         prefix = None if prefixes is None else _prefix_tensor([prefixes[i] for i in indices])
@@ -815,6 +847,9 @@ class Translator:
         if self.lexicon is not None and options.shortlist > 0:
             shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
             shortlist = _with_prefix(shortlist, prefix)
+            if constraints is not None:
+                shortlist = _with_prefix(shortlist, _prefix_tensor([[i for c in constraints[j] for i in c]
+                                                                    for j in indices]))
         batch = batch.to(self.device)
         vocab, allowed = _restricted(self.model, shortlist, self.device, self.dtype)
         with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
@@ -823,6 +858,9 @@ class Translator:
             if prefix is not None:  # the continuation keeps the room it would have without one
                 prefix = prefix.to(self.device)
                 limits = limits + (prefix != PAD).sum(1).to(limits.device)
+            if constraints is not None and any(constraints[i] for i in indices):
+                return _constrained(model, memory, state, limits, options, vocab, allowed, prefix,
+                                    [constraints[i] for i in indices], word_continuations(self.tokenizer))
             if options.sample:
                 return _sampled(model, memory, state, limits, options, vocab, allowed, prefix,
                                 [src[i] for i in indices])
@@ -855,6 +893,55 @@ def _with_prefix(shortlist: Shortlist, prefix: torch.Tensor | None) -> Shortlist
     allowed[:, torch.searchsorted(ids, shortlist.ids)] = shortlist.allowed
     allowed.scatter_(1, torch.searchsorted(ids, prefix), True)  # PAD's column: a special token's, allowed anyway
     return Shortlist(ids, allowed)
+
+
+def _constrained(model, memory, state, limits: torch.Tensor, options: DecodeOptions, vocab: OutputVocab | None,
+                 allowed: torch.Tensor | None, prefix: torch.Tensor | None,
+                 constraints: list[list[list[int]]], joins: torch.Tensor) -> list[list[Hypothesis]]:
+    """Constrained beam search over a batch, each sentence given room for its constraints' pieces
+    on top of its length limit, a term kept a word of its own (``joins``: ``word_continuations``);
+    a beam of 1 sums log-probabilities, as greedy does."""
+    room = torch.tensor([sum(map(len, cons)) for cons in constraints], device=limits.device)
+    return constrained_beam_search(model, memory, state, options.beam, limits + room, constraints,
+                                   options.alpha if options.beam > 1 else 0.0, options.n_best,
+                                   options.return_attention, vocab, options.no_repeat_ngram, allowed, prefix, joins)
+
+
+_CONTINUATIONS: dict[str, torch.Tensor] = {}  # by the tokenizer's fingerprint
+
+
+def word_continuations(tokenizer: Tokenizer) -> torch.Tensor:
+    """(target vocabulary,) bool: the target pieces that continue the word before them (a letter or
+    digit first, no word-start mark), once per tokenizer."""
+    key = tokenizer.fingerprint
+    if key not in _CONTINUATIONS:
+        pieces = [tokenizer.tgt.id_to_piece(i) for i in range(tokenizer.tgt_vocab_size)]
+        _CONTINUATIONS[key] = torch.tensor([i >= SPECIAL and p[:1].isalnum() for i, p in enumerate(pieces)])
+    return _CONTINUATIONS[key]
+
+
+def _constraints(tokenizer: Tokenizer, terms: list[Glossary] | None) -> list[list[list[int]]] | None:
+    """Each piece's glossary target terms as target ids (None without a glossary)."""
+    if terms is None:
+        return None
+    return [tokenizer.encode_tgt([target for _, target in found]) if found else [] for found in terms]
+
+
+def _missed(hyp: Hypothesis, wanted: list[list[list[int]]] | None, terms: list[Glossary] | None,
+            piece: int) -> tuple[str, ...]:
+    """The target terms of piece ``piece``'s glossary entries that ``hyp`` does not hold."""
+    if wanted is None or not wanted[piece]:
+        return ()
+    targets = [target for _, target in terms[piece]]
+    return tuple(targets[i] for i in missing_constraints(hyp.tokens, wanted[piece]))
+
+
+def _report_missed(lines: Sequence[str], out: list[list[Translation]]) -> None:
+    """A warning for each line whose best translation lacks some of its glossary's target terms."""
+    for line, nbest in zip(lines, out):
+        if nbest and nbest[0].missed:
+            logger.warning(f"glossary: could not place {', '.join(map(repr, nbest[0].missed))} in the translation "
+                           f"of {line!r:.80}")
 
 
 def _sampled(model, memory, state, limits: torch.Tensor, options: DecodeOptions, vocab: OutputVocab | None,
