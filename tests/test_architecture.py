@@ -25,7 +25,7 @@ LAYERS = [
     {"feeding"},
     {"mrt"},
     {"checkpoint"},
-    {"ensemble"},
+    {"ensemble", "confidence"},
     {"translator"},
     {"evaluate", "rundir", "distributed"},
     {"validation"},

@@ -29,6 +29,7 @@ from .checkpoint import (
     restore_tokenizer,
     restore_training_state,
 )
+from .confidence import fit_on_dev, store
 from .config import Config, finetune_config, resume_config, shown_path
 from .corpus import Parallel, corpus_name, first_sentences, load_pairs, read_parallel, sample_sentences
 from .data import MixedData, StreamingData, TrainingData, padding_fraction
@@ -43,7 +44,7 @@ from .schedules import LRSchedule, scaled_lr
 from .shortlist import Lexicon, build_lexicon
 from .tokenizer import Tokenizer
 from .training import Corpora, Learner, RunOutput, ScheduledForward, Trainer, TrainResult
-from .translator import stand_ins_for
+from .translator import Translator, stand_ins_for
 from .validation import DevSet, Validator
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     """Trains (or resumes) a model in ``run_dir``. Under torchrun every process calls this; the
     process group is left when training ends. Messages go to the ``translate`` logger (and the
     run's train.log); the result says what the run reached."""
-    finished, trainer = False, None
+    finished, trainer, calibration = False, None, None
     try:
         trainer = build_trainer(config, run_dir, resume, progress_bar)
         result = trainer.run()
+        calibration = to_calibrate(trainer, result)
         finished = True
-        return result
     except BaseException as exc:
         if trainer is not None:
             trainer.train_log.close()
@@ -72,6 +73,33 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
         trainer = None
         gc.collect()
         leave(finished)
+    if calibration is not None:  # after the process group is left: the other ranks wait for nothing
+        calibrate_run(*calibration)
+    return result
+
+
+def to_calibrate(trainer: Trainer, result: TrainResult) -> tuple[Path, DevSet, torch.device] | None:
+    """Rank 0, once a run has ended (not stopped to be resumed), with ``train.calibrate``: the
+    checkpoint to calibrate (best.pt, else last.pt), the dev set and the device; else None."""
+    target = result.best_checkpoint or result.last_checkpoint
+    if (not result.main or trainer.validator is None or not trainer.config.train.calibrate or result.stopped_by
+            or target is None):
+        return None
+    return target, trainer.validator.dev, trainer.device
+
+
+def calibrate_run(target: Path, dev: DevSet, device: torch.device) -> None:
+    """The confidence calibrator (confidence.py) fitted on ``dev`` as ``target`` decodes it by
+    default, written into ``target``. The run's weights and figures stay as they are."""
+    try:
+        translator = Translator.load(target, device=device, calibrated=False)
+        calibrator = fit_on_dev(translator, dev.sources, dev.references)
+    except DataError as exc:
+        logger.warning(f"no confidence calibrator in {shown_path(target)}: {exc}")
+        return
+    store(target, calibrator)
+    logger.info(f"confidence calibrated on {calibrator.sentences} dev sentences (chrF >= {calibrator.threshold:g} "
+                f"acceptable; ECE {calibrator.dev_ece:.3f}) into {shown_path(target)}")
 
 
 def build_trainer(config: Config, run_dir: str | Path, resume: bool = False,

@@ -147,7 +147,8 @@ def _load_export(folder: Path) -> dict[str, Any]:
                                   f"translate export") from None
     return {"format": FORMAT, "version": VERSION, "config": meta.get("config"), "tokenizer": tokenizer,
             "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "model": weights,
-            "progress": meta.get("progress", {}), "lexicon": lexicon, "init_from": meta.get("init_from")}
+            "progress": meta.get("progress", {}), "lexicon": lexicon, "init_from": meta.get("init_from"),
+            "calibrator": meta.get("calibrator")}  # (confidence.Calibrator's state; None: none fitted)
 
 
 EXPORT_FORMAT = "translate-export"
@@ -404,6 +405,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "tf_ratio": progress.get("tf_ratio"),
         "averaged_from": payload.get("averaged_from"),
         "shortlist_lexicon": bool(payload.get("lexicon")),
+        "confidence_calibrator": bool(payload.get("calibrator")),  # (confidence.py)
         "init_from": payload.get("init_from"),  # the model it was fine-tuned from, with that one's own
         "config": config.to_dict(),
     }

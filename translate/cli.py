@@ -260,7 +260,8 @@ def decoding_options(*names: str, **fixed):
                   "device", "inter_threads", "sample", "temperature", "top_k", "top_p", "seed", "glossary")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ensemble, options, precision, device):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
-    from .evaluate import evaluate, test_set
+    from .confidence import calibration_figures
+    from .evaluate import evaluate, score, test_set
 
     translator = _load_translator(checkpoint, options, precision, device, ensemble)
     config = translator.config
@@ -275,16 +276,26 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ens
     else:
         test = test_set(config, test_path)
         sources, references, origin = test.src, test.tgt, test.origin
+    calibration: dict = {}  # with a calibrator: mean confidence, share acceptable, ECE (confidence.py)
     with _progress_bar(len(sources)) as advance:
-        scores, hyps = evaluate(translator, sources, references, on_progress=advance)
+        if translator.calibrator is None:
+            scores, hyps = evaluate(translator, sources, references, on_progress=advance)
+        else:
+            nbests = translator.translate(sources, on_progress=advance)  # as evaluate does, keeping the confidence
+            hyps = [nbest[0].text for nbest in nbests]
+            scores = score(hyps, references)
+            calibration = calibration_figures(nbests, references, translator.calibrator.threshold)
     if output:
         Path(output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if as_json:
         click.echo(json.dumps({**scores, "beam": options.beam, "sentences": len(sources), "test": origin,
-                               "device": translator.device.type, "precision": translator.precision}))
+                               "device": translator.device.type, "precision": translator.precision, **calibration}))
     else:
         click.echo(f"{origin}: {len(sources)} sentences, beam {options.beam}")
         click.echo(f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | TER {scores['ter']:.2f}")
+        if calibration:
+            click.echo(f"confidence {calibration['confidence']:.3f} | acceptable (sentence chrF >= "
+                       f"{calibration['threshold']:g}) {calibration['acceptable']:.3f} | ECE {calibration['ece']:.3f}")
         click.echo(scores["signature"])
 
 
@@ -293,16 +304,28 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ens
 @click.option("-i", "--input", "input_file", type=click.Path(dir_okay=False), help="Input file (default stdin).")
 @click.option("-o", "--output", "output_file", type=click.Path(dir_okay=False), help="Output file (default stdout).")
 @click.option("--scores", is_flag=True, help="Print each translation's score (log-probability, length-normalised "
-              "in beam search) before it, tab-separated.")
+              "in beam search) before it, tab-separated; with a calibrated checkpoint, its confidence after it.")
 @click.option("--prefix-tab", is_flag=True, help="Each input line is SOURCE<TAB>PREFIX, as Marian's --force-decode "
               "reads them: its translation starts with PREFIX (a line without a tab: --prefix's).")
+@click.option("--min-confidence", type=float, metavar="P", help="Name on stderr each line whose translation's "
+              "confidence (the probability it is acceptable; a calibrated checkpoint's) is below P (0 to 1).")
 @decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual",
                   "shortlist", "precision", "device", "inter_threads", "sample", "temperature", "top_k", "top_p",
                   "seed", "prefix", "glossary")
 @ensemble_option
-def decode(checkpoint, input_file, output_file, scores, prefix_tab, options, precision, device, ensemble):
-    """Translate lines from stdin or -i FILE to stdout or -o FILE."""
+def decode(checkpoint, input_file, output_file, scores, prefix_tab, min_confidence, options, precision, device,
+           ensemble):
+    """Translate lines from stdin or -i FILE to stdout or -o FILE. With --scores and a calibrated
+    checkpoint, each translation's confidence follows it in a last column (n-best lists too)."""
+    from .confidence import check_min_confidence
+
     translator = _load_translator(checkpoint, options, precision, device, ensemble)
+    check_min_confidence(min_confidence, translator.calibrator, checkpoint)
+    calibrated = translator.calibrator is not None
+    if scores and not calibrated:
+        logger.info("no confidence column: " + ("an ensemble has no calibrator" if ensemble else
+                    f"{checkpoint} has no confidence calibrator (`translate calibrate` fits one)"))
+    low = 0
     truncated = []
     total = _count_lines(input_file) if input_file else None
     with _progress_bar(total, quiet=not input_file) as advance, _output(output_file) as out:
@@ -313,10 +336,17 @@ def decode(checkpoint, input_file, output_file, scores, prefix_tab, options, pre
             prefixes = (prefix if tab else options.prefix for _, tab, prefix in second)
         stream = translator.stream(lines, on_truncate=truncated.append, on_progress=advance, prefixes=prefixes)
         for index, nbest in enumerate(stream):
+            confidence = [f"\t{t.confidence:.4f}" if calibrated and scores else "" for t in nbest]
             if options.n_best == 1:
-                out.write(f"{nbest[0].score:.4f}\t{nbest[0].text}\n" if scores else nbest[0].text + "\n")
+                out.write(f"{nbest[0].score:.4f}\t{nbest[0].text}{confidence[0]}\n" if scores else nbest[0].text + "\n")
             else:
-                out.write("".join(f"{index}\t{t.score:.4f}\t{t.text}\n" for t in nbest))
+                out.write("".join(f"{index}\t{t.score:.4f}\t{t.text}{c}\n" for t, c in zip(nbest, confidence)))
+            if min_confidence is not None and nbest[0].confidence < min_confidence:
+                low += 1
+                _echo_err(f"line {index + 1}: confidence {nbest[0].confidence:.3f} below --min-confidence "
+                          f"{min_confidence:g}")
+    if low:
+        logger.warning(f"{low} translation(s) below --min-confidence {min_confidence:g}")
     if truncated:
         logger.warning(f"{sum(truncated)} input line(s) longer than the model reads were truncated")
 
@@ -430,6 +460,28 @@ def export(checkpoint, folder, beam, test_path, no_scores):
 
 @main.command()
 @click.argument("checkpoint")
+@click.option("--dev", "dev_path", help="The dev pairs to fit on: a TSV/CSV/JSON-lines file or PATH prefix (default: "
+              "the model's data.dev, else the bundled dev split).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write a calibrated copy of a .pt checkpoint "
+              "here (default: the checkpoint itself, replaced atomically).")
+@click.option("--threshold", default=50.0, show_default=True, type=float,
+              help="The sentence chrF from which a translation counts as acceptable (0 to 100).")
+@decoding_options("precision", "device")
+def calibrate(checkpoint, dev_path, output, threshold, options, precision, device):
+    """Fit a checkpoint's confidence calibrator on dev pairs, decoded as decode decodes by default:
+    the probability that a translation's sentence chrF reaches --threshold, from its log-probability."""
+    from .confidence import dev_pairs, fit_on_dev, store
+
+    translator = Translator.load(checkpoint, DecodeOptions(), precision, device, calibrated=False)
+    dev = dev_pairs(translator.config, dev_path)
+    calibrator = fit_on_dev(translator, dev.src, dev.tgt, threshold)
+    written = store(checkpoint, calibrator, output)
+    click.echo(f"calibrated on {calibrator.sentences} pairs of {dev.origin} (sentence chrF >= {threshold:g} "
+               f"acceptable; dev ECE {calibrator.dev_ece:.3f}) into {written}")
+
+
+@main.command()
+@click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(checkpoint, as_json):
     """What a checkpoint holds: model size, vocabularies, training progress, config."""
@@ -513,17 +565,23 @@ def average(run_dir, last, output):
 @click.option("--access-log", is_flag=True, help="One line per request on stderr: client, request, status, "
               "bytes, time.")
 @click.option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN (or * for any) call the API from a browser.")
+@click.option("--min-confidence", type=float, metavar="P", help="Flag (\"low_confidence\" in the answers) each "
+              "translation whose confidence (a calibrated checkpoint's) is below P (0 to 1).")
 @decoding_options("split", "restore_casual", "shortlist", "precision", "device")
 @ensemble_option
 def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request_timeout, deadline, max_connections,
-          max_cost, api_keys_file, req_limit, char_limit, access_log, cors, options, precision, device, ensemble):
+          max_cost, api_keys_file, req_limit, char_limit, access_log, cors, min_confidence, options, precision, device,
+          ensemble):
     """Serve a model over HTTP: a page to translate in a browser at /; POST /translate with
     {"sentences": [...], "beam": 5} or LibreTranslate's {"q": ..., "source": ..., "target": ...};
     GET /languages; GET /health."""
     from .serve import Access, RequestBatcher, load_api_keys, make_server, model_info
 
     access = Access(load_api_keys(api_keys_file) if api_keys_file else None, req_limit)
+    from .confidence import check_min_confidence
+
     translator = _load_translator(checkpoint, options, precision, device, ensemble)
+    check_min_confidence(min_confidence, translator.calibrator, checkpoint)
     batcher = RequestBatcher(translator, max_batch, max_wait_ms)
     languages = (translator.config.data.src_lang, translator.config.data.tgt_lang)
     try:
@@ -531,7 +589,7 @@ def serve(checkpoint, host, port, max_batch, max_wait_ms, max_sentences, request
                              info=model_info(checkpoint, translator.progress.get("step"), ensemble),
                              request_timeout=request_timeout, access_log=logger.info if access_log else None,
                              cors=cors, max_connections=max_connections, max_cost=max_cost, char_limit=char_limit,
-                             deadline=deadline, access=access)
+                             deadline=deadline, access=access, min_confidence=min_confidence)
     except OSError as exc:
         raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     _echo_err(f"serving {checkpoint} on http://{server.server_address[0]}:{server.server_address[1]} "

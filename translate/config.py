@@ -130,6 +130,9 @@ class TrainConfig:
     eval_every: int = 500  # steps between validations
     keep_checkpoints: int = 0  # also keep the weights of the last K validations as step-N.pt (for averaging)
     tensorboard: bool = False  # also write TensorBoard event files into RUN_DIR/tensorboard (needs the extra)
+    # at the end of training, fit the confidence calibrator (confidence.py) on the dev set decoded as `translate
+    # decode` decodes by default, into best.pt (else last.pt); `translate calibrate` fits it afterwards
+    calibrate: bool = True
     eval_beam: int = 1  # beam of the dev decoding (5: pick best.pt as `translate eval` decodes by default)
     eval_metric: Literal["bleu", "chrf", "loss"] = "bleu"  # what makes a validation the best, and early stopping
     patience: int = 8  # validations without a better dev BLEU before stopping; 0: never

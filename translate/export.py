@@ -63,6 +63,7 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
     lexicon = Lexicon.of_checkpoint(payload, (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size), str(checkpoint))
     progress = dict(payload.get("progress", {}))
     init_from = payload.get("init_from")
+    calibrator = payload.get("calibrator")  # (confidence.py), kept in config.json as it is
     del payload
     card: dict[str, Any] = {"parameters": model.parameter_count(), "scores": None, "note": None}
     if scores:
@@ -84,7 +85,7 @@ def export_model(checkpoint: str | Path, folder: str | Path, beam: int = 5, scor
         raise CheckpointError(f"cannot write into {shown_path(folder.parent)} ({exc.strerror}); choose a writable "
                               f"folder") from None
     try:
-        meta = _write_files(staging, model, tokenizer, config, lexicon, progress, init_from)
+        meta = _write_files(staging, model, tokenizer, config, lexicon, progress, init_from, calibrator)
         (staging / "README.md").write_text(model_card(config, meta, card), encoding="utf-8")
         _replace_folder(staging, folder)
     except BaseException:
@@ -119,7 +120,7 @@ def _check_target(folder: Path) -> None:
 
 
 def _write_files(folder: Path, model, tokenizer, config, lexicon: Lexicon | None, progress: dict[str, Any],
-                 init_from: dict[str, Any] | None) -> dict[str, Any]:
+                 init_from: dict[str, Any] | None, calibrator: dict[str, Any] | None = None) -> dict[str, Any]:
     """The weights, lexicon, config.json and SentencePiece models, into ``folder``; returns config.json's content."""
     from safetensors.torch import save_file
 
@@ -135,6 +136,8 @@ def _write_files(folder: Path, model, tokenizer, config, lexicon: Lexicon | None
             "parameters": model.parameter_count()}
     if init_from:  # where a fine-tuned model started, kept when it is fine-tuned again from this folder
         meta["init_from"] = init_from
+    if calibrator is not None:  # the confidence calibrator (confidence.py)
+        meta["calibrator"] = calibrator
     (folder / "config.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     tokenizer.save(folder)
     return meta

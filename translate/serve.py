@@ -501,8 +501,13 @@ class TranslationService:
     def __init__(self, batcher: RequestBatcher, max_body: int = 1 << 20, max_sentences: int = 256,
                  max_chars: int = 10_000, info: dict[str, Any] | None = None,
                  languages: tuple[str, str] = ("spa", "eng"), cors: str | None = None, max_cost: int = MAX_COST,
-                 char_limit: int = 0, deadline: float | None = DEADLINE, access: Access | None = None):
+                 char_limit: int = 0, deadline: float | None = DEADLINE, access: Access | None = None,
+                 min_confidence: float | None = None):
         self.batcher, self.defaults = batcher, batcher.translator.options
+        # with a calibrated model, answers carry each translation's ``confidence`` (confidence.py), and with
+        # ``min_confidence`` a ``low_confidence`` flag for each sentence whose best is below it
+        self.calibrated = batcher.translator.calibrator is not None
+        self.min_confidence = min_confidence if self.calibrated else None
         self.max_body, self.max_sentences, self.max_chars = max_body, max_sentences, max_chars
         self.max_cost, self.char_limit, self.deadline = max_cost, char_limit, deadline
         self.info, self.languages, self.cors = info or {}, languages, cors
@@ -610,9 +615,14 @@ class TranslationService:
             answer = {"translations": [r[0].text for r in results]}
             if scores:
                 answer["scores"] = [json_score(r[0].score) for r in results]
+            if self.calibrated:
+                answer["confidence"] = [round(r[0].confidence, 4) for r in results]
         else:
-            answer = {"translations": [[{"text": t.text, "score": json_score(t.score)} for t in r]
-                                       for r in results]}
+            answer = {"translations": [[{"text": t.text, "score": json_score(t.score),
+                                         **({"confidence": round(t.confidence, 4)} if self.calibrated else {})}
+                                        for t in r] for r in results]}
+        if self.min_confidence is not None:
+            answer["low_confidence"] = [r[0].confidence < self.min_confidence for r in results]
         if options.glossary:  # the terms the search could not place, per sentence: reported, never dropped
             answer["missed_terms"] = [list(r[0].missed) for r in results]
         if options.return_attention:
@@ -635,6 +645,12 @@ class TranslationService:
         if request.alternatives:
             others = [[t.text for t in r[1:]] for r in results]
             answer["alternatives"] = others[0] if request.single else others
+        if self.calibrated:  # an extension of LibreTranslate's answer, as this project's "confidence"
+            confidence = [round(r[0].confidence, 4) for r in results]
+            answer["confidence"] = confidence[0] if request.single else confidence
+            if self.min_confidence is not None:
+                low = [p < self.min_confidence for p in confidence]
+                answer["low_confidence"] = low[0] if request.single else low
         return self._json(200, answer)
 
     def _json(self, status: int, payload: Any, extra: Iterable[tuple[str, str]] = (),
@@ -804,14 +820,15 @@ def make_server(batcher: RequestBatcher, host: str = "127.0.0.1", port: int = 80
                 languages: tuple[str, str] = ("spa", "eng"), request_timeout: float = 30.0,
                 access_log: Callable[[str], None] | None = None, cors: str | None = None,
                 max_connections: int = MAX_CONNECTIONS, max_cost: int = MAX_COST, char_limit: int = 0,
-                deadline: float | None = DEADLINE, access: Access | None = None) -> Server:
+                deadline: float | None = DEADLINE, access: Access | None = None,
+                min_confidence: float | None = None) -> Server:
     """An HTTP server (not started) that answers through ``batcher``; a request's options default
     to its translator's. ``languages``: the model's (source, target), for the LibreTranslate API;
     ``request_timeout``: seconds a connection may idle before a request, and then to send it whole;
     ``cors``: the origin allowed to call it from a browser page of its own (``*``: any); the
     other limits as ``TranslationService`` and ``Server`` take them."""
     service = TranslationService(batcher, max_body, max_sentences, max_chars, info, languages, cors,
-                                 max_cost, char_limit, deadline, access)
+                                 max_cost, char_limit, deadline, access, min_confidence)
     return Server((host, port), service, request_timeout, access_log, max_connections)
 
 

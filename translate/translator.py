@@ -33,6 +33,7 @@ import torch
 from . import runtime
 from .casual import recasing, restore
 from .checkpoint import load_model
+from .confidence import Calibrator, attach
 from .config import Config
 from .data import collate, token_batches
 from .decoder import OutputVocab
@@ -208,6 +209,8 @@ class Translation:
     score: float
     tokens: list[int]
     attention: torch.Tensor | None = None  # (target pieces + EOS, source pieces + EOS)
+    # the probability that it is acceptable (confidence.py), by the checkpoint's calibrator; None without one
+    confidence: float | None = None
     missed: tuple[str, ...] = ()  # the glossary's target terms that the search could not place in it
 
 
@@ -608,19 +611,24 @@ class Translator:
         # data; not for a fine-tuned model, which has learned its new data's names
         # (``stand_ins_for``)
         self.stand_in_names = stand_in_names
+        self.calibrator: Calibrator | None = None  # the checkpoint's, set by ``load``: each translation's confidence
 
     @classmethod
     def load(cls, checkpoint: str | Path, options: DecodeOptions = DecodeOptions(), precision: str = "auto",
-             device: torch.device | str | None = None, ensemble: Sequence[str | Path] = ()) -> Translator:
+             device: torch.device | str | None = None, ensemble: Sequence[str | Path] = (),
+             calibrated: bool = True) -> Translator:
         """A checkpoint (file, run directory or exported folder) ready to decode on ``device`` (a
         torch device, or auto, cpu or cuda as ``--device`` takes them); keeps its ``config``,
         training ``progress`` and lexicon (checked against the vocabulary before any id of it can
-        index the output layer), and lets go of the rest of the payload (a mapped file)."""
+        index the output layer), its confidence calibrator (not with ``calibrated`` False: to fit a new
+        one), and lets go of the rest of the payload (a mapped file)."""
         if not isinstance(device, torch.device):
             device = select_device(device or "auto", "--device ")
         model, tokenizer, config, payload = load_model(checkpoint, device)
         progress = payload.get("progress", {})
         lexicon = Lexicon.of_checkpoint(payload, (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size), str(checkpoint))
+        # calibrated on this model's own scores: an ensemble's are others, so it decodes with no confidence
+        calibrator = None if ensemble or not calibrated else Calibrator.of_payload(payload, str(checkpoint))
         del payload
         configs = [config]
         if ensemble:  # the models of ``ensemble`` decoded with it as one (ensemble.py); ``config`` stays the first's
@@ -628,7 +636,7 @@ class Translator:
                                                   device)
         translator = cls(model, tokenizer, options, precision, amp=config.train.amp, lexicon=lexicon,
                          stand_in_names=all(map(stand_ins_for, configs)))
-        translator.config, translator.progress = config, progress
+        translator.config, translator.progress, translator.calibrator = config, progress, calibrator
         return translator
 
     def translate(self, lines: Sequence[str], options: DecodeOptions | None = None,
@@ -672,6 +680,7 @@ class Translator:
             count = len(parts.pieces)
             out.append(join(translated[start: start + count], options) if count else [Translation("", 0.0, [], None)])
             start += count
+        attach(self, lines, out, options)
         _report_missed(lines, out)
         return out
 
