@@ -262,3 +262,17 @@ def test_decode_and_eval_take_a_glossary_file(run_with_steps, tmp_path):
         bad = runner.invoke(main, [*base, "--glossary", str(glossary)], input=lines)
         assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
         assert len([line for line in bad.output.splitlines() if line.startswith("Error")]) == 1
+
+
+def test_constraints_with_a_prefix_and_attention(search_model, tokenizer):
+    memory, state, limits = encode(search_model, tokenizer, SENTENCES)
+    start = [SPECIAL + 3, SPECIAL + 4]
+    prefix = torch.tensor([start] * len(SENTENCES))
+    found = constrained_beam_search(search_model, memory, state, 3, limits + 2, CONSTRAINTS, prefix=prefix,
+                                    return_attention=True)
+    real = memory.mask.sum(1).tolist()
+    for hyps, cons, src_len in zip(found, CONSTRAINTS, real):
+        best = hyps[0]
+        assert best.tokens[:2] == start and all(holds(best.tokens, c) for c in cons)
+        assert best.attention.shape == (len(best.tokens) + 1, src_len)
+        torch.testing.assert_close(best.attention.sum(1), torch.ones(len(best.tokens) + 1))
