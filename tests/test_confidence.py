@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from translate.checkpoint import load_checkpoint, save_checkpoint
+from translate.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from translate.cli import main
 from translate.confidence import (
     FEATURES,
@@ -167,6 +167,7 @@ def test_calibrate_command_writes_a_copy_or_in_place_and_export_keeps_it(calibra
     result = runner.invoke(main, ["calibrate", str(bare), "--dev", str(corpus["dev"]), "-o", str(copy)])
     assert result.exit_code == 0, result.output
     assert "calibrator" not in load_checkpoint(bare) and "calibrator" in load_checkpoint(copy)
+    assert checkpoint_info(copy)["confidence_calibrator"] and not checkpoint_info(bare)["confidence_calibrator"]
     assert runner.invoke(main, ["calibrate", str(bare)]).exit_code == 0  # in place, on the model's data.dev
     in_place = load_checkpoint(bare)
     assert in_place["calibrator"] == load_checkpoint(copy)["calibrator"]
@@ -239,3 +240,11 @@ def test_the_page_shows_the_confidence():
 
     page = files("translate").joinpath("page.html").read_text(encoding="utf-8")
     assert 'id="confidence"' in page and "answer.confidence" in page and "answer.low_confidence" in page
+
+
+def test_train_calibrate_false_leaves_the_checkpoint_without_one(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, cli_train_args(corpus, run_dir, **{"train.calibrate": "false"}))
+    assert result.exit_code == 0, result.output
+    assert "calibrator" not in load_checkpoint(run_dir / "best.pt")
+    assert Translator.load(run_dir).translate(["El gato."])[0][0].confidence is None
