@@ -60,7 +60,7 @@ OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram", 
                  "top_p", "seed")
 REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "sample", "prefix", "split", "scores", "attention", "api_key",
                   "glossary")
-# "glossary": an extension of LibreTranslate's request (docs/serving.md)
+# "glossary": an extension of LibreTranslate's request (docs/decoding.md, "Glossaries")
 LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key", "glossary")
 # ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1
 # codes, which LibreTranslate clients send; a language outside this table is known by its own name
