@@ -820,65 +820,74 @@ class Translator:
                 shortlist = None
                 if self.lexicon is not None and options.shortlist > 0:
                     shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
-                for index, logprob, pieces in zip(indices, *self._forced(batch.to(self.device), shortlist)):
+                for index, logprob, pieces in zip(indices, *_forced(self, batch.to(self.device), shortlist)):
                     scores[index] = PairScore(logprob, pieces)
         finally:
             self.model.train(was_training)
         return scores
 
-    def _forced(self, batch, shortlist: Shortlist | None) -> tuple[list[float], list[int]]:
-        model = self.model
-        vocab, allowed = _restricted(self.model, shortlist, self.device, self.dtype)
-        gold_all = batch.tgt_out if vocab is None else _columns(vocab, batch.tgt_out)  # (batch, tgt_len)
-        with torch.no_grad(), autocast_for(self.device, self.dtype):
-            memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
-            total = torch.zeros(batch.tgt_in.size(0), device=self.device)  # (batch,)
-            for t in range(batch.tgt_in.size(1)):
-                logits, state, _ = model.decode_step(batch.tgt_in[:, t], memory, state, vocab)  # (batch, columns)
-                logits = logits.float()
-                if allowed is not None:
-                    logits = logits.masked_fill(~allowed, float("-inf"))
-                logp = logits.log_softmax(-1).gather(1, gold_all[:, t].unsqueeze(1)).squeeze(1)  # (batch,)
-                logp = logp.masked_fill(gold_all[:, t] == PAD, float("-inf"))  # outside the shortlist
-                total += logp.masked_fill(batch.tgt_out[:, t] == PAD, 0.0)
-        return total.tolist(), (batch.tgt_out != PAD).sum(1).tolist()
-
     def _search(self, src: Encoded, indices, options: DecodeOptions,
                 prefixes: Sequence[Sequence[int]] | None = None,
                 constraints: Sequence[list[list[int]]] | None = None) -> list[list[Hypothesis]]:
-        """One batch of ``src``: encode, then greedy or beam search, or sampling; each output
-        starting with its ``prefixes`` (target ids) and holding its ``constraints`` (constrained
-        beam search), whose pieces its shortlist then holds."""
-        model = self.model
-        batch = collate(src, None, indices, max_src_len=options.max_src_len)
-        prefix = None if prefixes is None else _prefix_tensor([prefixes[i] for i in indices])
-        shortlist = None
-        if self.lexicon is not None and options.shortlist > 0:
-            shortlist = self.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
-            shortlist = _with_prefix(shortlist, prefix)
-            if constraints is not None:
-                shortlist = _with_prefix(shortlist, _prefix_tensor([[i for c in constraints[j] for i in c]
-                                                                    for j in indices]))
-        batch = batch.to(self.device)
-        vocab, allowed = _restricted(self.model, shortlist, self.device, self.dtype)
-        with torch.no_grad(), autocast_for(self.device, self.dtype):  # autocast is per thread
-            memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
-            limits = max_lengths(batch.src_lengths, options.max_len_ratio)
-            if prefix is not None:  # the continuation keeps the room it would have without one
-                prefix = prefix.to(self.device)
-                limits = limits + (prefix != PAD).sum(1).to(limits.device)
-            if constraints is not None and any(constraints[i] for i in indices):
-                return _constrained(model, memory, state, limits, options, vocab, allowed, prefix,
-                                    [constraints[i] for i in indices], word_continuations(self.tokenizer))
-            if options.sample:
-                return _sampled(model, memory, state, limits, options, vocab, allowed, prefix,
-                                [src[i] for i in indices])
-            if options.beam == 1:
-                return greedy(model, memory, state, limits, options.return_attention, vocab, options.no_repeat_ngram,
-                              allowed=allowed, prefix=prefix)
-            return beam_search(model, memory, state, options.beam, limits, options.alpha, options.n_best,
-                               options.return_attention, vocab=vocab, no_repeat_ngram=options.no_repeat_ngram,
-                               coverage=options.coverage, allowed=allowed, prefix=prefix)
+        """One batch of ``src`` decoded (``search_batch``; a method, so that it can be replaced)."""
+        return search_batch(self, src, indices, options, prefixes, constraints)
+
+
+def search_batch(translator: Translator, src: Encoded, indices, options: DecodeOptions,
+                 prefixes: Sequence[Sequence[int]] | None = None,
+                 constraints: Sequence[list[list[int]]] | None = None) -> list[list[Hypothesis]]:
+    """One batch of ``src``: encode, then greedy or beam search, or sampling; each output
+    starting with its ``prefixes`` (target ids) and holding its ``constraints`` (constrained
+    beam search), whose pieces its shortlist then holds."""
+    model = translator.model
+    batch = collate(src, None, indices, max_src_len=options.max_src_len)
+    prefix = None if prefixes is None else _prefix_tensor([prefixes[i] for i in indices])
+    shortlist = None
+    if translator.lexicon is not None and options.shortlist > 0:
+        shortlist = translator.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
+        shortlist = _with_prefix(shortlist, prefix)
+        if constraints is not None:
+            shortlist = _with_prefix(shortlist, _prefix_tensor([[i for c in constraints[j] for i in c]
+                                                                for j in indices]))
+    batch = batch.to(translator.device)
+    vocab, allowed = _restricted(translator.model, shortlist, translator.device, translator.dtype)
+    with torch.no_grad(), autocast_for(translator.device, translator.dtype):  # autocast is per thread
+        memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+        limits = max_lengths(batch.src_lengths, options.max_len_ratio)
+        if prefix is not None:  # the continuation keeps the room it would have without one
+            prefix = prefix.to(translator.device)
+            limits = limits + (prefix != PAD).sum(1).to(limits.device)
+        if constraints is not None and any(constraints[i] for i in indices):
+            return _constrained(model, memory, state, limits, options, vocab, allowed, prefix,
+                                [constraints[i] for i in indices], word_continuations(translator.tokenizer))
+        if options.sample:
+            return _sampled(model, memory, state, limits, options, vocab, allowed, prefix,
+                            [src[i] for i in indices])
+        if options.beam == 1:
+            return greedy(model, memory, state, limits, options.return_attention, vocab, options.no_repeat_ngram,
+                          allowed=allowed, prefix=prefix)
+        return beam_search(model, memory, state, options.beam, limits, options.alpha, options.n_best,
+                           options.return_attention, vocab=vocab, no_repeat_ngram=options.no_repeat_ngram,
+                           coverage=options.coverage, allowed=allowed, prefix=prefix)
+
+
+def _forced(translator: Translator, batch, shortlist: Shortlist | None) -> tuple[list[float], list[int]]:
+    """Each pair's summed log-probability of its target, forced, and its target pieces."""
+    model = translator.model
+    vocab, allowed = _restricted(translator.model, shortlist, translator.device, translator.dtype)
+    gold_all = batch.tgt_out if vocab is None else _columns(vocab, batch.tgt_out)  # (batch, tgt_len)
+    with torch.no_grad(), autocast_for(translator.device, translator.dtype):
+        memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+        total = torch.zeros(batch.tgt_in.size(0), device=translator.device)  # (batch,)
+        for t in range(batch.tgt_in.size(1)):
+            logits, state, _ = model.decode_step(batch.tgt_in[:, t], memory, state, vocab)  # (batch, columns)
+            logits = logits.float()
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            logp = logits.log_softmax(-1).gather(1, gold_all[:, t].unsqueeze(1)).squeeze(1)  # (batch,)
+            logp = logp.masked_fill(gold_all[:, t] == PAD, float("-inf"))  # outside the shortlist
+            total += logp.masked_fill(batch.tgt_out[:, t] == PAD, 0.0)
+    return total.tolist(), (batch.tgt_out != PAD).sum(1).tolist()
 
 
 def _prefix_tensor(prefixes: Sequence[Sequence[int]]) -> torch.Tensor | None:
