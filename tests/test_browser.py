@@ -97,3 +97,47 @@ def test_the_page_asks_for_a_key_where_the_server_wants_one(tiny_model, tokenize
         server.shutdown()
         server.server_close()
         batcher.close()
+
+
+def test_the_page_sends_a_glossary_and_shows_server_errors(page_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, translator = page_url
+    browser.get(url)
+    # keep each request's body, as the page sends it
+    browser.execute_script("window.sent = []; const send = window.fetch;"
+                           "window.fetch = (url, init) => { window.sent.push(init.body); return send(url, init); };")
+    Select(browser.find_element(By.ID, "beam")).select_by_value("2")
+    line = "El gato come pan."
+    browser.find_element(By.ID, "glossary").send_keys("gato = perro")
+    source = browser.find_element(By.ID, "source")
+    source.send_keys(line)
+    source.send_keys(Keys.CONTROL, Keys.ENTER)
+    wait = WebDriverWait(browser, 30)
+    wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Score"))
+    sent = browser.execute_script("return window.sent.map(body => JSON.parse(body))")
+    assert [body.get("glossary") for body in sent] == [[["gato", "perro"]]]
+    expected = translator.translate([line], DecodeOptions(beam=2, glossary=(("gato", "perro"),)))[0][0]
+    assert browser.find_element(By.ID, "target").get_property("value") == expected.text
+    missed = browser.find_element(By.ID, "missed").text
+    assert "perro" in expected.text and expected.missed == () and missed == ""  # placed, so nothing reported
+    glossary = browser.find_element(By.ID, "glossary")
+    glossary.send_keys(Keys.ENTER, "pan =")  # an empty target term: the server's one-line error, as the page shows one
+    source.send_keys(Keys.CONTROL, Keys.ENTER)
+    wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Error"))
+    assert "empty target term" in browser.find_element(By.ID, "status").text
+    glossary.send_keys(Keys.ENTER, "no sign")  # a line without "=" is refused before anything is sent
+    source.send_keys(Keys.CONTROL, Keys.ENTER)
+    wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "line 3: write source = target"))
+    assert len(browser.execute_script("return window.sent")) == 2
+    # a term the search could not place (this model places them all, so the server's answer is stood in for)
+    browser.execute_script("window.fetch = async () => new Response(JSON.stringify({translations: ['A cat.'],"
+                           "scores: [-1], attention: [null], missed_terms: [['perro']]}), {status: 200});")
+    glossary.clear()
+    glossary.send_keys("gato = perro")
+    glossary.send_keys(Keys.CONTROL, Keys.ENTER)  # Ctrl+Enter translates from the glossary box too
+    wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "missed"), "Not placed"))
+    assert browser.find_element(By.ID, "missed").text == "Not placed: perro (line 1)"

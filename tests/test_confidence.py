@@ -242,6 +242,23 @@ def test_the_page_shows_the_confidence():
     assert 'id="confidence"' in page and "answer.confidence" in page and "answer.low_confidence" in page
 
 
+def test_the_repl_shows_the_confidence_until_turned_off(calibrated_run):
+    from types import SimpleNamespace
+
+    from translate.repl import Repl
+
+    run_dir, _ = calibrated_run
+    expected = Translator.load(run_dir).translate(["El gato."])[0][0]
+    session = "El gato.\n:confidence maybe\n:confidence off\nEl gato.\n:confidence on\nEl gato.\n"
+    result = CliRunner().invoke(main, ["repl", str(run_dir)], input=session)
+    assert result.exit_code == 0, result.output
+    shown = f"{expected.text}  (confidence {expected.confidence:.2f})"
+    assert result.output.splitlines() == [shown, "usage: :confidence on|off", "confidence off", expected.text,
+                                          "confidence on", shown]
+    bare = Repl(SimpleNamespace(tokenizer=None, options=DecodeOptions(), calibrator=None))
+    assert bare.command(":confidence on")[0] == "this model has no confidence calibrator (translate calibrate fits one)"
+
+
 def test_train_calibrate_false_leaves_the_checkpoint_without_one(corpus, tmp_path):
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(main, cli_train_args(corpus, run_dir, **{"train.calibrate": "false"}))

@@ -25,6 +25,7 @@ HELP = """commands:
   :prefix TEXT       every translation starts with TEXT (:prefix alone: none)
   :glossary FILE     a TSV file of SOURCE<TAB>TARGET terms whose target terms translations must hold
                      (:glossary alone: none)
+  :confidence on|off  a calibrated model: each translation ends with its confidence (on by default)
   :attn     attention of the last translation, as a table (rows: output pieces)
   :help     this help
   :quit     leave (Ctrl-D works too; Ctrl-C cancels the line)"""
@@ -55,16 +56,21 @@ def alignment(translator: Translator, line: str, result: Translation, options: D
 
 class Repl:
     """Translates each line with ``translator`` and ``options`` (the translator's by default),
-    keeping the attention of the last one for ``:attn``."""
+    keeping the attention of the last one for ``:attn``; with a calibrated translator each
+    translation ends with its confidence, as the page and the APIs give it, until ``:confidence off``."""
 
     def __init__(self, translator: Translator, options: DecodeOptions | None = None):
         self.translator, self.tokenizer = translator, translator.tokenizer
         self.options = replace(options or translator.options, return_attention=True)
         self.last: tuple[str, Translation] | None = None
+        self.calibrated = getattr(translator, "calibrator", None) is not None  # tests pass stand-ins without one
+        self.show_confidence = self.calibrated
 
     def translate(self, line: str) -> str:
         result = self.translator.translate([line], self.options)[0][0]
         self.last = (line, result)
+        if self.show_confidence and result.confidence is not None:
+            return f"{result.text}  (confidence {result.confidence:.2f})"
         return result.text
 
     def command(self, line: str) -> tuple[str, bool]:
@@ -86,6 +92,8 @@ class Repl:
             return self.set_prefix(arg.strip()), False
         if name == "glossary":
             return self.set_glossary(arg.strip()), False
+        if name == "confidence":
+            return self.set_confidence(arg.strip()), False
         if name == "attn":
             return self.attention(), False
         return f"unknown command :{name}; :help lists them", False
@@ -137,6 +145,15 @@ class Repl:
         except UserError as exc:
             return f"usage: :glossary FILE; {exc}"
         return f"glossary of {len(self.options.glossary)} entries from {arg}" if arg else "no glossary"
+
+    def set_confidence(self, arg: str) -> str:
+        """``:confidence on|off``: only a model with a calibrator has a confidence to show."""
+        if arg not in ("on", "off"):
+            return "usage: :confidence on|off"
+        if not self.calibrated:
+            return "this model has no confidence calibrator (translate calibrate fits one)"
+        self.show_confidence = arg == "on"
+        return f"confidence {arg}"
 
     def set_split(self, arg: str) -> str:
         """``:split MODE``; segment.SPLITS names the modes."""
