@@ -23,6 +23,7 @@ import numpy as np
 
 from .checkpoint import EXPORT_FILES, load_checkpoint, resolve, save_checkpoint
 from .errors import CheckpointError, DataError
+from .search import length_penalty
 
 THRESHOLD = 50.0  # sentence chrF (0-100) from which a translation counts as acceptable
 BINS = 10  # equal-width bins of the expected calibration error
@@ -156,7 +157,15 @@ def translation_logprob(score: float, pieces: int, beam: int, alpha: float, samp
     length penalty of its ``pieces`` (EOS included); greedy search and sampling do not."""
     if beam == 1 or sample:
         return score
-    return score * ((5.0 + pieces) / 6.0) ** alpha  # search.length_penalty
+    return score * length_penalty(pieces, alpha)
+
+
+def translation_features(translation, src_pieces: int, options) -> list[float]:
+    """The ``FEATURES`` of one translation (a ``Translation``) decoded with ``options`` from a
+    source of ``src_pieces`` pieces."""
+    pieces = len(translation.tokens) + 1
+    logprob = translation_logprob(translation.score, pieces, options.beam, options.alpha, options.sample)
+    return features(logprob, pieces, src_pieces)
 
 
 def attach(translator, lines: Sequence[str], nbests, options) -> None:
@@ -168,9 +177,7 @@ def attach(translator, lines: Sequence[str], nbests, options) -> None:
     sources = translator.tokenizer.encode_src(list(lines))
     for ids, nbest in zip(sources, nbests):
         for t in nbest:
-            pieces = len(t.tokens) + 1
-            logprob = translation_logprob(t.score, pieces, options.beam, options.alpha, options.sample)
-            t.confidence = calibrator.probability(features(logprob, pieces, len(ids)))
+            t.confidence = calibrator.probability(translation_features(t, len(ids), options))
 
 
 def dev_features(translator, sources: Sequence[str], references: Sequence[str],
@@ -180,12 +187,7 @@ def dev_features(translator, sources: Sequence[str], references: Sequence[str],
     options = options or translator.options
     nbests = translator.translate(list(sources), options)
     encoded = translator.tokenizer.encode_src(list(sources))
-    values = []
-    for ids, nbest in zip(encoded, nbests):
-        best = nbest[0]
-        pieces = len(best.tokens) + 1
-        values.append(features(translation_logprob(best.score, pieces, options.beam, options.alpha, options.sample),
-                               pieces, len(ids)))
+    values = [translation_features(nbest[0], len(ids), options) for ids, nbest in zip(encoded, nbests)]
     texts = [nbest[0].text for nbest in nbests]
     return values, sentence_chrf(texts, references), texts
 
