@@ -60,8 +60,9 @@ OPTION_FIELDS = ("beam", "n_best", "alpha", "max_len_ratio", "no_repeat_ngram", 
                  "top_p", "seed")
 REQUEST_FIELDS = ("sentences", *OPTION_FIELDS, "sample", "prefix", "split", "scores", "attention", "api_key",
                   "glossary")
-# "glossary": an extension of LibreTranslate's request (docs/decoding.md, "Glossaries")
-LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key", "glossary")
+# extensions of LibreTranslate's request (docs/serving.md): a glossary, a prefix and sampling, named as in this API
+LIBRETRANSLATE_EXTENSIONS = ("glossary", "prefix", "sample", "temperature", "top_k", "top_p", "seed")
+LIBRETRANSLATE_FIELDS = ("q", "source", "target", "format", "alternatives", "api_key", *LIBRETRANSLATE_EXTENSIONS)
 # ISO 639-3 codes (as Tatoeba and this project's defaults name languages) and their ISO 639-1
 # codes, which LibreTranslate clients send; a language outside this table is known by its own name
 ISO_639_1 = {"spa": "es", "eng": "en", "fra": "fr", "deu": "de", "ita": "it", "por": "pt", "nld": "nl",
@@ -276,7 +277,8 @@ class LibreRequest(NamedTuple):
     sentences: list[str]
     single: bool  # ``q`` was one string: answer with one string
     alternatives: int
-    glossary: Glossary = ()  # an extension: target terms the translations must hold
+    # the extensions the request set (LIBRETRANSLATE_EXTENSIONS), checked, as DecodeOptions names them
+    extensions: dict[str, Any] = {}
 
 
 def request_glossary(request: dict[str, Any], default: Glossary = ()) -> Glossary:
@@ -295,7 +297,8 @@ def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, s
     """A LibreTranslate ``/translate`` body (JSON or form-encoded) for a model that translates
     ``languages`` (source, target); raises RequestError saying what is wrong."""
     request = _json_dict(body)  # parsed once; a form only when the body is not a JSON object
-    if request is None and content_type.startswith("application/x-www-form-urlencoded"):
+    form = request is None and content_type.startswith("application/x-www-form-urlencoded")
+    if form:
         try:
             fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
@@ -326,7 +329,40 @@ def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, s
         raise RequestError(400, f'"alternatives" must be an integer from 0 to {most}')
     q = request.get("q")
     return LibreRequest(_sentences(q, '"q"', max_sentences, max_chars), isinstance(q, str), alternatives,
-                        request_glossary(request))
+                        _libre_extensions(request, form))
+
+
+def _libre_extensions(request: dict[str, Any], form: bool) -> dict[str, Any]:
+    """The extensions a LibreTranslate request sets (LIBRETRANSLATE_EXTENSIONS), checked as this
+    API checks them; in a form, where every value is text, numbers and true/false are read from it."""
+    chosen: dict[str, Any] = {}
+    try:
+        for name in ("temperature", "top_k", "top_p", "seed"):
+            if name in request:
+                chosen[name] = DecodeOptions.check(name, _form_value(request[name]) if form else request[name],
+                                                   label=f'"{name}"')
+    except ConfigError as exc:
+        raise RequestError(400, str(exc)) from None
+    if "sample" in request:
+        chosen["sample"] = _form_value(request["sample"]) if form else request["sample"]
+        if not isinstance(chosen["sample"], bool):
+            raise RequestError(400, '"sample" must be true or false')
+    if "prefix" in request:
+        if not isinstance(request["prefix"], str) or len(request["prefix"]) > DecodeOptions.MAX_PREFIX:
+            raise RequestError(400, f'"prefix" must be text of at most {DecodeOptions.MAX_PREFIX} characters')
+        chosen["prefix"] = request["prefix"]
+    glossary = request_glossary(request)
+    if glossary:  # none, or an empty one, leaves the server's
+        chosen["glossary"] = glossary
+    return chosen
+
+
+def _form_value(text: str) -> Any:
+    """A form field's text as the JSON value it spells ("0.7", "40", "true"), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def languages_payload(languages: tuple[str, str]) -> list[dict[str, Any]]:
@@ -633,8 +669,10 @@ class TranslationService:
     def _libretranslate(self, body: bytes, content_type: str) -> Response:
         request = parse_libretranslate(body, content_type, self.languages, self.max_sentences, self.max_chars)
         n = request.alternatives + 1
-        options = replace(self.defaults, beam=max(self.defaults.beam, n), n_best=n,
-                          glossary=request.glossary or self.defaults.glossary)
+        try:  # DecodeOptions says what does not go together (a glossary with sampling)
+            options = replace(self.defaults, beam=max(self.defaults.beam, n), n_best=n, **request.extensions)
+        except ConfigError as exc:
+            raise RequestError(400, str(exc)) from None
         self._within_limits(request.sentences, options, '"alternatives"')
         results = self.batcher.translate(request.sentences, options, self.deadline)
         texts = [r[0].text for r in results]
