@@ -3,6 +3,7 @@ degenerate outputs, names and numbers carried), peak memory, a measured matmul p
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import resource
@@ -93,6 +94,12 @@ def figures(hypotheses: list[str], references: list[str]) -> dict[str, float]:
             "chrf": CHRF().corpus_score(hypotheses, [references]).score,
             "degenerate": 100 * sum(map(degenerate, hypotheses, references)) / max(1, len(hypotheses)),
             "length_ratio": length_ratio(hypotheses, references)}
+
+
+def write_json(path: str | Path, payload: object) -> None:
+    """A bench's figures as JSON at ``path`` (its folder made)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
 
 
 def write_between(path: Path, begin: str, end: str, text: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, evaluation_sets, figures, write_between
+from common import cpu_model, evaluation_sets, figures, write_between, write_json
 
 from translate.translator import DecodeOptions, Translator
 
@@ -139,8 +139,7 @@ def main() -> None:
     text = table(result["summary"], len(args.checkpoints), result["machine"])
     print(text)
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json_path, result)
     if args.doc:
         write_between(Path(args.doc), BEGIN, END, text)
 

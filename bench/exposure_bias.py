@@ -72,7 +72,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, evaluation_sets, figures, long_fifth, write_between
+from common import cpu_model, evaluation_sets, figures, long_fifth, write_between, write_json
 from domain import bible_split
 
 from translate.runtime import configure_process
@@ -580,8 +580,7 @@ def finetune_main(args) -> None:
     text = finetune_doc(results, args)
     print("\n" + text)
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json_path, results)
     if args.doc:
         write_between(Path(args.doc), FINETUNE_BEGIN, FINETUNE_END, text)
 

@@ -121,6 +121,29 @@ def tiny_model(tokenizer):
 
 
 @pytest.fixture()
+def tiny_service(tiny_model, tokenizer):
+    """A translation service over ``tiny_model`` (no shortlist) and a function that POSTs a body to
+    its /translate and gives the status and the parsed answer; the batcher closed afterwards."""
+    import io
+    import json
+
+    from translate.serve import RequestBatcher, TranslationService
+    from translate.translator import DecodeOptions, Translator
+
+    translator = Translator(tiny_model, tokenizer, DecodeOptions(shortlist=0))
+    batcher = RequestBatcher(translator, max_wait_ms=1)
+    service = TranslationService(batcher, max_body=1 << 16, max_sentences=8, info={})
+
+    def call(body: bytes, content_type: str = "application/json") -> tuple[int, object]:
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        response = service.respond("POST", "/translate", headers, io.BytesIO(body))
+        return response.status, json.loads(response.body)
+
+    yield translator, call
+    batcher.close()
+
+
+@pytest.fixture()
 def tiny_tokenizer_file(tokenizer, tmp_path):
     tokenizer.save(tmp_path)
     return str(tmp_path / "src.model")

@@ -175,45 +175,33 @@ def test_a_term_ends_a_word(search_model, tokenizer):
         assert not joins[tokens[end]]  # what follows the term does not continue its word
 
 
-def test_serve_takes_a_glossary_in_both_apis(tiny_model, tokenizer):
-    import io
+def test_serve_takes_a_glossary_in_both_apis(tiny_service, tokenizer):
     import json
     import urllib.parse
 
     from translate.errors import RequestError
-    from translate.serve import RequestBatcher, TranslationService, parse_request
-    from translate.translator import DecodeOptions, Translator
+    from translate.serve import parse_request
 
-    batcher = RequestBatcher(Translator(tiny_model, tokenizer, DecodeOptions(shortlist=0)), max_wait_ms=1)
-    service = TranslationService(batcher, max_body=1 << 16, max_sentences=8, info={})
-
-    def call(body: bytes, content_type="application/json"):
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
-        response = service.respond("POST", "/translate", headers, io.BytesIO(body))
-        return response.status, json.loads(response.body)
-
-    try:
-        ids = tokenizer.encode_tgt(["perro"])[0]
-        status, own = call(json.dumps({"sentences": ["El gato come pan.", "Y."], "glossary": [["gato", "perro"]],
-                                       "scores": True}).encode())
-        assert status == 200 and own["missed_terms"] == [[], []]
-        assert holds(tokenizer.encode_tgt([own["translations"][0]])[0], ids)
-        status, libre = call(json.dumps({"q": "El gato come pan.", "target": "en",
-                                         "glossary": {"gato": "perro"}}).encode())
-        assert status == 200 and libre == {"translatedText": own["translations"][0], "missed_terms": []}
-        form = urllib.parse.urlencode({"q": "El gato come pan.", "target": "en", "glossary": '[["gato", "perro"]]'})
-        assert call(form.encode(), "application/x-www-form-urlencoded")[1] == libre
-        status, plain = call(json.dumps({"sentences": ["El gato come pan."]}).encode())
-        assert "missed_terms" not in plain
-        for glossary, message in (([["gato", ""]], "empty target term"), ([["gato"]], "pair of texts"),
-                                  ("not json", "must be JSON"), ([["a", "b"]] * 1001, "at most 1000")):
-            status, error = call(json.dumps({"sentences": ["Hola."], "glossary": glossary}).encode())
-            assert status == 400 and message in error["error"] and "\n" not in error["error"]
-        with pytest.raises(RequestError, match="sampling"):
-            parse_request(json.dumps({"sentences": ["Hola."], "glossary": [["a", "b"]], "sample": True}).encode(),
-                          8, 100)
-    finally:
-        batcher.close()
+    _, call = tiny_service
+    ids = tokenizer.encode_tgt(["perro"])[0]
+    status, own = call(json.dumps({"sentences": ["El gato come pan.", "Y."], "glossary": [["gato", "perro"]],
+                                   "scores": True}).encode())
+    assert status == 200 and own["missed_terms"] == [[], []]
+    assert holds(tokenizer.encode_tgt([own["translations"][0]])[0], ids)
+    status, libre = call(json.dumps({"q": "El gato come pan.", "target": "en",
+                                     "glossary": {"gato": "perro"}}).encode())
+    assert status == 200 and libre == {"translatedText": own["translations"][0], "missed_terms": []}
+    form = urllib.parse.urlencode({"q": "El gato come pan.", "target": "en", "glossary": '[["gato", "perro"]]'})
+    assert call(form.encode(), "application/x-www-form-urlencoded")[1] == libre
+    status, plain = call(json.dumps({"sentences": ["El gato come pan."]}).encode())
+    assert "missed_terms" not in plain
+    for glossary, message in (([["gato", ""]], "empty target term"), ([["gato"]], "pair of texts"),
+                              ("not json", "must be JSON"), ([["a", "b"]] * 1001, "at most 1000")):
+        status, error = call(json.dumps({"sentences": ["Hola."], "glossary": glossary}).encode())
+        assert status == 400 and message in error["error"] and "\n" not in error["error"]
+    with pytest.raises(RequestError, match="sampling"):
+        parse_request(json.dumps({"sentences": ["Hola."], "glossary": [["a", "b"]], "sample": True}).encode(),
+                      8, 100)
 
 
 def test_repl_sets_a_glossary(tmp_path):

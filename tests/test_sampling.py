@@ -258,39 +258,24 @@ def test_sampling_and_a_prefix_with_an_ensemble(tokenizer):
     assert texts(drawn[1:]) == texts([decoder.translate([line])[0] for line in SENTENCES[1:]])
 
 
-def test_libretranslate_requests_sample_and_prefix_as_extensions(tiny_model, tokenizer):
-    import io
+def test_libretranslate_requests_sample_and_prefix_as_extensions(tiny_service):
     import json
     import urllib.parse
 
-    from translate.serve import RequestBatcher, TranslationService
-    from translate.translator import Translator
-
-    translator = Translator(tiny_model, tokenizer, DecodeOptions(shortlist=0))
-    batcher = RequestBatcher(translator, max_wait_ms=1)
-    service = TranslationService(batcher, max_body=1 << 16, max_sentences=8, info={})
-
-    def call(body: bytes, content_type="application/json"):
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
-        response = service.respond("POST", "/translate", headers, io.BytesIO(body))
-        return response.status, json.loads(response.body)
-
-    try:
-        sampled = DecodeOptions(shortlist=0, sample=True, temperature=1.5, top_k=50, seed=3, beam=5, n_best=3)
-        expected = [t.text for t in translator.translate(["El gato come pan."], sampled)[0]]
-        fields = {"q": "El gato come pan.", "target": "en", "alternatives": 2, "sample": True, "temperature": 1.5,
-                  "top_k": 50, "seed": 3}
-        status, answer = call(json.dumps(fields).encode())
-        assert status == 200 and [answer["translatedText"], *answer["alternatives"]] == expected
-        form = urllib.parse.urlencode({**fields, "sample": "true"}).encode()  # a form's values are text
-        assert call(form, "application/x-www-form-urlencoded") == (200, answer)
-        prefixed = translator.translate(["El gato come pan."], DecodeOptions(shortlist=0, prefix="The dog"))[0][0]
-        status, answer = call(json.dumps({"q": "El gato come pan.", "target": "en", "prefix": "The dog"}).encode())
-        assert status == 200 and answer["translatedText"] == prefixed.text and prefixed.text.startswith("The dog")
-        for bad, message in (({"sample": "yes"}, '"sample" must be true or false'),
-                             ({"top_p": 0}, '"top_p" must be positive'), ({"prefix": 3}, '"prefix" must be text'),
-                             ({"sample": True, "glossary": [["gato", "dog"]]}, "cannot be used with sampling")):
-            status, error = call(json.dumps({"q": "Hola.", "target": "en", **bad}).encode())
-            assert status == 400 and message in error["error"] and "\n" not in error["error"], error
-    finally:
-        batcher.close()
+    translator, call = tiny_service
+    sampled = DecodeOptions(shortlist=0, sample=True, temperature=1.5, top_k=50, seed=3, beam=5, n_best=3)
+    expected = [t.text for t in translator.translate(["El gato come pan."], sampled)[0]]
+    fields = {"q": "El gato come pan.", "target": "en", "alternatives": 2, "sample": True, "temperature": 1.5,
+              "top_k": 50, "seed": 3}
+    status, answer = call(json.dumps(fields).encode())
+    assert status == 200 and [answer["translatedText"], *answer["alternatives"]] == expected
+    form = urllib.parse.urlencode({**fields, "sample": "true"}).encode()  # a form's values are text
+    assert call(form, "application/x-www-form-urlencoded") == (200, answer)
+    prefixed = translator.translate(["El gato come pan."], DecodeOptions(shortlist=0, prefix="The dog"))[0][0]
+    status, answer = call(json.dumps({"q": "El gato come pan.", "target": "en", "prefix": "The dog"}).encode())
+    assert status == 200 and answer["translatedText"] == prefixed.text and prefixed.text.startswith("The dog")
+    for bad, message in (({"sample": "yes"}, '"sample" must be true or false'),
+                         ({"top_p": 0}, '"top_p" must be positive'), ({"prefix": 3}, '"prefix" must be text'),
+                         ({"sample": True, "glossary": [["gato", "dog"]]}, "cannot be used with sampling")):
+        status, error = call(json.dumps({"q": "Hola.", "target": "en", **bad}).encode())
+        assert status == 400 and message in error["error"] and "\n" not in error["error"], error
