@@ -45,7 +45,8 @@ RESULTS/<setting>-<arm>-s<seed>.json.gz (``bench/results/exposure-finetune``):
         --set train.lr=0.0003 --set train.amp=bf16 --json bench/results/exposure_finetune.json \
         --doc docs/benchmarks.md
 
-``--set`` applies to every arm (an arm's own settings win); ``--variant`` replaces the arms,
+``--set`` applies to every arm (an arm's own settings win); ``--variant`` replaces the arms (with
+``--steps``, an arm's own ``steps=N`` gives it the updates that take the baseline's wall clock),
 ``--settings tatoeba`` runs one setting. A second run of the command trains only what is missing
 and makes the tables again. ``--limit N --steps 3`` with a tiny base is a smoke test.
 
@@ -379,12 +380,24 @@ def finetune_command(setting: str, run_dir: Path, seed: int, overrides: list[str
     if setting == "bible":
         bible_train, bible_dev = bible_split(Path(args.out))
         command += ["--train", str(bible_train), "--dev", str(bible_dev)]
-    command += ["--max-steps", str(args.steps)] if args.steps else ["--max-minutes", str(args.minutes)]
+    overrides, budget = arm_budget(overrides, args)
+    command += ["--max-steps", str(budget["steps"])] if "steps" in budget else ["--max-minutes", str(args.minutes)]
     if args.threads:
         command += ["--set", f"train.threads={args.threads}"]
     for item in [*args.set, *overrides]:  # the arm's own settings last: they win
         command += ["--set", item]
     return command
+
+
+def arm_budget(overrides: list[str], args) -> tuple[list[str], dict]:
+    """An arm's train settings and its budget: the bench's (``--steps`` or ``--minutes``), or the
+    arm's own ``steps=N`` where an update costs more than the baseline's (MRT decodes samples):
+    with ``--steps``, equal wall clock means fewer of its updates, as many as take that time."""
+    own = [item for item in overrides if item.startswith("steps=")]
+    settings = [item for item in overrides if not item.startswith("steps=")]
+    if own:
+        return settings, {"steps": int(own[-1].removeprefix("steps="))}
+    return settings, {"steps": args.steps} if args.steps else {"minutes": args.minutes}
 
 
 def finetuned_run(setting: str, name: str, seed: int, overrides: list[str], sets: dict, args) -> dict | None:
@@ -393,7 +406,7 @@ def finetuned_run(setting: str, name: str, seed: int, overrides: list[str], sets
     (its last.pt without the done mark) is resumed."""
     results = Path(args.results)
     kept = results / f"{setting}-{name}-s{seed}.json.gz"
-    budget = {"steps": args.steps} if args.steps else {"minutes": args.minutes}
+    budget = arm_budget(overrides, args)[1]
     if kept.is_file():
         with gzip.open(kept, "rt", encoding="utf-8") as source:
             run = json.load(source)
