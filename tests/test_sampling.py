@@ -242,6 +242,11 @@ def test_decode_command_samples_and_forces_prefixes(run_with_steps, tmp_path):
     too_long = runner.invoke(main, ["decode", str(run_with_steps), "--prefix", "x" * 1001], input=lines)
     assert too_long.exit_code != 0 and "prefix must be text of at most 1000 characters" in too_long.output
     assert "Traceback" not in too_long.output
+    scored = runner.invoke(main, ["eval", str(run_with_steps), "--shortlist", "0", "--beam", "2", "--prefix",
+                                  "the cat", "-o", str(tmp_path / "eval.txt")])  # eval scores prefixed output
+    assert scored.exit_code == 0, scored.output
+    outputs = (tmp_path / "eval.txt").read_text(encoding="utf-8").splitlines()
+    assert outputs and all(line.startswith("the cat") for line in outputs)
 
 
 def test_sampling_and_a_prefix_with_an_ensemble(tokenizer):

@@ -257,7 +257,7 @@ def decoding_options(*names: str, **fixed):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @ensemble_option
 @decoding_options("beam", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual", "shortlist", "precision",
-                  "device", "inter_threads", "sample", "temperature", "top_k", "top_p", "seed", "glossary")
+                  "device", "inter_threads", "sample", "temperature", "top_k", "top_p", "seed", "prefix", "glossary")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ensemble, options, precision, device):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .confidence import calibration_figures
