@@ -102,6 +102,15 @@ def write_json(path: str | Path, payload: object) -> None:
     Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
 
 
+def report(text: str, payload: object, json_path: str | None, doc: str | None, begin: str, end: str) -> None:
+    """A bench's table printed, its figures as JSON (``--json``) and the table in a page (``--doc``)."""
+    print(text)
+    if json_path:
+        write_json(json_path, payload)
+    if doc:
+        write_between(Path(doc), begin, end, text)
+
+
 def write_between(path: Path, begin: str, end: str, text: str) -> None:
     """Puts ``text`` between the page's two markers (a table a bench makes, never typed)."""
     page = path.read_text(encoding="utf-8")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, evaluation_sets, figures, write_between, write_json
+from common import cpu_model, evaluation_sets, figures, report
 
 from translate.translator import DecodeOptions, Translator
 
@@ -136,12 +136,8 @@ def main() -> None:
                       f"{score['degenerate']:5.2f}%  {len(sources) / seconds:6.1f} sent/s", flush=True)
     result = {"checkpoints": args.checkpoints, "machine": cpu_model(), "threads": 1, "limit": args.limit,
               "options": "defaults, inter_threads 1", **summarise(out, args.checkpoints, sets)}
-    text = table(result["summary"], len(args.checkpoints), result["machine"])
-    print(text)
-    if args.json_path:
-        write_json(args.json_path, result)
-    if args.doc:
-        write_between(Path(args.doc), BEGIN, END, text)
+    report(table(result["summary"], len(args.checkpoints), result["machine"]), result, args.json_path, args.doc,
+           BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, evaluation_sets, figures, long_fifth, write_between, write_json
+from common import cpu_model, evaluation_sets, figures, long_fifth, report, write_between
 from domain import bible_split
 
 from translate.runtime import configure_process
@@ -590,12 +590,8 @@ def finetune_main(args) -> None:
         print(f"\n{setting}:")
         for name, verdict in verdicts.items():
             print(f"goal against {next(iter(arms))}: {name}: {verdict}")
-    text = finetune_doc(results, args)
-    print("\n" + text)
-    if args.json_path:
-        write_json(args.json_path, results)
-    if args.doc:
-        write_between(Path(args.doc), FINETUNE_BEGIN, FINETUNE_END, text)
+    print()
+    report(finetune_doc(results, args), results, args.json_path, args.doc, FINETUNE_BEGIN, FINETUNE_END)
 
 
 if __name__ == "__main__":
