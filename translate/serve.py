@@ -212,23 +212,43 @@ def parse_request(body: bytes, max_sentences: int, max_chars: int,
         raise RequestError(400, f"unknown field(s) {', '.join(unknown)}; use {', '.join(REQUEST_FIELDS)}")
     sentences = _sentences(request.get("sentences"), '"sentences"', max_sentences, max_chars)
     flags = {name: request.get(name, False) for name in ("scores", "attention")}
-    flags["sample"] = request.get("sample", defaults.sample)
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise RequestError(400, f'"{name}" must be true or false')
-    try:  # DecodeOptions owns the bounds and says what is wrong, naming the request's field
-        chosen = {name: DecodeOptions.check(name, request[name], label=f'"{name}"')
-                  for name in OPTION_FIELDS if name in request}
-        prefix = request.get("prefix", defaults.prefix)
-        if not isinstance(prefix, str) or len(prefix) > DecodeOptions.MAX_PREFIX:
-            raise RequestError(400, f'"prefix" must be text of at most {DecodeOptions.MAX_PREFIX} characters')
+    chosen = decoding_fields(request, (*OPTION_FIELDS, "sample", "prefix"))
+    try:  # DecodeOptions says what does not go together (a glossary with sampling)
         options = replace(defaults, **chosen, return_attention=flags["attention"],
-                          sample=flags["sample"], prefix=prefix, glossary=request_glossary(request, defaults.glossary))
+                          glossary=request_glossary(request, defaults.glossary))
     except ConfigError as exc:
         raise RequestError(400, str(exc)) from None
     if "split" in request:
         options = replace(options, split=_split(request["split"], defaults.split))
     return Request(sentences, options, flags["scores"])
+
+
+def decoding_fields(request: dict[str, Any], names: Iterable[str], form: bool = False) -> dict[str, Any]:
+    """The decoding options among ``names`` (DecodeOptions' numbers, "sample" and "prefix") that a
+    request sets, checked and named as DecodeOptions names them; RequestError(400) saying what is
+    wrong, naming the request's field. In a form, where every value is text, numbers and true/false
+    are read from it."""
+    chosen: dict[str, Any] = {}
+    for name in names:
+        if name not in request:
+            continue
+        value = _form_value(request[name]) if form and name != "prefix" else request[name]
+        if name == "sample":
+            if not isinstance(value, bool):
+                raise RequestError(400, '"sample" must be true or false')
+        elif name == "prefix":
+            if not isinstance(value, str) or len(value) > DecodeOptions.MAX_PREFIX:
+                raise RequestError(400, f'"prefix" must be text of at most {DecodeOptions.MAX_PREFIX} characters')
+        else:
+            try:  # DecodeOptions owns the bounds and says what is wrong
+                value = DecodeOptions.check(name, value, label=f'"{name}"')
+            except ConfigError as exc:
+                raise RequestError(400, str(exc)) from None
+        chosen[name] = value
+    return chosen
 
 
 def _split(value: Any, default: str) -> str:
@@ -334,23 +354,8 @@ def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, s
 
 def _libre_extensions(request: dict[str, Any], form: bool) -> dict[str, Any]:
     """The extensions a LibreTranslate request sets (LIBRETRANSLATE_EXTENSIONS), checked as this
-    API checks them; in a form, where every value is text, numbers and true/false are read from it."""
-    chosen: dict[str, Any] = {}
-    try:
-        for name in ("temperature", "top_k", "top_p", "seed"):
-            if name in request:
-                chosen[name] = DecodeOptions.check(name, _form_value(request[name]) if form else request[name],
-                                                   label=f'"{name}"')
-    except ConfigError as exc:
-        raise RequestError(400, str(exc)) from None
-    if "sample" in request:
-        chosen["sample"] = _form_value(request["sample"]) if form else request["sample"]
-        if not isinstance(chosen["sample"], bool):
-            raise RequestError(400, '"sample" must be true or false')
-    if "prefix" in request:
-        if not isinstance(request["prefix"], str) or len(request["prefix"]) > DecodeOptions.MAX_PREFIX:
-            raise RequestError(400, f'"prefix" must be text of at most {DecodeOptions.MAX_PREFIX} characters')
-        chosen["prefix"] = request["prefix"]
+    project's API checks them."""
+    chosen = decoding_fields(request, [name for name in LIBRETRANSLATE_EXTENSIONS if name != "glossary"], form)
     glossary = request_glossary(request)
     if glossary:  # none, or an empty one, leaves the server's
         chosen["glossary"] = glossary
@@ -657,10 +662,7 @@ class TranslationService:
             answer = {"translations": [[{"text": t.text, "score": json_score(t.score),
                                          **({"confidence": round(t.confidence, 4)} if self.calibrated else {})}
                                         for t in r] for r in results]}
-        if self.min_confidence is not None:
-            answer["low_confidence"] = [r[0].confidence < self.min_confidence for r in results]
-        if options.glossary:  # the terms the search could not place, per sentence: reported, never dropped
-            answer["missed_terms"] = [list(r[0].missed) for r in results]
+        answer.update(self._flags(results, options))
         if options.return_attention:
             answer["attention"] = [attention_payload(self.batcher.translator, s, r[0], options)
                                    for s, r in zip(sentences, results)]
@@ -676,20 +678,25 @@ class TranslationService:
         self._within_limits(request.sentences, options, '"alternatives"')
         results = self.batcher.translate(request.sentences, options, self.deadline)
         texts = [r[0].text for r in results]
-        answer: dict[str, Any] = {"translatedText": texts[0] if request.single else texts}
-        if options.glossary:  # an extension, as this project's "missed_terms"
-            missed = [list(r[0].missed) for r in results]
-            answer["missed_terms"] = missed[0] if request.single else missed
+        answer: dict[str, Any] = {"translatedText": texts}
         if request.alternatives:
-            others = [[t.text for t in r[1:]] for r in results]
-            answer["alternatives"] = others[0] if request.single else others
-        if self.calibrated:  # an extension of LibreTranslate's answer, as this project's "confidence"
-            confidence = [round(r[0].confidence, 4) for r in results]
-            answer["confidence"] = confidence[0] if request.single else confidence
-            if self.min_confidence is not None:
-                low = [p < self.min_confidence for p in confidence]
-                answer["low_confidence"] = low[0] if request.single else low
+            answer["alternatives"] = [[t.text for t in r[1:]] for r in results]
+        if self.calibrated:  # extensions of LibreTranslate's answer, as this project's API has them
+            answer["confidence"] = [round(r[0].confidence, 4) for r in results]
+        answer.update(self._flags(results, options))
+        if request.single:  # ``q`` was one string: each field answers for it alone
+            answer = {key: values[0] for key, values in answer.items()}
         return self._json(200, answer)
+
+    def _flags(self, results: list[list[Translation]], options: DecodeOptions) -> dict[str, list]:
+        """What both APIs add per sentence: with a glossary, the terms the search could not place
+        (reported, never dropped); with ``min_confidence``, whether the best translation is under it."""
+        flags: dict[str, list] = {}
+        if options.glossary:
+            flags["missed_terms"] = [list(r[0].missed) for r in results]
+        if self.min_confidence is not None:
+            flags["low_confidence"] = [r[0].confidence < self.min_confidence for r in results]
+        return flags
 
     def _json(self, status: int, payload: Any, extra: Iterable[tuple[str, str]] = (),
               close: bool = False) -> Response:
