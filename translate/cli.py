@@ -261,7 +261,7 @@ def decoding_options(*names: str, **fixed):
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ensemble, options, precision, device):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .confidence import calibration_figures
-    from .evaluate import evaluate, score, test_set
+    from .evaluate import score, test_set
 
     translator = _load_translator(checkpoint, options, precision, device, ensemble)
     config = translator.config
@@ -276,15 +276,13 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ens
     else:
         test = test_set(config, test_path)
         sources, references, origin = test.src, test.tgt, test.origin
-    calibration: dict = {}  # with a calibrator: mean confidence, share acceptable, ECE (confidence.py)
     with _progress_bar(len(sources)) as advance:
-        if translator.calibrator is None:
-            scores, hyps = evaluate(translator, sources, references, on_progress=advance)
-        else:
-            nbests = translator.translate(sources, on_progress=advance)  # as evaluate does, keeping the confidence
-            hyps = [nbest[0].text for nbest in nbests]
-            scores = score(hyps, references)
-            calibration = calibration_figures(nbests, references, translator.calibrator.threshold)
+        nbests = translator.translate(sources, on_progress=advance)
+    hyps = [nbest[0].text for nbest in nbests]
+    scores = score(hyps, references)
+    # with a calibrator: mean confidence, share acceptable, ECE (confidence.py)
+    calibration = {} if translator.calibrator is None else calibration_figures(nbests, references,
+                                                                                translator.calibrator.threshold)
     if output:
         Path(output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if as_json:

@@ -306,7 +306,6 @@ class Config:
             raise ConfigError("data.mix samples the mixed corpus anew each epoch, which a stream cannot; "
                               "drop data.streaming (--streaming) or data.mix (--mix)")
 
-
     def _validate_phase_and_objective(self) -> None:
         """The final phase of scheduled teacher forcing and minimum risk training."""
         t = self.train

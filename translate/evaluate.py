@@ -1,6 +1,7 @@
 """Corpus scores with sacrebleu on detokenized text: BLEU (13a), chrF and TER, with signatures.
 
-Validation during training and ``translate eval`` both call ``evaluate``, so their numbers agree.
+Validation during training (``evaluate``) and ``translate eval`` both translate with
+``Translator.translate`` and score with ``score``, so their numbers agree.
 """
 
 from __future__ import annotations
