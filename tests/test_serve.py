@@ -485,10 +485,10 @@ def test_a_search_nobody_waits_for_stops_at_its_next_batch(tiny_model, tokenizer
     batches = []
     search = translator._search
 
-    def one_batch(src, indices, options):
+    def one_batch(src, indices, *rest):
         batches.append(list(indices))
         job.abandoned = True  # its client gives up while the first batch decodes
-        return search(src, indices, options)
+        return search(src, indices, *rest)
 
     monkeypatch.setattr(translator, "_search", one_batch)
     try:

@@ -783,9 +783,7 @@ class Translator:
 
         def decode(indices) -> list[tuple[int, list[Hypothesis]]]:
             return [(index, [_own_attention(h) for h in hyps])
-                    for index, hyps in zip(indices, self._search(src, indices, options)
-                                           if prefixes is None and constraints is None
-                                           else self._search(src, indices, options, prefixes, constraints))]
+                    for index, hyps in zip(indices, self._search(src, indices, options, prefixes, constraints))]
 
         workers = decode_workers(self.device, options.inter_threads, len(batches))
         was_training = self.model.training
@@ -845,9 +843,9 @@ def search_batch(translator: Translator, src: Encoded, indices, options: DecodeO
     shortlist = None
     if translator.lexicon is not None and options.shortlist > 0:
         shortlist = translator.lexicon.shortlist(batch.src, options.shortlist, options.shortlist_frequent)
-        shortlist = _with_prefix(shortlist, prefix)
+        shortlist = _with_pieces(shortlist, prefix)
         if constraints is not None:
-            shortlist = _with_prefix(shortlist, _prefix_tensor([[i for c in constraints[j] for i in c]
+            shortlist = _with_pieces(shortlist, _prefix_tensor([[i for c in constraints[j] for i in c]
                                                                 for j in indices]))
     batch = batch.to(translator.device)
     vocab, allowed = _restricted(translator.model, shortlist, translator.device, translator.dtype)
@@ -901,9 +899,10 @@ def _prefix_tensor(prefixes: Sequence[Sequence[int]]) -> torch.Tensor | None:
     return out
 
 
-def _with_prefix(shortlist: Shortlist, prefix: torch.Tensor | None) -> Shortlist:
-    """``shortlist`` with each sentence's prefix pieces among the columns it may produce: a forced
-    piece is scored against its shortlist's others, as any piece it produces. prefix: (batch, p)."""
+def _with_pieces(shortlist: Shortlist, prefix: torch.Tensor | None) -> Shortlist:
+    """``shortlist`` with each sentence's given pieces (its prefix's, its glossary terms') among the
+    columns it may produce: a forced piece is scored against its shortlist's others, as any piece
+    it produces. prefix: (batch, p) target ids, PAD past each sentence's."""
     if prefix is None:
         return shortlist
     ids = torch.cat([shortlist.ids, prefix[prefix != PAD]]).unique()  # (m,) sorted
