@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -34,15 +35,25 @@ VERSION = 1
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Writes ``payload`` to ``path`` atomically; on failure the old file is untouched."""
-    path = Path(path)
+    write_atomically(Path(path), lambda sink: torch.save({"format": FORMAT, "version": VERSION, **payload}, sink),
+                     "checkpoint", "choose a writable --run-dir (the previous checkpoint is intact)")
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], what: str, advice: str,
+                     mode: int | None = None) -> None:
+    """``write`` fills a temporary file beside ``path``, which then replaces it (file and folder
+    synced to disk), with ``mode`` when given: ``path`` is whole before and after, and the old one
+    untouched on failure, said in one line (a CheckpointError naming ``what`` and ``advice``)."""
     tmp_name = None
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                          delete=False) as tmp:
             tmp_name = tmp.name
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+            write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
+        if mode is not None:
+            os.chmod(tmp_name, mode)
         os.replace(tmp_name, path)
         tmp_name = None
         directory = os.open(path.parent, os.O_RDONLY)
@@ -51,8 +62,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         finally:
             os.close(directory)
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; free disk space or "
-                              f"choose a writable --run-dir (the previous checkpoint is intact)") from None
+        raise CheckpointError(f"cannot write {what} {path}: {exc.strerror or exc}; free disk space or "
+                              f"{advice}") from None
     finally:
         if tmp_name is not None:
             try:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import EXPORT_FILES, load_checkpoint, resolve, save_checkpoint
+from .checkpoint import EXPORT_FILES, load_checkpoint, resolve, save_checkpoint, write_atomically
 from .errors import CheckpointError, DataError
 from .search import length_penalty
 
@@ -212,7 +210,10 @@ def store(checkpoint: str | Path, calibrator: Calibrator, output: str | Path | N
         meta_path = source / EXPORT_FILES[1]
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         meta["calibrator"] = calibrator.state()
-        _write_atomically(meta_path, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+        data = (json.dumps(meta, indent=1) + "\n").encode("utf-8")
+        write_atomically(meta_path, lambda sink: sink.write(data), "exported model file",
+                         "copy the exported folder somewhere writable and calibrate the copy",
+                         mode=meta_path.stat().st_mode & 0o777)
         return meta_path
     payload = load_checkpoint(source)
     payload["calibrator"] = calibrator.state()
@@ -221,17 +222,6 @@ def store(checkpoint: str | Path, calibrator: Calibrator, output: str | Path | N
     target = Path(output) if output is not None else source
     save_checkpoint(target, payload)
     return target
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """``data`` as the new content of ``path``, with its mode: whole before and after."""
-    mode = path.stat().st_mode & 0o777
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.chmod(tmp.name, mode)
-    os.replace(tmp.name, path)
 
 
 def calibration_figures(nbests, references: Sequence[str], threshold: float) -> dict[str, float]:
