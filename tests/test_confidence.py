@@ -181,10 +181,13 @@ def test_calibrate_command_writes_a_copy_or_in_place_and_export_keeps_it(calibra
     meta = json.loads((folder / "config.json").read_text())
     meta["calibrator"]["weights"] = ["x"]
     (folder / "config.json").write_text(json.dumps(meta))
+    (folder / "config.json").chmod(0o640)
     damaged = runner.invoke(main, ["decode", str(folder)], input="El gato.\n")
     assert damaged.exit_code == 2 and "calibrator is damaged" in damaged.output
     assert runner.invoke(main, ["calibrate", str(folder), "--dev", str(corpus["dev"])]).exit_code == 0
     assert Translator.load(folder).calibrator is not None  # an export calibrated again, in place
+    assert (folder / "config.json").stat().st_mode & 0o777 == 0o640  # its file's mode kept
+    assert not list(folder.glob(".*.tmp"))  # and no temporary file left
 
 
 @pytest.mark.parametrize("args, message", [
