@@ -29,7 +29,7 @@ from torch import nn
 from .checkpoint import load_model
 from .decoder import DecoderState, Memory, OutputVocab
 from .errors import CheckpointError
-from .shortlist import Lexicon, Shortlist
+from .shortlist import Lexicon, Shortlist, union
 
 
 class EnsembleMemory(NamedTuple):
@@ -110,12 +110,7 @@ class EnsembleLexicon(NamedTuple):
     def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int) -> Shortlist:
         """As ``Lexicon.shortlist``: src (batch, src_len) -> the union of the batch's ids, and per
         sentence the columns any model's lexicon allows it."""
-        lists = [lexicon.shortlist(src, per_piece, frequent) for lexicon in self.lexicons]
-        ids = torch.cat([one.ids for one in lists]).unique()  # (n,) sorted
-        allowed = torch.zeros(src.size(0), ids.numel(), dtype=torch.bool)  # (batch, n)
-        for one in lists:
-            allowed[:, torch.searchsorted(ids, one.ids)] |= one.allowed
-        return Shortlist(ids, allowed)
+        return union([lexicon.shortlist(src, per_piece, frequent) for lexicon in self.lexicons])
 
 
 def ensemble_lexicon(lexicons: Sequence[Lexicon | None]) -> Lexicon | EnsembleLexicon | None:

@@ -16,6 +16,7 @@ pieces by t(target | source), the source EOS standing in for the model's empty w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,6 +35,16 @@ class Shortlist(NamedTuple):
 
     ids: torch.Tensor  # (n,) int64 target ids, sorted, from the special tokens on: the union of the sentences'
     allowed: torch.Tensor  # (batch, n) bool: the columns of each sentence's own shortlist
+
+
+def union(lists: Sequence[Shortlist]) -> Shortlist:
+    """One batch's shortlists as one: the union of their columns, and per sentence each column any
+    of them allows it."""
+    ids = torch.cat([one.ids for one in lists]).unique()  # (n,) sorted
+    allowed = torch.zeros(lists[0].allowed.size(0), ids.numel(), dtype=torch.bool)  # (batch, n)
+    for one in lists:
+        allowed[:, torch.searchsorted(ids, one.ids)] |= one.allowed
+    return Shortlist(ids, allowed)
 
 
 @dataclass(frozen=True)

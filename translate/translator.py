@@ -55,7 +55,7 @@ from .search import (
     missing_constraints,
 )
 from .segment import SPLITS, segment
-from .shortlist import TOP, Lexicon, Shortlist
+from .shortlist import TOP, Lexicon, Shortlist, union
 from .tokenizer import PAD, SPECIAL, UNK, WORD_START, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -905,11 +905,9 @@ def _with_pieces(shortlist: Shortlist, prefix: torch.Tensor | None) -> Shortlist
     it produces. prefix: (batch, p) target ids, PAD past each sentence's."""
     if prefix is None:
         return shortlist
-    ids = torch.cat([shortlist.ids, prefix[prefix != PAD]]).unique()  # (m,) sorted
-    allowed = torch.zeros(prefix.size(0), ids.numel(), dtype=torch.bool)  # (batch, m)
-    allowed[:, torch.searchsorted(ids, shortlist.ids)] = shortlist.allowed
-    allowed.scatter_(1, torch.searchsorted(ids, prefix), True)  # PAD's column: a special token's, allowed anyway
-    return Shortlist(ids, allowed)
+    pieces = prefix[prefix != PAD].unique()  # (m,) sorted
+    own = (prefix.unsqueeze(2) == pieces).any(1)  # (batch, m) each sentence's own pieces
+    return union([shortlist, Shortlist(pieces, own)])
 
 
 def _constrained(model, memory, state, limits: torch.Tensor, options: DecodeOptions, vocab: OutputVocab | None,
