@@ -186,6 +186,10 @@ def test_bad_files_for_eval_and_decode(trained, tmp_path):
     result = runner.invoke(main, ["eval", str(run_dir), "--src", str(tmp_path / "a.txt"), "--ref",
                                   str(tmp_path / "b.txt")])
     assert result.exit_code == 2 and "has 2 lines but" in result.output
+    (tmp_path / "empty.txt").write_text("")
+    result = runner.invoke(main, ["eval", str(run_dir), "--src", str(tmp_path / "empty.txt"), "--ref",
+                                  str(tmp_path / "empty.txt")])
+    assert result.exit_code == 2 and "holds no sentences to score" in result.output and "Traceback" not in result.output
     (tmp_path / "latin1.txt").write_bytes("añb\n".encode("latin-1"))
     result = runner.invoke(main, ["decode", str(run_dir), "-i", str(tmp_path / "latin1.txt")])
     assert result.exit_code == 2 and "line 1: not valid UTF-8" in result.output

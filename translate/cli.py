@@ -276,6 +276,8 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ens
     else:
         test = test_set(config, test_path)
         sources, references, origin = test.src, test.tgt, test.origin
+    if not sources:
+        raise DataError(f"{origin} holds no sentences to score; give a test set with at least one pair")
     with _progress_bar(len(sources)) as advance:
         nbests = translator.translate(sources, on_progress=advance)
     hyps = [nbest[0].text for nbest in nbests]
