@@ -4,6 +4,7 @@ mixed shares, resume == uninterrupted, and one-line errors that write nothing.""
 
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -117,14 +118,16 @@ def test_mixing_draws_a_seeded_fresh_sample_of_the_mixed_corpus_each_epoch():
     mixed_lengths = rng.integers(1, 20, 500)
     mixed_lengths[:40] = 30  # longer than max_len: never drawn
     data = MixedData(new, encoded(mixed_lengths), ratio=2.0, batch_tokens=200, seed=3, max_len=25)
-    assert (data.per_epoch, len(data)) == (100, 150)
+    usable = mixed_lengths[mixed_lengths <= 25]
+    want = round(2.0 * (new[0].lengths.sum() + 50) / (usable.mean() + 1))  # tokens with EOS, at the mean length
+    assert want != 100 and (data.per_epoch, len(data)) == (want, 50 + want)
     drawn = []
     for epoch in range(3):
         pairs = np.concatenate(data.epoch_batches(epoch))
-        assert len(pairs) == len(set(pairs.tolist())) == 150  # every new pair, 100 mixed ones, each once
+        assert len(pairs) == len(set(pairs.tolist())) == 50 + want  # every new pair, the mixed ones, each once
         assert set(range(50)) <= set(pairs.tolist())
         mixed = pairs[pairs >= 50] - 50
-        assert len(mixed) == 100 and (mixed_lengths[mixed] <= 25).all()
+        assert len(mixed) == want and (mixed_lengths[mixed] <= 25).all()
         drawn.append(set(mixed.tolist()))
         again = MixedData(new, encoded(mixed_lengths), ratio=2.0, batch_tokens=200, seed=3, max_len=25)
         assert all(np.array_equal(a, b) for a, b in zip(again.epoch_batches(epoch), data.epoch_batches(epoch)))
@@ -134,6 +137,18 @@ def test_mixing_draws_a_seeded_fresh_sample_of_the_mixed_corpus_each_epoch():
     assert set((other_pairs[other_pairs >= 50] - 50).tolist()) != drawn[0]  # another seed, another sample
     everything = MixedData(new, encoded(mixed_lengths), ratio=100.0, batch_tokens=200, seed=3, max_len=25)
     assert everything.per_epoch == 460  # more than there is: all the usable pairs
+
+
+def test_mixing_counts_tokens_so_short_sentences_are_not_a_fraction_of_the_epoch():
+    """Long new pairs (40 pieces) and short mixed ones (9): ratio 1 draws about as many mixed
+    tokens as new ones, so about 4 mixed pairs per new pair."""
+    new = encoded([40] * 200)
+    mixed = encoded([9] * 5000)
+    for ratio in (0.5, 1.0, 2.0):
+        data = MixedData(new, mixed, ratio=ratio, batch_tokens=400, seed=1, max_len=80)
+        drawn = np.flatnonzero(data.epoch_pairs(0))[200:]
+        mixed_tokens, new_tokens = data.lengths[drawn].sum(), data.lengths[:200].sum()
+        assert abs(mixed_tokens / new_tokens - ratio) < 0.01 and len(drawn) == round(ratio * 200 * 41 / 10)
 
 
 def test_extra_dev_sets_are_scored_logged_and_plotted(corpus, new_data, tmp_path):
@@ -157,7 +172,8 @@ def test_extra_dev_sets_are_scored_logged_and_plotted(corpus, new_data, tmp_path
         assert devs[-1][key] == pytest.approx(scored["bleu"], abs=0.01)
     assert devs[-1]["newdev/bleu"] == devs[-1]["words.dev/bleu"]  # the same pairs, read from text files
     log = (run_dir / "train.log").read_text(encoding="utf-8")
-    assert "mixing 120 of the 600 pairs" in log and "newdev: loss" in log and "words.dev: loss" in log
+    assert re.search(r"mixing \d+ of the 600 pairs .* their tokens per new token", log)
+    assert "newdev: loss" in log and "words.dev: loss" in log
     from translate.plots import extra_dev_names
 
     assert extra_dev_names(devs) == ["newdev", "words.dev"]
@@ -165,7 +181,7 @@ def test_extra_dev_sets_are_scored_logged_and_plotted(corpus, new_data, tmp_path
     assert plotted.exit_code == 0 and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     export_model(run_dir, tmp_path / "export", scores=False)
     card = (tmp_path / "export" / "README.md").read_text(encoding="utf-8")
-    assert f"- Mixed into each epoch: 1 pair(s) of {corpus['train']} per training pair" in card
+    assert f"- Mixed into each epoch: 1 token(s) of {corpus['train']} per training token" in card
     assert "Fine-tuned from" not in card
 
 

@@ -341,7 +341,8 @@ def _mixed_data(config: Config, new: tuple, mixed: tuple) -> MixedData:
     data, cfg = config.data, config.train
     batches = MixedData(new, mixed, data.mix_ratio, cfg.batch_tokens, cfg.seed, data.max_len)
     logger.info(f"mixing {batches.per_epoch:,} of the {len(batches.mixed_kept):,} pairs of {shown_path(data.mix)} "
-                f"into each epoch (data.mix_ratio={data.mix_ratio:g}), a new random sample each epoch")
+                f"into each epoch (data.mix_ratio={data.mix_ratio:g}: their tokens per new token), "
+                f"a new random sample each epoch")
     return batches
 
 

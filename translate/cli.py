@@ -103,7 +103,7 @@ def _load_translator(checkpoint: str, options: DecodeOptions, precision: str, de
 @click.option("--init-from", metavar="MODEL", help="Fine-tune this model (checkpoint, run directory or exported "
               "folder): its weights, tokenizer and model config, with a new optimiser, LR schedule and step count.")
 @click.option("--mix", "mix_path", help="Mix a sample of this corpus (e.g. the model's original training data) into "
-              "each epoch: data.mix_ratio pairs per training pair (default 1).")
+              "each epoch: data.mix_ratio of its tokens per training token (default 1: as many).")
 def train(config_file, overrides, train_path, dev_paths, src_lang, tgt_lang, max_steps, max_epochs, max_minutes,
           run_dir, resume, streaming, init_from, mix_path):
     """Train a model (defaults: the bundled Spanish-English data, into checkpoints/default), or

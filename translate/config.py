@@ -59,7 +59,9 @@ class DataConfig:
     # mixed fine-tuning (Chu et al., 2017): a second training corpus, in the forms of data.train (e.g. the data
     # a model given with train.init_from was trained on), of which each epoch trains on a fresh random sample
     mix: str | None = None
-    mix_ratio: float = 1.0  # (data.mix) pairs of the mixed corpus per pair of data.train in each epoch; 0: none
+    # (data.mix) tokens of the mixed corpus per token of data.train in each epoch (as many pairs as that takes);
+    # 1: Tatoeba keeps its test BLEU while a model learns the Bible (docs/training.md); 0: none
+    mix_ratio: float = 1.0
     # more dev sets, in the forms of data.dev (or `PATH.{SRC,TGT}` for text files with other suffixes), decoded
     # and scored at every validation as the dev set is (as further --dev), logged under their file names
     extra_dev: tuple[str, ...] = ()
@@ -300,7 +302,7 @@ class Config:
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
         if not (math.isfinite(self.data.mix_ratio) and self.data.mix_ratio >= 0):
-            raise ConfigError(f"data.mix_ratio must be 0 or more (pairs of the mixed corpus per new pair), "
+            raise ConfigError(f"data.mix_ratio must be 0 or more (tokens of the mixed corpus per new token), "
                               f"got {self.data.mix_ratio}")
         if self.data.mix and self.data.streaming:
             raise ConfigError("data.mix samples the mixed corpus anew each epoch, which a stream cannot; "

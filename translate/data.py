@@ -259,10 +259,13 @@ MIX_DRAW = 1  # the mixed sample's own random stream, beside the shuffle's (seed
 
 
 class MixedData(TrainingData):
-    """Mixed fine-tuning (Chu et al., 2017): every epoch trains on all the new pairs and on
-    ``ratio`` pairs of a mixed corpus (e.g. the general-domain data a model was trained on) per
-    new pair, a fresh random sample each epoch, drawn from the seed and the epoch alone, so a
-    resumed run draws what an uninterrupted one does. Batches hold new and mixed pairs together."""
+    """Mixed fine-tuning (Chu et al., 2017): every epoch trains on all the new pairs and on a
+    fresh random sample of a mixed corpus (e.g. the general-domain data a model was trained on),
+    drawn from the seed and the epoch alone, so a resumed run draws what an uninterrupted one does.
+    The sample holds ``ratio`` times the new pairs' tokens (a pair counts its longer side), as
+    many pairs as that takes at the mixed corpus' mean length: counted in pairs, a mix of short
+    sentences into long verses would be a fraction of what the model reads. Batches hold new and
+    mixed pairs together."""
 
     def __init__(self, new: tuple[EncodedCorpus, EncodedCorpus], mixed: tuple[EncodedCorpus, EncodedCorpus],
                  ratio: float, batch_tokens: int, seed: int, max_len: int | None = None):
@@ -270,7 +273,9 @@ class MixedData(TrainingData):
         self.new_pairs = len(new[0])
         new_kept = int(np.count_nonzero(self.lengths[: self.new_pairs]))
         self.mixed_kept = np.flatnonzero(self.lengths[self.new_pairs:]) + self.new_pairs  # (m,) usable mixed pairs
-        self.per_epoch = min(len(self.mixed_kept), round(ratio * new_kept))  # mixed pairs an epoch
+        new_tokens = int(self.lengths[: self.new_pairs].sum(dtype=np.int64))
+        mean = float(self.lengths[self.mixed_kept].mean()) if len(self.mixed_kept) else 1.0
+        self.per_epoch = min(len(self.mixed_kept), round(ratio * new_tokens / mean))  # mixed pairs an epoch
         self.size = new_kept + self.per_epoch
 
     def epoch_pairs(self, epoch: int) -> np.ndarray:

@@ -165,8 +165,8 @@ def fine_tuning_lines(config, init_from: dict[str, Any] | None) -> list[str]:
     the corpus mixed into its training."""
     lines = []
     if config.data.mix and config.data.mix_ratio > 0:
-        lines.append(f"- Mixed into each epoch: {config.data.mix_ratio:g} pair(s) of {shown_path(config.data.mix)} "
-                     f"per training pair, a new random sample each epoch (mixed fine-tuning, Chu et al., 2017)")
+        lines.append(f"- Mixed into each epoch: {config.data.mix_ratio:g} token(s) of {shown_path(config.data.mix)} "
+                     f"per training token, a new random sample each epoch (mixed fine-tuning, Chu et al., 2017)")
     for depth, source in enumerate(provenance_chain(init_from)):
         lines.append(f"- {'Fine-tuned from' if depth == 0 else '  which was fine-tuned from'}: "
                      f"{describe_source(source)}, trained on {shown_path(source.get('train') or '?')}")
