@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from translate.casual import recasing, restore
+from translate.casual import KEPT_MARGIN, kept_capitals, recasing, restore
 from translate.config import BUNDLED_DATA
 from translate.corpus import read_parallel
 from translate.errors import ConfigError
@@ -121,3 +121,19 @@ def test_the_translator_restores_casual_lines_unless_told_not_to(tiny_model, tok
         [n[0].tokens for n in translator.translate(SENTENCES, off)]
     with pytest.raises(ConfigError, match="restore_casual must be True or False, not 1"):
         DecodeOptions(restore_casual=1)
+
+
+def test_kept_capitals_are_the_target_words_whose_lower_case_is_missing_or_far_less_likely():
+    pairs = make_pairs(600, seed=1)
+    named = [f"{t[:-1]} with Tom in Boston, I said." for _, t in pairs[:300]] + [t for _, t in pairs[300:]]
+    tokenizer = Tokenizer.train([s for s, _ in pairs], named, vocab_size=110)
+    sp = tokenizer.tgt
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
+    expected = set()
+    for piece, score in scores.items():
+        if piece.startswith("\u2581") and piece[1:2].isupper():
+            lower = "\u2581" + piece[1:].lower()
+            if lower not in scores or score - scores[lower] >= KEPT_MARGIN:
+                expected.add(piece[1:])
+    assert kept_capitals(tokenizer) == expected and expected
+    assert kept_capitals(tokenizer) is kept_capitals(tokenizer)

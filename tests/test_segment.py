@@ -6,7 +6,7 @@ import pytest
 
 from translate.config import BUNDLED_DATA
 from translate.corpus import read_parallel
-from translate.segment import SPLITS, Segments, segment
+from translate.segment import PHRASE_MIN_WORDS, PHRASE_WORDS, SPLITS, Segments, mend, segment
 
 CASES = [
     # abbreviations before names, and ones that may end a sentence
@@ -57,11 +57,79 @@ def test_clauses_split_at_semicolons_and_colons_too():
     assert segment(line, "sentences").pieces == ["Dijo: ven; y vino.", "A las 3:15 llegó."]
 
 
+GENESIS = ("Y la tierra estaba desordenada y vacía, y las tinieblas estaban sobre la faz del abismo, "
+           "y el Espíritu de Dios se movía sobre la faz de las aguas.")
+
+
+@pytest.mark.parametrize("line, pieces", [
+    (GENESIS, ["Y la tierra estaba desordenada y vacía,", "y las tinieblas estaban sobre la faz del abismo,",
+               "y el Espíritu de Dios se movía sobre la faz de las aguas."]),
+    ("Compré pan, leche y huevos, y luego me fui a casa.", ["Compré pan, leche y huevos, y luego me fui a casa."]),
+    # no piece under four words: not after "Sí," and not before "no."
+    ("Sí, y la tierra estaba desordenada y vacía y las tinieblas estaban sobre la faz del gran abismo, no.",
+     ["Sí, y la tierra estaba desordenada y vacía y las tinieblas estaban sobre la faz del gran abismo, no."]),
+    # lists of numbers and quoted speech are not cut
+    ("Contó los días 1, 2, 3, 4, 5, 6 y 7 del mes en que la tierra estaba desordenada y vacía del todo.",
+     ["Contó los días 1, 2, 3, 4, 5, 6 y 7 del mes en que la tierra estaba desordenada y vacía del todo."]),
+    ("Dijo «la tierra estaba desordenada y vacía, y las tinieblas estaban sobre la faz del abismo» y se fue.",
+     ["Dijo «la tierra estaba desordenada y vacía, y las tinieblas estaban sobre la faz del abismo» y se fue."]),
+    # clauses first, then the commas of each long clause
+    (f"Dijo Dios: {GENESIS}", ["Dijo Dios:", "Y la tierra estaba desordenada y vacía,",
+                               "y las tinieblas estaban sobre la faz del abismo,",
+                               "y el Espíritu de Dios se movía sobre la faz de las aguas."]),
+])
+def test_phrases_cut_long_clauses_after_commas(line, pieces):
+    assert segment(line, "phrases").pieces == pieces
+    clauses = pieces[:1]  # the cuts after commas undone
+    for piece in pieces[1:]:
+        if clauses[-1].endswith(","):
+            clauses[-1] += " " + piece
+        else:
+            clauses.append(piece)
+    assert segment(line, "clauses").pieces == clauses
+
+
+def test_phrases_are_clauses_cut_at_commas_into_pieces_of_four_words_or_more():
+    for line in _lines() + _bible():
+        clauses, phrases = segment(line, "clauses"), segment(line, "phrases")
+        at = 0
+        for clause, gap in zip(clauses.pieces, clauses.gaps[1:]):
+            run, words = "", len(clause.split())
+            while run != clause:
+                piece = phrases.pieces[at]
+                run += piece
+                assert clause.startswith(run), (line, clause, piece)
+                if run != clause:  # a cut inside the clause: after a comma, in a long clause
+                    assert piece.endswith(",") and words > PHRASE_WORDS, (line, piece)
+                    assert len(piece.split()) >= PHRASE_MIN_WORDS, (line, piece)
+                    run += phrases.gaps[at + 1]
+                else:
+                    assert phrases.gaps[at + 1] == gap
+                at += 1
+        assert at == len(phrases.pieces)
+
+
+@pytest.mark.parametrize("sources, texts, mended", [
+    (["Y dijo,", "y fue la luz."], ["And he said.", "And there was light."], ["And he said,", "and there was light."]),
+    (["Y dijo,", "y fue la luz."], ["And he said!", "There was light."], ["And he said!", "there was light."]),
+    # a name the vocabulary keeps, one carried from the source, an acronym: kept
+    (["Dijo,", "y yo fui."], ["He said.", "I went."], ["He said,", "I went."]),
+    (["Dijo,", "y Henoch fue."], ["He said.", "Henoch went."], ["He said,", "Henoch went."]),
+    (["Dijo,", "y fue a EE. UU."], ["He said.", "USA he went."], ["He said,", "USA he went."]),
+    # a source piece that starts in capitals, and pieces not cut at a comma: as they are
+    (["Dijo,", "Dios fue."], ["He said.", "God went."], ["He said,", "God went."]),
+    (["Dijo:", "ven."], ["He said:", "Come."], ["He said:", "Come."]),
+    (["Hola.", "Adiós."], ["Hello.", "Goodbye."], ["Hello.", "Goodbye."]),
+])
+def test_mend_joins_pieces_cut_at_a_comma_as_one_sentence(sources, texts, mended):
+    assert mend(sources, texts, frozenset({"I"})) == mended
+
+
 def test_none_keeps_the_line_whole_and_blank_lines_have_no_pieces():
     assert segment(" Hola. Adiós. ", "none") == Segments([" Hola. Adiós. "], ["", ""])
     for split in SPLITS:
         assert segment("", split) == Segments([], [""]) and segment("  \t", split) == Segments([], ["  \t"])
-    with pytest.raises(ValueError, match="split must be one of sentences, clauses, none"):
+    with pytest.raises(ValueError, match="split must be one of sentences, clauses, phrases, none"):
         segment("Hola.", "words")
 
 
@@ -82,9 +150,13 @@ def _lines() -> list[str]:
     return test + glued + noise
 
 
-def test_pieces_and_gaps_give_every_line_back_exactly():
+def _bible() -> list[str]:
     bible = BUNDLED_DATA.parents[2] / "shared" / "data" / "bible-es-en.dev.es"
-    lines = _lines() + (bible.read_text(encoding="utf-8").splitlines() if bible.exists() else [])
+    return bible.read_text(encoding="utf-8").splitlines() if bible.exists() else []
+
+
+def test_pieces_and_gaps_give_every_line_back_exactly():
+    lines = _lines() + _bible()
     for split in SPLITS:
         for line in lines:
             parts = segment(line, split)

@@ -366,7 +366,7 @@ def test_a_request_may_turn_splitting_off_and_the_page_gets_a_split_line_s_atten
         == {"translations": [whole]}
     bad = _call(service, "POST", "/translate", json.dumps({"sentences": [line], "split": "words"}).encode())
     assert bad.status == 400
-    assert '"split" must be true, false or one of sentences, clauses, none' in _json(bad)["error"]
+    assert '"split" must be true, false or one of sentences, clauses, phrases, none' in _json(bad)["error"]
     libre = _call(service, "POST", "/translate", json.dumps({"q": line, "target": "en"}).encode())
     assert _json(libre) == {"translatedText": translator.translate([line])[0][0].text}  # the server's default
 

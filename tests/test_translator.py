@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from translate import translator as translator_module
+from translate.casual import kept_capitals
 from translate.checkpoint import save_checkpoint
 from translate.config import load_config
 from translate.encoded import Encoded
@@ -49,7 +50,7 @@ def test_options_are_hashable_values():
     ({"beam": "3"}, "beam must be an integer from 1 to 64, not '3'"),
     ({"return_attention": 1}, "return_attention must be True or False"),
     ({"copy_unknown": "yes"}, "copy_unknown must be True or False"),
-    ({"split": "words"}, "split must be one of sentences, clauses, none, not 'words'"),
+    ({"split": "words"}, "split must be one of sentences, clauses, phrases, none, not 'words'"),
 ])
 def test_bad_options_say_what_is_wrong(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -384,6 +385,28 @@ def test_a_split_line_is_its_sentences_translated_one_by_one_and_joined(search_m
     assert got[1][0].text == "" and got[4][0].text == ""
 
 
+def test_phrases_are_the_comma_pieces_translated_one_by_one_mended_and_joined(search_model, tokenizer):
+    # the reference: the pieces cut by hand, translated whole in one call, mended by a plain rule
+    # (a final "." becomes "," and the next piece is lowercased, but for names)
+    line = "el gato come pan y el perro bebe agua, el niño lee y el sol come pan, el perro grande bebe agua."
+    pieces = ["el gato come pan y el perro bebe agua,", "el niño lee y el sol come pan,", "el perro grande bebe agua."]
+    options = DecodeOptions(beam=2, n_best=2, restore_casual=False, inter_threads=1)
+    translator = Translator(search_model, tokenizer, options)
+    assert translator.options.split == "phrases"
+    got = translator.translate([line])[0]
+    alone = translator.translate(pieces, replace(options, split="none"))
+    kept = kept_capitals(tokenizer)
+    for rank in range(2):
+        texts = [nbest[rank].text for nbest in alone]
+        for i in range(2):
+            texts[i] = texts[i][:-1] + "," if texts[i].endswith(".") else texts[i]
+            word = texts[i + 1].split(" ")[0]
+            if word[:1].isupper() and word not in kept and word not in line and not word[1:2].isupper():
+                texts[i + 1] = texts[i + 1][:1].lower() + texts[i + 1][1:]
+        assert got[rank].text == " ".join(t for t in texts if t)
+        assert got[rank].tokens == [i for nbest in alone for i in nbest[rank].tokens]
+
+
 def test_no_split_is_each_line_searched_whole(search_model, tokenizer):
     # the reference: the lines encoded and searched as one batch, as before lines were split
     options = DecodeOptions(beam=3, n_best=2, split="none", restore_casual=False, inter_threads=1)
@@ -517,7 +540,8 @@ def test_the_repl_sets_the_split_and_shows_a_split_line_s_attention(search_model
     assert repl.handle(line)[0] == Translator(search_model, tokenizer).translate([line], repl.options)[0][0].text
     assert len(repl.attention().splitlines()[0].split("|")[1].split()) == len(tokenizer.src_pieces(line)) + 1
     assert repl.command(":split none") == ("split none", False) and repl.options.split == "none"
-    assert repl.command(":split words") == ("usage: :split MODE with MODE one of sentences, clauses, none", False)
+    usage = "usage: :split MODE with MODE one of sentences, clauses, phrases, none"
+    assert repl.command(":split words") == (usage, False)
     assert repl.options.split == "none"
 
 

@@ -61,6 +61,28 @@ def recasing(tokenizer: Tokenizer) -> dict[str, str]:
     return _RECASING[tokenizer]
 
 
+_KEPT: weakref.WeakKeyDictionary[Tokenizer, frozenset[str]] = weakref.WeakKeyDictionary()
+KEPT_MARGIN = 3.0  # nats: "I" is 6.5 likelier than "i" in the default model's vocabulary, "He" only 0.4 than "he"
+
+
+def kept_capitals(tokenizer: Tokenizer) -> frozenset[str]:
+    """Words the target vocabulary holds whole and capitalised, whose lower-case form it lacks or
+    finds ``KEPT_MARGIN`` nats less likely: names and "I", which stay capitalised inside a
+    sentence (where a sentence's first word, "He", "The", would not)."""
+    if tokenizer not in _KEPT:
+        sp = tokenizer.tgt
+        scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
+        kept = set()
+        for piece, score in scores.items():
+            word = piece[1:]
+            if piece.startswith(WORD_START) and word[:1].isupper():
+                lower = scores.get(WORD_START + word.lower())
+                if lower is None or score - lower >= KEPT_MARGIN:
+                    kept.add(word)
+        _KEPT[tokenizer] = frozenset(kept)
+    return _KEPT[tokenizer]
+
+
 def _recase(text: str, table: dict[str, str]) -> str:
     text = _WORD.sub(lambda m: table.get(m.group(), m.group()), text)
     return _SENTENCE_START.sub(lambda m: m.group()[:-1] + m.group(1).upper(), text)

@@ -2,7 +2,8 @@
 is asked for single sentences; ``Translator.translate`` translates the pieces and joins them.
 
 The rule is written here rather than taken from a library: a line ends a sentence after a run of
-``. ! ? …`` (clauses: also ``;`` or ``:``), closing quotes or brackets, and a space, where the next
+``. ! ? …`` (clauses: also ``;`` or ``:``; phrases: also a comma inside a clause of more than
+``PHRASE_WORDS`` words), closing quotes or brackets, and a space, where the next
 word may start a sentence, outside quotes and brackets, and not after an abbreviation that goes
 before a name (``Sr.``, ``Dra.``, an initial) or before a lowercase word after one that may end a
 sentence (``etc.``, ``EE. UU.``, ``p.m.``, a web address). Numbers (``1.5``, ``3:15``), addresses
@@ -16,8 +17,10 @@ import re
 from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
-SPLITS = ("sentences", "clauses", "none")
-Split = Literal["sentences", "clauses", "none"]
+SPLITS = ("sentences", "clauses", "phrases", "none")
+Split = Literal["sentences", "clauses", "phrases", "none"]
+# phrases: a clause of more words is cut after commas into pieces of at least PHRASE_MIN_WORDS words
+PHRASE_WORDS, PHRASE_MIN_WORDS = 16, 4
 
 # abbreviations that go before a name or a word of their own: never the end of a sentence
 TITLES = frozenset("""sr sra srta sres srs dr dra dres ud uds vd vds dña dª prof profa lic ing arq gral excmo
@@ -34,6 +37,8 @@ _BOUNDARY = {
     "sentences": re.compile(rf"(?:{_SENTENCE})[»”\"’')\]}}]*(\s+)(?=\S)"),
     "clauses": re.compile(rf"(?:{_CLAUSE})[»”\"’')\]}}]*(\s+)(?=\S)"),
 }
+_BOUNDARY["phrases"] = _BOUNDARY["clauses"]
+_COMMA = re.compile(r"(?<!\d),(\s+)(?=[^\s\d])")  # not in a list of numbers ("1, 2 y 3")
 _STARTS = "¿¡«“\"'(—–-[" # what a sentence may open with, besides a letter or a digit
 _ACRONYM = re.compile(r"[A-ZÁÉÍÓÚÑ]{1,3}\.")  # the next part of an abbreviation like EE. UU. or S. A.
 
@@ -118,8 +123,24 @@ def _boundaries(line: str, split: Split) -> Iterator[tuple[int, int]]:
             yield gap_start, next_at
 
 
+def _comma_cuts(line: str, start: int, end: int, depths: list[int]) -> Iterator[tuple[int, int]]:
+    """(end of a piece, start of the next) after the commas of the clause ``line[start:end]`` when it
+    has more than ``PHRASE_WORDS`` words: each piece and what is left at least ``PHRASE_MIN_WORDS``."""
+    if len(line[start:end].split()) <= PHRASE_WORDS:
+        return
+    piece_start = start
+    for match in _COMMA.finditer(line, start, end):
+        gap_start, next_at = match.span(1)
+        if depths[gap_start - 1]:
+            continue
+        if min(len(line[piece_start:gap_start].split()), len(line[next_at:end].split())) >= PHRASE_MIN_WORDS:
+            yield gap_start, next_at
+            piece_start = next_at
+
+
 def segment(line: str, split: Split = "sentences") -> Segments:
-    """``line`` cut into sentences (``clauses``: also at ``;`` and ``:``), or whole (``none``)."""
+    """``line`` cut into sentences (``clauses``: also at ``;`` and ``:``; ``phrases``: also at the
+    commas of long clauses), or whole (``none``)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     body = line.strip()
@@ -128,8 +149,14 @@ def segment(line: str, split: Split = "sentences") -> Segments:
     if split == "none":
         return Segments([line], ["", ""])
     lead = len(line) - len(line.lstrip())
+    cuts = list(_boundaries(line, split))
+    if split == "phrases":
+        depths = _depths(line)
+        starts = [lead] + [next_at for _, next_at in cuts]  # the clauses
+        ends = [end for end, _ in cuts] + [lead + len(body)]
+        cuts = sorted(cuts + [cut for start, end in zip(starts, ends) for cut in _comma_cuts(line, start, end, depths)])
     pieces, gaps, start = [], [line[:lead]], lead
-    for end, next_at in _boundaries(line, split):
+    for end, next_at in cuts:
         pieces.append(line[start:end])
         gaps.append(line[end:next_at])
         start = next_at
@@ -137,3 +164,24 @@ def segment(line: str, split: Split = "sentences") -> Segments:
     pieces.append(line[start:end])
     gaps.append(line[end:])
     return Segments(pieces, gaps)
+
+
+def mend(sources: list[str], texts: list[str], kept: frozenset[str] = frozenset()) -> list[str]:
+    """A line's translated pieces (``texts``, of the pieces ``sources``) made to read as one
+    sentence where a comma cut them (``phrases``): a piece whose source ends with a comma ends
+    with one (not ``.``), and the next starts in lower case unless its source does or its first
+    word is a name: in ``kept`` (``casual.kept_capitals``: names and "I"), in the source (a name
+    carried over) or an acronym."""
+    out = list(texts)
+    source_words = set(re.findall(r"\w+", " ".join(sources)))
+    for i, source in enumerate(sources[:-1]):
+        if not source.endswith(","):
+            continue
+        if out[i].endswith("."):
+            out[i] = out[i][:-1] + ","
+        following = out[i + 1]
+        first = re.match(r"\w*", following).group()
+        name = first in kept or first in source_words or first[1:2].isupper()
+        if following[:1].isupper() and sources[i + 1][:1].islower() and not name:
+            out[i + 1] = following[0].lower() + following[1:]
+    return out

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import runtime
-from .casual import recasing, restore
+from .casual import kept_capitals, recasing, restore
 from .checkpoint import load_model
 from .confidence import Calibrator, attach
 from .config import Config
@@ -54,7 +54,7 @@ from .search import (
     max_lengths,
     missing_constraints,
 )
-from .segment import SPLITS, segment
+from .segment import SPLITS, mend, segment
 from .shortlist import TOP, Lexicon, Shortlist, union
 from .tokenizer import PAD, SPECIAL, UNK, WORD_START, Tokenizer
 
@@ -131,9 +131,10 @@ class DecodeOptions:
     # (search.coverage_penalty, Wu et al., 2016); 0: off
     coverage: float = 0.0
     return_attention: bool = False
-    # each line cut into clauses (at . ! ? ; and :; "sentences": at . ! ? only), decoded as one batch and
-    # joined by a space; "none": each line whole (segment.py; docs/decoding.md, "Long lines", for why clauses)
-    split: str = "clauses"
+    # each line cut into phrases (at . ! ? ; and :, and a clause of over 16 words at its commas; "clauses": not at
+    # commas; "sentences": at . ! ? only), decoded as one batch and joined by a space; "none": each line whole
+    # (segment.py; docs/decoding.md, "Long lines", for why phrases)
+    split: str = "phrases"
     # words the tokenizer cannot cover (UNK pieces) are carried into the output, decoded as a stand-in name
     # that comes back as the word, else put where attention says (stand_ins; docs/decoding.md, "Unknown words");
     # so are the names the vocabulary does not hold whole (names.py)
@@ -676,13 +677,27 @@ class Translator:
             on_truncate(len({owner[piece] for piece in cut}))
         out: list[list[Translation]] = []
         start = 0
-        for parts in segments:
+        for parts, prefix in zip(segments, prefixes):
             count = len(parts.pieces)
-            out.append(join(translated[start: start + count], options) if count else [Translation("", 0.0, [], None)])
+            line = translated[start: start + count]
+            if options.split == "phrases" and count > 1 and not prefix:
+                line = self._mended(parts.pieces, line)
+            out.append(join(line, options) if count else [Translation("", 0.0, [], None)])
             start += count
         attach(self, lines, out, options)
         _report_missed(lines, out)
         return out
+
+    def _mended(self, pieces: list[str], parts: list[list[Translation]]) -> list[list[Translation]]:
+        """The pieces' n-bests with the texts of each rank mended where a comma cut the line
+        (``segment.mend``)."""
+        kept = kept_capitals(self.tokenizer)
+        mended = [list(nbest) for nbest in parts]
+        for rank in range(min(len(nbest) for nbest in parts)):
+            texts = mend(pieces, [nbest[rank].text for nbest in parts], kept)
+            for nbest, text in zip(mended, texts):
+                nbest[rank] = replace(nbest[rank], text=text)
+        return mended
 
     def source_pieces(self, line: str, options: DecodeOptions | None = None) -> list[str]:
         """The source pieces that ``line`` is decoded as, in order (the columns of its attention):
