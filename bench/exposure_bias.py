@@ -81,6 +81,9 @@ from translate.translator import DecodeOptions, Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAMS = (1, 5)
+# the decoding every run here is scored with, so that runs scored before and after a change of the
+# defaults compare: the default (clauses) until split=phrases (2026-12-03)
+SPLIT = "clauses"
 
 # Every configuration names its schedule, so that a name keeps what it was measured as when the
 # defaults change. inverse-sigmoid was the default schedule up to this bench's decision.
@@ -132,7 +135,8 @@ def outputs(run_dir: Path, sets: dict[str, tuple[list[str], list[str]]]) -> dict
             path = run_dir / "eval" / f"{name}.b{beam}.txt"
             if not path.is_file():
                 translator = translator or Translator.load(run_dir / "best.pt")
-                lines = [nbest[0].text for nbest in translator.translate(sources, DecodeOptions(beam=beam))]
+                options = DecodeOptions(beam=beam, split=SPLIT)
+                lines = [nbest[0].text for nbest in translator.translate(sources, options)]
                 path.parent.mkdir(exist_ok=True)
                 path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             found[f"{name}.b{beam}"] = path.read_text(encoding="utf-8").split("\n")[:-1]
