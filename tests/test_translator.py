@@ -388,8 +388,9 @@ def test_a_split_line_is_its_sentences_translated_one_by_one_and_joined(search_m
 def test_phrases_are_the_comma_pieces_translated_one_by_one_mended_and_joined(search_model, tokenizer):
     # the reference: the pieces cut by hand, translated whole in one call, mended by a plain rule
     # (a final "." becomes "," and the next piece is lowercased, but for names)
-    line = "el gato come pan y el perro bebe agua, el niño lee y el sol come pan, el perro grande bebe agua."
-    pieces = ["el gato come pan y el perro bebe agua,", "el niño lee y el sol come pan,", "el perro grande bebe agua."]
+    pieces = ["el gato come pan y el perro bebe agua y el niño lee,", "el niño lee y el sol come pan y el perro bebe,",
+              "el perro grande bebe agua."]
+    line = " ".join(pieces)  # 27 words: over PHRASE_WORDS
     options = DecodeOptions(beam=2, n_best=2, restore_casual=False, inter_threads=1)
     translator = Translator(search_model, tokenizer, options)
     assert translator.options.split == "phrases"

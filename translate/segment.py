@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 SPLITS = ("sentences", "clauses", "phrases", "none")
 Split = Literal["sentences", "clauses", "phrases", "none"]
 # phrases: a clause of more words is cut after commas into pieces of at least PHRASE_MIN_WORDS words
-PHRASE_WORDS, PHRASE_MIN_WORDS = 16, 4
+PHRASE_WORDS, PHRASE_MIN_WORDS = 24, 4
 
 # abbreviations that go before a name or a word of their own: never the end of a sentence
 TITLES = frozenset("""sr sra srta sres srs dr dra dres ud uds vd vds dña dª prof profa lic ing arq gral excmo

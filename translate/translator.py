@@ -131,7 +131,7 @@ class DecodeOptions:
     # (search.coverage_penalty, Wu et al., 2016); 0: off
     coverage: float = 0.0
     return_attention: bool = False
-    # each line cut into phrases (at . ! ? ; and :, and a clause of over 16 words at its commas; "clauses": not at
+    # each line cut into phrases (at . ! ? ; and :, and a clause of over 24 words at its commas; "clauses": not at
     # commas; "sentences": at . ! ? only), decoded as one batch and joined by a space; "none": each line whole
     # (segment.py; docs/decoding.md, "Long lines", for why phrases)
     split: str = "phrases"
