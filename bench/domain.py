@@ -20,8 +20,8 @@ scratch on the same data for the same budget.
     for each seed:
 
     - ``finetune``: ``translate train --init-from BASE`` on the Bible verses alone;
-    - ``finetune-mix``: the same with ``--mix`` the base's own training data, as many sentences as
-      the new data each epoch (mixed fine-tuning, Chu et al., 2017);
+    - ``finetune-mix``: the same with ``--mix`` the base's own training data, as many tokens as the
+      new data each epoch (``data.mix_ratio`` 1; mixed fine-tuning, Chu et al., 2017);
     - ``scratch``: a default ``translate train`` on the same Bible verses alone.
 
     Each run is scored like (a), with today's decoding. Fine-tuning starts from the first BASE.
@@ -207,7 +207,7 @@ COLUMNS = [("test", "bleu"), ("casual", "bleu"), ("long", "bleu"), ("bible", "bl
 ROWS = ("before", "zero-shot", "scratch", "finetune", "finetune-mix")
 LABELS = {"before": "base, decoding of before", "zero-shot": "base, today's decoding",
           "scratch": "Bible only, from scratch", "finetune": "base fine-tuned on the Bible",
-          "finetune-mix": "base fine-tuned, mixed 1:1"}
+          "finetune-mix": "base fine-tuned, mixed with as many Tatoeba tokens"}
 
 
 def learning_rate(command: str) -> str | None:
