@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from translate.casual import KEPT_MARGIN, kept_capitals, recasing, restore
+from translate.casual import KEPT_MARGIN, OLD_ACCENTS, kept_capitals, modernise, modernising, recasing, restore
 from translate.config import BUNDLED_DATA
 from translate.corpus import read_parallel
 from translate.errors import ConfigError
@@ -137,3 +137,24 @@ def test_kept_capitals_are_the_target_words_whose_lower_case_is_missing_or_far_l
                 expected.add(piece[1:])
     assert kept_capitals(tokenizer) == expected and expected
     assert kept_capitals(tokenizer) is kept_capitals(tokenizer)
+
+
+def test_older_spanish_spelling_gets_the_modern_one_with_its_case():
+    table = dict(OLD_ACCENTS)
+    assert modernise("Y fué á Abel é Isaac; Dió pan ó vino. Á él, FUÉ.", table) == \
+        "Y fue a Abel e Isaac; Dio pan o vino. A él, FUE."
+    assert modernise("Él sé que tú más, qué dé mí.", table) == "Él sé que tú más, qué dé mí."  # today's accents
+    assert modernise("Fué á casa.", {}) == "Fué á casa."
+
+
+def test_modernising_takes_only_old_spellings_the_vocabulary_lacks_and_modern_ones_it_has():
+    pairs = make_pairs(600, seed=1)
+    spanish = [f"{s[:-1]} y fue a casa." for s, _ in pairs[:300]] + [s for s, _ in pairs[300:]]
+    tokenizer = Tokenizer.train(spanish, [t for _, t in pairs], vocab_size=150)
+    whole = {p[1:] for p in (tokenizer.src.id_to_piece(i) for i in range(tokenizer.src.get_piece_size()))
+             if p.startswith("\u2581")}
+    expected = {old: new for old, new in OLD_ACCENTS.items() if new in whole and old not in whole}
+    assert modernising(tokenizer) == expected and "á" in expected
+    portuguese = [f"{s[:-1]} é a casa." for s, _ in pairs]  # "é" a word of its own
+    kept = Tokenizer.train(portuguese, [t for _, t in pairs], vocab_size=150)
+    assert "é" not in modernising(kept) and "á" in modernising(kept)

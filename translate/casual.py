@@ -16,7 +16,8 @@ translation (Lita et al., 2003, truecasing; Peitz et al., 2011, punctuation befo
   close a ``¿`` or ``¡`` left open, else ``.``.
 
 Text with a capital and a final mark passes through unchanged, and restoring twice is restoring
-once.
+once. Older printed Spanish (before the RAE's norms of 1952: ``fué``, ``dió``, and ``á``, ``é``,
+``ó`` written as words) gets the modern spelling the training data has (``modernise``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,36 @@ def recasing(tokenizer: Tokenizer) -> dict[str, str]:
                 table[word.lower()] = word
         _RECASING[tokenizer] = table
     return _RECASING[tokenizer]
+
+
+# one-syllable words that lost their written accent in 1952 (and the accented "á é ó ú" of older print,
+# words of their own): their modern spelling
+OLD_ACCENTS = {"á": "a", "é": "e", "ó": "o", "ú": "u", "fué": "fue", "fuí": "fui", "dió": "dio", "vió": "vio",
+               "pié": "pie", "dí": "di", "ví": "vi", "ní": "ni", "dá": "da", "vá": "va"}
+_MODERN: weakref.WeakKeyDictionary[Tokenizer, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def modernising(tokenizer: Tokenizer) -> dict[str, str]:
+    """The ``OLD_ACCENTS`` this source vocabulary needs: the old spelling is no whole piece of it
+    and the modern one is (a vocabulary that holds "é" as a word, as a Portuguese one does, keeps it)."""
+    if tokenizer not in _MODERN:
+        sp = tokenizer.src
+        whole = {sp.id_to_piece(i)[1:] for i in range(sp.get_piece_size()) if sp.id_to_piece(i).startswith(WORD_START)}
+        _MODERN[tokenizer] = {old: new for old, new in OLD_ACCENTS.items() if old not in whole and new in whole}
+    return _MODERN[tokenizer]
+
+
+def modernise(text: str, table: dict[str, str]) -> str:
+    """``text`` with each word of ``table`` (``modernising``) in its modern spelling, its case kept."""
+    def swap(match: re.Match) -> str:
+        word = match.group()
+        new = table.get(word.lower())
+        if new is None:
+            return word
+        if word.isupper() and len(word) > 1:
+            return new.upper()
+        return new[0].upper() + new[1:] if word[0].isupper() else new
+    return _WORD.sub(swap, text) if table else text
 
 
 _KEPT: weakref.WeakKeyDictionary[Tokenizer, frozenset[str]] = weakref.WeakKeyDictionary()

@@ -169,7 +169,8 @@ DECODING_FLAGS = {
                            "pieces together and join them, a line for a line; none: each line whole.")],
     "restore_casual": [click.option("--restore/--no-restore", "restore_casual", default=DEFAULT_DECODING.restore_casual,
                                     show_default=True, help="Give a sentence typed casually (no capital letter, or "
-                                    "no final mark) the capitals and the final mark the model was trained on.")],
+                                    "no final mark) the capitals and the final mark the model was trained on, and "
+                                    "older Spanish spelling (fué, á) the modern one.")],
     "sample": [click.option("--sample", "--sampling", "sample", is_flag=True, default=DEFAULT_DECODING.sample,
                             help="Draw each token from the model's distribution instead of searching (the beam "
                             "is then unused; an n-best of N: N draws, likeliest first, not deduplicated).")],

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import runtime
-from .casual import kept_capitals, recasing, restore
+from .casual import kept_capitals, modernise, modernising, recasing, restore
 from .checkpoint import load_model
 from .confidence import Calibrator, attach
 from .config import Config
@@ -139,7 +139,8 @@ class DecodeOptions:
     # that comes back as the word, else put where attention says (stand_ins; docs/decoding.md, "Unknown words");
     # so are the names the vocabulary does not hold whole (names.py)
     copy_unknown: bool = True
-    # text typed casually (no capital letter, no final mark) is given them before decoding (casual.py)
+    # text typed casually (no capital letter, no final mark) is given them before decoding, and older Spanish
+    # spelling ("fué", "á") the modern one (casual.py)
     restore_casual: bool = True
     # draw each token from the model's distribution instead of searching (search.Sampler; docs/decoding.md,
     # "Sampling"): beam is then unused, and the n-best are n_best draws (not deduplicated), likeliest first
@@ -716,8 +717,8 @@ class Translator:
     def _restored(self, pieces: list[str], options: DecodeOptions) -> list[str]:
         if not options.restore_casual:
             return pieces
-        table = recasing(self.tokenizer)
-        return [restore(piece, table) for piece in pieces]
+        table, modern = recasing(self.tokenizer), modernising(self.tokenizer)
+        return [restore(modernise(piece, modern), table) for piece in pieces]
 
     def _translate_pieces(self, pieces: list[str], options: DecodeOptions, done: Callable[[int], None],
                           prefixes: list[str] | None = None,
