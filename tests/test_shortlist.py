@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -225,9 +226,26 @@ def test_bad_shortlist_options():
     assert result.exit_code == 2 and "65 is not in the range 0<=x<=64" in result.output
 
 
+def test_the_lexicon_keeps_how_many_words_the_training_sources_hold():
+    rng = np.random.default_rng(3)
+    starts = np.zeros(30, dtype=bool)
+    starts[[5, 7, 9]] = True  # pieces that start a word; the others go on one
+    sources = [rng.integers(4, 30, rng.integers(1, 40)).tolist() for _ in range(2000)]
+    targets = [rng.integers(4, 20, 5).tolist() for _ in sources]
+    lexicon = build_lexicon(Encoded(sources), Encoded(targets), 30, 20, iterations=1, word_starts=starts)
+    words = [sum(starts[i] for i in source) for source in sources]
+    assert lexicon.source_words == int(np.ceil(np.percentile(words, 99.9))) and lexicon.source_words > 5
+    assert build_lexicon(Encoded(sources), Encoded(targets), 30, 20, iterations=1).source_words == 0  # not asked
+    again = Lexicon.from_state(lexicon.state())
+    assert again.source_words == lexicon.source_words and torch.equal(again.translations, lexicon.translations)
+    older = {"translations": lexicon.translations, "frequent": lexicon.frequent}  # a checkpoint from before
+    assert Lexicon.from_state(older).source_words == 0
+
+
 def test_runs_keep_their_lexicon_in_every_checkpoint_and_average(run_with_steps, tmp_path):
     last = load_checkpoint(run_with_steps / "last.pt")["lexicon"]
     assert last["translations"].shape[1] == TOP and (last["translations"][EOS] >= 0).any()
+    assert int(last["source_words"][0]) > 0  # the run's sources' length, counted
     for name in ("best.pt", "step-20.pt", "step-30.pt"):
         saved = load_checkpoint(run_with_steps / name)["lexicon"]
         assert torch.equal(saved["translations"], last["translations"]), name

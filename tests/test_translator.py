@@ -408,6 +408,31 @@ def test_phrases_are_the_comma_pieces_translated_one_by_one_mended_and_joined(se
         assert got[rank].tokens == [i for nbest in alone for i in nbest[rank].tokens]
 
 
+def test_a_clause_as_long_as_the_training_sources_is_left_whole(search_model, tokenizer, monkeypatch):
+    from tests.test_shortlist import lexicon_for
+    from translate.segment import PHRASE_WORDS
+
+    line = ("el gato come pan y el perro bebe agua y el niño lee, el niño lee y el sol come pan y el perro bebe, "
+            "el perro grande bebe agua.")  # one clause of 30 words
+    options = DecodeOptions(beam=2, restore_casual=False, inter_threads=1, shortlist=0)
+    assert Translator(search_model, tokenizer, options).phrase_words == PHRASE_WORDS  # no lexicon: the default
+    for words, pieces in ((20, 3), (29, 3), (30, 1), (40, 1)):
+        lexicon = dataclasses.replace(lexicon_for(tokenizer), source_words=words)
+        translator = Translator(search_model, tokenizer, options, lexicon=lexicon)
+        assert translator.phrase_words == max(PHRASE_WORDS, words)
+        seen, real = [], translator._translate_pieces
+
+        def spy(pieces_in, *rest, seen=seen, real=real):
+            seen.append(list(pieces_in))
+            return real(pieces_in, *rest)
+
+        monkeypatch.setattr(translator, "_translate_pieces", spy)
+        got = translator.translate([line])[0][0]
+        assert len(seen[0]) == pieces
+        if pieces == 1:
+            assert got.text == translator.translate([line], replace(options, split="none"))[0][0].text
+
+
 def test_no_split_is_each_line_searched_whole(search_model, tokenizer):
     # the reference: the lines encoded and searched as one batch, as before lines were split
     options = DecodeOptions(beam=3, n_best=2, split="none", restore_casual=False, inter_threads=1)

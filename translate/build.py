@@ -14,6 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,7 +43,7 @@ from .rundir import MetricsLog, ProgressLine, TrainLog, open_run_dir, refuse_a_r
 from .runtime import amp_dtype, seed_everything, select_device, set_rng_state
 from .schedules import LRSchedule, scaled_lr
 from .shortlist import Lexicon, build_lexicon
-from .tokenizer import Tokenizer
+from .tokenizer import WORD_START, Tokenizer
 from .training import Corpora, Learner, RunOutput, ScheduledForward, Trainer, TrainResult
 from .translator import Translator, stand_ins_for
 from .validation import DevSet, Validator
@@ -382,7 +383,10 @@ def fit_lexicon(config: Config, tokenizer: Tokenizer, train=None, encoded=None) 
             encoded = Encoded(tokenizer.encode_src(src)), Encoded(tokenizer.encode_tgt(tgt))
         else:
             encoded = tokenize_corpus(train, tokenizer, data.src_lang, data.tgt_lang, data.num_proc)
-    return build_lexicon(*encoded, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, seed=config.train.seed)
+    sp = tokenizer.src
+    word_starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
+    return build_lexicon(*encoded, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, seed=config.train.seed,
+                         word_starts=word_starts)
 
 
 def _main_tokenizer(config: Config, train) -> Tokenizer:

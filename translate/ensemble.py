@@ -112,6 +112,11 @@ class EnsembleLexicon(NamedTuple):
         sentence the columns any model's lexicon allows it."""
         return union([lexicon.shortlist(src, per_piece, frequent) for lexicon in self.lexicons])
 
+    @property
+    def source_words(self) -> int:
+        """The longest of the models' (``Lexicon.source_words``)."""
+        return max(lexicon.source_words for lexicon in self.lexicons)
+
 
 def ensemble_lexicon(lexicons: Sequence[Lexicon | None]) -> Lexicon | EnsembleLexicon | None:
     """One lexicon for the models: the first alone, or the union of all; None (the whole vocabulary,

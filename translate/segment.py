@@ -19,7 +19,8 @@ from typing import Literal, NamedTuple
 
 SPLITS = ("sentences", "clauses", "phrases", "none")
 Split = Literal["sentences", "clauses", "phrases", "none"]
-# phrases: a clause of more words is cut after commas into pieces of at least PHRASE_MIN_WORDS words
+# phrases: a clause of more words (by default; a translator's: its training sources' length, if longer) is cut
+# after commas into pieces of at least PHRASE_MIN_WORDS words
 PHRASE_WORDS, PHRASE_MIN_WORDS = 24, 4
 
 # abbreviations that go before a name or a word of their own: never the end of a sentence
@@ -123,10 +124,10 @@ def _boundaries(line: str, split: Split) -> Iterator[tuple[int, int]]:
             yield gap_start, next_at
 
 
-def _comma_cuts(line: str, start: int, end: int, depths: list[int]) -> Iterator[tuple[int, int]]:
+def _comma_cuts(line: str, start: int, end: int, depths: list[int], longest: int) -> Iterator[tuple[int, int]]:
     """(end of a piece, start of the next) after the commas of the clause ``line[start:end]`` when it
-    has more than ``PHRASE_WORDS`` words: each piece and what is left at least ``PHRASE_MIN_WORDS``."""
-    if len(line[start:end].split()) <= PHRASE_WORDS:
+    has more than ``longest`` words: each piece and what is left at least ``PHRASE_MIN_WORDS``."""
+    if len(line[start:end].split()) <= longest:
         return
     piece_start = start
     for match in _COMMA.finditer(line, start, end):
@@ -138,9 +139,9 @@ def _comma_cuts(line: str, start: int, end: int, depths: list[int]) -> Iterator[
             piece_start = next_at
 
 
-def segment(line: str, split: Split = "sentences") -> Segments:
+def segment(line: str, split: Split = "sentences", longest: int = PHRASE_WORDS) -> Segments:
     """``line`` cut into sentences (``clauses``: also at ``;`` and ``:``; ``phrases``: also at the
-    commas of long clauses), or whole (``none``)."""
+    commas of a clause of more than ``longest`` words), or whole (``none``)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     body = line.strip()
@@ -154,7 +155,8 @@ def segment(line: str, split: Split = "sentences") -> Segments:
         depths = _depths(line)
         starts = [lead] + [next_at for _, next_at in cuts]  # the clauses
         ends = [end for end, _ in cuts] + [lead + len(body)]
-        cuts = sorted(cuts + [cut for start, end in zip(starts, ends) for cut in _comma_cuts(line, start, end, depths)])
+        cuts = sorted(cuts + [cut for start, end in zip(starts, ends)
+                              for cut in _comma_cuts(line, start, end, depths, longest)])
     pieces, gaps, start = [], [line[:lead]], lead
     for end, next_at in cuts:
         pieces.append(line[start:end])

@@ -186,7 +186,7 @@ def request_cost(translator: Translator, sentences: list[str], options: DecodeOp
     ``search.max_lengths`` and ``max_src_len`` bound them), summed over the pieces. It is the number
     of attention weights the search may hold for them (4 bytes each in fp32), and its time grows
     with it; the server refuses a request that costs more than its ``max_cost``."""
-    parts = [part for line in sentences for part in segment(line, options.split).pieces]
+    parts = [part for line in sentences for part in segment(line, options.split, translator.phrase_words).pieces]
     if not parts:
         return 0
     src = torch.tensor([min(len(ids) + 1, options.max_src_len) for ids in translator.tokenizer.encode_src(parts)])

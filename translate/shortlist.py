@@ -11,7 +11,8 @@ theirs.
 
 The lexicon is IBM Model 1 (Brown et al., 1993), fitted by EM on the tokenized training pairs
 when a run starts and saved in every checkpoint: for each source piece, its likeliest target
-pieces by t(target | source), the source EOS standing in for the model's empty word.
+pieces by t(target | source), the source EOS standing in for the model's empty word. It also keeps
+how long the training sources were (``source_words``), for how long a clause decoding leaves whole.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def union(lists: Sequence[Shortlist]) -> Shortlist:
 class Lexicon:
     translations: torch.Tensor  # (src_vocab, TOP) int32 target ids, likeliest first; -1 past a piece's last
     frequent: torch.Tensor  # (tgt_vocab,) int32 target ids, most frequent in the training targets first
+    # words of the training sources: 99.9% of them are no longer (SOURCE_SHARE); 0: not known (older checkpoints)
+    source_words: int = 0
 
     def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int) -> Shortlist:
         """The target ids each sentence may produce: src (batch, src_len) source ids, PAD after a
@@ -90,11 +93,14 @@ class Lexicon:
 
     def state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of it."""
-        return {"translations": self.translations, "frequent": self.frequent}
+        return {"translations": self.translations, "frequent": self.frequent,
+                "source_words": torch.tensor([self.source_words], dtype=torch.int32)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> Lexicon:
-        return cls(state["translations"].to(torch.int32), state["frequent"].to(torch.int32))
+        words = state.get("source_words")
+        return cls(state["translations"].to(torch.int32), state["frequent"].to(torch.int32),
+                   0 if words is None else int(words.reshape(-1)[0]))
 
     @classmethod
     def of_checkpoint(cls, payload: dict, vocab: tuple[int, int] | None = None,
@@ -112,12 +118,14 @@ class Lexicon:
 
 
 def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vocab: int, iterations: int = 5,
-                  max_links: int = 20_000_000, max_len: int = 200, seed: int = 0) -> Lexicon:
+                  max_links: int = 20_000_000, max_len: int = 200, seed: int = 0,
+                  word_starts: np.ndarray | None = None) -> Lexicon:
     """IBM Model 1 on (a random sample of) the tokenized pairs with both sides 1 to ``max_len``
     pieces long, up to ``max_links`` source x target position pairs, and up to a quarter as many
     again for pairs that hold source pieces the sample lacks (``_sample``; about 1.3 GB of working
     memory at the most), ``iterations`` rounds of EM from uniform t(target | source); keeps each
-    source piece's ``TOP`` likeliest translations."""
+    source piece's ``TOP`` likeliest translations. ``word_starts`` ((src_vocab,) True for a piece
+    that starts a word) counts the sample's source words (``source_words``)."""
     src_len, tgt_len = np.asarray(src.lengths, dtype=np.int64), np.asarray(tgt.lengths, dtype=np.int64)
     usable = np.flatnonzero((src_len > 0) & (tgt_len > 0) & (src_len <= max_len) & (tgt_len <= max_len))
     order = usable[np.random.default_rng(seed).permutation(len(usable))]
@@ -155,7 +163,19 @@ def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vo
         rank = np.arange(len(ranked)) - np.searchsorted(ranked_src, ranked_src)
         keep = rank < TOP
         translations[ranked_src[keep], rank[keep]] = pair_tgt[ranked][keep]
-    return Lexicon(torch.from_numpy(translations), torch.from_numpy(frequent))
+    return Lexicon(torch.from_numpy(translations), torch.from_numpy(frequent),
+                   source_words(src, chosen, word_starts) if word_starts is not None else 0)
+
+
+SOURCE_SHARE = 99.9  # percent of the training sources that Lexicon.source_words covers
+
+
+def source_words(src: EncodedCorpus, chosen: list[int], word_starts: np.ndarray) -> int:
+    """Words (pieces that start one) that ``SOURCE_SHARE`` percent of the sources ``chosen`` hold at most."""
+    if not chosen:
+        return 0
+    words = [int(np.count_nonzero(word_starts[np.asarray(src[i])])) for i in chosen]
+    return int(np.ceil(np.percentile(words, SOURCE_SHARE)))
 
 
 def _sample(src: EncodedCorpus, order: np.ndarray, links: np.ndarray, src_vocab: int, max_links: int) -> list[int]:

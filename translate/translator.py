@@ -54,7 +54,7 @@ from .search import (
     max_lengths,
     missing_constraints,
 )
-from .segment import SPLITS, mend, segment
+from .segment import PHRASE_WORDS, SPLITS, mend, segment
 from .shortlist import TOP, Lexicon, Shortlist, union
 from .tokenizer import PAD, SPECIAL, UNK, WORD_START, Tokenizer
 
@@ -597,6 +597,8 @@ class Translator:
         self.model, self.precision, self.note = _model_for(model, precision)
         self.tokenizer, self.options, self.amp = tokenizer, options, amp
         self.lexicon = lexicon  # for shortlists; None: the whole vocabulary is always scored
+        # split="phrases" leaves whole a clause as long as the model's training sources (segment.PHRASE_WORDS at least)
+        self.phrase_words = max(PHRASE_WORDS, lexicon.source_words if lexicon is not None else 0)
         param = next(self.model.parameters())
         self.device = param.device
         # autocast: on CUDA, the checkpoint's AMP unless fp32 is asked for (``cuda_autocast``); on CPU,
@@ -658,7 +660,8 @@ class Translator:
         prefixes = [options.prefix] * len(lines) if prefixes is None else list(prefixes)
         for prefix in set(prefixes):
             replace(options, prefix=prefix)  # checked as an option is
-        segments = [segment(line, "none" if prefix else options.split) for line, prefix in zip(lines, prefixes)]
+        segments = [segment(line, "none" if prefix else options.split, self.phrase_words)
+                    for line, prefix in zip(lines, prefixes)]
         owner = [index for index, parts in enumerate(segments) for _ in parts.pieces]
         left = [len(parts.pieces) for parts in segments]
         if on_progress is not None and left.count(0):
@@ -704,7 +707,7 @@ class Translator:
         """The source pieces that ``line`` is decoded as, in order (the columns of its attention):
         its clauses' pieces, restored (``restore_casual``) and with stand-ins for unknown words."""
         options = options or self.options
-        parts = self._restored(segment(line, options.split).pieces, options)
+        parts = self._restored(segment(line, options.split, self.phrase_words).pieces, options)
         if options.copy_unknown:
             parts = [self._stand_ins(part)[0] for part in parts]
         return [piece for part in parts for piece in self.tokenizer.src_pieces(part)]
