@@ -528,7 +528,8 @@ def finetune_doc(results: dict, args) -> str:
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} minutes"
     lines = [f"Fine-tuning `{args.base}` for {budget} a run"
              + (f" (`--set {' '.join(args.set)}`)" if args.set else "") + "; made by `python bench/exposure_bias.py "
-             "--base ...`. Mean ± standard deviation over seeds; greedy and beam 5 with today's default decoding."]
+             "--base ...`. Mean ± standard deviation over seeds; greedy and beam 5 with today's default decoding "
+             f"but split={SPLIT}."]
     for setting, part in results.items():
         columns = FINETUNE_DOC[setting]
         title = {"tatoeba": "(a) continuing on the bundled Tatoeba data",
