@@ -143,6 +143,7 @@ def test_info_text_and_json(run_with_steps):
     assert details["step"] == 30 and details["parameters"] > 0 and details["config"]["train"]["keep_checkpoints"] == 2
     assert details["src_vocab"] == details["tgt_vocab"] and details["joint_vocab"] is True
     assert details["shortlist_lexicon"] is True and "shortlists      from its lexicon" in text.output
+    assert details["source_words"] > 0 and f"sources {details['source_words']} words or fewer" in text.output
 
 
 def test_resuming_with_fp16_a_run_that_had_no_loss_scale(tmp_path):

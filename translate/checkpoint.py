@@ -399,6 +399,12 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     return {**kept, "model": averaged, "averaged_from": [str(p) for p in paths]}
 
 
+def _source_words(state: dict[str, Any] | None) -> int | None:
+    """A lexicon state's ``source_words``; None without a lexicon or a count (older checkpoints)."""
+    words = Lexicon.from_state(state).source_words if state else 0
+    return words or None
+
+
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """What a checkpoint holds, for people: config, vocabularies, size, progress."""
     resolved = resolve(path)
@@ -416,6 +422,8 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "tf_ratio": progress.get("tf_ratio"),
         "averaged_from": payload.get("averaged_from"),
         "shortlist_lexicon": bool(payload.get("lexicon")),
+        # words that 99.9% of its training sources hold at most (Lexicon.source_words); None: not counted
+        "source_words": _source_words(payload.get("lexicon")),
         "confidence_calibrator": bool(payload.get("calibrator")),  # (confidence.py)
         "init_from": payload.get("init_from"),  # the model it was fine-tuned from, with that one's own
         "config": config.to_dict(),

@@ -20,7 +20,7 @@ from .corpus import iter_lines, no_tqdm_monitor, read_lines
 from .errors import CheckpointError, DataError, ServiceError, TrainingError, UserError
 from .glossary import read_glossary
 from .runtime import DEVICES, configure_logging, configure_process, console_level
-from .segment import SPLITS
+from .segment import PHRASE_WORDS, SPLITS
 from .serve import DEADLINE, MAX_CONNECTIONS, MAX_COST
 from .translator import CPU_PRECISION, DecodeOptions, Translator
 
@@ -509,6 +509,9 @@ def info(checkpoint, as_json):
         else "best dev BLEU   not validated yet",
         "shortlists      " + ("from its lexicon (--shortlist)" if details["shortlist_lexicon"]
                                else "none: no lexicon (written before lexicons were saved); the whole vocabulary"),
+        "training text   " + (f"99.9% of the sources {details['source_words']} words or fewer (--split phrases "
+                               f"keeps a clause of up to {max(PHRASE_WORDS, details['source_words'])} whole)"
+                               if details["source_words"] else "sources' length not counted (written before)"),
     ]
     if details["averaged_from"]:
         lines.append(f"averaged from   {len(details['averaged_from'])} checkpoints")
