@@ -228,6 +228,27 @@ class PairScore:
         return self.logprob / max(1, self.pieces)
 
 
+def restored(tokenizer: Tokenizer, pieces: list[str], options: DecodeOptions) -> list[str]:
+    """The pieces as the model was trained on them (``casual.py``), unless ``options.restore_casual`` is off."""
+    if not options.restore_casual:
+        return pieces
+    table, modern = recasing(tokenizer), modernising(tokenizer)
+    return [restore(modernise(piece, modern), table) for piece in pieces]
+
+
+def mended(pieces: list[str], parts: list[list[Translation]], kept: frozenset[str]) -> list[list[Translation]]:
+    """A line's pieces' n-bests with the texts of each rank mended where a comma cut the line
+    (``segment.mend``; only ``phrases`` cuts there, so other lines come back as they are)."""
+    if not any(piece.endswith(",") for piece in pieces[:-1]):
+        return parts
+    out = [list(nbest) for nbest in parts]
+    for rank in range(min(len(nbest) for nbest in parts)):
+        texts = mend(pieces, [nbest[rank].text for nbest in parts], kept)
+        for nbest, text in zip(out, texts):
+            nbest[rank] = replace(nbest[rank], text=text)
+    return out
+
+
 def join(parts: list[list[Translation]], options: DecodeOptions) -> list[Translation]:
     """One line's n-best from its sentences' n-bests: the k-th joins the sentences' k-th texts with
     a space (and their pieces); its score is their summed log-probability, length-normalised over
@@ -597,8 +618,7 @@ class Translator:
         self.model, self.precision, self.note = _model_for(model, precision)
         self.tokenizer, self.options, self.amp = tokenizer, options, amp
         self.lexicon = lexicon  # for shortlists; None: the whole vocabulary is always scored
-        # split="phrases" leaves whole a clause as long as the model's training sources (segment.PHRASE_WORDS at least)
-        self.phrase_words = max(PHRASE_WORDS, lexicon.source_words if lexicon is not None else 0)
+        self.phrase_words = max(PHRASE_WORDS, lexicon.source_words if lexicon else 0)  # whole clauses (phrases)
         param = next(self.model.parameters())
         self.device = param.device
         # autocast: on CUDA, the checkpoint's AMP unless fp32 is asked for (``cuda_autocast``); on CPU,
@@ -681,33 +701,20 @@ class Translator:
             on_truncate(len({owner[piece] for piece in cut}))
         out: list[list[Translation]] = []
         start = 0
-        for parts, prefix in zip(segments, prefixes):
+        for parts in segments:
             count = len(parts.pieces)
-            line = translated[start: start + count]
-            if options.split == "phrases" and count > 1 and not prefix:
-                line = self._mended(parts.pieces, line)
+            line = mended(parts.pieces, translated[start: start + count], kept_capitals(self.tokenizer))
             out.append(join(line, options) if count else [Translation("", 0.0, [], None)])
             start += count
         attach(self, lines, out, options)
         _report_missed(lines, out)
         return out
 
-    def _mended(self, pieces: list[str], parts: list[list[Translation]]) -> list[list[Translation]]:
-        """The pieces' n-bests with the texts of each rank mended where a comma cut the line
-        (``segment.mend``)."""
-        kept = kept_capitals(self.tokenizer)
-        mended = [list(nbest) for nbest in parts]
-        for rank in range(min(len(nbest) for nbest in parts)):
-            texts = mend(pieces, [nbest[rank].text for nbest in parts], kept)
-            for nbest, text in zip(mended, texts):
-                nbest[rank] = replace(nbest[rank], text=text)
-        return mended
-
     def source_pieces(self, line: str, options: DecodeOptions | None = None) -> list[str]:
         """The source pieces that ``line`` is decoded as, in order (the columns of its attention):
         its clauses' pieces, restored (``restore_casual``) and with stand-ins for unknown words."""
         options = options or self.options
-        parts = self._restored(segment(line, options.split, self.phrase_words).pieces, options)
+        parts = restored(self.tokenizer, segment(line, options.split, self.phrase_words).pieces, options)
         if options.copy_unknown:
             parts = [self._stand_ins(part)[0] for part in parts]
         return [piece for part in parts for piece in self.tokenizer.src_pieces(part)]
@@ -717,12 +724,6 @@ class Translator:
         found = stand_in_words(self.tokenizer, piece, self.stand_in_names)
         return stand_ins(self.tokenizer, piece, found=found) if found else (piece, [])
 
-    def _restored(self, pieces: list[str], options: DecodeOptions) -> list[str]:
-        if not options.restore_casual:
-            return pieces
-        table, modern = recasing(self.tokenizer), modernising(self.tokenizer)
-        return [restore(modernise(piece, modern), table) for piece in pieces]
-
     def _translate_pieces(self, pieces: list[str], options: DecodeOptions, done: Callable[[int], None],
                           prefixes: list[str] | None = None,
                           terms: list[Glossary] | None = None) -> tuple[list[list[Translation]], list[int]]:
@@ -730,7 +731,7 @@ class Translator:
         to ``max_src_len``. Pieces with unknown words (``copy_unknown``) are decoded with their
         attention, so that the words can be carried into the output; the others as asked.
         ``terms``: each piece's glossary entries, whose target terms its output must hold."""
-        pieces = self._restored(pieces, options)
+        pieces = restored(self.tokenizer, pieces, options)
         encoded = self.tokenizer.encode_src(pieces)
         cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
         unknown = {}
