@@ -73,9 +73,8 @@ def modernising(tokenizer: Tokenizer) -> dict[str, str]:
     """The ``OLD_ACCENTS`` this source vocabulary needs: the old spelling is no whole piece of it
     and the modern one is (a vocabulary that holds "é" as a word, as a Portuguese one does, keeps it)."""
     if tokenizer not in _MODERN:
-        sp = tokenizer.src
-        whole = {sp.id_to_piece(i)[1:] for i in range(sp.get_piece_size()) if sp.id_to_piece(i).startswith(WORD_START)}
-        _MODERN[tokenizer] = {old: new for old, new in OLD_ACCENTS.items() if old not in whole and new in whole}
+        _MODERN[tokenizer] = {old: new for old, new in OLD_ACCENTS.items()
+                              if not tokenizer.src_holds_word(old) and tokenizer.src_holds_word(new)}
     return _MODERN[tokenizer]
 
 

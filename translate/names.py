@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .tokenizer import WORD_START, Tokenizer
+from .tokenizer import Tokenizer
 
 _WORD = re.compile(r"\w+")
 _OPENS = re.compile(r"[.!?;:¿¡«\"“(—-]\s*$")  # what may come before a sentence's (capitalised) first word
@@ -27,7 +27,7 @@ def rare_names(tokenizer: Tokenizer, line: str) -> list[tuple[int, int, str]]:
         word = match.group()
         before = line[: match.start()]
         if not (word[:1].isupper() and not word.isupper() and word.isalpha()) or not before.strip() \
-                or _OPENS.search(before) or tokenizer.src.piece_to_id(WORD_START + word) != tokenizer.src.unk_id():
+                or _OPENS.search(before) or tokenizer.src_holds_word(word):
             continue
         first, last = tokenizer.src_pieces_within(line, match.start(), match.end())
         found.append((first, last, word))
