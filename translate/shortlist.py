@@ -132,9 +132,12 @@ def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vo
     chosen = _sample(src, order, (src_len[order] + 1) * tgt_len[order], src_vocab, max_links)
     sources, targets, positions = [], [], []  # per link: source id, target id, which target token
     target_tokens = []
+    words = []  # per chosen source: its words (with word_starts)
     token = 0
     for i in chosen:
         s = np.append(np.asarray(src[i], dtype=np.int32), np.int32(EOS))  # EOS: the empty word
+        if word_starts is not None:
+            words.append(int(np.count_nonzero(word_starts[s[:-1]])))
         t = np.asarray(tgt[i], dtype=np.int32)
         target_tokens.append(t)
         sources.append(np.tile(s, len(t)))
@@ -163,19 +166,11 @@ def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vo
         rank = np.arange(len(ranked)) - np.searchsorted(ranked_src, ranked_src)
         keep = rank < TOP
         translations[ranked_src[keep], rank[keep]] = pair_tgt[ranked][keep]
-    return Lexicon(torch.from_numpy(translations), torch.from_numpy(frequent),
-                   source_words(src, chosen, word_starts) if word_starts is not None else 0)
+    source_words = int(np.ceil(np.percentile(words, SOURCE_SHARE))) if words else 0
+    return Lexicon(torch.from_numpy(translations), torch.from_numpy(frequent), source_words)
 
 
 SOURCE_SHARE = 99.9  # percent of the training sources that Lexicon.source_words covers
-
-
-def source_words(src: EncodedCorpus, chosen: list[int], word_starts: np.ndarray) -> int:
-    """Words (pieces that start one) that ``SOURCE_SHARE`` percent of the sources ``chosen`` hold at most."""
-    if not chosen:
-        return 0
-    words = [int(np.count_nonzero(word_starts[np.asarray(src[i])])) for i in chosen]
-    return int(np.ceil(np.percentile(words, SOURCE_SHARE)))
 
 
 def _sample(src: EncodedCorpus, order: np.ndarray, links: np.ndarray, src_vocab: int, max_links: int) -> list[int]:
