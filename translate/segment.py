@@ -109,11 +109,8 @@ def _splits_at(line: str, mark_start: int, marks: str, next_at: int) -> bool:
     return True
 
 
-def _boundaries(line: str, split: Split) -> Iterator[tuple[int, int]]:
-    """(end of a piece, start of the next) for every split of ``line``."""
-    if split == "none":
-        return
-    depths = _depths(line)
+def _boundaries(line: str, split: Split, depths: list[int]) -> Iterator[tuple[int, int]]:
+    """(end of a piece, start of the next) for every split of ``line`` (``depths``: ``_depths(line)``)."""
     for match in _BOUNDARY[split].finditer(line):
         gap_start, next_at = match.span(1)
         if depths[gap_start - 1]:
@@ -150,9 +147,9 @@ def segment(line: str, split: Split = "sentences", longest: int = PHRASE_WORDS) 
     if split == "none":
         return Segments([line], ["", ""])
     lead = len(line) - len(line.lstrip())
-    cuts = list(_boundaries(line, split))
+    depths = _depths(line)
+    cuts = list(_boundaries(line, split, depths))
     if split == "phrases":
-        depths = _depths(line)
         starts = [lead] + [next_at for _, next_at in cuts]  # the clauses
         ends = [end for end, _ in cuts] + [lead + len(body)]
         cuts = sorted(cuts + [cut for start, end in zip(starts, ends)
