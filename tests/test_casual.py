@@ -8,7 +8,16 @@ import re
 
 import pytest
 
-from translate.casual import KEPT_MARGIN, OLD_ACCENTS, kept_capitals, modernise, modernising, recasing, restore
+from translate.casual import (
+    KEPT_MARGIN,
+    OLD_ACCENTS,
+    Modernising,
+    kept_capitals,
+    modernise,
+    modernising,
+    recasing,
+    restore,
+)
 from translate.config import BUNDLED_DATA
 from translate.corpus import read_parallel
 from translate.errors import ConfigError
@@ -140,11 +149,23 @@ def test_kept_capitals_are_the_target_words_whose_lower_case_is_missing_or_far_l
 
 
 def test_older_spanish_spelling_gets_the_modern_one_with_its_case():
-    table = dict(OLD_ACCENTS)
-    assert modernise("Y fué á Abel é Isaac; Dió pan ó vino. Á él, FUÉ.", table) == \
+    modern = Modernising(dict(OLD_ACCENTS), frozenset())
+    assert modernise("Y fué á Abel é Isaac; Dió pan ó vino. Á él, FUÉ.", modern) == \
         "Y fue a Abel e Isaac; Dio pan o vino. A él, FUE."
-    assert modernise("Él sé que tú más, qué dé mí.", table) == "Él sé que tú más, qué dé mí."  # today's accents
-    assert modernise("Fué á casa.", {}) == "Fué á casa."
+    assert modernise("Él sé que tú más, qué dé mí.", modern) == "Él sé que tú más, qué dé mí."  # today's accents
+    assert modernise("Fué á casa.", Modernising({}, frozenset())) == "Fué á casa."
+
+
+def test_pronouns_joined_on_to_a_finite_verb_go_before_it():
+    modern = Modernising({"fué": "fue", "dió": "dio"}, frozenset({"dijo", "levantó", "dijeron", "ruego", "puso"}))
+    assert modernise("Y díjole: Levantóse Abraham, y dijéronle que sí; fuése.", modern) == \
+        "Y le dijo: Se levantó Abraham, y le dijeron que sí; se fue."
+    assert modernise("Díjoselo, ruégote, dióles pan y púsolas allí.", modern) == \
+        "Se lo dijo, te ruego, les dio pan y las puso allí."
+    # today's words: an imperative, a gerund, nouns, a pronoun on an unknown verb, no written accent
+    today = "Contrólate, tómalo, diciéndole que los fenómenos e ídolos ensañóse; dijole."
+    assert modernise(today, modern) == today
+    assert modernise("DÍJOLE", modern) == "LE DIJO"
 
 
 def test_modernising_takes_only_old_spellings_the_vocabulary_lacks_and_modern_ones_it_has():
@@ -154,7 +175,10 @@ def test_modernising_takes_only_old_spellings_the_vocabulary_lacks_and_modern_on
     whole = {p[1:] for p in (tokenizer.src.id_to_piece(i) for i in range(tokenizer.src.get_piece_size()))
              if p.startswith("\u2581")}
     expected = {old: new for old, new in OLD_ACCENTS.items() if new in whole and old not in whole}
-    assert modernising(tokenizer) == expected and "á" in expected
+    assert modernising(tokenizer).words == expected and "á" in expected
+    verbs = {w for w in whole if len(w) >= 3 and w.endswith(("o", "ó", "ron"))}
+    verbs -= {w for w in verbs if w.endswith(("ndo", "ado", "ido"))}  # gerunds and participles
+    assert modernising(tokenizer).verbs == verbs and verbs
     portuguese = [f"{s[:-1]} é a casa." for s, _ in pairs]  # "é" a word of its own
     kept = Tokenizer.train(portuguese, [t for _, t in pairs], vocab_size=150)
-    assert "é" not in modernising(kept) and "á" in modernising(kept)
+    assert "é" not in modernising(kept).words and "á" in modernising(kept).words

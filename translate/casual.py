@@ -17,13 +17,15 @@ translation (Lita et al., 2003, truecasing; Peitz et al., 2011, punctuation befo
 
 Text with a capital and a final mark passes through unchanged, and restoring twice is restoring
 once. Older printed Spanish (before the RAE's norms of 1952: ``fué``, ``dió``, and ``á``, ``é``,
-``ó`` written as words) gets the modern spelling the training data has (``modernise``).
+``ó`` written as words; pronouns joined on to a finite verb, ``díjole``) gets the modern spelling the
+training data has (``modernise``).
 """
 
 from __future__ import annotations
 
 import re
 import weakref
+from typing import NamedTuple
 
 from .tokenizer import WORD_START, Tokenizer
 
@@ -66,29 +68,76 @@ def recasing(tokenizer: Tokenizer) -> dict[str, str]:
 # words of their own): their modern spelling
 OLD_ACCENTS = {"á": "a", "é": "e", "ó": "o", "ú": "u", "fué": "fue", "fuí": "fui", "dió": "dio", "vió": "vio",
                "pié": "pie", "dí": "di", "ví": "vi", "ní": "ni", "dá": "da", "vá": "va"}
-_MODERN: weakref.WeakKeyDictionary[Tokenizer, dict[str, str]] = weakref.WeakKeyDictionary()
+# object pronouns a verb may carry; two of them only in the order Spanish has ("se lo", "me la")
+_CLITICS = ("me", "te", "se", "nos", "os", "le", "les", "lo", "los", "la", "las")
+_FIRST_CLITICS, _SECOND_CLITICS = ("me", "te", "se", "nos", "os"), ("le", "les", "lo", "los", "la", "las")
+_PLAIN = str.maketrans("áéíóú", "aeiou")
 
 
-def modernising(tokenizer: Tokenizer) -> dict[str, str]:
-    """The ``OLD_ACCENTS`` this source vocabulary needs: the old spelling is no whole piece of it
-    and the modern one is (a vocabulary that holds "é" as a word, as a Portuguese one does, keeps it)."""
+class Modernising(NamedTuple):
+    """What ``modernise`` changes for one source vocabulary: ``words``, the ``OLD_ACCENTS`` it needs
+    (the old spelling is no whole piece of it and the modern one is), and ``verbs``, its whole words
+    that a finite past or first-person verb with a pronoun joined on may stand on ("dijo", "levantó",
+    "dijeron", "ruego")."""
+
+    words: dict[str, str]
+    verbs: frozenset[str]
+
+
+_MODERN: weakref.WeakKeyDictionary[Tokenizer, Modernising] = weakref.WeakKeyDictionary()
+
+
+def modernising(tokenizer: Tokenizer) -> Modernising:
+    """The ``Modernising`` of this source vocabulary (a vocabulary that holds "é" as a word, as a
+    Portuguese one does, keeps it)."""
     if tokenizer not in _MODERN:
-        _MODERN[tokenizer] = {old: new for old, new in OLD_ACCENTS.items()
-                              if not tokenizer.src_holds_word(old) and tokenizer.src_holds_word(new)}
+        sp = tokenizer.src
+        whole = (sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+        verbs = frozenset(piece[1:] for piece in whole if piece.startswith(WORD_START) and len(piece) > 3
+                          and piece.endswith(("o", "ó", "ron")) and not piece.endswith(("ndo", "ado", "ido")))
+        words = {old: new for old, new in OLD_ACCENTS.items()
+                 if not tokenizer.src_holds_word(old) and tokenizer.src_holds_word(new)}
+        _MODERN[tokenizer] = Modernising(words, verbs)
     return _MODERN[tokenizer]
 
 
-def modernise(text: str, table: dict[str, str]) -> str:
-    """``text`` with each word of ``table`` (``modernising``) in its modern spelling, its case kept."""
+def _unjoined(word: str, modern: Modernising) -> str | None:
+    """A verb written with its pronouns joined on, as older print did with finite verbs ("díjole",
+    "levantóse", "dijéronle"), the modern way round ("le dijo"); None for any other word. Only a
+    written accent marks the old form, and only a verb the vocabulary holds whole counts, so an
+    imperative ("contrólate", "tómalo"), a gerund or a noun ("fenómenos", "ídolo") stays."""
+    low = word.lower()
+    splits = []
+    for last in _CLITICS:
+        if low.endswith(last):
+            rest = low[:-len(last)]
+            splits.append((rest, [last]))
+            if last in _SECOND_CLITICS:
+                splits.extend((rest[:-len(first)], [first, last]) for first in _FIRST_CLITICS if rest.endswith(first))
+    for stem, pronouns in splits:
+        if len(stem) < 3 or stem == stem.translate(_PLAIN):  # no written accent: a modern word
+            continue
+        verb = modern.words.get(stem) or (stem if stem.endswith("ó") else stem.translate(_PLAIN))
+        if verb in modern.verbs or stem in modern.words:
+            joined = " ".join(pronouns + [verb])
+            if word.isupper():
+                return joined.upper()
+            return joined[0].upper() + joined[1:] if word[0].isupper() else joined
+    return None
+
+
+def modernise(text: str, modern: Modernising) -> str:
+    """``text`` in today's spelling, its case kept: the old accents of ``modern.words``, and pronouns
+    joined on to a finite verb moved before it (``_unjoined``)."""
     def swap(match: re.Match) -> str:
         word = match.group()
-        new = table.get(word.lower())
+        new = modern.words.get(word.lower())
         if new is None:
-            return word
+            return _unjoined(word, modern) or word
         if word.isupper() and len(word) > 1:
             return new.upper()
         return new[0].upper() + new[1:] if word[0].isupper() else new
-    return _WORD.sub(swap, text) if table else text
+    return _WORD.sub(swap, text) if modern.words or modern.verbs else text
 
 
 _KEPT: weakref.WeakKeyDictionary[Tokenizer, frozenset[str]] = weakref.WeakKeyDictionary()
