@@ -11,6 +11,7 @@ import pytest
 from translate.casual import (
     KEPT_MARGIN,
     OLD_ACCENTS,
+    OLD_WORDS,
     Modernising,
     kept_capitals,
     modernise,
@@ -168,14 +169,24 @@ def test_pronouns_joined_on_to_a_finite_verb_go_before_it():
     assert modernise("DÍJOLE", modern) == "LE DIJO"
 
 
+def test_an_older_but_gets_todays_and_more_stays_more():
+    modern = Modernising({"empero": "pero"}, frozenset(), {"mas": "pero"})
+    assert modernise("Mas no miró á Caín; mas Jehová dijo: Empero, ¡MAS EL rey!", modern) == \
+        "Pero no miró á Caín; pero Jehová dijo: Pero, ¡PERO EL rey!"
+    for more in ("Mas tarde te llamo.", "quiero mas agua", "Mas de cien personas.", "Te veré mas tarde. Mas es mejor."):
+        assert modernise(more, modern) == more  # "más" typed without its accent
+    assert modernise("mas no puedo", modern) == "pero no puedo"
+
+
 def test_modernising_takes_only_old_spellings_the_vocabulary_lacks_and_modern_ones_it_has():
     pairs = make_pairs(600, seed=1)
-    spanish = [f"{s[:-1]} y fue a casa." for s, _ in pairs[:300]] + [s for s, _ in pairs[300:]]
-    tokenizer = Tokenizer.train(spanish, [t for _, t in pairs], vocab_size=150)
+    spanish = [f"{s[:-1]} y fue a casa, pero no." for s, _ in pairs[:300]] + [s for s, _ in pairs[300:]]
+    tokenizer = Tokenizer.train(spanish, [t for _, t in pairs], vocab_size=150, model_type="bpe")  # "pero" whole
     whole = {p[1:] for p in (tokenizer.src.id_to_piece(i) for i in range(tokenizer.src.get_piece_size()))
              if p.startswith("\u2581")}
-    expected = {old: new for old, new in OLD_ACCENTS.items() if new in whole and old not in whole}
-    assert modernising(tokenizer).words == expected and "á" in expected
+    expected = {old: new for old, new in (OLD_ACCENTS | OLD_WORDS).items() if new in whole and old not in whole}
+    assert modernising(tokenizer).words == expected and "á" in expected and "empero" in expected
+    assert modernising(tokenizer).openers == {"mas": "pero"}
     verbs = {w for w in whole if len(w) >= 3 and w.endswith(("o", "ó", "ron"))}
     verbs -= {w for w in verbs if w.endswith(("ndo", "ado", "ido"))}  # gerunds and participles
     assert modernising(tokenizer).verbs == verbs and verbs

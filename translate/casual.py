@@ -68,6 +68,14 @@ def recasing(tokenizer: Tokenizer) -> dict[str, str]:
 # words of their own): their modern spelling
 OLD_ACCENTS = {"á": "a", "é": "e", "ó": "o", "ú": "u", "fué": "fue", "fuí": "fui", "dió": "dio", "vió": "vio",
                "pié": "pie", "dí": "di", "ví": "vi", "ní": "ni", "dá": "da", "vá": "va"}
+# older words for which the training data has another ("but")
+OLD_WORDS = {"empero": "pero"}
+# "mas" (but) opening a clause, before a word that "más" (more) does not precede there
+OLD_OPENERS = {"mas": "pero"}
+_OPENER = re.compile(r"(?:^|(?<=[,;:.!?¿¡(\"«]))(\s*)(mas)(?=\s+(?:no|ni|el|la|los|las|lo|le|les|se|me|te|nos|os|"
+                     r"yo|tú|él|ella|ellos|ellas|nosotros|vosotros|si|cuando|ahora|también|aun|aún|como|mis?|tus?|sus?|"
+                     r"nuestr[oa]s?|vuestr[oa]s?|aquel|aquell[oa]s?|est[aeo]s?|es[aeo]s?|(?-i:[A-ZÁÉÍÓÚÑ])\w*)(?!\w))",
+                     re.IGNORECASE)
 # object pronouns a verb may carry; two of them only in the order Spanish has ("se lo", "me la")
 _CLITICS = ("me", "te", "se", "nos", "os", "le", "les", "lo", "los", "la", "las")
 _FIRST_CLITICS, _SECOND_CLITICS = ("me", "te", "se", "nos", "os"), ("le", "les", "lo", "los", "la", "las")
@@ -75,13 +83,14 @@ _PLAIN = str.maketrans("áéíóú", "aeiou")
 
 
 class Modernising(NamedTuple):
-    """What ``modernise`` changes for one source vocabulary: ``words``, the ``OLD_ACCENTS`` it needs
-    (the old spelling is no whole piece of it and the modern one is), and ``verbs``, its whole words
-    that a finite past or first-person verb with a pronoun joined on may stand on ("dijo", "levantó",
-    "dijeron", "ruego")."""
+    """What ``modernise`` changes for one source vocabulary: ``words``, the ``OLD_ACCENTS`` and
+    ``OLD_WORDS`` it needs (the old word is no whole piece of it and the modern one is), ``openers``,
+    the same of ``OLD_OPENERS``, and ``verbs``, its whole words that a finite past or first-person
+    verb with a pronoun joined on may stand on ("dijo", "levantó", "dijeron", "ruego")."""
 
     words: dict[str, str]
     verbs: frozenset[str]
+    openers: dict[str, str] = {}
 
 
 _MODERN: weakref.WeakKeyDictionary[Tokenizer, Modernising] = weakref.WeakKeyDictionary()
@@ -95,9 +104,10 @@ def modernising(tokenizer: Tokenizer) -> Modernising:
         whole = (sp.id_to_piece(i) for i in range(sp.get_piece_size()))
         verbs = frozenset(piece[1:] for piece in whole if piece.startswith(WORD_START) and len(piece) > 3
                           and piece.endswith(("o", "ó", "ron")) and not piece.endswith(("ndo", "ado", "ido")))
-        words = {old: new for old, new in OLD_ACCENTS.items()
-                 if not tokenizer.src_holds_word(old) and tokenizer.src_holds_word(new)}
-        _MODERN[tokenizer] = Modernising(words, verbs)
+        def needed(table: dict[str, str]) -> dict[str, str]:
+            return {old: new for old, new in table.items()
+                    if not tokenizer.src_holds_word(old) and tokenizer.src_holds_word(new)}
+        _MODERN[tokenizer] = Modernising(needed(OLD_ACCENTS | OLD_WORDS), verbs, needed(OLD_OPENERS))
     return _MODERN[tokenizer]
 
 
@@ -126,17 +136,23 @@ def _unjoined(word: str, modern: Modernising) -> str | None:
     return None
 
 
+def _cased(new: str, word: str) -> str:
+    if word.isupper() and len(word) > 1:
+        return new.upper()
+    return new[0].upper() + new[1:] if word[0].isupper() else new
+
+
 def modernise(text: str, modern: Modernising) -> str:
-    """``text`` in today's spelling, its case kept: the old accents of ``modern.words``, and pronouns
-    joined on to a finite verb moved before it (``_unjoined``)."""
+    """``text`` in today's words, their case kept: the old accents and words of ``modern.words``, a
+    clause's opening "mas" (``modern.openers``), and pronouns joined on to a finite verb moved before
+    it (``_unjoined``)."""
     def swap(match: re.Match) -> str:
         word = match.group()
         new = modern.words.get(word.lower())
-        if new is None:
-            return _unjoined(word, modern) or word
-        if word.isupper() and len(word) > 1:
-            return new.upper()
-        return new[0].upper() + new[1:] if word[0].isupper() else new
+        return _unjoined(word, modern) or word if new is None else _cased(new, word)
+    if modern.openers:
+        text = _OPENER.sub(lambda m: m.group(1) + _cased(modern.openers.get(m.group(2).lower(), m.group(2)),
+                                                         m.group(2)), text)
     return _WORD.sub(swap, text) if modern.words or modern.verbs else text
 
 
