@@ -82,8 +82,11 @@ from translate.translator import DecodeOptions, Translator
 ROOT = Path(__file__).resolve().parents[1]
 BEAMS = (1, 5)
 # the decoding every run here is scored with, so that runs scored before and after a change of the
-# defaults compare: the default (clauses) until split=phrases (2026-12-03)
-SPLIT = "clauses"
+# defaults compare: the default (clauses) until split=phrases (2026-12-03), and sources as they are:
+# restoring casual input came to modernise older spelling (2026-12-03), which changes Bible verses
+SPLIT, RESTORE = "clauses", False
+# a kept run without a "decoding" was decoded before restoring modernised anything: as DECODING does
+DECODING = {"split": SPLIT, "restore_casual": RESTORE}
 
 # Every configuration names its schedule, so that a name keeps what it was measured as when the
 # defaults change. inverse-sigmoid was the default schedule up to this bench's decision.
@@ -135,12 +138,19 @@ def outputs(run_dir: Path, sets: dict[str, tuple[list[str], list[str]]]) -> dict
             path = run_dir / "eval" / f"{name}.b{beam}.txt"
             if not path.is_file():
                 translator = translator or Translator.load(run_dir / "best.pt")
-                options = DecodeOptions(beam=beam, split=SPLIT)
+                options = DecodeOptions(beam=beam, split=SPLIT, restore_casual=RESTORE)
                 lines = [nbest[0].text for nbest in translator.translate(sources, options)]
                 path.parent.mkdir(exist_ok=True)
                 path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             found[f"{name}.b{beam}"] = path.read_text(encoding="utf-8").split("\n")[:-1]
     return found
+
+
+def decoded(kept: Path, run: dict) -> None:
+    """Stops where a kept run was decoded otherwise than runs are now: its figures would not compare."""
+    if run.get("decoding", DECODING) != DECODING:
+        sys.exit(f"{kept} was decoded with {run['decoding']}, not {DECODING}; move it away and delete its run's "
+                 "eval/ folder to decode it again")
 
 
 def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list[str],
@@ -153,6 +163,7 @@ def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list
             run = json.load(source)
         if run["overrides"] != overrides:
             sys.exit(f"{kept} was made with {run['overrides']}, not {overrides}; move it away to run it again")
+        decoded(kept, run)
         return run
     run_dir = out / f"{name}-s{seed}"
     if not (run_dir / "quality-done").is_file():
@@ -162,7 +173,7 @@ def finished_run(results: Path, out: Path, name: str, seed: int, overrides: list
     run = {"variant": name, "seed": seed, "overrides": overrides, "steps": steps_trained(run_dir),
            "command": (run_dir / "quality-done").read_text(encoding="utf-8").strip(),
            "machine": f"{cpu_model()}, {os.cpu_count()} CPUs", "precision": training_precision(run_dir),
-           "outputs": outputs(run_dir, sets)}
+           "decoding": DECODING, "outputs": outputs(run_dir, sets)}
     results.mkdir(parents=True, exist_ok=True)
     partial = kept.with_name(kept.name + ".part")
     with gzip.open(partial, "wt", encoding="utf-8") as sink:
@@ -417,6 +428,7 @@ def finetuned_run(setting: str, name: str, seed: int, overrides: list[str], sets
         if (run["overrides"], run["budget"], run["common"], run["limit"]) != (overrides, budget, args.set, args.limit):
             sys.exit(f"{kept} was made with {run['overrides']}, {run['budget']}, --set {run['common']}, --limit "
                      f"{run['limit']}; move it away to run it again")
+        decoded(kept, run)
         return run
     run_dir = Path(args.out) / f"{setting}-{name}-s{seed}"
     command = finetune_command(setting, run_dir, seed, overrides, args)
@@ -436,7 +448,7 @@ def finetuned_run(setting: str, name: str, seed: int, overrides: list[str], sets
     run = {"setting": setting, "variant": name, "seed": seed, "overrides": overrides, "budget": budget,
            "common": args.set, "limit": args.limit, "base": str(args.base), "steps": steps_trained(run_dir),
            "command": " ".join(command), "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
-           "precision": training_precision(run_dir), "outputs": outputs(run_dir, sets)}
+           "precision": training_precision(run_dir), "decoding": DECODING, "outputs": outputs(run_dir, sets)}
     write_kept(kept, run)
     return run
 
@@ -455,15 +467,16 @@ def base_run(sets: dict, args) -> dict:
     if kept.is_file():
         with gzip.open(kept, "rt", encoding="utf-8") as source:
             run = json.load(source)
-        if (run["base"], run["limit"]) == (str(args.base), args.limit):
+        if (run["base"], run["limit"], run.get("decoding", DECODING)) == (str(args.base), args.limit, DECODING):
             return run
     work = Path(args.out) / "base"
     work.mkdir(parents=True, exist_ok=True)
     (work / "best.pt").unlink(missing_ok=True)
     (work / "best.pt").symlink_to(Path(args.base).resolve())
     for stale in (work / "eval").glob("*.txt") if (work / "eval").is_dir() else ():
-        stale.unlink()  # another base, or another --limit
-    run = {"variant": "base", "seed": 0, "base": str(args.base), "limit": args.limit, "outputs": outputs(work, sets)}
+        stale.unlink()  # another base, --limit or decoding
+    run = {"variant": "base", "seed": 0, "base": str(args.base), "limit": args.limit, "decoding": DECODING,
+           "outputs": outputs(work, sets)}
     write_kept(kept, run)
     return run
 
@@ -529,7 +542,7 @@ def finetune_doc(results: dict, args) -> str:
     lines = [f"Fine-tuning `{args.base}` for {budget} a run"
              + (f" (`--set {' '.join(args.set)}`)" if args.set else "") + "; made by `python bench/exposure_bias.py "
              "--base ...`. Mean ± standard deviation over seeds; greedy and beam 5 with today's default decoding "
-             f"but split={SPLIT}."]
+             f"but split={SPLIT} and sources as they are (no casual restoring, no modernised spelling)."]
     for setting, part in results.items():
         columns = FINETUNE_DOC[setting]
         title = {"tatoeba": "(a) continuing on the bundled Tatoeba data",
