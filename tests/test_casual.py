@@ -150,15 +150,15 @@ def test_kept_capitals_are_the_target_words_whose_lower_case_is_missing_or_far_l
 
 
 def test_older_spanish_spelling_gets_the_modern_one_with_its_case():
-    modern = Modernising(dict(OLD_ACCENTS), frozenset())
+    modern = Modernising(dict(OLD_ACCENTS), frozenset(), {})
     assert modernise("Y fué á Abel é Isaac; Dió pan ó vino. Á él, FUÉ.", modern) == \
         "Y fue a Abel e Isaac; Dio pan o vino. A él, FUE."
     assert modernise("Él sé que tú más, qué dé mí.", modern) == "Él sé que tú más, qué dé mí."  # today's accents
-    assert modernise("Fué á casa.", Modernising({}, frozenset())) == "Fué á casa."
+    assert modernise("Fué á casa.", Modernising({}, frozenset(), {})) == "Fué á casa."
 
 
 def test_pronouns_joined_on_to_a_finite_verb_go_before_it():
-    modern = Modernising({"fué": "fue", "dió": "dio"}, frozenset({"dijo", "levantó", "dijeron", "ruego", "puso"}))
+    modern = Modernising({"fué": "fue", "dió": "dio"}, frozenset({"dijo", "levantó", "dijeron", "ruego", "puso"}), {})
     assert modernise("Y díjole: Levantóse Abraham, y dijéronle que sí; fuése.", modern) == \
         "Y le dijo: Se levantó Abraham, y le dijeron que sí; se fue."
     assert modernise("Díjoselo, ruégote, dióles pan y púsolas allí.", modern) == \

@@ -72,7 +72,8 @@ OLD_ACCENTS = {"á": "a", "é": "e", "ó": "o", "ú": "u", "fué": "fue", "fuí"
 OLD_WORDS = {"empero": "pero"}
 # "mas" (but) opening a clause, before a word that "más" (more) does not precede there
 OLD_OPENERS = {"mas": "pero"}
-_OPENER = re.compile(r"(?:^|(?<=[,;:.!?¿¡(\"«]))(\s*)(mas)(?=\s+(?:no|ni|el|la|los|las|lo|le|les|se|me|te|nos|os|"
+_OPENER = re.compile(r"(?:^|(?<=[,;:.!?¿¡(\"«]))(\s*)(" + "|".join(OLD_OPENERS) + r")(?=\s+(?:"
+                     r"no|ni|el|la|los|las|lo|le|les|se|me|te|nos|os|"
                      r"yo|tú|él|ella|ellos|ellas|nosotros|vosotros|si|cuando|ahora|también|aun|aún|como|mis?|tus?|sus?|"
                      r"nuestr[oa]s?|vuestr[oa]s?|aquel|aquell[oa]s?|est[aeo]s?|es[aeo]s?|(?-i:[A-ZÁÉÍÓÚÑ])\w*)(?!\w))",
                      re.IGNORECASE)
@@ -90,7 +91,7 @@ class Modernising(NamedTuple):
 
     words: dict[str, str]
     verbs: frozenset[str]
-    openers: dict[str, str] = {}
+    openers: dict[str, str]
 
 
 _MODERN: weakref.WeakKeyDictionary[Tokenizer, Modernising] = weakref.WeakKeyDictionary()
@@ -117,6 +118,8 @@ def _unjoined(word: str, modern: Modernising) -> str | None:
     written accent marks the old form, and only a verb the vocabulary holds whole counts, so an
     imperative ("contrólate", "tómalo"), a gerund or a noun ("fenómenos", "ídolo") stays."""
     low = word.lower()
+    if low == low.translate(_PLAIN):  # no written accent: a modern word
+        return None
     splits = []
     for last in _CLITICS:
         if low.endswith(last):
@@ -125,14 +128,11 @@ def _unjoined(word: str, modern: Modernising) -> str | None:
             if last in _SECOND_CLITICS:
                 splits.extend((rest[:-len(first)], [first, last]) for first in _FIRST_CLITICS if rest.endswith(first))
     for stem, pronouns in splits:
-        if len(stem) < 3 or stem == stem.translate(_PLAIN):  # no written accent: a modern word
+        if len(stem) < 3:
             continue
         verb = modern.words.get(stem) or (stem if stem.endswith("ó") else stem.translate(_PLAIN))
         if verb in modern.verbs or stem in modern.words:
-            joined = " ".join(pronouns + [verb])
-            if word.isupper():
-                return joined.upper()
-            return joined[0].upper() + joined[1:] if word[0].isupper() else joined
+            return _cased(" ".join(pronouns + [verb]), word)
     return None
 
 
@@ -151,8 +151,7 @@ def modernise(text: str, modern: Modernising) -> str:
         new = modern.words.get(word.lower())
         return _unjoined(word, modern) or word if new is None else _cased(new, word)
     if modern.openers:
-        text = _OPENER.sub(lambda m: m.group(1) + _cased(modern.openers.get(m.group(2).lower(), m.group(2)),
-                                                         m.group(2)), text)
+        text = _OPENER.sub(lambda m: m.group(1) + _cased(modern.openers[m.group(2).lower()], m.group(2)), text)
     return _WORD.sub(swap, text) if modern.words or modern.verbs else text
 
 
