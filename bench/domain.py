@@ -22,9 +22,18 @@ scratch on the same data for the same budget.
     - ``finetune``: ``translate train --init-from BASE`` on the Bible verses alone;
     - ``finetune-mix``: the same with ``--mix`` the base's own training data, as many tokens as the
       new data each epoch (``data.mix_ratio`` 1; mixed fine-tuning, Chu et al., 2017);
-    - ``scratch``: a default ``translate train`` on the same Bible verses alone.
+    - ``scratch``: a default ``translate train`` on the same Bible verses alone;
+    - ``scratch-tokenizer``: the same with the first BASE's tokenizer (``tokenizer.model``), the one
+      fine-tuning has to keep: what that tokenizer costs, apart from what fine-tuning brings.
 
-    Each run is scored like (a), with today's decoding. Fine-tuning starts from the first BASE.
+    ``--verses N`` trains these arms on N of the training verses (a seeded draw) instead: fine-tuning
+    on a little in-domain data (their runs and results carry ``-vN``).
+
+    Each run is scored like (a), with today's decoding, but with ``split=clauses``: what
+    ``phrases`` does for a run that counted its training sources (99.9% of the Bible verses have 40
+    words or fewer, and no clause of the dev verses or the bundled test is longer), while the runs
+    written before that count was kept would otherwise be cut at 24 words. Fine-tuning starts from
+    the first BASE.
 
 Every run gets the same budget: ``--minutes`` of wall time (the machine must be otherwise idle)
 or ``--steps`` updates (what a run of those minutes makes on this machine: immune to a busy
@@ -36,6 +45,7 @@ is made from those files alone:
     python bench/domain.py --seeds 1,2                       # every arm, 25 minutes a run
     python bench/domain.py --seeds 1,2 --steps 4477 --threads 1 --arms base,scratch
     python bench/domain.py --base checkpoints/default/best.pt --arms zero-shot
+    python bench/domain.py --seeds 1,2 --steps 4477 --threads 1 --verses 2000 --arms finetune,scratch
     python bench/domain.py --table-only --json bench/results/domain.json --doc docs/benchmarks.md
 """
 
@@ -61,7 +71,7 @@ from translate.translator import DecodeOptions, Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 BIBLE_TRAIN = BIBLE.parent / "bible-es-en.train.tsv"
-ARMS = ("base", "zero-shot", "finetune", "finetune-mix", "scratch")
+ARMS = ("base", "zero-shot", "finetune", "finetune-mix", "scratch", "scratch-tokenizer")
 SETS = ("test", "casual", "long", "bible")
 # the decoding of before: every option that issue 34 added, off (an option this checkout lacks is left out)
 BEFORE = {"split": "none", "no_repeat_ngram": 0, "restore_casual": False, "copy_unknown": False, "coverage": 0.0,
@@ -116,11 +126,31 @@ def bible_split(work: Path) -> tuple[Path, Path]:
     return train, dev
 
 
+def some_verses(train: Path, verses: int) -> Path:
+    """``verses`` of the training verses in ``train`` (a seeded draw, in their order), beside it."""
+    path = train.with_name(f"{train.stem}-{verses}.tsv")
+    if not path.is_file():
+        header, *rows = train.read_text(encoding="utf-8").splitlines()
+        if not 0 < verses <= len(rows):
+            sys.exit(f"--verses must be 1 to {len(rows):,}, got {verses:,}")
+        kept = set(random.Random(verses).sample(range(len(rows)), verses))
+        path.write_text(header + "\n" + "".join(f"{r}\n" for i, r in enumerate(rows) if i in kept), encoding="utf-8")
+    return path
+
+
+def run_name(arm: str, seed: int, verses: int | None) -> str:
+    return f"{arm}{f'-v{verses}' if verses else ''}-s{seed}"
+
+
 def train_command(arm: str, run_dir: Path, seed: int, base: Path | None, work: Path, args) -> list[str]:
     command = ["translate", "train", "--run-dir", str(run_dir), "--set", f"train.seed={seed}"]
     if arm != "base":
         bible_train, bible_dev = bible_split(work)
+        if args.verses:
+            bible_train = some_verses(bible_train, args.verses)
         command += ["--train", str(bible_train), "--dev", str(bible_dev)]
+    if arm == "scratch-tokenizer":
+        command += ["--set", f"tokenizer.model={base.parent / 'src.model'}"]
     if arm in ("finetune", "finetune-mix"):
         command += ["--init-from", str(base), "--dev", str(BUNDLED_DATA / "dev.tsv")]
     if arm == "finetune-mix":
@@ -170,16 +200,19 @@ def run_arm(arm: str, seed: int, base: Path | None, args, sets: dict) -> None:
                       "options": dataclasses.asdict(options), "scores": score(base, options, sets)}
             write(path, record)
         return
-    path = results / f"{arm}-s{seed}.json.gz"
+    name = run_name(arm, seed, args.verses)
+    path = results / f"{name}.json.gz"
     if path.is_file():
         return
-    run_dir = Path(args.out) / f"{arm}-s{seed}"
+    run_dir = Path(args.out) / name
     command = train_command(arm, run_dir, seed, base, Path(args.out), args)
     train(command, run_dir)
-    print(f"{arm} seed {seed}:", flush=True)
-    record = {"arm": arm, "seed": seed, "command": " ".join(command), "steps": steps_of(run_dir / "last.pt"),
+    print(f"{name}:", flush=True)
+    options = DecodeOptions(split="clauses")
+    record = {"arm": arm, "seed": seed, "verses": args.verses, "command": " ".join(command),
+              "steps": steps_of(run_dir / "last.pt"),
               "budget": {"steps": args.steps} if args.steps else {"minutes": args.minutes},
-              "scores": score(run_dir / "best.pt", DecodeOptions(), sets)}
+              "options": dataclasses.asdict(options), "scores": score(run_dir / "best.pt", options, sets)}
     write(path, record)
 
 
@@ -204,9 +237,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 COLUMNS = [("test", "bleu"), ("casual", "bleu"), ("long", "bleu"), ("bible", "bleu"), ("bible", "chrf"),
            ("bible", "degenerate"), ("bible", "carried"), ("test", "degenerate")]
-ROWS = ("before", "zero-shot", "scratch", "finetune", "finetune-mix")
+ROWS = ("before", "zero-shot", "scratch", "scratch-tokenizer", "finetune", "finetune-mix")
 LABELS = {"before": "base, decoding of before", "zero-shot": "base, today's decoding",
-          "scratch": "Bible only, from scratch", "finetune": "base fine-tuned on the Bible",
+          "scratch": "Bible only, from scratch", "scratch-tokenizer": "Bible only, from scratch, the base's tokenizer",
+          "finetune": "base fine-tuned on the Bible",
           "finetune-mix": "base fine-tuned, mixed with as many Tatoeba tokens"}
 
 
@@ -221,12 +255,13 @@ def summary(results: Path) -> dict:
     for path in sorted(results.glob("*-s*.json.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             record = json.load(handle)
-        records.setdefault(record["arm"], []).append(record)
+        verses = record.get("verses")
+        records.setdefault(record["arm"] + (f"-v{verses}" if verses else ""), []).append(record)
     table = {}
     for arm, runs in records.items():
         row = {"seeds": sorted(r["seed"] for r in runs), "steps": [r["steps"] for r in runs],
                "budget": runs[0].get("budget"), "machine": runs[0].get("machine"),
-               "lr": learning_rate(runs[0].get("command", ""))}
+               "lr": learning_rate(runs[0].get("command", "")), "verses": runs[0].get("verses")}
         for name, metric in COLUMNS:
             row[f"{name} {metric}"] = mean_sd([r["scores"][name][metric] for r in runs])
         table[arm] = row
@@ -270,18 +305,20 @@ def doc_table(table: dict) -> str:
     metrics = {"bleu": "BLEU", "chrf": "chrF", "degenerate": "degenerate %", "carried": "names kept %"}
     head = "| model | seeds | steps | " + " | ".join(f"{names[n]} {metrics[m]}" for n, m in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
-    for arm in ROWS:
-        if arm not in table:
-            continue
+    rows = [arm for arm in ROWS if arm in table]
+    rows += sorted((key for key in table if key not in ROWS), key=lambda key: (table[key]["verses"], key))
+    for arm in rows:
         row = table[arm]
         cells = [f"{m:.2f} ± {s:.2f}" if len(row["seeds"]) > 1 else f"{m:.2f}"
                  for m, s in (row[f"{n} {k}"] for n, k in COLUMNS)]
         steps = "/".join(f"{s:,}" for s in row["steps"])
-        label = LABELS[arm] + (f", lr {row['lr']}" if row.get("lr") else "")
+        label = LABELS[arm.split("-v")[0]] + (f", lr {row['lr']}" if row.get("lr") else "")
+        label += f", {row['verses']:,} verses" if row.get("verses") else ""
         lines.append(f"| {label} | {len(row['seeds'])} | {steps} | " + " | ".join(cells) + " |")
     machine = next(iter(table.values()))["machine"] if table else ""
     lines.append("")
-    lines.append(f"Machine: {machine}, 2 cores. Beam 5, default decoding (int8, shortlist); steps: the run's "
+    lines.append(f"Machine: {machine}, 2 cores. Beam 5, default decoding (int8, shortlist; the Bible-trained "
+                 "models with split=clauses, which is what phrases does for them); steps: the run's "
                  "updates (a default run makes about 4,477 in 25 minutes on 2 idle cores). "
                  + "Mean ± standard deviation where there are several seeds; "
                  + "made by `python bench/domain.py --table-only`.")
@@ -297,6 +334,7 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=25.0, help="training budget in minutes")
     budget.add_argument("--steps", type=int, help="training budget in updates instead")
+    parser.add_argument("--verses", type=int, help="train the Bible arms on this many of the training verses")
     parser.add_argument("--threads", type=int, default=0, help="train.threads of each run (0: torch's default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a train.* setting for every run (e.g. train.amp=bf16, what auto picks when idle)")
@@ -321,7 +359,7 @@ def main() -> None:
         for arm in arms:
             for i, seed in enumerate(seeds):
                 base = bases[i] if arm == "zero-shot" else bases[0]
-                if arm in ("zero-shot", "finetune", "finetune-mix") and not base.is_file():
+                if arm not in ("base", "scratch") and not base.is_file():
                     sys.exit(f"no base model at {base}: train it first (--arms base) or give --base")
                 if arm != "zero-shot" or i < len(bases):
                     run_arm(arm, seed, base, args, sets)
