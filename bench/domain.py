@@ -297,6 +297,11 @@ def goals(table: dict) -> list[str]:
     if "finetune-mix" in table and now in table:
         check("finetune-mix test BLEU within 1.5 of the base", get("finetune-mix", "test bleu") - get(now, "test bleu"),
               lambda v: v >= -1.5)
+    for key, row in table.items():  # fine-tuning on fewer verses (--verses): measured, not a goal
+        verses = row.get("verses")
+        if verses and key == f"finetune-v{verses}" and f"scratch-v{verses}" in table:
+            gain = get(key, "bible bleu") - get(f"scratch-v{verses}", "bible bleu")
+            lines.append(f"measured: finetune on {verses:,} verses, Bible BLEU over scratch on them ({gain:+.2f})")
     return lines
 
 
