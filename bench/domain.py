@@ -138,8 +138,13 @@ def some_verses(train: Path, verses: int) -> Path:
     return path
 
 
+def arm_key(arm: str, verses: int | None) -> str:
+    """The arm's name in the table, with ``-vN`` when it trained on N verses (``--verses``)."""
+    return f"{arm}-v{verses}" if verses else arm
+
+
 def run_name(arm: str, seed: int, verses: int | None) -> str:
-    return f"{arm}{f'-v{verses}' if verses else ''}-s{seed}"
+    return f"{arm_key(arm, verses)}-s{seed}"
 
 
 def train_command(arm: str, run_dir: Path, seed: int, base: Path | None, work: Path, args) -> list[str]:
@@ -255,11 +260,10 @@ def summary(results: Path) -> dict:
     for path in sorted(results.glob("*-s*.json.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             record = json.load(handle)
-        verses = record.get("verses")
-        records.setdefault(record["arm"] + (f"-v{verses}" if verses else ""), []).append(record)
+        records.setdefault(arm_key(record["arm"], record.get("verses")), []).append(record)
     table = {}
     for arm, runs in records.items():
-        row = {"seeds": sorted(r["seed"] for r in runs), "steps": [r["steps"] for r in runs],
+        row = {"arm": runs[0]["arm"], "seeds": sorted(r["seed"] for r in runs), "steps": [r["steps"] for r in runs],
                "budget": runs[0].get("budget"), "machine": runs[0].get("machine"),
                "lr": learning_rate(runs[0].get("command", "")), "verses": runs[0].get("verses")}
         for name, metric in COLUMNS:
@@ -298,9 +302,9 @@ def goals(table: dict) -> list[str]:
         check("finetune-mix test BLEU within 1.5 of the base", get("finetune-mix", "test bleu") - get(now, "test bleu"),
               lambda v: v >= -1.5)
     for key, row in table.items():  # fine-tuning on fewer verses (--verses): measured, not a goal
-        verses = row.get("verses")
-        if verses and key == f"finetune-v{verses}" and f"scratch-v{verses}" in table:
-            gain = get(key, "bible bleu") - get(f"scratch-v{verses}", "bible bleu")
+        verses, scratch = row.get("verses"), arm_key("scratch", row.get("verses"))
+        if verses and row["arm"] == "finetune" and scratch in table:
+            gain = get(key, "bible bleu") - get(scratch, "bible bleu")
             lines.append(f"measured: finetune on {verses:,} verses, Bible BLEU over scratch on them ({gain:+.2f})")
     return lines
 
@@ -317,7 +321,7 @@ def doc_table(table: dict) -> str:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row["seeds"]) > 1 else f"{m:.2f}"
                  for m, s in (row[f"{n} {k}"] for n, k in COLUMNS)]
         steps = "/".join(f"{s:,}" for s in row["steps"])
-        label = LABELS[arm.split("-v")[0]] + (f", lr {row['lr']}" if row.get("lr") else "")
+        label = LABELS[row["arm"]] + (f", lr {row['lr']}" if row.get("lr") else "")
         label += f", {row['verses']:,} verses" if row.get("verses") else ""
         lines.append(f"| {label} | {len(row['seeds'])} | {steps} | " + " | ".join(cells) + " |")
     machine = next(iter(table.values()))["machine"] if table else ""
