@@ -15,7 +15,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 LAYERS = [
     {"errors"},
     {"runtime", "memory", "config", "tokenizer", "segment"},
-    {"corpus", "casual", "names", "glossary"},
+    {"corpus", "casual", "names", "glossary", "vocabulary"},
     {"encoded"},
     {"data", "shortlist"},
     {"attention", "encoder", "unrolled"},

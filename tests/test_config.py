@@ -91,6 +91,7 @@ def test_amp_rejects_other_values():
 @pytest.mark.parametrize("values,message", [
     ({"train.teacher_forcing": "linear", "train.tf_k": 0}, "tf_k must be positive for the linear"),
     ({"train.dist_timeout_minutes": 0}, "dist_timeout_minutes must be positive"),
+    ({"train.init_vocab": "adapt"}, "init_vocab=adapt moves a trained model onto a new vocabulary; give the model"),
 ])
 def test_values_that_would_fail_later_are_config_errors(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -108,6 +108,57 @@ def test_provenance_in_the_checkpoint_info_and_card(corpus, source, new_data, tm
     assert "which was from" in text and origin["path"] in text
 
 
+def test_an_adapted_vocabulary_is_fitted_on_the_new_data_and_carries_the_shared_rows(corpus, source, new_data,
+                                                                                    tmp_path):
+    config = finetune_config(corpus, source, new_data, **{"train.init_vocab": "adapt"})
+    trainer = build_trainer(config, tmp_path / "ft")
+    best = load_checkpoint(source["run"] / "best.pt")
+    old, new = Tokenizer(best["tokenizer"]["src"], best["tokenizer"]["tgt"]), Tokenizer.load(tmp_path / "ft")
+    assert new.fingerprint != old.fingerprint and trainer.tokenizer.fingerprint == new.fingerprint
+    assert trainer.config.tokenizer.model is None  # trained by the run, with the source's settings
+    assert trainer.config.tokenizer.vocab_size == source["config"].tokenizer.vocab_size
+    weights = trainer.model.state_dict()
+    shared = [(i, old.src.piece_to_id(new.src.id_to_piece(i))) for i in range(4, new.src_vocab_size)]
+    shared = [(i, j) for i, j in shared if j != old.src.unk_id()]
+    assert shared and len(shared) < new.src_vocab_size - 4
+    for i, j in shared:
+        assert torch.equal(weights["encoder.embed.weight"][i], best["model"]["encoder.embed.weight"][j])
+        assert torch.equal(weights["decoder.output.bias"][i], best["model"]["decoder.output.bias"][j])
+    assert all(torch.equal(weights[k], best["model"][k]) for k in weights if "embed" not in k and "output" not in k)
+    # its vocabulary was fitted on the data it learns names from: name stand-ins, as a run from scratch
+    assert trainer.validator.translator().stand_in_names
+    # a given tokenizer is taken as the new one
+    given = finetune_config(corpus, source, new_data, **{
+        "train.init_vocab": "adapt", "tokenizer.model": str(source["root"] / "tok" / "src.model")})
+    assert build_trainer(given, tmp_path / "given").tokenizer.fingerprint == old.fingerprint
+
+
+def test_an_adapted_run_says_so_in_its_info_and_card(corpus, source, new_data, tmp_path):
+    train(finetune_config(corpus, source, new_data, **{"train.init_vocab": "adapt"}), tmp_path / "ft")
+    text = CliRunner().invoke(main, ["info", str(tmp_path / "ft")]).output
+    assert "vocabulary      adapted: a tokenizer of the fine-tuning data" in text
+    export_model(tmp_path / "ft", tmp_path / "export", scores=False)
+    assert "- Vocabulary: adapted to the fine-tuning data" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_a_mixed_run_trains_its_tokenizer_on_the_mixed_share_of_characters(corpus, source, new_data, tmp_path):
+    from translate.build import mixed_sample
+    from translate.corpus import load_pairs, sample_sentences
+
+    for ratio in (0.25, 1.0, 1000.0):
+        config = finetune_config(corpus, source, new_data, **{"data.mix": str(corpus["train"]),
+                                                               "data.mix_ratio": ratio})
+        src, tgt = mixed_sample(config, 3000)
+        sizes = [len(s) + len(t) for s, t in zip(src, tgt)]
+        table = load_pairs(str(corpus["train"]), "spa", "eng", "train")
+        if sum(sizes) < ratio * 3000:  # the whole corpus was not enough
+            assert len(src) == len(table)
+        else:  # the fewest pairs that reach the share
+            assert sum(sizes[:-1]) < ratio * 3000 <= sum(sizes)
+        every = zip(sample_sentences(table, "spa", len(table), 0), sample_sentences(table, "eng", len(table), 0))
+        assert set(zip(src, tgt)) <= set(every)
+
+
 def encoded(lengths):
     return Encoded([[5] * n for n in lengths]), Encoded([[6] * n for n in lengths])
 
@@ -194,13 +245,15 @@ def params(run_dir):
     return load_checkpoint(run_dir / "last.pt")["model"]
 
 
+@pytest.mark.parametrize("vocabulary", ["keep", "adapt"])
 def test_a_stopped_mixed_finetuning_run_resumes_as_if_uninterrupted(corpus, source, new_data, tmp_path,
-                                                                     monkeypatch):
-    """... without reading its source again (it is gone by then)."""
+                                                                     monkeypatch, vocabulary):
+    """... without reading its source again (it is gone by then), with its own vocabulary or one
+    adapted to its data."""
     shutil.copy(source["run"] / "best.pt", tmp_path / "source.pt")
     config = finetune_config(corpus, source, new_data, **{
         "train.init_from": str(tmp_path / "source.pt"), "data.mix": str(corpus["train"]), "data.mix_ratio": 0.5,
-        "train.max_steps": 24, "train.eval_every": 5})
+        "train.max_steps": 24, "train.eval_every": 5, "train.init_vocab": vocabulary})
     whole = train(config, tmp_path / "whole")
     assert whole.epochs >= 2  # the resumed run draws later epochs' samples too
     original = Trainer.train_step
@@ -269,12 +322,14 @@ BAD = [
     ({"train": "{root}/empty.tsv"}, "empty.tsv: the corpus is empty"),
     ({"mix": "{root}/empty.tsv"}, "empty.tsv: the corpus is empty"),
     ({"set": "data.streaming=true", "mix": "{new}"}, "drop data.streaming (--streaming) or data.mix (--mix)"),
+    ({"set": "train.init_vocab=adapt", "train": "{root}/empty.tsv"}, "empty.tsv: the corpus is empty"),
+    ({"set": "train.init_vocab=merge"}, "train.init_vocab"),
 ]
 
 
 @pytest.mark.parametrize("case, message", BAD, ids=[
     "missing", "truncated", "text file", "random pt", "model override", "tokenizer override", "other tokenizer",
-    "empty corpus", "empty mixed corpus", "streaming mix"])
+    "empty corpus", "empty mixed corpus", "streaming mix", "adapted to an empty corpus", "unknown vocabulary"])
 def test_bad_finetuning_input_is_one_line_and_writes_nothing(corpus, source, new_data, tmp_path, case, message):
     bad_sources(source, tmp_path)
     fill = {"root": str(tmp_path), "new": str(new_data["train"])}

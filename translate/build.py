@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import random
 import sys
 import time
 import traceback
@@ -47,6 +48,7 @@ from .tokenizer import WORD_START, Tokenizer
 from .training import Corpora, Learner, RunOutput, ScheduledForward, Trainer, TrainResult
 from .translator import Translator, stand_ins_for
 from .validation import DevSet, Validator
+from .vocabulary import adapt_weights, shared_pieces
 
 logger = logging.getLogger(__name__)
 training_logger = logging.getLogger("translate.training")  # the progress lines: the loop's own
@@ -112,7 +114,8 @@ def build_trainer(config: Config, run_dir: str | Path, resume: bool = False,
     if world.main and not resume and config.train.init_from:
         refuse_a_run(run_dir)  # checked before the source is read; open_run_dir checks it again
         source = load_source(config.train.init_from)
-        _check_tokenizer(config, source)
+        if config.train.init_vocab == "keep":
+            _check_tokenizer(config, source)
         config = finetune_config(config, source.config)
     if world.main and not resume and (source is not None or config.data.mix or config.data.extra_dev):
         _check_corpora(config)  # a new run's mistakes found before its directory is made
@@ -174,9 +177,14 @@ def _assemble(config: Config, world: World, payload: dict | None, run_dir: Path,
         logger.info(f"resumed {run_dir} at step {progress.step} (epoch {progress.epoch + 1}, "
                     f"best dev BLEU {max(progress.best_bleu, 0):.2f})")
     elif source is not None:  # (the other ranks take rank 0's weights when DDP wraps the model)
-        learner.model.load_state_dict(source.weights)
+        weights, vocabulary = source.weights, "tokenizer"
+        if cfg.init_vocab == "adapt":
+            weights = adapt_weights(weights, source.tokenizer, corpora.tokenizer)
+            shared, total = shared_pieces(source.tokenizer, corpora.tokenizer)
+            vocabulary = f"rows for the {shared:,} of this run's {total:,} pieces that it has (vocabulary adapted)"
+        learner.model.load_state_dict(weights)
         learner.origin = source.provenance
-        logger.info(f"fine-tuning {describe_source(source.provenance)}: its weights, tokenizer and model config; "
+        logger.info(f"fine-tuning {describe_source(source.provenance)}: its weights, {vocabulary} and model config; "
                     f"a new optimiser, LR schedule and step count")
     if world.distributed:  # wrapping broadcasts rank 0's parameters to every rank
         learner.forward = DistributedDataParallel(learner.forward,
@@ -284,7 +292,8 @@ def prepare_corpora(config: Config, world: World, payload: dict | None, run_dir:
     elif not world.main:
         tokenizer = Tokenizer(*broadcast(world, None))
     else:
-        tokenizer = source.tokenizer if source is not None else _main_tokenizer(config, train)
+        keep = source is not None and config.train.init_vocab == "keep"
+        tokenizer = source.tokenizer if keep else _main_tokenizer(config, train)
         broadcast(world, (tokenizer.src_proto, tokenizer.tgt_proto))
     if world.main:
         tokenizer.save(run_dir)
@@ -390,7 +399,8 @@ def fit_lexicon(config: Config, tokenizer: Tokenizer, train=None, encoded=None) 
 
 
 def _main_tokenizer(config: Config, train) -> Tokenizer:
-    """``tokenizer.model`` when given, else a SentencePiece model trained on a sample of the corpus."""
+    """``tokenizer.model`` when given, else a SentencePiece model trained on a sample of the corpus
+    (and of ``data.mix``, its share of the characters as of the tokens it trains with)."""
     tok, data = config.tokenizer, config.data
     if tok.model:
         return Tokenizer.load(tok.model)
@@ -403,8 +413,29 @@ def _main_tokenizer(config: Config, train) -> Tokenizer:
     else:
         sample_src = sample_sentences(train, data.src_lang, tok.max_sentences, seed)
         sample_tgt = sample_sentences(train, data.tgt_lang, tok.max_sentences, seed + 1)
+        if data.mix and data.mix_ratio > 0:
+            mixed_src, mixed_tgt = mixed_sample(config, sum(map(len, sample_src)) + sum(map(len, sample_tgt)))
+            sample_src, sample_tgt = sample_src + mixed_src, sample_tgt + mixed_tgt
     return Tokenizer.train(sample_src, sample_tgt, tok.vocab_size, tok.type, tok.joint, tok.character_coverage,
                            tok.max_sentences, seed)
+
+
+def mixed_sample(config: Config, characters: int) -> tuple[list[str], list[str]]:
+    """Pairs of ``data.mix`` in a seeded random order, until they hold ``data.mix_ratio`` times
+    ``characters`` (or all of them): what a tokenizer of a mixed run sees of that corpus."""
+    data = config.data
+    table = load_pairs(data.mix, data.src_lang, data.tgt_lang, "train")
+    src = sample_sentences(table, data.src_lang, config.tokenizer.max_sentences, config.train.seed + 2)
+    tgt = sample_sentences(table, data.tgt_lang, config.tokenizer.max_sentences, config.train.seed + 2)
+    order = list(range(len(src)))
+    random.Random(config.train.seed).shuffle(order)
+    budget, taken = data.mix_ratio * characters, []
+    for i in order:
+        if budget <= 0:
+            break
+        taken.append(i)
+        budget -= len(src[i]) + len(tgt[i])
+    return [src[i] for i in taken], [tgt[i] for i in taken]
 
 
 def make_adam(model: nn.Module, lr: float) -> torch.optim.Adam:

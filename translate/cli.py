@@ -517,6 +517,9 @@ def info(checkpoint, as_json):
         lines.append(f"averaged from   {len(details['averaged_from'])} checkpoints")
     for depth, source in enumerate(provenance_chain(details["init_from"])):
         lines.append(f"{'fine-tuned from' if depth == 0 else '  which was from':<15} {describe_source(source)}")
+    if details["init_from"] and details["config"]["train"]["init_vocab"] == "adapt":
+        lines.append("vocabulary      adapted: a tokenizer of the fine-tuning data, the first model's rows "
+                     "carried over")
     click.echo("\n".join(lines))
 
 

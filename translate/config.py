@@ -190,6 +190,11 @@ class TrainConfig:
     # `translate export`, whose weights, tokenizer and model.* / tokenizer.* config the run starts from, with a
     # fresh optimiser, LR schedule, step count and budget; none: a model of its own from scratch
     init_from: str | None = None
+    # (init_from) the vocabulary. keep: the source's tokenizer; adapt: a new one trained on this run's data (and
+    # its data.mix share) with the source's tokenizer.* settings, or tokenizer.model; pieces the two share keep
+    # their trained rows, new ones start from the pieces the old tokenizer splits them into (vocabulary.py):
+    # for a large new corpus, where the old pieces cut its words short (docs/training.md)
+    init_vocab: Literal["keep", "adapt"] = "keep"
 
 
 @dataclass(frozen=True)
@@ -304,6 +309,9 @@ class Config:
         if not (math.isfinite(self.data.mix_ratio) and self.data.mix_ratio >= 0):
             raise ConfigError(f"data.mix_ratio must be 0 or more (tokens of the mixed corpus per new token), "
                               f"got {self.data.mix_ratio}")
+        if t.init_vocab == "adapt" and not t.init_from:
+            raise ConfigError("train.init_vocab=adapt moves a trained model onto a new vocabulary; give the model "
+                              "with --init-from, or drop train.init_vocab")
         if self.data.mix and self.data.streaming:
             raise ConfigError("data.mix samples the mixed corpus anew each epoch, which a stream cannot; "
                               "drop data.streaming (--streaming) or data.mix (--mix)")
@@ -486,12 +494,14 @@ def finetune_config(given: Config, source: Config) -> Config:
     for section in SOURCE_SECTIONS:
         for key, value in given_raw[section].items():
             if (section, key) == ("tokenizer", "model"):
-                continue
+                continue  # (a new tokenizer with train.init_vocab=adapt, else checked in build)
             if value != defaults[section][key] and value != source_raw[section][key]:
                 raise ConfigError(f"{section}.{key}={value!r} conflicts with {source_raw[section][key]!r} of the model "
                                   f"given with --init-from (train.init_from); fine-tuning keeps that model's "
                                   f"{section}.* config: drop the override, or train from scratch without --init-from")
         raw[section] = source_raw[section]
+    if given.train.init_vocab == "adapt":  # the new tokenizer: the given one, else one this run trains
+        raw["tokenizer"] = {**source_raw["tokenizer"], "model": given_raw["tokenizer"]["model"]}
     config = Config._from_raw(raw)._given(given.given)
     config.validate()
     return config

@@ -170,6 +170,9 @@ def fine_tuning_lines(config, init_from: dict[str, Any] | None) -> list[str]:
     for depth, source in enumerate(provenance_chain(init_from)):
         lines.append(f"- {'Fine-tuned from' if depth == 0 else '  which was fine-tuned from'}: "
                      f"{describe_source(source)}, trained on {shown_path(source.get('train') or '?')}")
+    if init_from and config.train.init_vocab == "adapt":
+        lines.append("- Vocabulary: adapted to the fine-tuning data (a tokenizer of its own, the rows of the pieces "
+                     "it shares with the model it started from carried over)")
     return lines
 
 

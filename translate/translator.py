@@ -600,8 +600,9 @@ def _in_processes(fn: Callable, items: Sequence, workers: int) -> Iterator:
 
 def stand_ins_for(config: Config) -> bool:
     """Whether a model trained by ``config`` decodes unseen names as stand-ins: not once it was
-    fine-tuned (``train.init_from``), since its tokenizer was fitted on other data than its last."""
-    return config.train.init_from is None
+    fine-tuned (``train.init_from``) with its source's tokenizer, which was fitted on other data
+    than its last (``train.init_vocab=adapt`` fits a new one on it)."""
+    return config.train.init_from is None or config.train.init_vocab == "adapt"
 
 
 class Translator:
