@@ -134,7 +134,12 @@ def test_an_adapted_vocabulary_is_fitted_on_the_new_data_and_carries_the_shared_
 
 
 def test_an_adapted_run_says_so_in_its_info_and_card(corpus, source, new_data, tmp_path):
-    train(finetune_config(corpus, source, new_data, **{"train.init_vocab": "adapt"}), tmp_path / "ft")
+    args = cli_train_args(corpus, tmp_path / "ft", **{"train.max_steps": 4, "train.eval_every": 2})
+    args += ["--init-from", str(source["run"]), "--adapt-vocab", "--train", str(new_data["train"]),
+             "--dev", str(new_data["dev"])]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "ft" / "last.pt")["config"]["train"]["init_vocab"] == "adapt"
     text = CliRunner().invoke(main, ["info", str(tmp_path / "ft")]).output
     assert "vocabulary      adapted: a tokenizer of the fine-tuning data" in text
     export_model(tmp_path / "ft", tmp_path / "export", scores=False)

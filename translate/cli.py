@@ -102,10 +102,12 @@ def _load_translator(checkpoint: str, options: DecodeOptions, precision: str, de
               help="Read the training corpus as a stream (a hub dataset or a file too big to copy to Arrow).")
 @click.option("--init-from", metavar="MODEL", help="Fine-tune this model (checkpoint, run directory or exported "
               "folder): its weights, tokenizer and model config, with a new optimiser, LR schedule and step count.")
+@click.option("--adapt-vocab", is_flag=True, default=None, help="With --init-from: a tokenizer of the new data, the "
+              "model's rows carried over for the pieces both hold (train.init_vocab=adapt), for a large new corpus.")
 @click.option("--mix", "mix_path", help="Mix a sample of this corpus (e.g. the model's original training data) into "
               "each epoch: data.mix_ratio of its tokens per training token (default 1: as many).")
 def train(config_file, overrides, train_path, dev_paths, src_lang, tgt_lang, max_steps, max_epochs, max_minutes,
-          run_dir, resume, streaming, init_from, mix_path):
+          run_dir, resume, streaming, init_from, adapt_vocab, mix_path):
     """Train a model (defaults: the bundled Spanish-English data, into checkpoints/default), or
     fine-tune one with --init-from."""
     from .build import train as run_training
@@ -116,7 +118,8 @@ def train(config_file, overrides, train_path, dev_paths, src_lang, tgt_lang, max
                        ("data.tgt_lang", tgt_lang), ("train.max_steps", max_steps),
                        ("train.max_epochs", max_epochs), ("train.max_minutes", max_minutes),
                        ("data.streaming", streaming), ("data.extra_dev", extra_dev or None),
-                       ("train.init_from", init_from), ("data.mix", mix_path)):
+                       ("train.init_from", init_from), ("data.mix", mix_path),
+                       ("train.init_vocab", "adapt" if adapt_vocab else None)):
         if value is not None:
             pairs[key] = value
     if (max_steps is not None or max_epochs is not None) and "train.max_minutes" not in pairs:
