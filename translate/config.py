@@ -190,10 +190,10 @@ class TrainConfig:
     # `translate export`, whose weights, tokenizer and model.* / tokenizer.* config the run starts from, with a
     # fresh optimiser, LR schedule, step count and budget; none: a model of its own from scratch
     init_from: str | None = None
-    # (init_from) the vocabulary. keep: the source's tokenizer; adapt (--adapt-vocab): a new one trained on this run's data (and
-    # its data.mix share) with the source's tokenizer.* settings, or tokenizer.model; pieces the two share keep
-    # their trained rows, new ones start from the pieces the old tokenizer splits them into (vocabulary.py):
-    # for a large new corpus, where the old pieces cut its words short (docs/training.md)
+    # (init_from) the vocabulary. keep: the source's tokenizer; adapt (--adapt-vocab): a new one trained on this
+    # run's data (and its data.mix share) with the source's tokenizer.* settings, or tokenizer.model; pieces the
+    # two share keep their trained rows, new ones start from the pieces the old tokenizer splits them into
+    # (vocabulary.py): for a large new corpus, where the old pieces cut its words short (docs/training.md)
     init_vocab: Literal["keep", "adapt"] = "keep"
 
 
