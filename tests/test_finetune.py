@@ -127,6 +127,11 @@ def test_an_adapted_vocabulary_is_fitted_on_the_new_data_and_carries_the_shared_
     assert all(torch.equal(weights[k], best["model"][k]) for k in weights if "embed" not in k and "output" not in k)
     # its vocabulary was fitted on the data it learns names from: name stand-ins, as a run from scratch
     assert trainer.validator.translator().stand_in_names
+    # from the model's export, the same start
+    exported = finetune_config(corpus, source, new_data, **{"train.init_vocab": "adapt",
+                                                             "train.init_from": str(source["export"])})
+    again = build_trainer(exported, tmp_path / "export").model.state_dict()
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
     # a given tokenizer is taken as the new one
     given = finetune_config(corpus, source, new_data, **{
         "train.init_vocab": "adapt", "tokenizer.model": str(source["root"] / "tok" / "src.model")})
