@@ -1,6 +1,7 @@
 """Vocabulary adaptation for fine-tuning (``train.init_vocab=adapt``): a trained model's weights
-moved onto a new tokenizer fitted on the new domain, in the spirit of Lakew et al. (2018, dynamic
-vocabulary) and Sato et al. (2020, vocabulary adaptation for domain adaptation).
+moved onto a new tokenizer fitted on the new domain (Sato et al., 2020, on why a domain wants a
+vocabulary of its own), keeping the rows of shared pieces as Lakew et al. (2018) do and starting
+a new piece from its old pieces' mean as Gee et al. (2022) do.
 
 A source's tokenizer splits the words of another domain into many short pieces, so a model that
 keeps it learns that domain from longer, harder sequences than a model trained on it from scratch
