@@ -266,6 +266,8 @@ def test_a_stopped_mixed_finetuning_run_resumes_as_if_uninterrupted(corpus, sour
         "train.max_steps": 24, "train.eval_every": 5, "train.init_vocab": vocabulary})
     whole = train(config, tmp_path / "whole")
     assert whole.epochs >= 2  # the resumed run draws later epochs' samples too
+    # an adapted vocabulary is fitted on the new pairs and on the mixed corpus's share
+    assert ("of the mixed corpus" in (tmp_path / "whole" / "train.log").read_text()) == (vocabulary == "adapt")
     original = Trainer.train_step
 
     def stop(self, batches, group_tokens=None):

@@ -404,10 +404,7 @@ def _main_tokenizer(config: Config, train) -> Tokenizer:
     tok, data = config.tokenizer, config.data
     if tok.model:
         return Tokenizer.load(tok.model)
-    logger.info(f"training a SentencePiece {tok.type} tokenizer ({'joint' if tok.joint else 'separate'} "
-                f"vocabulary of {tok.vocab_size}) on "
-                f"{'the first pairs of the stream' if data.streaming else f'{len(train):,} pairs'}")
-    seed = config.train.seed
+    seed, mixed = config.train.seed, ""
     if data.streaming:
         sample_src, sample_tgt = first_sentences(train, data.src_lang, data.tgt_lang, tok.max_sentences)
     else:
@@ -416,6 +413,10 @@ def _main_tokenizer(config: Config, train) -> Tokenizer:
         if data.mix and data.mix_ratio > 0:
             mixed_src, mixed_tgt = mixed_sample(config, sum(map(len, sample_src)) + sum(map(len, sample_tgt)))
             sample_src, sample_tgt = sample_src + mixed_src, sample_tgt + mixed_tgt
+            mixed = f" and {len(mixed_src):,} of the mixed corpus"
+    logger.info(f"training a SentencePiece {tok.type} tokenizer ({'joint' if tok.joint else 'separate'} "
+                f"vocabulary of {tok.vocab_size}) on "
+                f"{'the first pairs of the stream' if data.streaming else f'{len(train):,} pairs'}{mixed}")
     return Tokenizer.train(sample_src, sample_tgt, tok.vocab_size, tok.type, tok.joint, tok.character_coverage,
                            tok.max_sentences, seed)
 
