@@ -40,15 +40,22 @@ scratch on the same data for the same budget.
 
 Every run gets the same budget: ``--minutes`` of wall time (the machine must be otherwise idle)
 or ``--steps`` updates (what a run of those minutes makes on this machine: immune to a busy
-machine, so that runs may share it, ``--threads 1`` each). Runs that finished before are skipped,
-so the bench resumes where it stopped. Each scored model leaves its translations and figures in
-RESULTS/<arm>-s<seed>.json.gz (kept in git); the table (means and standard deviations over seeds)
-is made from those files alone:
+machine, so that runs may share it, ``--threads 1`` each). A step on the verses costs more than one
+on Tatoeba (longer sentences in the same padded tokens: more time steps, fewer sentences each), so
+``--calibrate M`` times default runs of M minutes on the idle machine, on the bundled data and on
+the verses, and prints the steps each makes in ``--minutes`` (with ``--steps N``: the steps on the
+verses that take as long as N on the bundled data, the ``--steps`` of the Bible arms).
+Runs that finished before are skipped, so the bench resumes where it stopped. Each scored model
+leaves its translations and figures in RESULTS/<arm>[-v<verses>]-<budget>-s<seed>.json.gz (kept in
+git; the zero-shot rows: <arm>-s<seed>); the table (means and standard deviations over seeds, a row
+per arm and budget; fine-tuning is compared with training from scratch on the same budget) is made
+from those files alone:
 
     python bench/domain.py --seeds 1,2                       # every arm, 25 minutes a run
     python bench/domain.py --seeds 1,2 --steps 4477 --threads 1 --arms base,scratch
     python bench/domain.py --base checkpoints/default/best.pt --arms zero-shot
     python bench/domain.py --seeds 1,2 --steps 4477 --threads 1 --verses 2000 --arms finetune,scratch
+    python bench/domain.py --calibrate 5 --steps 4477 --json bench/results/domain-budget.json
     python bench/domain.py --table-only --json bench/results/domain.json --doc docs/benchmarks.md
 """
 
@@ -143,13 +150,21 @@ def some_verses(train: Path, verses: int) -> Path:
     return path
 
 
-def arm_key(arm: str, verses: int | None) -> str:
-    """The arm's name in the table, with ``-vN`` when it trained on N verses (``--verses``)."""
-    return f"{arm}-v{verses}" if verses else arm
+def budget_tag(budget: dict | None) -> str:
+    """A training budget as it goes into names: ``3853steps`` or ``25min`` (none: a base's zero-shot rows)."""
+    if not budget:
+        return ""
+    return f"{budget['steps']}steps" if "steps" in budget else f"{budget['minutes']:g}min"
 
 
-def run_name(arm: str, seed: int, verses: int | None) -> str:
-    return f"{arm_key(arm, verses)}-s{seed}"
+def arm_key(arm: str, verses: int | None, budget: dict | None = None) -> str:
+    """The arm's row in the table: with ``-vN`` when it trained on N verses (``--verses``), and its
+    budget, so that only runs of the same budget are compared."""
+    return "-".join(part for part in (arm, f"v{verses}" if verses else "", budget_tag(budget)) if part)
+
+
+def run_name(arm: str, seed: int, verses: int | None, budget: dict | None) -> str:
+    return f"{arm_key(arm, verses, budget)}-s{seed}"
 
 
 def train_command(arm: str, run_dir: Path, seed: int, base: Path | None, work: Path, args) -> list[str]:
@@ -212,7 +227,8 @@ def run_arm(arm: str, seed: int, base: Path | None, args, sets: dict) -> None:
                       "options": dataclasses.asdict(options), "scores": score(base, options, sets)}
             write(path, record)
         return
-    name = run_name(arm, seed, args.verses)
+    budget = {"steps": args.steps} if args.steps else {"minutes": args.minutes}
+    name = run_name(arm, seed, args.verses, budget)
     path = results / f"{name}.json.gz"
     if path.is_file():
         return
@@ -223,9 +239,38 @@ def run_arm(arm: str, seed: int, base: Path | None, args, sets: dict) -> None:
     options = DecodeOptions(split="clauses")
     record = {"arm": arm, "seed": seed, "verses": args.verses, "command": " ".join(command),
               "steps": steps_of(run_dir / "last.pt"),
-              "budget": {"steps": args.steps} if args.steps else {"minutes": args.minutes},
+              "budget": budget,
               "options": dataclasses.asdict(options), "scores": score(run_dir / "best.pt", options, sets)}
     write(path, record)
+
+
+def calibrate(args) -> dict:
+    """Steps that default runs make in ``args.calibrate`` minutes on the idle machine, on the bundled
+    data (``base``) and on the Bible training verses (``scratch``), and what that makes in
+    ``args.minutes``: scaled by the time (this machine's speed) and by the bundled data's steps."""
+    import tempfile
+    figures_ = {"machine": cpu_model(), "minutes": args.calibrate, "budget_minutes": args.minutes, "arms": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for arm in ("base", "scratch"):
+            run_dir = Path(work) / arm
+            command = train_command(arm, run_dir, 1, None, Path(args.out), argparse.Namespace(
+                verses=None, steps=None, minutes=args.calibrate, threads=args.threads, set=args.set))
+            print("$", " ".join(command), flush=True)
+            code = subprocess.call(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
+            if code != 0:
+                sys.exit(f"calibration run {arm} failed (exit {code})")
+            steps = steps_of(run_dir / "last.pt")
+            figures_["arms"][arm] = {"steps": steps, "steps_in_budget": round(steps * args.minutes / args.calibrate)}
+            print(f"{arm}: {steps:,} steps in {args.calibrate:g} minutes, "
+                  f"{figures_['arms'][arm]['steps_in_budget']:,} in {args.minutes:g}", flush=True)
+    ratio = figures_["arms"]["scratch"]["steps"] / figures_["arms"]["base"]["steps"]
+    figures_["bible_per_bundled_step"] = ratio
+    print(f"a step on the verses costs {1 / ratio:.2f} of one on the bundled data", flush=True)
+    if args.steps:  # the steps that a base of --steps makes in --minutes elsewhere, on the verses
+        figures_["bible_steps"] = {"bundled": args.steps, "verses": round(args.steps * ratio)}
+        print(f"{args.steps:,} steps on the bundled data take as long as {round(args.steps * ratio):,} on the verses",
+              flush=True)
+    return figures_
 
 
 def code_version() -> str:
@@ -270,7 +315,7 @@ def summary(results: Path) -> dict:
     for path in sorted(results.glob("*-s*.json.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             record = json.load(handle)
-        records.setdefault(arm_key(record["arm"], record.get("verses")), []).append(record)
+        records.setdefault(arm_key(record["arm"], record.get("verses"), record.get("budget")), []).append(record)
     table = {}
     for arm, runs in records.items():
         row = {"arm": runs[0]["arm"], "seeds": sorted(r["seed"] for r in runs), "steps": [r["steps"] for r in runs],
@@ -304,20 +349,31 @@ def goals(table: dict) -> list[str]:
     if now in table:
         check("casual within 3 BLEU of the test", get(now, "casual bleu") - get(now, "test bleu"),
               lambda v: v >= -3.0)
-    for arm in FINETUNE:
-        if arm in table and "scratch" in table:
-            check(f"{arm} Bible BLEU >= +2 over scratch", get(arm, "bible bleu") - get("scratch", "bible bleu"),
-                  lambda v: v >= 2.0)
-    for arm in ("finetune-mix", "finetune-mix-adapt"):
-        if arm in table and now in table:
-            check(f"{arm} test BLEU within 1.5 of the base", get(arm, "test bleu") - get(now, "test bleu"),
-                  lambda v: v >= -1.5)
-    for key, row in table.items():  # fine-tuning on fewer verses (--verses): measured, not a goal
-        verses, scratch = row.get("verses"), arm_key("scratch", row.get("verses"))
-        if verses and row["arm"] in ("finetune", "finetune-adapt") and scratch in table:
-            gain = get(key, "bible bleu") - get(scratch, "bible bleu")
-            lines.append(f"measured: {row['arm']} on {verses:,} verses, Bible BLEU over scratch on them ({gain:+.2f})")
+    for key in table_order(table):  # each fine-tuning row against training from scratch on the same budget
+        row = table[key]
+        scratch = arm_key("scratch", row.get("verses"), row.get("budget"))
+        if row["arm"] not in FINETUNE or scratch not in table:
+            continue
+        gain, budget = get(key, "bible bleu") - get(scratch, "bible bleu"), budget_tag(row.get("budget"))
+        if row.get("verses"):  # fine-tuning on fewer verses (--verses): measured, not a goal
+            lines.append(f"measured: {row['arm']} on {row['verses']:,} verses, {budget}, Bible BLEU over scratch "
+                         f"on them ({gain:+.2f})")
+        else:
+            check(f"{row['arm']} ({budget}) Bible BLEU >= +2 over scratch", gain, lambda v: v >= 2.0)
+    for key in table_order(table):
+        row = table[key]
+        if row["arm"] in ("finetune-mix", "finetune-mix-adapt") and now in table:
+            check(f"{row['arm']} ({budget_tag(row.get('budget'))}) test BLEU within 1.5 of the base",
+                  get(key, "test bleu") - get(now, "test bleu"), lambda v: v >= -1.5)
     return lines
+
+
+def table_order(table: dict) -> list[str]:
+    """The table's rows: by arm (``ROWS``), then the verses they trained on, then their budget."""
+    def budget_size(budget: dict | None) -> float:
+        return 0 if not budget else budget.get("steps", budget.get("minutes", 0))
+    return sorted(table, key=lambda key: (table[key]["verses"] or 0, ROWS.index(table[key]["arm"]),
+                                          budget_size(table[key].get("budget"))))
 
 
 def doc_table(table: dict) -> str:
@@ -325,9 +381,7 @@ def doc_table(table: dict) -> str:
     metrics = {"bleu": "BLEU", "chrf": "chrF", "degenerate": "degenerate %", "carried": "names kept %"}
     head = "| model | seeds | steps | " + " | ".join(f"{names[n]} {metrics[m]}" for n, m in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
-    rows = [arm for arm in ROWS if arm in table]
-    rows += sorted((key for key in table if key not in ROWS), key=lambda key: (table[key]["verses"], key))
-    for arm in rows:
+    for arm in table_order(table):
         row = table[arm]
         cells = [f"{m:.2f} ± {s:.2f}" if len(row["seeds"]) > 1 else f"{m:.2f}"
                  for m, s in (row[f"{n} {k}"] for n, k in COLUMNS)]
@@ -335,11 +389,18 @@ def doc_table(table: dict) -> str:
         label = LABELS[row["arm"]] + (f", lr {row['lr']}" if row.get("lr") else "")
         label += f", {row['verses']:,} verses" if row.get("verses") else ""
         lines.append(f"| {label} | {len(row['seeds'])} | {steps} | " + " | ".join(cells) + " |")
-    machine = next(iter(table.values()))["machine"] if table else ""
+    machines: dict[str, list[str]] = {}
+    for row in table.values():
+        budget = budget_tag(row.get("budget")) or "zero-shot"
+        if budget not in machines.setdefault(row["machine"], []):
+            machines[row["machine"]].append(budget)
+    where = "; ".join(f"{machine} ({', '.join(budgets)})" if len(machines) > 1 else machine
+                      for machine, budgets in machines.items())
     lines.append("")
-    lines.append(f"Machine: {machine}, 2 cores. Beam 5, default decoding (int8, shortlist; the Bible-trained "
+    lines.append(f"Machine: {where}, 2 cores. Beam 5, default decoding (int8, shortlist; the Bible-trained "
                  "models with split=clauses, which is what phrases does for them); steps: the run's "
-                 "updates (a default run makes about 4,477 in 25 minutes on 2 idle cores). "
+                 "updates (a default run makes about 4,477 in 25 minutes on 2 idle cores of the Xeon; what that "
+                 "makes on the verses: `--calibrate`, bench/results/domain-budget.json). "
                  + "Mean ± standard deviation where there are several seeds; "
                  + "made by `python bench/domain.py --table-only`.")
     return "\n".join(lines)
@@ -361,12 +422,20 @@ def main() -> None:
     parser.add_argument("--out", default="checkpoints/domain", help="where the runs go")
     parser.add_argument("--results", default="bench/results/domain", help="where each scored model's JSON goes")
     parser.add_argument("--table-only", action="store_true", help="only make the table from RESULTS")
+    parser.add_argument("--calibrate", type=float, metavar="M",
+                        help="only time default runs of M minutes on the bundled data and on the verses: the "
+                             "steps each makes in --minutes")
     parser.add_argument("--json", dest="json_path", help="also write the table to this JSON file")
     parser.add_argument("--doc", help="write the table into this page between its markers")
     args = parser.parse_args()
     configure_process()
     global CODE
     CODE = code_version()  # as imported: a later change of the files does not change what this process runs
+    if args.calibrate:
+        figures_ = calibrate(args)
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps(figures_, indent=1) + "\n", encoding="utf-8")
+        return
     if not args.table_only:
         arms = [a for a in args.arms.split(",") if a]
         unknown = sorted(set(arms) - set(ARMS))
