@@ -46,9 +46,9 @@ on Tatoeba (longer sentences in the same padded tokens: more time steps, fewer s
 the verses, and prints the steps each makes in ``--minutes`` (with ``--steps N``: the steps on the
 verses that take as long as N on the bundled data, the ``--steps`` of the Bible arms).
 Runs that finished before are skipped, so the bench resumes where it stopped. Each scored model
-leaves its translations and figures in RESULTS/<arm>[-v<verses>]-<budget>-s<seed>.json.gz (kept in
-git; the zero-shot rows: <arm>-s<seed>); the table (means and standard deviations over seeds, a row
-per arm and budget; fine-tuning is compared with training from scratch on the same budget) is made
+leaves its translations and figures in RESULTS/<arm>[-v<verses>][-lr<lr>]-<budget>-s<seed>.json.gz
+(kept in git; the zero-shot rows: <arm>-s<seed>); the table (means and standard deviations over seeds, a
+row per arm, learning rate and budget; fine-tuning is compared with training from scratch on the same budget) is made
 from those files alone:
 
     python bench/domain.py --seeds 1,2                       # every arm, 25 minutes a run
@@ -157,14 +157,15 @@ def budget_tag(budget: dict | None) -> str:
     return f"{budget['steps']}steps" if "steps" in budget else f"{budget['minutes']:g}min"
 
 
-def arm_key(arm: str, verses: int | None, budget: dict | None = None) -> str:
-    """The arm's row in the table: with ``-vN`` when it trained on N verses (``--verses``), and its
-    budget, so that only runs of the same budget are compared."""
-    return "-".join(part for part in (arm, f"v{verses}" if verses else "", budget_tag(budget)) if part)
+def arm_key(arm: str, verses: int | None, budget: dict | None = None, lr: str | None = None) -> str:
+    """The arm's row in the table: with ``-vN`` when it trained on N verses (``--verses``), ``-lrX``
+    when its runs set ``train.lr``, and its budget, so that only runs of the same budget are compared."""
+    parts = (arm, f"v{verses}" if verses else "", f"lr{lr}" if lr else "", budget_tag(budget))
+    return "-".join(part for part in parts if part)
 
 
-def run_name(arm: str, seed: int, verses: int | None, budget: dict | None) -> str:
-    return f"{arm_key(arm, verses, budget)}-s{seed}"
+def run_name(arm: str, seed: int, verses: int | None, budget: dict | None, lr: str | None = None) -> str:
+    return f"{arm_key(arm, verses, budget, lr)}-s{seed}"
 
 
 def train_command(arm: str, run_dir: Path, seed: int, base: Path | None, work: Path, args) -> list[str]:
@@ -228,7 +229,7 @@ def run_arm(arm: str, seed: int, base: Path | None, args, sets: dict) -> None:
             write(path, record)
         return
     budget = {"steps": args.steps} if args.steps else {"minutes": args.minutes}
-    name = run_name(arm, seed, args.verses, budget)
+    name = run_name(arm, seed, args.verses, budget, learning_rate(" ".join(args.set)))
     path = results / f"{name}.json.gz"
     if path.is_file():
         return
@@ -315,7 +316,9 @@ def summary(results: Path) -> dict:
     for path in sorted(results.glob("*-s*.json.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             record = json.load(handle)
-        records.setdefault(arm_key(record["arm"], record.get("verses"), record.get("budget")), []).append(record)
+        key = arm_key(record["arm"], record.get("verses"), record.get("budget"),
+                      learning_rate(record.get("command", "")))
+        records.setdefault(key, []).append(record)
     table = {}
     for arm, runs in records.items():
         row = {"arm": runs[0]["arm"], "seeds": sorted(r["seed"] for r in runs), "steps": [r["steps"] for r in runs],
@@ -355,6 +358,7 @@ def goals(table: dict) -> list[str]:
         if row["arm"] not in FINETUNE or scratch not in table:
             continue
         gain, budget = get(key, "bible bleu") - get(scratch, "bible bleu"), budget_tag(row.get("budget"))
+        budget += f", lr {row['lr']}" if row.get("lr") else ""
         if row.get("verses"):  # fine-tuning on fewer verses (--verses): measured, not a goal
             lines.append(f"measured: {row['arm']} on {row['verses']:,} verses, {budget}, Bible BLEU over scratch "
                          f"on them ({gain:+.2f})")
@@ -373,7 +377,7 @@ def table_order(table: dict) -> list[str]:
     def budget_size(budget: dict | None) -> float:
         return 0 if not budget else budget.get("steps", budget.get("minutes", 0))
     return sorted(table, key=lambda key: (table[key]["verses"] or 0, ROWS.index(table[key]["arm"]),
-                                          budget_size(table[key].get("budget"))))
+                                          budget_size(table[key].get("budget")), table[key].get("lr") or ""))
 
 
 def doc_table(table: dict) -> str:
