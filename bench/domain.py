@@ -362,6 +362,8 @@ def goals(table: dict) -> list[str]:
         if row.get("verses"):  # fine-tuning on fewer verses (--verses): measured, not a goal
             lines.append(f"measured: {row['arm']} on {row['verses']:,} verses, {budget}, Bible BLEU over scratch "
                          f"on them ({gain:+.2f})")
+        elif len(row["seeds"]) < 2:  # the goal is judged on two seeds or more
+            lines.append(f"measured, one seed: {row['arm']} ({budget}) Bible BLEU over scratch ({gain:+.2f})")
         else:
             check(f"{row['arm']} ({budget}) Bible BLEU >= +2 over scratch", gain, lambda v: v >= 2.0)
     for key in table_order(table):
