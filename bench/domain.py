@@ -47,9 +47,9 @@ the verses, and prints the steps each makes in ``--minutes`` (with ``--steps N``
 verses that take as long as N on the bundled data, the ``--steps`` of the Bible arms).
 Runs that finished before are skipped, so the bench resumes where it stopped. Each scored model
 leaves its translations and figures in RESULTS/<arm>[-v<verses>][-lr<lr>]-<budget>-s<seed>.json.gz
-(kept in git; the zero-shot rows: <arm>-s<seed>); the table (means and standard deviations over seeds, a
-row per arm, learning rate and budget; fine-tuning is compared with training from scratch on the same budget) is made
-from those files alone:
+(kept in git; the zero-shot rows: <arm>-s<seed>); the table (means and standard deviations over seeds,
+a row per arm, learning rate and budget; fine-tuning is compared with training from scratch on the
+same budget) is made from those files alone:
 
     python bench/domain.py --seeds 1,2                       # every arm, 25 minutes a run
     python bench/domain.py --seeds 1,2 --steps 4477 --threads 1 --arms base,scratch
