@@ -83,7 +83,9 @@ def main() -> None:
         passes = 3.0 + (1.0 if config.train.scheduled_sampling == "parallel" and ratio < 1 else 0.0)
         flops = forward_flops(config.model, trainer.tokenizer.tgt_vocab_size, src_tokens, tgt_tokens, pairs) * passes
         dtype = trainer.amp_dtype or torch.float32
-        peak = matmul_peak_flops(dtype) if trainer.device.type == "cpu" else float("nan")
+        on_gpu = trainer.device.type == "cuda"  # a GPU's peak needs a product big enough to fill it
+        peak = matmul_peak_flops(dtype, size=8192 if on_gpu else 2048, repeats=20 if on_gpu else 5,
+                                 device=trainer.device)
         rows = [
             ("device", f"{trainer.device} ({str(dtype).split('.')[-1]}, {torch.get_num_threads()} threads)"),
             ("teacher forcing", f"{config.train.scheduled_sampling}, ratio {ratio:.2f}"),
