@@ -9,7 +9,7 @@ import pytest
 
 from translate.config import BUNDLED_DATA
 from translate.corpus import read_parallel
-from translate.names import rare_names, stand_in_words
+from translate.names import TargetLetters, rare_names, stand_in_words
 from translate.tokenizer import Tokenizer
 from translate.translator import DecodeOptions, Translator
 
@@ -76,3 +76,62 @@ def test_a_model_that_learned_its_names_decodes_them_itself(tiny_model, tokenize
     assert translator.source_pieces(line) == tokenizer.src_pieces(line)
     unknown = "El gato de Ωmega come pan."
     assert "Ωmega" in translator.translate([unknown])[0][0].text
+
+
+def reference_letters(texts, share):
+    """Plainly: the letters, case folded, that make up at least ``share`` of the texts' letters."""
+    counts = {}
+    for char in "".join(texts):
+        if char.isalpha():
+            counts[char.lower()] = counts.get(char.lower(), 0) + 1
+    return {c for c, n in counts.items() if n >= share * sum(counts.values())}
+
+
+def test_the_target_letters_from_the_lexicons_piece_counts_are_those_of_the_target_texts(monkeypatch):
+    from translate import names
+    from translate.encoded import Encoded
+    from translate.shortlist import build_lexicon
+
+    sources = ["Él comió pan.", "Ésta es mía.", "Raúl lee un libro."] * 40 + ["Un café."]
+    targets = ["He ate bread.", "This one is mine.", "Raul reads a book."] * 40 + ["A café."]
+    tokenizer = Tokenizer.train(sources, targets, vocab_size=60)
+    lexicon = build_lexicon(Encoded(tokenizer.encode_src(sources)), Encoded(tokenizer.encode_tgt(targets)),
+                            tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    for share in (1e-5, 0.002, 0.02):  # the one é is in or out
+        monkeypatch.setattr(names, "LETTER_SHARE", share)
+        letters = TargetLetters.of_counts(tokenizer, lexicon.target_counts).letters
+        assert letters == reference_letters(targets, share)
+    assert "é" not in letters and "í" not in letters and "a" in letters
+    assert TargetLetters.of_counts(tokenizer, None) is None  # a checkpoint without counts: not known
+
+
+def test_a_carried_word_is_spelled_in_the_target_letters_where_dropping_accents_does_it():
+    english = TargetLetters("abcdefghijklmnopqrstuvwxyz")
+    source = "Raúl y Jehová vieron a Ἰησοῦς en Zürich; el café."
+    assert english.spell("Raúl and Jehová saw Ἰησοῦς in Zürich; the café.", source, keep=["café"]) == \
+        "Raul and Jehova saw Ἰησοῦς in Zurich; the café."
+    assert english.spell("The café of Raúl.", "El bar de Raul.") == "The café of Raúl."  # not carried: as it is
+    spanish = TargetLetters("abcdefghijklmnopqrstuvwxyzáéíóúñü")
+    assert spanish.spell("Raúl und Zoë", "Raúl und Zoë") == "Raúl und Zoe"
+
+
+def test_the_translator_spells_a_carried_name_in_the_letters_of_its_training_targets(tiny_model, tokenizer):
+    from translate.encoded import Encoded
+    from translate.shortlist import build_lexicon
+
+    from .conftest import make_pairs
+
+    pairs = make_pairs(600, seed=1)  # the tokenizer's own: English without accents
+    lexicon = build_lexicon(Encoded(tokenizer.encode_src([s for s, _ in pairs])),
+                            Encoded(tokenizer.encode_tgt([t for _, t in pairs])),
+                            tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    line = "El gato de Raúl come pan."
+    options = DecodeOptions(beam=2, inter_threads=1, shortlist=0)
+    translator = Translator(tiny_model, tokenizer, options, lexicon=lexicon)
+    folded = translator.translate([line])[0][0].text
+    kept = translator.translate([line], DecodeOptions(beam=2, inter_threads=1, shortlist=0,
+                                                      fold_accents=False))[0][0].text
+    assert "Raúl" in kept and folded == kept.replace("Raúl", "Raul")
+    assert "Raúl" in Translator(tiny_model, tokenizer, options).translate([line])[0][0].text  # no counts
+    glossary = DecodeOptions(beam=2, inter_threads=1, shortlist=0, glossary=(("Raúl", "Raúl"),))
+    assert "Raúl" in translator.translate([line], glossary)[0][0].text  # a glossary's term as it is

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from translate.checkpoint import load_checkpoint
 from translate.cli import main
 from translate.encoded import Encoded
+from translate.errors import CheckpointError
 from translate.quantize import int8_available, quantized_copy
 from translate.search import beam_search, greedy
 from translate.shortlist import SPECIAL, TOP, Lexicon, build_lexicon
@@ -85,6 +86,12 @@ def test_the_lexicon_finds_a_word_for_word_mapping():
     counts = torch.bincount(torch.tensor([w for _, tgt in pairs for w in tgt]), minlength=41)
     assert (counts[lexicon.frequent.long()].diff() <= 0).all()  # most frequent first
     assert sorted(lexicon.frequent.tolist()) == list(range(41))
+    assert torch.equal(lexicon.target_counts, counts)  # every pair fitted: the targets' own counts
+    again = Lexicon.from_state(lexicon.state())
+    assert torch.equal(again.target_counts, counts) and again.check(30, 41) is again
+    with pytest.raises(CheckpointError, match="target counts do not fit"):
+        again.check(30, 40 + 2)
+    assert Lexicon.from_state({k: v for k, v in lexicon.state().items() if k != "target_counts"}).target_counts is None
 
 
 def test_pieces_outside_the_sample_still_get_their_translations():

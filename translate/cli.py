@@ -174,6 +174,10 @@ DECODING_FLAGS = {
                                     show_default=True, help="Give a sentence typed casually (no capital letter, or "
                                     "no final mark) the capitals and the final mark the model was trained on, and "
                                     "older Spanish spelling (fué, á) the modern one.")],
+    "fold_accents": [click.option("--fold-accents/--keep-accents", "fold_accents",
+                                  default=DEFAULT_DECODING.fold_accents, show_default=True,
+                                  help="Spell a word carried from the source (a name) in the letters of the model's "
+                                  "training targets, where dropping its accents does it: Saúl -> Saul in English.")],
     "sample": [click.option("--sample", "--sampling", "sample", is_flag=True, default=DEFAULT_DECODING.sample,
                             help="Draw each token from the model's distribution instead of searching (the beam "
                             "is then unused; an n-best of N: N draws, likeliest first, not deduplicated).")],
@@ -260,8 +264,9 @@ def decoding_options(*names: str, **fixed):
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the translations here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @ensemble_option
-@decoding_options("beam", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual", "shortlist", "precision",
-                  "device", "inter_threads", "sample", "temperature", "top_k", "top_p", "seed", "prefix", "glossary")
+@decoding_options("beam", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual", "fold_accents",
+                  "shortlist", "precision", "device", "inter_threads", "sample", "temperature", "top_k", "top_p",
+                  "seed", "prefix", "glossary")
 def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ensemble, options, precision, device):
     """Score a checkpoint with BLEU, chrF and TER (sacrebleu) on the test split or --src/--ref."""
     from .confidence import calibration_figures
@@ -314,8 +319,8 @@ def eval_command(checkpoint, src_file, ref_file, test_path, output, as_json, ens
 @click.option("--min-confidence", type=float, metavar="P", help="Name on stderr each line whose translation's "
               "confidence (the probability it is acceptable; a calibrated checkpoint's) is below P (0 to 1).")
 @decoding_options("beam", "n_best", "max_len_ratio", "alpha", "no_repeat_ngram", "coverage", "split", "restore_casual",
-                  "shortlist", "precision", "device", "inter_threads", "sample", "temperature", "top_k", "top_p",
-                  "seed", "prefix", "glossary")
+                  "fold_accents", "shortlist", "precision", "device", "inter_threads", "sample", "temperature",
+                  "top_k", "top_p", "seed", "prefix", "glossary")
 @ensemble_option
 def decode(checkpoint, input_file, output_file, scores, prefix_tab, min_confidence, options, precision, device,
            ensemble):

@@ -117,6 +117,12 @@ class EnsembleLexicon(NamedTuple):
         """The longest of the models' (``Lexicon.source_words``)."""
         return max(lexicon.source_words for lexicon in self.lexicons)
 
+    @property
+    def target_counts(self) -> torch.Tensor | None:
+        """The models' ``Lexicon.target_counts`` summed (they share the tokenizer); None when one lacks them."""
+        counts = [lexicon.target_counts for lexicon in self.lexicons]
+        return None if any(c is None for c in counts) else torch.stack(counts).sum(0)
+
 
 def ensemble_lexicon(lexicons: Sequence[Lexicon | None]) -> Lexicon | EnsembleLexicon | None:
     """One lexicon for the models: the first alone, or the union of all; None (the whole vocabulary,

@@ -54,6 +54,9 @@ class Lexicon:
     frequent: torch.Tensor  # (tgt_vocab,) int32 target ids, most frequent in the training targets first
     # words of the training sources: 99.9% of them are no longer (SOURCE_SHARE); 0: not known (older checkpoints)
     source_words: int = 0
+    # (tgt_vocab,) int64 how often each target piece occurs in the fitted targets (the letters the target
+    # language is written in: translator.TargetLetters); None: not known (older checkpoints)
+    target_counts: torch.Tensor | None = None
 
     def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int) -> Shortlist:
         """The target ids each sentence may produce: src (batch, src_len) source ids, PAD after a
@@ -84,6 +87,10 @@ class Lexicon:
             raise CheckpointError(f"{origin}: its lexicon does not fit the model's vocabulary (translations "
                                   f"{tuple(t.shape)}, frequent {tuple(f.shape)} for {src_vocab:,} source and "
                                   f"{tgt_vocab:,} target pieces); export the model again")
+        counts = self.target_counts
+        if counts is not None and (counts.dim() != 1 or counts.numel() != tgt_vocab):
+            raise CheckpointError(f"{origin}: its lexicon's target counts do not fit the {tgt_vocab:,} target "
+                                  f"pieces ({tuple(counts.shape)}); export the model again")
         for name, ids, low in (("translations", t, -1), ("frequent", f, 0)):
             if ids.numel() and (int(ids.min()) < low or int(ids.max()) >= tgt_vocab):
                 raise CheckpointError(f"{origin}: its lexicon's {name} hold target ids outside the vocabulary "
@@ -93,14 +100,18 @@ class Lexicon:
 
     def state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of it."""
-        return {"translations": self.translations, "frequent": self.frequent,
-                "source_words": torch.tensor([self.source_words], dtype=torch.int32)}
+        state = {"translations": self.translations, "frequent": self.frequent,
+                 "source_words": torch.tensor([self.source_words], dtype=torch.int32)}
+        if self.target_counts is not None:
+            state["target_counts"] = self.target_counts
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> Lexicon:
-        words = state.get("source_words")
+        words, counts = state.get("source_words"), state.get("target_counts")
         return cls(state["translations"].to(torch.int32), state["frequent"].to(torch.int32),
-                   0 if words is None else int(words.reshape(-1)[0]))
+                   0 if words is None else int(words.reshape(-1)[0]),
+                   None if counts is None else counts.to(torch.int64))
 
     @classmethod
     def of_checkpoint(cls, payload: dict, vocab: tuple[int, int] | None = None,
@@ -146,6 +157,7 @@ def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vo
         token += len(t)
     counts = np.bincount(np.concatenate(target_tokens or [np.zeros(0, np.int32)]), minlength=tgt_vocab)[:tgt_vocab]
     frequent = np.lexsort((np.arange(tgt_vocab), -counts)).astype(np.int32)  # most frequent first, ties by id
+    target_counts = torch.from_numpy(counts.astype(np.int64))
     del target_tokens
     translations = np.full((src_vocab, TOP), -1, dtype=np.int32)
     if token:
@@ -167,7 +179,7 @@ def build_lexicon(src: EncodedCorpus, tgt: EncodedCorpus, src_vocab: int, tgt_vo
         keep = rank < TOP
         translations[ranked_src[keep], rank[keep]] = pair_tgt[ranked][keep]
     source_words = int(np.ceil(np.percentile(words, SOURCE_SHARE))) if words else 0
-    return Lexicon(torch.from_numpy(translations), torch.from_numpy(frequent), source_words)
+    return Lexicon(torch.from_numpy(translations), torch.from_numpy(frequent), source_words, target_counts)
 
 
 SOURCE_SHARE = 99.9  # percent of the training sources that Lexicon.source_words covers
