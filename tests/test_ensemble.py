@@ -20,7 +20,7 @@ from translate.model import build_model
 from translate.quantize import int8_available, quantized_copy
 from translate.search import NOT_OUTPUT, beam_search, greedy
 from translate.serve import model_info
-from translate.shortlist import build_lexicon
+from translate.shortlist import Lexicon, build_lexicon
 from translate.tokenizer import BOS, EOS, Tokenizer
 from translate.translator import DecodeOptions, Translator
 
@@ -175,6 +175,10 @@ def test_the_shortlist_of_an_ensemble_is_the_union_of_its_models_shortlists(toke
         grew |= alone[0] != alone[1]
     assert grew, "the two lexicons give the same shortlists: the test shows nothing"
     assert ensemble_lexicon([lexicons[0]]) is lexicons[0] and ensemble_lexicon([lexicons[0], None]) is None
+    # the target letters (fold_accents) come from both models' target pieces, or from neither where one lacks counts
+    assert torch.equal(EnsembleLexicon(lexicons).target_counts, lexicons[0].target_counts + lexicons[1].target_counts)
+    older = Lexicon(lexicons[1].translations, lexicons[1].frequent)
+    assert EnsembleLexicon((lexicons[0], older)).target_counts is None
 
 
 @pytest.mark.parametrize("beam", [1, 3])
