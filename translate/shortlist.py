@@ -55,7 +55,7 @@ class Lexicon:
     # words of the training sources: 99.9% of them are no longer (SOURCE_SHARE); 0: not known (older checkpoints)
     source_words: int = 0
     # (tgt_vocab,) int64 how often each target piece occurs in the fitted targets (the letters the target
-    # language is written in: translator.TargetLetters); None: not known (older checkpoints)
+    # language is written in: names.TargetLetters); None: not known (older checkpoints)
     target_counts: torch.Tensor | None = None
 
     def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int) -> Shortlist:
