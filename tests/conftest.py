@@ -36,6 +36,25 @@ def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> Path:
     return path
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on the GPU on purpose (test_cuda.py); every other test module "
+                                       "sees no GPU (_no_gpu_unless_marked)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_gpu_unless_marked(request):
+    """A module not marked ``cuda`` sees no GPU, as on a machine without one: ``auto`` (train.device,
+    ``--device``, ``Translator.load``'s default) is the CPU, where the expected outputs were written
+    and decoding defaults to the CPU's precision (``CPU_PRECISION``). Module-scoped and autouse, so
+    that it is in place before the module's own fixtures train or load a model."""
+    if request.node.get_closest_marker("cuda") is not None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("corpus")
@@ -64,6 +83,9 @@ def tiny_overrides(corpus: dict[str, Path]) -> dict[str, object]:
         "train.eval_every": 10, "train.max_minutes": 0, "train.max_steps": 20, "train.lr": 0.01, "train.threads": 1,
         # a schedule that leaves teacher forcing after 5 steps, so the tiny runs feed predictions too
         "train.teacher_forcing": "inverse_sigmoid", "train.tf_warmup": 5, "train.tf_k": 10,
+        # on the CPU, where the expected outputs were written and a step count gives the same weights bit for
+        # bit, whatever the machine has (the runs in subprocesses too); test_cuda.py sets train.device=cuda
+        "train.device": "cpu",
     }
 
 

@@ -20,7 +20,7 @@ from translate.translator import DecodeOptions, Translator
 
 from .test_distributed import EXACT, _free_port
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def native_bf16() -> bool:
