@@ -36,7 +36,8 @@ STARTS = (("mean", "mean"), ("first", "mean"), ("mean", "first"), ("first", "fir
 
 def moved(weights: dict, old: Tokenizer, new: Tokenizer, src_pick: str, tgt_pick: str) -> dict:
     """``weights`` under ``new``, each new piece's rows picked from its old pieces' rows."""
-    plans = {"src": carried_rows(old.src, new.src), "tgt": carried_rows(old.tgt, new.tgt)}
+    plans = {"src": carried_rows(old.src, new.src)}  # as vocabulary.adapt_weights plans them
+    plans["tgt"] = plans["src"] if old.joint and new.joint else carried_rows(old.tgt, new.tgt)
     out = dict(weights)
     for side, names, pick in (("src", SRC_ROWS, src_pick), ("tgt", TGT_ROWS, tgt_pick)):
         for name in names:
@@ -70,7 +71,6 @@ def main() -> None:
     parser.add_argument("--pairs", required=True, help="held-out pairs (TSV with spa and eng columns)")
     parser.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    torch.manual_seed(0)
     base = load_checkpoint(args.base)
     old, new = restore_tokenizer(base), restore_tokenizer(load_checkpoint(args.tokenizer_of))
     config = ModelConfig(**base["config"]["model"])
