@@ -119,7 +119,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "HF_DATASETS_CACHE": str(root / "hf-cache"), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "HF_DATASETS_CACHE": str(root / "hf-cache"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
         sample = root / "tokenizer-sample.tsv"
         generate(sample, 20_000, seed=99)
         lines = sample.read_text(encoding="utf-8").splitlines()[1:]

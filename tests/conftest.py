@@ -97,6 +97,15 @@ def cli_train_args(corpus: dict[str, Path], run_dir: Path, **extra: object) -> l
     return args
 
 
+def env_with_repo(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that imports this checkout: the repository put
+    ahead of the caller's own PYTHONPATH, which the child still needs (packages installed there)."""
+    import os
+
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+
+
 def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
     """Starts a training ``command`` that writes ``run_dir`` and SIGKILLs it soon after its first
     last.pt, failing the test if the run ended by itself first (then nothing was interrupted)."""

@@ -3,10 +3,8 @@ devices and precisions, and NCCL across two GPUs. Skipped where there is no GPU.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from translate.checkpoint import load_checkpoint, save_checkpoint
 from translate.data import collate
 from translate.translator import DecodeOptions, Translator
 
+from .conftest import env_with_repo
 from .test_distributed import EXACT, _free_port
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -77,7 +76,7 @@ def test_two_nccl_processes_equal_one_process_with_the_same_batches(tiny_config,
                    progress_bar=False)
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = env_with_repo()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "translate", "train",
            "--run-dir", str(tmp_path / "ddp"), "--config", str(config_file)]

@@ -3,7 +3,6 @@ as one process that takes the same combined batches."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from translate.build import build_trainer, train
 from translate.checkpoint import load_checkpoint
 from translate.config import load_config
 from translate.data import collate
+
+from .conftest import env_with_repo
 
 # no dropout and pure teacher forcing: nothing random is left to differ between the runs
 EXACT = {"model.dropout": 0.0, "train.tf_warmup": 1000, "train.max_steps": 4, "train.eval_every": 1000,
@@ -63,7 +64,7 @@ def _free_port() -> int:
 def _torchrun(run_dir: Path, config_file: Path, *extra: str, steps: int) -> subprocess.CompletedProcess:
     """``translate train`` in two gloo CPU processes under torchrun; fails unless the run ends at
     ``steps`` with its checkpoint saved."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = env_with_repo(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "translate", "train",
            "--run-dir", str(run_dir), "--config", str(config_file), "--set", "train.device=cpu", *extra]

@@ -82,13 +82,16 @@ def test_one_sgd_step_moves_q_towards_the_lowest_risk_on_a_model(tiny_model, tok
     expected_risk(sequence_log_probs(tiny_model, memory, state, tokens), risk, valid, alpha).backward()
     optimizer.step()
     after = q().detach()
+    # a step on the weights, not on Q itself: to first order the expected risk falls and the best
+    # candidate gains; a candidate Q already holds near 0 may not visibly lose more
     checked = 0
     for row in range(risk.size(0)):
         ranked = [c for c in risk[row].argsort(stable=True).tolist() if valid[row, c]]
         best, worst = ranked[0], ranked[-1]
         if risk[row, best] == risk[row, worst]:
             continue  # every candidate as good: nothing to move
-        assert after[row, best] > before[row, best] and after[row, worst] < before[row, worst], row
+        assert after[row, best] > before[row, best], row
+        assert (after[row] * risk[row]).sum() < (before[row] * risk[row]).sum(), row
         checked += 1
     assert checked
 

@@ -580,6 +580,18 @@ def test_deeply_nested_json_is_a_400(service, body):
     assert response.status == 400 and "nested too deeply" in _json(response)["error"]
 
 
+def test_the_depth_limit_is_the_server_s_own_and_brackets_in_strings_do_not_count(service):
+    from translate.serve import MAX_JSON_DEPTH
+
+    service.max_body = 1 << 16
+    deep = b'{"sentences": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}"  # one past the limit
+    response = _call(service, "POST", "/translate", deep)
+    assert response.status == 400 and "nested too deeply" in _json(response)["error"]
+    brackets = '[{\\"[' * 1000  # in a string, with an escaped quote: text, not nesting
+    response = _call(service, "POST", "/translate", json.dumps({"sentences": [brackets]}).encode())
+    assert response.status == 200 and len(_json(response)["translations"]) == 1
+
+
 def test_health_names_the_model_by_its_file_name_only(tiny_model, tokenizer, tiny_config, monkeypatch, tmp_path):
     from click.testing import CliRunner
 
