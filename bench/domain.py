@@ -157,15 +157,17 @@ def budget_tag(budget: dict | None) -> str:
     return f"{budget['steps']}steps" if "steps" in budget else f"{budget['minutes']:g}min"
 
 
-def arm_key(arm: str, verses: int | None, budget: dict | None = None, lr: str | None = None) -> str:
+def arm_key(arm: str, verses: int | None, budget: dict | None = None, tuned: dict | None = None) -> str:
     """The arm's row in the table: with ``-vN`` when it trained on N verses (``--verses``), ``-lrX``
-    when its runs set ``train.lr``, and its budget, so that only runs of the same budget are compared."""
-    parts = (arm, f"v{verses}" if verses else "", f"lr{lr}" if lr else "", budget_tag(budget))
+    (``-dropoutX``) when its runs set ``train.lr`` (``model.dropout``), and its budget, so that only
+    runs of the same settings and budget are compared."""
+    parts = (arm, f"v{verses}" if verses else "", *(f"{name}{value}" for name, value in (tuned or {}).items()),
+             budget_tag(budget))
     return "-".join(part for part in parts if part)
 
 
-def run_name(arm: str, seed: int, verses: int | None, budget: dict | None, lr: str | None = None) -> str:
-    return f"{arm_key(arm, verses, budget, lr)}-s{seed}"
+def run_name(arm: str, seed: int, verses: int | None, budget: dict | None, tuned: dict | None = None) -> str:
+    return f"{arm_key(arm, verses, budget, tuned)}-s{seed}"
 
 
 def train_command(arm: str, run_dir: Path, seed: int, base: Path | None, work: Path, args) -> list[str]:
@@ -229,7 +231,7 @@ def run_arm(arm: str, seed: int, base: Path | None, args, sets: dict) -> None:
             write(path, record)
         return
     budget = {"steps": args.steps} if args.steps else {"minutes": args.minutes}
-    name = run_name(arm, seed, args.verses, budget, learning_rate(" ".join(args.set)))
+    name = run_name(arm, seed, args.verses, budget, tuned_settings(" ".join(args.set)))
     path = results / f"{name}.json.gz"
     if path.is_file():
         return
@@ -305,10 +307,18 @@ LABELS = {"before": "base, decoding of before", "zero-shot": "base, today's deco
           "finetune-mix-adapt": "base fine-tuned, mixed, vocabulary adapted"}
 
 
-def learning_rate(command: str) -> str | None:
-    """The ``train.lr`` a run's command set, if it set one."""
-    found = re.search(r"train\.lr=(\S+)", command)
-    return found.group(1) if found else None
+# the settings a run may tune (``--set``) that make a row of their own, by their short names
+TUNED = (("train.lr", "lr"), ("model.dropout", "dropout"))
+
+
+def tuned_settings(command: str) -> dict[str, str]:
+    """The tuned settings (``TUNED``) a run's command set, by their short names."""
+    found = {name: re.search(rf"{re.escape(key)}=(\S+)", command) for key, name in TUNED}
+    return {name: match.group(1) for name, match in found.items() if match}
+
+
+def tuned_label(tuned: dict | None) -> str:
+    return "".join(f", {name} {value}" for name, value in (tuned or {}).items())
 
 
 def summary(results: Path) -> dict:
@@ -317,13 +327,13 @@ def summary(results: Path) -> dict:
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             record = json.load(handle)
         key = arm_key(record["arm"], record.get("verses"), record.get("budget"),
-                      learning_rate(record.get("command", "")))
+                      tuned_settings(record.get("command", "")))
         records.setdefault(key, []).append(record)
     table = {}
     for arm, runs in records.items():
         row = {"arm": runs[0]["arm"], "seeds": sorted(r["seed"] for r in runs), "steps": [r["steps"] for r in runs],
                "budget": runs[0].get("budget"), "machine": runs[0].get("machine"),
-               "lr": learning_rate(runs[0].get("command", "")), "verses": runs[0].get("verses")}
+               "tuned": tuned_settings(runs[0].get("command", "")), "verses": runs[0].get("verses")}
         for name, metric in COLUMNS:
             row[f"{name} {metric}"] = mean_sd([r["scores"][name][metric] for r in runs])
         table[arm] = row
@@ -358,7 +368,7 @@ def goals(table: dict) -> list[str]:
         if row["arm"] not in FINETUNE or scratch not in table:
             continue
         gain, budget = get(key, "bible bleu") - get(scratch, "bible bleu"), budget_tag(row.get("budget"))
-        budget += f", lr {row['lr']}" if row.get("lr") else ""
+        budget += tuned_label(row.get("tuned"))
         if row.get("verses"):  # fine-tuning on fewer verses (--verses): measured, not a goal
             lines.append(f"measured: {row['arm']} on {row['verses']:,} verses, {budget}, Bible BLEU over scratch "
                          f"on them ({gain:+.2f})")
@@ -379,7 +389,8 @@ def table_order(table: dict) -> list[str]:
     def budget_size(budget: dict | None) -> float:
         return 0 if not budget else budget.get("steps", budget.get("minutes", 0))
     return sorted(table, key=lambda key: (table[key]["verses"] or 0, ROWS.index(table[key]["arm"]),
-                                          budget_size(table[key].get("budget")), table[key].get("lr") or ""))
+                                          budget_size(table[key].get("budget")),
+                                          sorted((table[key].get("tuned") or {}).items())))
 
 
 def doc_table(table: dict) -> str:
@@ -392,7 +403,7 @@ def doc_table(table: dict) -> str:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row["seeds"]) > 1 else f"{m:.2f}"
                  for m, s in (row[f"{n} {k}"] for n, k in COLUMNS)]
         steps = "/".join(f"{s:,}" for s in row["steps"])
-        label = LABELS[row["arm"]] + (f", lr {row['lr']}" if row.get("lr") else "")
+        label = LABELS[row["arm"]] + tuned_label(row.get("tuned"))
         label += f", {row['verses']:,} verses" if row.get("verses") else ""
         lines.append(f"| {label} | {len(row['seeds'])} | {steps} | " + " | ".join(cells) + " |")
     machines: dict[str, list[str]] = {}

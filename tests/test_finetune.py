@@ -78,6 +78,27 @@ def test_finetuning_starts_from_the_source_weights_with_a_fresh_run(corpus, sour
     assert not trainer.validator.translator().stand_in_names
 
 
+def test_a_finetuning_run_may_set_its_own_dropout_and_keeps_it_on_resume(corpus, source, new_data, tmp_path):
+    # dropout is how the weights train, not what they are (OpenNMT-py's -dropout with -train_from)
+    assert source["config"].model.dropout != 0.05
+    config = finetune_config(corpus, source, new_data, **{"model.dropout": 0.05})
+    trainer = build_trainer(config, tmp_path / "ft")
+    assert trainer.config.model.dropout == 0.05
+    assert trainer.config.model == source["config"].model.__class__(**{**source["config"].model.__dict__,
+                                                                       "dropout": 0.05})
+    rates = {module.p for module in trainer.model.modules() if isinstance(module, torch.nn.Dropout)}
+    assert rates == {0.05}
+    train(config, tmp_path / "ft")
+    assert load_checkpoint(tmp_path / "ft" / "last.pt")["config"]["model"]["dropout"] == 0.05
+    # unset, the source's; the same value on resume is no conflict
+    assert build_trainer(finetune_config(corpus, source, new_data), tmp_path / "plain").config.model.dropout \
+        == source["config"].model.dropout
+    resumed = build_trainer(finetune_config(corpus, source, new_data, **{"model.dropout": 0.05,
+                                                                         "train.max_steps": 12}),
+                            tmp_path / "ft", resume=True)
+    assert resumed.config.model.dropout == 0.05 and resumed.progress.step == 8
+
+
 def test_provenance_in_the_checkpoint_info_and_card(corpus, source, new_data, tmp_path):
     result = train(finetune_config(corpus, source, new_data), tmp_path / "ft")
     assert result.steps == 8  # a fresh count and budget

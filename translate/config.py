@@ -187,8 +187,9 @@ class TrainConfig:
     dist_timeout_minutes: float = 120.0  # (torchrun) how long a rank waits for the others (rank 0 prepares data)
     threads: int = 0  # CPU threads; 0: torch's default
     # fine-tune a trained model (as --init-from): a checkpoint, a run directory (its best.pt) or a folder of
-    # `translate export`, whose weights, tokenizer and model.* / tokenizer.* config the run starts from, with a
-    # fresh optimiser, LR schedule, step count and budget; none: a model of its own from scratch
+    # `translate export`, whose weights, tokenizer and model.* / tokenizer.* config the run starts from (all but
+    # model.dropout, which the run may set), with a fresh optimiser, LR schedule, step count and budget; none: a
+    # model of its own from scratch
     init_from: str | None = None
     # (init_from) the vocabulary. keep: the source's tokenizer; adapt (--adapt-vocab): a new one trained on this
     # run's data (and its data.mix share) with the source's tokenizer.* settings, or tokenizer.model; pieces the
@@ -482,6 +483,8 @@ def resume_config(given: Config, saved: Config) -> Config:
 
 # what a fine-tuning run takes from the model it starts from (train.init_from)
 SOURCE_SECTIONS = ("model", "tokenizer")
+# of those, what a fine-tuning run may set for itself: how it trains, not what the weights are
+FINETUNE_MAY_CHANGE = ("model.dropout",)
 
 
 def finetune_config(given: Config, source: Config) -> Config:
@@ -490,16 +493,19 @@ def finetune_config(given: Config, source: Config) -> Config:
     the default and the source's is an error, not ignored (``tokenizer.model`` is compared by
     the tokenizer it holds, in ``build``)."""
     defaults, given_raw, source_raw = Config().to_dict(), given.to_dict(), source.to_dict()
-    raw = dict(given_raw)
+    raw, set_keys = dict(given_raw), given.set_keys()
     for section in SOURCE_SECTIONS:
         for key, value in given_raw[section].items():
             if (section, key) == ("tokenizer", "model"):
                 continue  # (a new tokenizer with train.init_vocab=adapt, else checked in build)
+            if f"{section}.{key}" in FINETUNE_MAY_CHANGE:
+                continue
             if value != defaults[section][key] and value != source_raw[section][key]:
                 raise ConfigError(f"{section}.{key}={value!r} conflicts with {source_raw[section][key]!r} of the model "
                                   f"given with --init-from (train.init_from); fine-tuning keeps that model's "
                                   f"{section}.* config: drop the override, or train from scratch without --init-from")
-        raw[section] = source_raw[section]
+        raw[section] = {key: given_raw[section][key] if f"{section}.{key}" in FINETUNE_MAY_CHANGE and
+                        f"{section}.{key}" in set_keys else value for key, value in source_raw[section].items()}
     if given.train.init_vocab == "adapt":  # the new tokenizer: the given one, else one this run trains
         raw["tokenizer"] = {**source_raw["tokenizer"], "model": given_raw["tokenizer"]["model"]}
     config = Config._from_raw(raw)._given(given.given)
