@@ -51,6 +51,7 @@ def test_options_are_hashable_values():
     ({"return_attention": 1}, "return_attention must be True or False"),
     ({"copy_unknown": "yes"}, "copy_unknown must be True or False"),
     ({"fold_accents": 0}, "fold_accents must be True or False, not 0"),
+    ({"copy_numbers": "yes"}, "copy_numbers must be True or False, not 'yes'"),
     ({"split": "words"}, "split must be one of sentences, clauses, phrases, none, not 'words'"),
 ])
 def test_bad_options_say_what_is_wrong(options, message):
@@ -71,8 +72,8 @@ def _outside(name: str) -> list[tuple[str, float]]:
 def test_every_option_but_the_attention_flag_has_its_bounds():
     fields = {f.name for f in dataclasses.fields(DecodeOptions)}
     # checked on their own
-    switches = {"return_attention", "restore_casual", "copy_unknown", "fold_accents", "split", "sample", "prefix",
-                "glossary"}
+    switches = {"return_attention", "restore_casual", "copy_unknown", "copy_numbers", "fold_accents", "split", "sample",
+                "prefix", "glossary"}
     assert set(DecodeOptions.BOUNDS) == fields - switches
     assert DecodeOptions.BOUNDS["beam"].high == DecodeOptions.MAX_BEAM
     edges = {name: bound.high if bound.high is not None else bound.low + 1 for name, bound in

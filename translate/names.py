@@ -7,6 +7,11 @@ the vocabulary does not hold whole is decoded as one of the names the model copi
 afterwards (the translator's stand-ins, as for unknown words; placeholders as in Luong et al.,
 2015, and Crego et al., 2016).
 
+Numbers go the same way. A number the vocabulary does not hold whole is read digit by digit, and
+an RNN model does not copy a string of digits: "2019" came out as "201999", "3,75" as "3,7555",
+"555-1234" as "5553134". It is decoded as a number the model copies (``NUMBER_STAND_INS`` in the
+translator) and put back as written.
+
 A name carried from the source keeps its spelling, in letters the target language may not use
 (Saúl, Jehová, in English text). ``TargetLetters`` knows the letters of the model's training
 targets, from the lexicon's counts, and spells a carried word in them where dropping its accents
@@ -43,15 +48,26 @@ def rare_names(tokenizer: Tokenizer, line: str) -> list[tuple[int, int, str]]:
     return found
 
 
-def stand_in_words(tokenizer: Tokenizer, line: str, names: bool = True) -> list[tuple[int, int, str]]:
+# a number as written: digits, with . , : / - between groups of them ("1.5", "3,75", "10:30", "555-1234"), not
+# part of a word ("A4", "mp3") nor an ordinal ("16º")
+NUMBER = re.compile(r"(?<![\w.,:/-])\d+(?:[.,:/-]\d+)*(?![\wºª°]|[.,:/-]\d)")
+
+
+def rare_numbers(tokenizer: Tokenizer, line: str) -> list[tuple[int, int, str]]:
+    """The numbers in ``line`` that the source vocabulary does not hold as a whole piece, as
+    ``(first piece, last piece, text)``, in order."""
+    return [(*tokenizer.src_pieces_within(line, match.start(), match.end()), match.group())
+            for match in NUMBER.finditer(line) if not tokenizer.src_holds_word(match.group())]
+
+
+def stand_in_words(tokenizer: Tokenizer, line: str, names: bool = True,
+                   numbers: bool = True) -> list[tuple[int, int, str]]:
     """The words of ``line`` to decode as stand-ins: those the vocabulary cannot cover
-    (``Tokenizer.src_unknown``) and (with ``names``) the names it does not hold whole that lie
-    outside them, in order."""
+    (``Tokenizer.src_unknown``) and, outside them, the names (with ``names``) and the numbers
+    (with ``numbers``) it does not hold whole, in order."""
     unknown = tokenizer.src_unknown(line)
-    if not names:
-        return unknown
-    found = [n for n in rare_names(tokenizer, line) if not any(n[0] <= u[1] and u[0] <= n[1] for u in unknown)]
-    return sorted(unknown + found)
+    found = (rare_names(tokenizer, line) if names else []) + (rare_numbers(tokenizer, line) if numbers else [])
+    return sorted(unknown + [n for n in found if not any(n[0] <= u[1] and u[0] <= n[1] for u in unknown)])
 
 
 # a letter is the target language's when it makes up at least this share of the letters of the training targets

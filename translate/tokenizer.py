@@ -134,6 +134,10 @@ class Tokenizer:
         """Whether the source vocabulary holds ``word`` as one whole-word piece."""
         return self.src.piece_to_id(WORD_START + word) != self.src.unk_id()
 
+    def tgt_holds_word(self, word: str) -> bool:
+        """Whether the target vocabulary holds ``word`` as one whole-word piece."""
+        return self.tgt.piece_to_id(WORD_START + word) != self.tgt.unk_id()
+
     def src_pieces_within(self, line: str, start: int, end: int) -> tuple[int, int]:
         """The first and last source piece of ``line`` that hold the characters ``start:end``."""
         begin, stop = len(line[:start].encode("utf-8")), len(line[:end].encode("utf-8"))

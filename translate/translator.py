@@ -41,7 +41,7 @@ from .encoded import Encoded
 from .ensemble import Ensemble, join_models
 from .errors import ConfigError, UserError
 from .glossary import Glossary, check_glossary, matches
-from .names import TargetLetters, stand_in_words
+from .names import NUMBER, TargetLetters, stand_in_words
 from .quantize import int8_available, quantized_copy
 from .runtime import autocast_for, cpu_has_bf16, select_device
 from .search import (
@@ -139,6 +139,9 @@ class DecodeOptions:
     # that comes back as the word, else put where attention says (stand_ins; docs/decoding.md, "Unknown words");
     # so are the names the vocabulary does not hold whole (names.py)
     copy_unknown: bool = True
+    # (with copy_unknown) so are the numbers the vocabulary does not hold whole ("2019", "1.5", "555-1234"), which
+    # the model would spell digit by digit and get wrong: decoded as a number it copies, then put back as written
+    copy_numbers: bool = True
     # text typed casually (no capital letter, no final mark) is given them before decoding, and older Spanish
     # spelling ("fué", "á") the modern one (casual.py)
     restore_casual: bool = True
@@ -196,7 +199,7 @@ class DecodeOptions:
         object.__setattr__(self, "glossary", check_glossary(self.glossary))
         if self.glossary and self.sample:
             raise ConfigError("a glossary constrains the search; it cannot be used with sampling")
-        for name in ("return_attention", "restore_casual", "copy_unknown", "fold_accents", "sample"):
+        for name in ("return_attention", "restore_casual", "copy_unknown", "copy_numbers", "fold_accents", "sample"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
 
@@ -296,6 +299,9 @@ def _block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
 # names that the bundled data's models carry into their translations as they are: an unknown word
 # goes through the model as one of them (one that its sentence lacks) and comes back in its place
 STAND_INS = ("Tom", "Mary", "John", "Alice")
+# numbers that they copy as they are (in any sentence, as digits; "15" and "50" are sometimes written as words):
+# a number they would spell digit by digit goes through as one of them
+NUMBER_STAND_INS = ("30", "20", "40", "200")
 
 
 class StandIn(NamedTuple):
@@ -312,11 +318,15 @@ def stand_ins(tokenizer: Tokenizer, line: str, names: bool = True,
     """``line`` as decoded, and where each of its unknown words (``Tokenizer.src_unknown``) went: a
     word with letters or digits is replaced by a name from ``STAND_INS`` that the line lacks and
     the vocabulary has (while there are such), a copy mechanism for a model that has none, like
-    Luong et al.'s (2015) unknown-word placeholders, with names the model already copies; a symbol
-    (an emoji, say) is left out, so that it does not take the place of a word in the translation.
-    ``found``: the line's ``stand_in_words``, when the caller has them already."""
+    Luong et al.'s (2015) unknown-word placeholders, with names the model already copies; a number
+    (``names.NUMBER``) by one of ``NUMBER_STAND_INS`` that the line lacks and both vocabularies
+    hold whole, else as a word; a symbol (an emoji, say) is left out, so that it does not take the
+    place of a word in the translation. ``found``: the line's ``stand_in_words``, when the caller
+    has them already."""
     free = iter([name for name in STAND_INS if not re.search(rf"\b{name}\b", line, re.IGNORECASE)
                  and UNK not in tokenizer.encode_src([name])[0]])
+    free_numbers = iter([number for number in NUMBER_STAND_INS if not re.search(rf"\b{number}\b", line)
+                         and tokenizer.src_holds_word(number) and tokenizer.tgt_holds_word(number)])
     named: dict[str, str | None] = {}  # a word met again keeps its name: the model may write it twice
     parts: list[str] = []
     places = []  # (text, name, where it went in the line as decoded: start, end; a symbol: after)
@@ -325,7 +335,8 @@ def stand_ins(tokenizer: Tokenizer, line: str, names: bool = True,
         start = line.find(text, at)
         if any(c.isalnum() for c in text):
             parts.append(line[at:start])
-            name = named[text] if text in named else named.setdefault(text, next(free, None))
+            pool = free_numbers if NUMBER.fullmatch(text) else free
+            name = named[text] if text in named else named.setdefault(text, next(pool, None) or next(free, None))
             begin = sum(map(len, parts))
             parts.append(name or text)
             places.append((text, name, begin, begin + len(name or text)))
@@ -723,12 +734,13 @@ class Translator:
         options = options or self.options
         parts = restored(self.tokenizer, segment(line, options.split, self.phrase_words).pieces, options)
         if options.copy_unknown:
-            parts = [self._stand_ins(part)[0] for part in parts]
+            parts = [self._stand_ins(part, options.copy_numbers)[0] for part in parts]
         return [piece for part in parts for piece in self.tokenizer.src_pieces(part)]
 
-    def _stand_ins(self, piece: str) -> tuple[str, list[StandIn]]:
-        """``piece`` as decoded, with its stand-ins (``stand_ins``); as it is when it needs none."""
-        found = stand_in_words(self.tokenizer, piece, self.stand_in_names)
+    def _stand_ins(self, piece: str, numbers: bool = True) -> tuple[str, list[StandIn]]:
+        """``piece`` as decoded, with its stand-ins (``stand_ins``; for numbers too with ``numbers``);
+        as it is when it needs none."""
+        found = stand_in_words(self.tokenizer, piece, self.stand_in_names, numbers)
         return stand_ins(self.tokenizer, piece, found=found) if found else (piece, [])
 
     def _translate_pieces(self, pieces: list[str], options: DecodeOptions, done: Callable[[int], None],
@@ -743,7 +755,7 @@ class Translator:
         cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
         unknown = {}
         if options.copy_unknown:
-            decoded = {i: self._stand_ins(piece) for i, piece in enumerate(pieces)}
+            decoded = {i: self._stand_ins(piece, options.copy_numbers) for i, piece in enumerate(pieces)}
             unknown = {i: found for i, found in decoded.items() if found[1]}
         for i, (line, _) in unknown.items():
             encoded[i] = self.tokenizer.encode_src([line])[0]
