@@ -592,6 +592,22 @@ def test_the_depth_limit_is_the_server_s_own_and_brackets_in_strings_do_not_coun
     assert response.status == 200 and len(_json(response)["translations"]) == 1
 
 
+def test_a_body_is_parsed_once_in_either_api(service, monkeypatch):
+    from translate import serve
+
+    parsed = []
+    real = serve._loads
+    monkeypatch.setattr(serve, "_loads", lambda body: parsed.append(body) or real(body))
+    service.max_body = 1 << 16
+    for body in (b'{"sentences": ["Hola."]}', b'{"q": "Hola.", "source": "es", "target": "en"}'):
+        parsed.clear()
+        response = _call(service, "POST", "/translate", body)
+        assert response.status == 200 and parsed == [body]
+    parsed.clear()  # not an object: refused as before, the second parse saying why
+    response = _call(service, "POST", "/translate", b'["Hola."]')
+    assert response.status == 400 and "JSON object" in _json(response)["error"] and len(parsed) == 2
+
+
 def test_health_names_the_model_by_its_file_name_only(tiny_model, tokenizer, tiny_config, monkeypatch, tmp_path):
     from click.testing import CliRunner
 

@@ -205,12 +205,13 @@ class Request(NamedTuple):
 
 
 def parse_request(body: bytes, max_sentences: int, max_chars: int,
-                  defaults: DecodeOptions | None = None) -> Request:
+                  defaults: DecodeOptions | None = None, parsed: dict[str, Any] | None = None) -> Request:
     """Validates a /translate body of this project's API; raises RequestError(400 or 413) saying
     what is wrong. Returns the sentences, ``defaults`` with the request's beam, n_best, alpha,
-    max_len_ratio and attention, and whether scores were asked for."""
+    max_len_ratio and attention, and whether scores were asked for. ``parsed``: the body's JSON
+    object, where the caller has parsed it already (a body is parsed once)."""
     defaults = defaults or DecodeOptions()
-    request = _json_object(body)
+    request = parsed if parsed is not None else _json_object(body)
     unknown = sorted(set(request) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(400, f"unknown field(s) {', '.join(unknown)}; use {', '.join(REQUEST_FIELDS)}")
@@ -332,10 +333,12 @@ def request_glossary(request: dict[str, Any], default: Glossary = ()) -> Glossar
 
 
 def parse_libretranslate(body: bytes, content_type: str, languages: tuple[str, str], max_sentences: int,
-                         max_chars: int) -> LibreRequest:
+                         max_chars: int, parsed: dict[str, Any] | None = None) -> LibreRequest:
     """A LibreTranslate ``/translate`` body (JSON or form-encoded) for a model that translates
-    ``languages`` (source, target); raises RequestError saying what is wrong."""
-    request = _json_dict(body)  # parsed once; a form only when the body is not a JSON object
+    ``languages`` (source, target); raises RequestError saying what is wrong. ``parsed``: the
+    body's JSON object, where the caller has parsed it already."""
+    # parsed once; a form only when the body is not a JSON object
+    request = parsed if parsed is not None else _json_dict(body)
     form = request is None and content_type.startswith("application/x-www-form-urlencoded")
     if form:
         try:
@@ -652,7 +655,7 @@ class TranslationService:
             libre = content_type.startswith(FORM)
             key = _form_field(body, "api_key") if libre else None
         self.access.admit(key, client)
-        return self._libretranslate(body, content_type) if libre else self._own_api(body)
+        return self._libretranslate(body, content_type, as_json) if libre else self._own_api(body, as_json)
 
     def _within_limits(self, sentences: list[str], options: DecodeOptions, lower: str) -> None:
         """Raises RequestError where ``sentences`` hold more characters than ``char_limit`` (400,
@@ -666,8 +669,8 @@ class TranslationService:
                                     f"source length, in pieces, summed over its sentences); the server takes at "
                                     f"most {self.max_cost:,}: lower {lower}, or send fewer or shorter sentences")
 
-    def _own_api(self, body: bytes) -> Response:
-        sentences, options, scores = parse_request(body, self.max_sentences, self.max_chars, self.defaults)
+    def _own_api(self, body: bytes, parsed: dict[str, Any] | None) -> Response:
+        sentences, options, scores = parse_request(body, self.max_sentences, self.max_chars, self.defaults, parsed)
         self._within_limits(sentences, options, '"beam" or "max_len_ratio"')
         results = self.batcher.translate(sentences, options, self.deadline)
         answer: dict[str, Any]
@@ -687,8 +690,9 @@ class TranslationService:
                                    for s, r in zip(sentences, results)]
         return self._json(200, answer)
 
-    def _libretranslate(self, body: bytes, content_type: str) -> Response:
-        request = parse_libretranslate(body, content_type, self.languages, self.max_sentences, self.max_chars)
+    def _libretranslate(self, body: bytes, content_type: str, parsed: dict[str, Any] | None) -> Response:
+        request = parse_libretranslate(body, content_type, self.languages, self.max_sentences, self.max_chars,
+                                       parsed)
         n = request.alternatives + 1
         try:  # DecodeOptions says what does not go together (a glossary with sampling)
             options = replace(self.defaults, beam=max(self.defaults.beam, n), n_best=n, **request.extensions)
