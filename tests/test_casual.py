@@ -13,9 +13,12 @@ from translate.casual import (
     OLD_ACCENTS,
     OLD_WORDS,
     Modernising,
+    accented_pieces,
     kept_capitals,
     modernise,
     modernising,
+    reaccent,
+    reaccenting,
     recasing,
     restore,
 )
@@ -193,3 +196,79 @@ def test_modernising_takes_only_old_spellings_the_vocabulary_lacks_and_modern_on
     portuguese = [f"{s[:-1]} é a casa." for s, _ in pairs]  # "é" a word of its own
     kept = Tokenizer.train(portuguese, [t for _, t in pairs], vocab_size=150)
     assert "é" not in modernising(kept).words and "á" in modernising(kept).words
+
+
+ACCENTS = {"dias": "días", "manana": "mañana", "tambien": "también", "cancion": "canción"}
+
+REACCENTED = [
+    ("buenos dias", "buenos días"),
+    ("Manana tambien.", "Mañana también."),
+    ("MANANA", "MAÑANA"),
+    ("que hora es", "qué hora es"),
+    ("de donde eres?", "de dónde eres?"),
+    ("¿como estas", "¿cómo estas"),
+    ("que tengas un buen dia.", "que tengas un buen dia."),  # a statement: its "que" stays ("dia" is no entry)
+    ("cuando vienes", "cuando vienes"),  # "cuando" opens statements as often as questions
+    ("la cancion que canta", "la canción que canta"),  # "que" inside a sentence stays
+    ("buenos días, que tal", "buenos días, que tal"),  # an accent typed: the text is left as it is
+    ("el niño canta la cancion", "el niño canta la canción"),  # ñ has a key of its own: still restored
+]
+
+
+@pytest.mark.parametrize(("typed", "restored"), REACCENTED)
+def test_text_typed_without_accents_gets_them_back(typed, restored):
+    assert reaccent(typed, ACCENTS) == restored
+    assert reaccent(restored, ACCENTS) == restored  # reaccenting twice is reaccenting once
+
+
+def test_a_question_typed_without_accents_is_restored_as_one():
+    assert restore(reaccent("que hora es", ACCENTS), TABLE) == "¿Qué hora es?"
+    assert restore(reaccent("donde esta tom", ACCENTS), TABLE) == "¿Dónde esta Tom?"
+    assert restore(reaccent("buenos dias", ACCENTS), TABLE) == "Buenos días."
+
+
+def test_the_reaccenting_table_is_the_vocabularys_accented_words_whose_plain_spelling_it_lacks():
+    pairs = make_pairs(600, seed=1)
+    words = ["días", "también", "mañana", "está", "esta", "canción", "pingüino"]
+    sources = [f"{s[:-1]} {w} {w}." for (s, _), w in zip(pairs, words * 100)]
+    tokenizer = Tokenizer.train(sources, [t for _, t in pairs], vocab_size=130)
+    sp = tokenizer.src
+    whole = {p[1:].lower() for p in (sp.id_to_piece(i) for i in range(sp.get_piece_size())) if p.startswith("\u2581")}
+
+    def plain(word):  # spelled without its accents, tilde and diaeresis
+        return "".join({"á": "a", "é": "e", "í": "i", "ó": "o", "ú": "u", "ñ": "n", "ü": "u"}.get(c, c) for c in word)
+
+    expected = {plain(w): w for w in whole if w.isalpha() and plain(w) != w and plain(w) not in whole}
+    assert reaccenting(tokenizer) == expected
+    assert "está" in whole and "esta" in whole and "esta" not in expected  # both words: left as typed
+    assert {"dias", "tambien", "manana"} <= set(expected)
+    assert reaccenting(tokenizer) is reaccenting(tokenizer)  # read once per tokenizer
+
+
+def test_the_counted_table_keeps_the_accented_words_the_sources_write_more_than_their_plain_spelling():
+    from translate.encoded import Encoded
+
+    pairs = make_pairs(600, seed=1)
+    # "días" more often than "dias"; "hacía" less often than "hacia" (both whole pieces: "hacia" is split)
+    said = ["días"] * 8 + ["hacía"] * 3 + ["hacia"] * 5
+    sources = [f"{s[:-1]} {w} {w}." for (s, _), w in zip(pairs, said * 40)] + ["Son dias."] * 3
+    tokenizer = Tokenizer.train(sources, [t for _, t in pairs], vocab_size=130)
+    sp = tokenizer.src
+    ids = accented_pieces(tokenizer, Encoded(tokenizer.encode_src(sources)), batch=7)
+    counts = {}
+    for source in sources:  # plainly: every word, in lower case
+        for word in re.findall(r"\w+", source.lower()):
+            counts[word] = counts.get(word, 0) + 1
+    expected = []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        word = piece[1:].lower()
+        plain = word.translate(str.maketrans("áéíóúüñ", "aeiouun"))
+        more = counts.get(word, 0) > counts.get(plain, 0)
+        if piece.startswith("\u2581") and word.isalpha() and plain != word and more:
+            expected.append(i)
+    assert ids.tolist() == expected and sp.piece_to_id("\u2581días") in expected
+    assert sp.piece_to_id("\u2581hacía") not in expected and not tokenizer.src_holds_word("dias")
+    counted, every = reaccenting(tokenizer, ids), reaccenting(tokenizer)
+    assert counted == {k: v for k, v in every.items() if sp.piece_to_id("\u2581" + v) in expected}
+    assert reaccent("buenos dias", counted) == "buenos días"

@@ -3,6 +3,7 @@ and searches over a shortlist against searches over the whole vocabulary masked 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -92,6 +93,11 @@ def test_the_lexicon_finds_a_word_for_word_mapping():
     with pytest.raises(CheckpointError, match="target counts do not fit"):
         again.check(30, 40 + 2)
     assert Lexicon.from_state({k: v for k, v in lexicon.state().items() if k != "target_counts"}).target_counts is None
+    accented = dataclasses.replace(lexicon, accented=torch.tensor([5, 29], dtype=torch.int32))
+    assert torch.equal(Lexicon.from_state(accented.state()).accented, accented.accented)
+    assert lexicon.accented is None and "accented" not in lexicon.state()  # not counted: not known
+    with pytest.raises(CheckpointError, match="accented words hold source ids outside"):
+        dataclasses.replace(lexicon, accented=torch.tensor([30], dtype=torch.int32)).check(30, 41)
 
 
 def test_pieces_outside_the_sample_still_get_their_translations():
@@ -253,6 +259,7 @@ def test_runs_keep_their_lexicon_in_every_checkpoint_and_average(run_with_steps,
     last = load_checkpoint(run_with_steps / "last.pt")["lexicon"]
     assert last["translations"].shape[1] == TOP and (last["translations"][EOS] >= 0).any()
     assert int(last["source_words"][0]) > 0  # the run's sources' length, counted
+    assert last["accented"].dtype == torch.int32 and last["accented"].dim() == 1  # counted (none in these sources)
     for name in ("best.pt", "step-20.pt", "step-30.pt"):
         saved = load_checkpoint(run_with_steps / name)["lexicon"]
         assert torch.equal(saved["translations"], last["translations"]), name

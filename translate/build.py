@@ -7,6 +7,7 @@ and OpenNMT-py's build_trainer). ``train`` builds, runs and cleans up."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import random
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .casual import accented_pieces
 from .checkpoint import (
     PRECISIONS,
     CheckpointSaver,
@@ -394,8 +396,9 @@ def fit_lexicon(config: Config, tokenizer: Tokenizer, train=None, encoded=None) 
             encoded = tokenize_corpus(train, tokenizer, data.src_lang, data.tgt_lang, data.num_proc)
     sp = tokenizer.src
     word_starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
-    return build_lexicon(*encoded, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, seed=config.train.seed,
-                         word_starts=word_starts)
+    lexicon = build_lexicon(*encoded, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, seed=config.train.seed,
+                            word_starts=word_starts)
+    return dataclasses.replace(lexicon, accented=accented_pieces(tokenizer, encoded[0]))
 
 
 def _main_tokenizer(config: Config, train) -> Tokenizer:

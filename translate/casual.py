@@ -25,7 +25,12 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections import Counter
+from collections.abc import Sequence
 from typing import NamedTuple
+
+import numpy as np
+import torch
 
 from .tokenizer import WORD_START, Tokenizer
 
@@ -153,6 +158,87 @@ def modernise(text: str, modern: Modernising) -> str:
     if modern.openers:
         text = _OPENER.sub(lambda m: m.group(1) + _cased(modern.openers[m.group(2).lower()], m.group(2)), text)
     return _WORD.sub(swap, text) if modern.words or modern.verbs else text
+
+
+# what typing without accents drops: the written accents, the tilde of ñ and the diaeresis of ü
+_ACCENTED = "áéíóúüñÁÉÍÓÚÜÑ"
+_UNACCENTED = str.maketrans(_ACCENTED, "aeiouunAEIOUUN")
+_WRITTEN_ACCENTS = "áéíóúüÁÉÍÓÚÜ"
+_REACCENTING: weakref.WeakKeyDictionary[Tokenizer, dict[frozenset[int] | None, dict[str, str]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _accented_words(tokenizer: Tokenizer) -> list[tuple[float, int, str]]:
+    """(score, id, word in lower case) of each whole-word source piece with a written accent, ñ or ü."""
+    sp = tokenizer.src
+    found = []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        word = piece[1:].lower()
+        if piece.startswith(WORD_START) and word.isalpha() and word.translate(_UNACCENTED) != word:
+            found.append((sp.get_score(i), i, word))
+    return found
+
+
+def accented_pieces(tokenizer: Tokenizer, sources: Sequence[np.ndarray], batch: int = 10_000) -> torch.Tensor:
+    """(n,) int32 the ids of ``_accented_words`` that the training ``sources`` (each sentence's
+    source ids: an ``encoded.EncodedCorpus``) write more often, as words in any case, than their
+    plain spelling: "días" over "dias", not "hacía" (87 times in the bundled training sources) over
+    "hacia" (208), nor "uñas" over "unas"."""
+    counts: Counter[str] = Counter()
+    for start in range(0, len(sources), batch):
+        texts = tokenizer.src.decode([np.asarray(sources[i]).tolist()
+                                      for i in range(start, min(start + batch, len(sources)))])
+        counts.update(word.lower() for text in texts for word in _WORD.findall(text))
+    ids = [i for _, i, word in _accented_words(tokenizer) if counts[word] > counts[word.translate(_UNACCENTED)]]
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def reaccenting(tokenizer: Tokenizer, accented: torch.Tensor | None = None) -> dict[str, str]:
+    """Lower-case word typed without accents -> the accented word the source vocabulary knows it by,
+    for each whole-word piece with an accent, ñ or ü whose plain spelling is no whole piece ("dias"
+    -> "días", "manana" -> "mañana", "cancion" -> "canción"); a word whose plain spelling is a word
+    too ("esta" and "está", "que" and "qué") is left as typed. With ``accented``
+    (``Lexicon.accented``), only the pieces that the training sources write more often than their
+    plain spelling (a plain word the vocabulary happens to split, "hacia", stays); without it (a
+    checkpoint from before it was counted), every such piece. The likeliest piece wins a tie."""
+    key = None if accented is None else frozenset(accented.tolist())
+    cached = _REACCENTING.setdefault(tokenizer, {})
+    if key not in cached:
+        whole = {word[1:].lower() for word in (tokenizer.src.id_to_piece(i) for i in range(tokenizer.src_vocab_size))
+                 if word.startswith(WORD_START)}
+        table: dict[str, str] = {}
+        for _, i, word in sorted(_accented_words(tokenizer)):  # least likely first: the likeliest is written last
+            plain = word.translate(_UNACCENTED)
+            if plain not in whole and (key is None or i in key):
+                table[plain] = word
+        cached[key] = table
+    return cached[key]
+
+
+# a sentence's first word typed without its accent, where the training sources that open with it have the accent
+# in 85% of them or more: "qué" 2,194 against "que" 78, "cómo" 711 / 104, "dónde" 685 / 10, "cuánto" 345 / 50,
+# "quién" 702 / 16, "cuál" 492 / 1, "estás" 521 / 93 ("cuando" 314 / 439 and "él" 4,754 / "el" 4,137 are not)
+OPENING_ACCENTS = {"que": "qué", "como": "cómo", "donde": "dónde", "adonde": "adónde", "cual": "cuál",
+                   "cuales": "cuáles", "cuanto": "cuánto", "cuanta": "cuánta", "cuantos": "cuántos",
+                   "cuantas": "cuántas", "quien": "quién", "quienes": "quiénes", "estas": "estás"}
+_OPENING_WORD = re.compile(r"^([\s" + _OPENING + r"]*(?:(?:a|de|con|para|por|en|desde|hasta|hacia|sobre)\s+)?)("
+                           + "|".join(OPENING_ACCENTS) + r")(?!\w)", re.IGNORECASE)
+
+
+def reaccent(text: str, table: dict[str, str]) -> str:
+    """``text`` with its accents, only when it has no written accent or ü at all (typed without them,
+    as on a keyboard without Spanish keys): each word of ``table`` (``reaccenting``), and its
+    first word (after a preposition, if one opens it) from ``OPENING_ACCENTS`` unless it ends as a
+    statement, so that a question reads as one ("que hora es" -> "qué hora es", which ``restore``
+    closes as a question)."""
+    if any(c in _WRITTEN_ACCENTS for c in text):  # (ñ has a key of its own: typed by those who skip accents)
+        return text
+    if not text.rstrip().endswith((".", "!")):  # a statement's "Que ..." ("Que te mejores.") stays
+        text = _OPENING_WORD.sub(lambda m: m.group(1) + _cased(OPENING_ACCENTS[m.group(2).lower()], m.group(2)),
+                                 text)
+    return _WORD.sub(lambda m: _cased(table[m.group().lower()], m.group()) if m.group().lower() in table
+                     else m.group(), text)
 
 
 _KEPT: weakref.WeakKeyDictionary[Tokenizer, frozenset[str]] = weakref.WeakKeyDictionary()

@@ -118,6 +118,15 @@ class EnsembleLexicon(NamedTuple):
         return max(lexicon.source_words for lexicon in self.lexicons)
 
     @property
+    def accented(self) -> torch.Tensor | None:
+        """The pieces every model's ``Lexicon.accented`` holds (they share the tokenizer); None when one lacks them."""
+        sets = [lexicon.accented for lexicon in self.lexicons]
+        if any(ids is None for ids in sets):
+            return None
+        common = set.intersection(*(set(ids.tolist()) for ids in sets))
+        return torch.tensor(sorted(common), dtype=torch.int32)
+
+    @property
     def target_counts(self) -> torch.Tensor | None:
         """The models' ``Lexicon.target_counts`` summed (they share the tokenizer); None when one lacks them."""
         counts = [lexicon.target_counts for lexicon in self.lexicons]

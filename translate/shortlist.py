@@ -57,6 +57,9 @@ class Lexicon:
     # (tgt_vocab,) int64 how often each target piece occurs in the fitted targets (the letters the target
     # language is written in: names.TargetLetters); None: not known (older checkpoints)
     target_counts: torch.Tensor | None = None
+    # (n,) int32 the whole-word source pieces with a written accent, ñ or ü that the training sources write more
+    # often than their plain spelling (casual.accented_pieces, for text typed without accents); None: not known
+    accented: torch.Tensor | None = None
 
     def shortlist(self, src: torch.Tensor, per_piece: int, frequent: int) -> Shortlist:
         """The target ids each sentence may produce: src (batch, src_len) source ids, PAD after a
@@ -91,6 +94,10 @@ class Lexicon:
         if counts is not None and (counts.dim() != 1 or counts.numel() != tgt_vocab):
             raise CheckpointError(f"{origin}: its lexicon's target counts do not fit the {tgt_vocab:,} target "
                                   f"pieces ({tuple(counts.shape)}); export the model again")
+        accented = self.accented
+        if accented is not None and accented.numel() and (int(accented.min()) < 0 or int(accented.max()) >= src_vocab):
+            raise CheckpointError(f"{origin}: its lexicon's accented words hold source ids outside the vocabulary "
+                                  f"of {src_vocab:,} pieces; export the model again")
         for name, ids, low in (("translations", t, -1), ("frequent", f, 0)):
             if ids.numel() and (int(ids.min()) < low or int(ids.max()) >= tgt_vocab):
                 raise CheckpointError(f"{origin}: its lexicon's {name} hold target ids outside the vocabulary "
@@ -104,14 +111,17 @@ class Lexicon:
                  "source_words": torch.tensor([self.source_words], dtype=torch.int32)}
         if self.target_counts is not None:
             state["target_counts"] = self.target_counts
+        if self.accented is not None:
+            state["accented"] = self.accented
         return state
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> Lexicon:
-        words, counts = state.get("source_words"), state.get("target_counts")
+        words, counts, accented = state.get("source_words"), state.get("target_counts"), state.get("accented")
         return cls(state["translations"].to(torch.int32), state["frequent"].to(torch.int32),
                    0 if words is None else int(words.reshape(-1)[0]),
-                   None if counts is None else counts.to(torch.int64))
+                   None if counts is None else counts.to(torch.int64),
+                   None if accented is None else accented.to(torch.int32).reshape(-1))
 
     @classmethod
     def of_checkpoint(cls, payload: dict, vocab: tuple[int, int] | None = None,

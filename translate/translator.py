@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import runtime
-from .casual import kept_capitals, modernise, modernising, recasing, restore
+from .casual import kept_capitals, modernise, modernising, reaccent, reaccenting, recasing, restore
 from .checkpoint import load_model
 from .confidence import Calibrator, attach
 from .config import Config
@@ -235,12 +235,15 @@ class PairScore:
         return self.logprob / max(1, self.pieces)
 
 
-def restored(tokenizer: Tokenizer, pieces: list[str], options: DecodeOptions) -> list[str]:
-    """The pieces as the model was trained on them (``casual.py``), unless ``options.restore_casual`` is off."""
+def restored(tokenizer: Tokenizer, pieces: list[str], options: DecodeOptions,
+             lexicon: Lexicon | None = None) -> list[str]:
+    """The pieces as the model was trained on them (``casual.py``), unless ``options.restore_casual``
+    is off; ``lexicon``: the model's, whose ``accented`` words restore text typed without accents."""
     if not options.restore_casual:
         return pieces
+    accents = reaccenting(tokenizer, getattr(lexicon, "accented", None))
     table, modern = recasing(tokenizer), modernising(tokenizer)
-    return [restore(modernise(piece, modern), table) for piece in pieces]
+    return [restore(reaccent(modernise(piece, modern), accents), table) for piece in pieces]
 
 
 def mended(pieces: list[str], parts: list[list[Translation]], kept: frozenset[str]) -> list[list[Translation]]:
@@ -732,14 +735,13 @@ class Translator:
         """The source pieces that ``line`` is decoded as, in order (the columns of its attention):
         its clauses' pieces, restored (``restore_casual``) and with stand-ins for unknown words."""
         options = options or self.options
-        parts = restored(self.tokenizer, segment(line, options.split, self.phrase_words).pieces, options)
+        parts = restored(self.tokenizer, segment(line, options.split, self.phrase_words).pieces, options, self.lexicon)
         if options.copy_unknown:
             parts = [self._stand_ins(part, options.copy_numbers)[0] for part in parts]
         return [piece for part in parts for piece in self.tokenizer.src_pieces(part)]
 
     def _stand_ins(self, piece: str, numbers: bool = True) -> tuple[str, list[StandIn]]:
-        """``piece`` as decoded, with its stand-ins (``stand_ins``; for numbers too with ``numbers``);
-        as it is when it needs none."""
+        """``piece`` as decoded, with its stand-ins (``stand_ins``); as it is when it needs none."""
         found = stand_in_words(self.tokenizer, piece, self.stand_in_names, numbers)
         return stand_ins(self.tokenizer, piece, found=found) if found else (piece, [])
 
@@ -750,7 +752,7 @@ class Translator:
         to ``max_src_len``. Pieces with unknown words (``copy_unknown``) are decoded with their
         attention, so that the words can be carried into the output; the others as asked.
         ``terms``: each piece's glossary entries, whose target terms its output must hold."""
-        pieces = restored(self.tokenizer, pieces, options)
+        pieces = restored(self.tokenizer, pieces, options, self.lexicon)
         encoded = self.tokenizer.encode_src(pieces)
         cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
         unknown = {}
