@@ -202,12 +202,15 @@ ACCENTS = {"dias": "días", "manana": "mañana", "tambien": "también", "cancion
 
 REACCENTED = [
     ("buenos dias", "buenos días"),
-    ("Manana tambien.", "Mañana también."),
+    ("manana tambien.", "mañana también."),
     ("MANANA", "MAÑANA"),
     ("que hora es", "qué hora es"),
     ("de donde eres?", "de dónde eres?"),
     ("¿como estas", "¿cómo estas"),
     ("que tengas un buen dia.", "que tengas un buen dia."),  # a statement: its "que" stays ("dia" is no entry)
+    ("Que habita en la cancion, mas no canta.", "Que habita en la cancion, mas no canta."),  # edited: left alone
+    ("Manana Tambien vino con Dias", "Mañana Tambien vino con Dias"),  # capitalised inside: names
+    ("Donde esta la cancion?", "Dónde esta la canción?"),  # a "?" without its "¿": typed
     ("cuando vienes", "cuando vienes"),  # "cuando" opens statements as often as questions
     ("la cancion que canta", "la canción que canta"),  # "que" inside a sentence stays
     ("buenos días, que tal", "buenos días, que tal"),  # an accent typed: the text is left as it is

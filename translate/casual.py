@@ -227,18 +227,27 @@ _OPENING_WORD = re.compile(r"^([\s" + _OPENING + r"]*(?:(?:a|de|con|para|por|en|
 
 
 def reaccent(text: str, table: dict[str, str]) -> str:
-    """``text`` with its accents, only when it has no written accent or ü at all (typed without them,
-    as on a keyboard without Spanish keys): each word of ``table`` (``reaccenting``), and its
-    first word (after a preposition, if one opens it) from ``OPENING_ACCENTS`` unless it ends as a
-    statement, so that a question reads as one ("que hora es" -> "qué hora es", which ``restore``
-    closes as a question)."""
-    if any(c in _WRITTEN_ACCENTS for c in text):  # (ñ has a key of its own: typed by those who skip accents)
+    """``text`` with its accents, where it has no written accent or ü at all (ñ has a key of its
+    own) and looks typed: no capital letter, or no final mark, or a ``?`` without its ``¿`` (a
+    Bible verse or an edited sentence that happens to need no accent stays as it is). Each word of
+    ``table`` (``reaccenting``) but a capitalised one inside the text (a name: "Demas"), and, unless
+    it ends as a statement, the first word (after a preposition, if one opens it) from
+    ``OPENING_ACCENTS``, so that a question reads as one ("que hora es" -> "qué hora es", which
+    ``restore`` closes as a question)."""
+    body = text.rstrip()
+    typed = not any(c.isupper() for c in body) or body[-1:].isalnum() or (body.endswith("?") and "¿" not in body)
+    if not body or not typed or any(c in _WRITTEN_ACCENTS for c in body):
         return text
-    if not text.rstrip().endswith((".", "!")):  # a statement's "Que ..." ("Que te mejores.") stays
+    if body[-1].isalnum() or body.endswith("?"):  # no statement: "que te mejores." stays
         text = _OPENING_WORD.sub(lambda m: m.group(1) + _cased(OPENING_ACCENTS[m.group(2).lower()], m.group(2)),
                                  text)
-    return _WORD.sub(lambda m: _cased(table[m.group().lower()], m.group()) if m.group().lower() in table
-                     else m.group(), text)
+
+    def word(match: re.Match) -> str:
+        found = match.group()
+        new = table.get(found.lower())
+        name = found[0].isupper() and text[: match.start()].strip(" " + _OPENING)
+        return found if new is None or name else _cased(new, found)
+    return _WORD.sub(word, text)
 
 
 _KEPT: weakref.WeakKeyDictionary[Tokenizer, frozenset[str]] = weakref.WeakKeyDictionary()

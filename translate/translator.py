@@ -235,15 +235,23 @@ class PairScore:
         return self.logprob / max(1, self.pieces)
 
 
-def restored(tokenizer: Tokenizer, pieces: list[str], options: DecodeOptions,
-             lexicon: Lexicon | None = None) -> list[str]:
-    """The pieces as the model was trained on them (``casual.py``), unless ``options.restore_casual``
-    is off; ``lexicon``: the model's, whose ``accented`` words restore text typed without accents."""
+def restored(tokenizer: Tokenizer, pieces: list[str], options: DecodeOptions) -> list[str]:
+    """The pieces as the model was trained on them (``casual.py``), unless ``options.restore_casual`` is off."""
     if not options.restore_casual:
         return pieces
-    accents = reaccenting(tokenizer, getattr(lexicon, "accented", None))
     table, modern = recasing(tokenizer), modernising(tokenizer)
-    return [restore(reaccent(modernise(piece, modern), accents), table) for piece in pieces]
+    return [restore(modernise(piece, modern), table) for piece in pieces]
+
+
+def accented(tokenizer: Tokenizer, lines: Sequence[str], options: DecodeOptions,
+             lexicon: Lexicon | None = None) -> list[str]:
+    """Each line typed without accents with its accents (``casual.reaccent``; the whole line decides,
+    before it is cut into sentences), unless ``options.restore_casual`` is off; ``lexicon``: the
+    model's, whose ``accented`` words were counted on its training sources."""
+    if not options.restore_casual:
+        return list(lines)
+    table = reaccenting(tokenizer, getattr(lexicon, "accented", None))
+    return [reaccent(line, table) for line in lines]
 
 
 def mended(pieces: list[str], parts: list[list[Translation]], kept: frozenset[str]) -> list[list[Translation]]:
@@ -702,7 +710,7 @@ class Translator:
         for prefix in set(prefixes):
             replace(options, prefix=prefix)  # checked as an option is
         segments = [segment(line, "none" if prefix else options.split, self.phrase_words)
-                    for line, prefix in zip(lines, prefixes)]
+                    for line, prefix in zip(accented(self.tokenizer, lines, options, self.lexicon), prefixes)]
         owner = [index for index, parts in enumerate(segments) for _ in parts.pieces]
         left = [len(parts.pieces) for parts in segments]
         if on_progress is not None and left.count(0):
@@ -735,7 +743,8 @@ class Translator:
         """The source pieces that ``line`` is decoded as, in order (the columns of its attention):
         its clauses' pieces, restored (``restore_casual``) and with stand-ins for unknown words."""
         options = options or self.options
-        parts = restored(self.tokenizer, segment(line, options.split, self.phrase_words).pieces, options, self.lexicon)
+        line = accented(self.tokenizer, [line], options, self.lexicon)[0]
+        parts = restored(self.tokenizer, segment(line, options.split, self.phrase_words).pieces, options)
         if options.copy_unknown:
             parts = [self._stand_ins(part, options.copy_numbers)[0] for part in parts]
         return [piece for part in parts for piece in self.tokenizer.src_pieces(part)]
@@ -752,7 +761,7 @@ class Translator:
         to ``max_src_len``. Pieces with unknown words (``copy_unknown``) are decoded with their
         attention, so that the words can be carried into the output; the others as asked.
         ``terms``: each piece's glossary entries, whose target terms its output must hold."""
-        pieces = restored(self.tokenizer, pieces, options, self.lexicon)
+        pieces = restored(self.tokenizer, pieces, options)
         encoded = self.tokenizer.encode_src(pieces)
         cut = [i for i, ids in enumerate(encoded) if len(ids) + 1 > options.max_src_len]
         unknown = {}
