@@ -390,7 +390,7 @@ def table_order(table: dict) -> list[str]:
         return 0 if not budget else budget.get("steps", budget.get("minutes", 0))
     return sorted(table, key=lambda key: (table[key]["verses"] or 0, ROWS.index(table[key]["arm"]),
                                           budget_size(table[key].get("budget")),
-                                          sorted((table[key].get("tuned") or {}).items())))
+                                          tuple((table[key].get("tuned") or {}).get(name, "") for _, name in TUNED)))
 
 
 def doc_table(table: dict) -> str:
