@@ -275,3 +275,27 @@ def test_the_counted_table_keeps_the_accented_words_the_sources_write_more_than_
     counted, every = reaccenting(tokenizer, ids), reaccenting(tokenizer)
     assert counted == {k: v for k, v in every.items() if sp.piece_to_id("\u2581" + v) in expected}
     assert reaccent("buenos dias", counted) == "buenos días"
+
+
+def test_the_translator_gives_a_line_typed_without_accents_its_accents_before_cutting_it():
+    import torch
+
+    from translate.config import load_config
+    from translate.model import build_model
+
+    pairs = make_pairs(600, seed=1)
+    words = ["días", "también", "mañana", "está", "esta", "canción", "pingüino"]
+    sources = [f"{s[:-1]} {w} {w}." for (s, _), w in zip(pairs, words * 100)]
+    tokenizer = Tokenizer.train(sources, [t for _, t in pairs], vocab_size=130)
+    assert tokenizer.src_holds_word("días") and not tokenizer.src_holds_word("dias")
+    torch.manual_seed(0)
+    config = load_config(overrides={"model.embed_dim": 16, "model.hidden_dim": 32, "model.init_uniform": 0})
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
+    translator = Translator(model, tokenizer, DecodeOptions(beam=1, inter_threads=1, shortlist=0))
+    off = DecodeOptions(beam=1, inter_threads=1, shortlist=0, restore_casual=False)
+    typed, edited = "son dias. el gato come dias", "Son días. El gato come días."
+    assert translator.source_pieces(typed) == translator.source_pieces(edited, off)
+    assert [t.tokens for t in translator.translate([typed])[0]] == \
+        [t.tokens for t in translator.translate([edited], off)[0]]
+    # a line with an accent anywhere is not typed without them: its other sentence stays as written
+    assert translator.source_pieces("son dias. el gato come días") != translator.source_pieces(edited, off)
