@@ -40,9 +40,13 @@ FORMS = {
 }
 
 
+def alone(number: str) -> re.Pattern:
+    """``number`` as a number of its own (not part of a longer one or of a word)."""
+    return re.compile(rf"(?<![\w.,:/-]){re.escape(number)}(?![\w]|[.,:/-]\d)")
+
+
 def as_written(number: str, text: str) -> re.Match | None:
-    """``number`` in ``text`` as a number of its own (not part of a longer one or of a word)."""
-    return re.search(rf"(?<![\w.,:/-]){re.escape(number)}(?![\w]|[.,:/-]\d)", text)
+    return alone(number).search(text)
 
 
 def templates() -> list[tuple[str, str, str]]:
@@ -67,8 +71,7 @@ def variants(draws: int) -> list[dict]:
                 new = draw(rng)
                 out.append({"form": form, "number": new,
                             "source": source.replace(number, new, 1),
-                            "reference": re.sub(rf"(?<![\w.,:/-]){re.escape(number)}(?![\w]|[.,:/-]\d)",
-                                                lambda _, n=new: n, reference, count=1)})
+                            "reference": alone(number).sub(lambda _, n=new: n, reference, count=1)})
     return out
 
 

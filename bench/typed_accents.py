@@ -12,6 +12,7 @@ here on the model's own training data, as training counts it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import unicodedata
 from pathlib import Path
@@ -58,8 +59,8 @@ def main() -> None:
         for way in ("off", "vocabulary", "counted"):
             # off: the restoring step without reaccenting; else the table from the vocabulary alone or counted
             translator_module.reaccent = (lambda text, table: text) if way == "off" else reaccent
-            translator.lexicon = translator.lexicon.__class__(
-                **{**translator.lexicon.__dict__, "accented": counted if way == "counted" else None})
+            translator.lexicon = dataclasses.replace(translator.lexicon,
+                                                     accented=counted if way == "counted" else None)
             for name, lines in sets.items():
                 outputs = [n[0].text for n in translator.translate(lines)]
                 row[f"{name} {way}"] = BLEU().corpus_score(outputs, [references]).score

@@ -398,7 +398,8 @@ def fit_lexicon(config: Config, tokenizer: Tokenizer, train=None, encoded=None) 
     word_starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
     lexicon = build_lexicon(*encoded, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, seed=config.train.seed,
                             word_starts=word_starts)
-    return dataclasses.replace(lexicon, accented=accented_pieces(tokenizer, encoded[0]))
+    return dataclasses.replace(lexicon, accented=accented_pieces(tokenizer, encoded[0],
+                                                                 most=config.tokenizer.max_sentences))
 
 
 def _main_tokenizer(config: Config, train) -> Tokenizer:

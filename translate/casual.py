@@ -180,15 +180,17 @@ def _accented_words(tokenizer: Tokenizer) -> list[tuple[float, int, str]]:
     return found
 
 
-def accented_pieces(tokenizer: Tokenizer, sources: Sequence[np.ndarray], batch: int = 10_000) -> torch.Tensor:
+def accented_pieces(tokenizer: Tokenizer, sources: Sequence[np.ndarray], batch: int = 10_000,
+                    most: int = 400_000) -> torch.Tensor:
     """(n,) int32 the ids of ``_accented_words`` that the training ``sources`` (each sentence's
     source ids: an ``encoded.EncodedCorpus``) write more often, as words in any case, than their
     plain spelling: "días" over "dias", not "hacía" (87 times in the bundled training sources) over
-    "hacia" (208), nor "uñas" over "unas"."""
+    "hacia" (208), nor "uñas" over "unas". Counted on ``most`` sentences at the most, evenly spread
+    (a corpus of millions need not all be read back as text before training starts)."""
+    chosen = np.linspace(0, len(sources) - 1, most).astype(np.int64) if len(sources) > most else range(len(sources))
     counts: Counter[str] = Counter()
-    for start in range(0, len(sources), batch):
-        texts = tokenizer.src.decode([np.asarray(sources[i]).tolist()
-                                      for i in range(start, min(start + batch, len(sources)))])
+    for start in range(0, len(chosen), batch):
+        texts = tokenizer.src.decode([np.asarray(sources[int(i)]).tolist() for i in chosen[start: start + batch]])
         counts.update(word.lower() for text in texts for word in _WORD.findall(text))
     ids = [i for _, i, word in _accented_words(tokenizer) if counts[word] > counts[word.translate(_UNACCENTED)]]
     return torch.tensor(ids, dtype=torch.int32)
